@@ -1,0 +1,536 @@
+"""`HDF5Store`: a content-addressed store of tensors in one HDF5 file.
+
+Layout::
+
+    /                       attrs: coral_format, format_version
+    /weights/<hash>         one dataset per tensor; metadata in its attributes
+    /metadata/              reserved
+    /deltas/<hash>          one dataset per delta, keyed by the hash of the tensor it rebuilds
+
+With the default ``compression="coral"`` a dataset holds one encoded blob (byte-plane split +
+zstd, see :mod:`coral_torch.codec`), encoded outside h5py on all cores. With ``None``, ``"gzip"``,
+``"lzf"`` or ``"szip"`` it holds the values themselves with that HDF5 filter, readable by any HDF5
+tool. Every load is checked against the content hash.
+
+HDF5 is not crash-safe: a killed writer can leave a file unreadable. The repository therefore writes
+each pack under a temporary name and publishes it by rename once it is complete and fsynced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+
+import h5py
+import numpy as np
+import xxhash
+
+from .. import codec, dtypes
+from ..delta import Delta, DeltaType
+from ..errors import (
+    CompressionUnavailableError,
+    CorruptObjectError,
+    HashMismatchError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreNotFoundError,
+)
+from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from .weight_store import WeightStore
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "coral-torch-hdf5"
+FORMAT_VERSION = 1
+CODEC_COMPRESSION = "coral"
+COMPRESSIONS = (CODEC_COMPRESSION, None, "gzip", "lzf", "szip")
+ENCODING_CODEC = "czp1"  # dataset holds a codec blob
+ENCODING_VALUES = "values"  # dataset holds the values (HDF5 filter, if any)
+_MIN_FILTER_BYTES = 4096
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class PreparedObject:
+    """An object encoded and ready to be written by :meth:`HDF5Store.write_prepared` (no h5py inside)."""
+
+    key: str
+    group: str  # "weights" or "deltas"
+    payload: np.ndarray
+    attrs: Dict[str, Any]
+    logical_bytes: int
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self.payload.nbytes)
+
+
+def _payload_hash(payload: np.ndarray) -> str:
+    return xxhash.xxh3_64(memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))).hexdigest()
+
+
+def _values_view(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The bytes as an array of an HDF5 atomic numeric type (complex -> float pairs, bool -> u1)."""
+    np_dtype = dtypes.storage_numpy_dtype(dtype)
+    if np_dtype.kind == "c":
+        half = np.dtype(f"<f{np_dtype.itemsize // 2}")
+        return raw.view(half).reshape(shape + (2,))
+    if np_dtype.kind == "b":
+        return raw.view(np.uint8).reshape(shape)
+    return raw.view(np_dtype).reshape(shape)
+
+
+class HDF5Store(WeightStore):
+    """Local weight store in one HDF5 file.
+
+    Args:
+        filepath: the ``.h5`` file.
+        compression: ``"coral"`` (default: byte-plane split + zstd, lossless, fastest and smallest),
+            ``None``, ``"gzip"``, ``"lzf"`` or ``"szip"`` (HDF5 filters).
+        compression_opts: zstd level for ``"coral"`` (default 1), 0-9 for ``"gzip"`` (default 4),
+            an ``(options_mask, pixels_per_block)`` tuple for ``"szip"``.
+        mode: ``"a"`` open or create (default), ``"r"`` read-only, ``"w"`` create or truncate an
+            existing *store*, ``"x"`` create, failing if the file exists. A file that exists but is
+            not a coral-torch store is never modified.
+        workers: threads used by the batch operations to hash and encode.
+    """
+
+    def __init__(
+        self,
+        filepath: Union[str, os.PathLike],
+        compression: Optional[str] = CODEC_COMPRESSION,
+        compression_opts: Any = None,
+        mode: str = "a",
+        workers: Optional[int] = None,
+    ):
+        self.filepath = Path(filepath)
+        self.compression, self.compression_opts = self._check_compression(compression, compression_opts)
+        if mode not in ("a", "r", "w", "x"):
+            raise StoreError(f"mode must be 'a', 'r', 'w' or 'x', not {mode!r}")
+        self.mode = mode
+        self.workers = workers or _default_workers()
+        self.file = self._open(mode)
+
+    # ---------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _check_compression(compression: Optional[str], opts: Any) -> tuple[Optional[str], Any]:
+        if compression not in COMPRESSIONS:
+            raise CompressionUnavailableError(
+                f"unknown compression {compression!r}; choose one of {COMPRESSIONS}"
+            )
+        if compression == CODEC_COMPRESSION:
+            level = codec.DEFAULT_LEVEL if opts is None else int(opts)
+            if not -7 <= level <= 22:
+                raise CompressionUnavailableError(f"zstd level must be in -7..22, not {opts!r}")
+            return compression, level
+        if compression == "gzip":
+            level = 4 if opts is None else opts
+            if not isinstance(level, int) or not 0 <= level <= 9:
+                raise CompressionUnavailableError(f"gzip compression_opts must be an int 0-9, not {opts!r}")
+            return compression, level
+        if compression == "szip":
+            if not h5py.h5z.filter_avail(h5py.h5z.FILTER_SZIP):
+                raise CompressionUnavailableError(
+                    "this HDF5 build has no szip filter; use compression='coral', 'gzip' or 'lzf'"
+                )
+            return compression, opts if opts is not None else ("nn", 16)
+        if opts is not None:
+            raise CompressionUnavailableError(f"compression {compression!r} takes no compression_opts")
+        return compression, None
+
+    def _open(self, mode: str) -> h5py.File:
+        path = self.filepath
+        exists = path.exists()
+        if mode == "r" and not exists:
+            raise StoreNotFoundError(f"no store at {path}: the file does not exist (mode 'r' creates nothing)")
+        if mode == "x" and exists:
+            raise StoreError(f"{path} already exists; open it with mode='a' or choose another path")
+        if exists:
+            if path.is_dir():
+                raise NotAStoreError(f"{path} is a directory, not an HDF5 store file")
+            if not h5py.is_hdf5(str(path)):
+                raise NotAStoreError(
+                    f"{path} exists but is not an HDF5 file; it was left untouched. Choose another path."
+                )
+            try:
+                with h5py.File(path, "r") as probe:
+                    self._check_format(probe)
+            except OSError as exc:
+                raise NotAStoreError(f"{path} is an HDF5 file that cannot be read: {exc}") from exc
+        if mode in ("w", "x") or not exists:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = h5py.File(path, "w" if mode in ("w", "a") else "x")
+            f.attrs["coral_format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            for g in ("weights", "metadata", "deltas"):
+                f.require_group(g)
+            f.flush()
+            return f
+        try:
+            return h5py.File(path, "r" if mode == "r" else "a")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open {path} in mode {mode!r}: {exc}. Another process may hold it open for writing."
+            ) from exc
+
+    def _check_format(self, f: h5py.File) -> None:
+        fmt = f.attrs.get("coral_format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode()
+        if fmt != FORMAT_NAME or not all(g in f for g in ("weights", "deltas")):
+            raise NotAStoreError(
+                f"{self.filepath} is an HDF5 file but not a coral-torch store; it was left untouched"
+            )
+        version = int(f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise NotAStoreError(
+                f"{self.filepath} has store format {version}, newer than this coral-torch "
+                f"understands ({FORMAT_VERSION}); upgrade coral-torch"
+            )
+
+    def _writable(self) -> h5py.File:
+        if self.file is None or not self.file.id.valid:
+            raise StoreError(f"store {self.filepath} is closed")
+        if self.mode == "r":
+            raise ReadOnlyStoreError(f"store {self.filepath} is open read-only (mode='r')")
+        return self.file
+
+    def _readable(self) -> h5py.File:
+        if self.file is None or not self.file.id.valid:
+            raise StoreError(f"store {self.filepath} is closed")
+        return self.file
+
+    # ------------------------------------------------------------------------- encode (no h5py)
+    def prepare(self, weight: WeightTensor, hash_key: Optional[str] = None) -> PreparedObject:
+        """Hash and encode ``weight`` for writing. Thread-safe; touches no HDF5 state."""
+        digest = weight.compute_hash()
+        meta = weight.metadata
+        attrs: Dict[str, Any] = {
+            "name": meta.name or "",
+            "shape": np.asarray(meta.shape, dtype=np.int64),
+            "dtype": meta.dtype,
+            "layer_type": meta.layer_type or "",
+            "model_name": meta.model_name or "",
+            "hash": digest,
+            "nbytes": weight.nbytes,
+        }
+        if self.compression == CODEC_COMPRESSION:
+            blob = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), self.compression_opts)
+            payload = np.frombuffer(blob, dtype=np.uint8)
+            attrs["encoding"] = ENCODING_CODEC
+        else:
+            payload = _values_view(weight.raw, meta.dtype, meta.shape)
+            attrs["encoding"] = ENCODING_VALUES
+        attrs["payload_xxh3"] = _payload_hash(payload)
+        return PreparedObject(hash_key or digest, "weights", payload, attrs, weight.nbytes)
+
+    def prepare_delta(self, delta: Delta, delta_hash: str) -> PreparedObject:
+        payload = np.frombuffer(delta.data, dtype=np.uint8)
+        attrs = {
+            "delta_type": delta.delta_type.value,
+            "reference_hash": delta.reference_hash,
+            "original_shape": np.asarray(delta.original_shape, dtype=np.int64),
+            "original_dtype": delta.original_dtype,
+            "compression_ratio": float(delta.compression_ratio),
+            "lossless": bool(delta.lossless),
+            "payload_xxh3": _payload_hash(payload),
+        }
+        for k, v in delta.extra.items():
+            attrs[f"extra_{k}"] = v
+        logical = int(np.prod(delta.original_shape, dtype=np.int64)) * dtypes.itemsize(delta.original_dtype)
+        return PreparedObject(delta_hash, "deltas", payload, attrs, logical)
+
+    # ------------------------------------------------------------------------------- write
+    def write_prepared(self, obj: PreparedObject) -> bool:
+        """Write a prepared object; ``False`` if the key was already present (nothing written)."""
+        f = self._writable()
+        group = f[obj.group]
+        if obj.key in group:
+            return False
+        payload = obj.payload
+        kwargs: Dict[str, Any] = {}
+        # HDF5 filters need chunked layout; below a few KiB they only add overhead (and szip refuses
+        # chunks smaller than its block), so tiny datasets are stored plain.
+        if obj.attrs.get("encoding") == ENCODING_VALUES and payload.nbytes >= _MIN_FILTER_BYTES and payload.ndim > 0:
+            if self.compression is not None:
+                kwargs["compression"] = self.compression
+                if self.compression_opts is not None:
+                    kwargs["compression_opts"] = self.compression_opts
+        try:
+            ds = group.create_dataset(obj.key, data=payload, **kwargs)
+            for k, v in obj.attrs.items():
+                ds.attrs[k] = v
+        except Exception:
+            if obj.key in group:  # never leave a dataset without its attributes
+                del group[obj.key]
+            raise
+        return True
+
+    def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
+        """Store one tensor (idempotent) and return its key."""
+        self._writable()
+        key = hash_key or weight.compute_hash()
+        if key not in self.file["weights"]:
+            self.write_prepared(self.prepare(weight, key))
+            self.file.flush()
+        return key
+
+    def store_batch(self, weights: Dict[str, WeightTensor]) -> Dict[str, str]:
+        """Store many tensors: hashing and encoding run on ``workers`` threads, writes in order."""
+        self._writable()
+        result: Dict[str, str] = {}
+        todo: list[WeightTensor] = []
+        seen: set[str] = set()
+        group = self.file["weights"]
+        for name, w in weights.items():
+            h = w.compute_hash()
+            result[name] = h
+            if h not in seen and h not in group:
+                seen.add(h)
+                todo.append(w)
+        for obj in self._prepare_many(todo):
+            self.write_prepared(obj)
+        self.file.flush()
+        return result
+
+    def _prepare_many(self, weights: List[WeightTensor]) -> Iterator[PreparedObject]:
+        """Encode in parallel with a bounded window, yielding in input order."""
+        if self.workers <= 1 or len(weights) <= 1:
+            for w in weights:
+                yield self.prepare(w)
+            return
+        window = 2 * self.workers
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="coral-encode") as pool:
+            pending = []
+            it = iter(weights)
+            for w in it:
+                pending.append(pool.submit(self.prepare, w))
+                if len(pending) >= window:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+
+    def flush(self) -> None:
+        self._writable().flush()
+
+    # -------------------------------------------------------------------------------- read
+    def exists(self, hash_key: str) -> bool:
+        return hash_key in self._readable()["weights"]
+
+    def _read_payload(self, ds: h5py.Dataset, hash_key: str) -> np.ndarray:
+        try:
+            payload = ds[()]
+        except (OSError, ValueError) as exc:
+            raise CorruptObjectError(
+                f"object {hash_key} in {self.filepath} cannot be read: {exc}", hash_key=hash_key
+            ) from exc
+        payload = np.asarray(payload)
+        expected = ds.attrs.get("payload_xxh3")
+        if expected is not None and _payload_hash(payload) != _str(expected):
+            raise CorruptObjectError(
+                f"object {hash_key} in {self.filepath} is damaged (payload checksum mismatch); "
+                "it was not returned",
+                hash_key=hash_key,
+            )
+        return payload
+
+    def load(self, hash_key: str) -> Optional[WeightTensor]:
+        """Load and verify one tensor; ``None`` if the key is unknown.
+
+        Raises:
+            HashMismatchError / CorruptObjectError: the stored bytes are damaged.
+        """
+        group = self._readable()["weights"]
+        if hash_key not in group:
+            return None
+        ds = group[hash_key]
+        meta = self._metadata_from_attrs(ds.attrs, hash_key)
+        payload = self._read_payload(ds, hash_key)
+        if _str(ds.attrs.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
+            raw = codec.decode(payload, hash_key=hash_key)
+        else:
+            raw = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+        if raw.size != meta.nbytes:
+            raise CorruptObjectError(
+                f"object {hash_key} decodes to {raw.size} bytes, expected {meta.nbytes}", hash_key=hash_key
+            )
+        expected = meta.hash or hash_key
+        actual = content_hash(raw, meta.dtype, meta.shape)
+        if actual != expected:
+            raise HashMismatchError(
+                f"object {hash_key} in {self.filepath} is corrupt: its bytes hash to {actual}, "
+                f"not {expected}; it was not returned",
+                hash_key=hash_key,
+            )
+        weight = WeightTensor.from_raw(raw, meta)
+        weight._hash = actual
+        return weight
+
+    def load_batch(self, hash_keys: List[str]) -> Dict[str, WeightTensor]:
+        out: Dict[str, WeightTensor] = {}
+        for key in hash_keys:
+            w = self.load(key)
+            if w is not None:
+                out[key] = w
+        return out
+
+    def get_metadata(self, hash_key: str) -> Optional[WeightMetadata]:
+        f = self._readable()
+        if hash_key in f["weights"]:
+            return self._metadata_from_attrs(f["weights"][hash_key].attrs, hash_key)
+        if hash_key in f["deltas"]:
+            a = f["deltas"][hash_key].attrs
+            return WeightMetadata(
+                name="",
+                shape=tuple(int(x) for x in a["original_shape"]),
+                dtype=_str(a["original_dtype"]),
+                hash=hash_key,
+                compression_info={"delta_type": _str(a["delta_type"])},
+            )
+        return None
+
+    @staticmethod
+    def _metadata_from_attrs(attrs: Any, hash_key: str) -> WeightMetadata:
+        try:
+            return WeightMetadata(
+                name=_str(attrs["name"]),
+                shape=tuple(int(x) for x in attrs["shape"]),
+                dtype=_str(attrs["dtype"]),
+                layer_type=_str(attrs.get("layer_type", "")) or None,
+                model_name=_str(attrs.get("model_name", "")) or None,
+                hash=_str(attrs.get("hash", hash_key)),
+                compression_info={"encoding": _str(attrs.get("encoding", ENCODING_VALUES))},
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptObjectError(f"metadata of object {hash_key} is damaged: {exc}", hash_key=hash_key) from exc
+
+    def list_weights(self) -> List[str]:
+        return list(self._readable()["weights"].keys())
+
+    def delete(self, hash_key: str) -> bool:
+        group = self._writable()["weights"]
+        if hash_key not in group:
+            return False
+        del group[hash_key]
+        return True
+
+    # ------------------------------------------------------------------------------ deltas
+    def store_delta(self, delta: Delta, delta_hash: str) -> str:
+        self._writable()
+        if delta_hash not in self.file["deltas"]:
+            self.write_prepared(self.prepare_delta(delta, delta_hash))
+            self.file.flush()
+        return delta_hash
+
+    def load_delta(self, delta_hash: str) -> Optional[Delta]:
+        group = self._readable()["deltas"]
+        if delta_hash not in group:
+            return None
+        ds = group[delta_hash]
+        payload = self._read_payload(ds, delta_hash)
+        a = ds.attrs
+        extra = {k[len("extra_") :]: _py(v) for k, v in a.items() if k.startswith("extra_")}
+        try:
+            return Delta(
+                delta_type=DeltaType(_str(a["delta_type"])),
+                data=payload.tobytes(),
+                original_shape=tuple(int(x) for x in a["original_shape"]),
+                original_dtype=_str(a["original_dtype"]),
+                reference_hash=_str(a["reference_hash"]),
+                compression_ratio=float(a.get("compression_ratio", 1.0)),
+                extra=extra,
+            )
+        except (KeyError, ValueError) as exc:
+            raise CorruptObjectError(f"delta {delta_hash} metadata is damaged: {exc}", hash_key=delta_hash) from exc
+
+    def delta_exists(self, delta_hash: str) -> bool:
+        return delta_hash in self._readable()["deltas"]
+
+    def list_deltas(self) -> List[str]:
+        return list(self._readable()["deltas"].keys())
+
+    def delete_delta(self, delta_hash: str) -> bool:
+        group = self._writable()["deltas"]
+        if delta_hash not in group:
+            return False
+        del group[delta_hash]
+        return True
+
+    # ------------------------------------------------------------------------------- stats
+    def get_storage_info(self) -> Dict[str, Any]:
+        """Keys: filepath, file_size, compression (for new writes), compressions_found, total_weights, total_bytes (logical),
+        compressed_bytes (on disk), compression_ratio (compressed/total), total_deltas, delta_bytes."""
+        f = self._readable()
+        total = compressed = 0
+        found: set[str] = set()
+        weights = f["weights"]
+        for key in weights:
+            ds = weights[key]
+            total += int(ds.attrs.get("nbytes", ds.nbytes))
+            compressed += int(ds.id.get_storage_size())
+            if _str(ds.attrs.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
+                found.add(CODEC_COMPRESSION)
+            else:
+                found.add(str(ds.compression))
+        deltas = self.get_delta_storage_info()
+        if self.mode != "r":
+            f.flush()
+        return {
+            "filepath": str(self.filepath),
+            "file_size": self.filepath.stat().st_size if self.filepath.exists() else 0,
+            "compression": self.compression,
+            "compressions_found": sorted(found),
+            "total_weights": len(weights),
+            "total_bytes": total,
+            "compressed_bytes": compressed,
+            "compression_ratio": (compressed / total) if total else 1.0,
+            "total_deltas": deltas["total_deltas"],
+            "delta_bytes": deltas["total_delta_bytes"],
+        }
+
+    def get_delta_storage_info(self) -> Dict[str, Any]:
+        group = self._readable()["deltas"]
+        n = size = original = 0
+        for key in group:
+            ds = group[key]
+            n += 1
+            size += int(ds.id.get_storage_size())
+            shape = tuple(int(x) for x in ds.attrs["original_shape"])
+            original += int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(ds.attrs["original_dtype"]))
+        return {
+            "total_deltas": n,
+            "total_delta_bytes": size,
+            "total_original_bytes": original,
+            "average_ratio": (size / original) if original else 1.0,
+        }
+
+    # ----------------------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+        self.file = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"HDF5Store({str(self.filepath)!r}, compression={self.compression!r}, mode={self.mode!r})"
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _py(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v

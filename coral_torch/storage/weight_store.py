@@ -1,0 +1,61 @@
+"""`WeightStore`: the contract every storage backend (HDF5, S3) fulfils."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional
+
+from ..weight_tensor import WeightMetadata, WeightTensor
+
+
+class WeightStore(ABC):
+    """Abstract content-addressed store of :class:`WeightTensor` objects.
+
+    Keys are content hashes (:meth:`WeightTensor.compute_hash`). ``store`` is idempotent, ``load``
+    returns ``None`` for an unknown key and verifies the bytes it returns against their hash.
+    """
+
+    @abstractmethod
+    def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
+        """Store a weight tensor and return its hash key."""
+
+    @abstractmethod
+    def load(self, hash_key: str) -> Optional[WeightTensor]:
+        """Load a weight tensor by hash; ``None`` if absent."""
+
+    @abstractmethod
+    def exists(self, hash_key: str) -> bool:
+        """Whether a weight exists, without loading it."""
+
+    @abstractmethod
+    def delete(self, hash_key: str) -> bool:
+        """Delete a weight; ``True`` if it existed."""
+
+    @abstractmethod
+    def list_weights(self) -> List[str]:
+        """All weight hashes in the store."""
+
+    @abstractmethod
+    def get_metadata(self, hash_key: str) -> Optional[WeightMetadata]:
+        """Metadata of a weight without loading its data; ``None`` if absent."""
+
+    @abstractmethod
+    def store_batch(self, weights: Dict[str, WeightTensor]) -> Dict[str, str]:
+        """Store many weights; returns ``{input key: hash}``."""
+
+    @abstractmethod
+    def load_batch(self, hash_keys: List[str]) -> Dict[str, WeightTensor]:
+        """Load many weights; returns ``{hash: WeightTensor}`` for those present."""
+
+    @abstractmethod
+    def get_storage_info(self) -> Dict[str, Any]:
+        """Statistics about the store (see each backend for the keys)."""
+
+    def close(self) -> None:
+        """Release resources. Default: nothing to do."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
