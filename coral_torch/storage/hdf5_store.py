@@ -342,6 +342,22 @@ class HDF5Store(WeightStore):
             )
         return payload
 
+    def read_prepared(self, key: str, group: str = "weights") -> Optional[PreparedObject]:
+        """The stored payload and attributes of one object, exactly as written, checksum-verified
+        but not decoded. Used to copy objects between stores without re-encoding."""
+        g = self._readable()[group]
+        if key not in g:
+            return None
+        ds = g[key]
+        payload = self._read_payload(ds, key)
+        attrs = {k: _py(v) if not isinstance(v, np.ndarray) else v for k, v in ds.attrs.items()}
+        if group == "weights":
+            logical = int(attrs.get("nbytes", payload.nbytes))
+        else:
+            shape = tuple(int(x) for x in attrs["original_shape"])
+            logical = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(attrs["original_dtype"]))
+        return PreparedObject(key, group, payload, attrs, logical)
+
     def load(self, hash_key: str) -> Optional[WeightTensor]:
         """Load and verify one tensor; ``None`` if the key is unknown.
 
