@@ -52,3 +52,50 @@ class CorruptObjectError(IntegrityError):
 
 class DeltaError(CoralError):
     """A delta cannot be encoded or applied (wrong reference, shape or dtype mismatch)."""
+
+
+class UnsafeCheckpointError(CoralError):
+    """Loading a value would execute pickled code; refused unless the caller opts in."""
+
+
+class RepositoryError(CoralError):
+    """A repository cannot do what was asked."""
+
+
+class NotARepositoryError(RepositoryError, FileNotFoundError):
+    """The path holds no coral-torch repository."""
+
+
+class RepositoryLockedError(RepositoryError):
+    """Another process holds the repository's write lock."""
+
+    def __init__(self, message: str, *, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class RefNotFoundError(RepositoryError, KeyError):
+    """A ref (hash prefix, tag, run, latest, best) matches no commit."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousRefError(RepositoryError, KeyError):
+    """A hash prefix matches several commits."""
+
+    def __init__(self, message: str, candidates: list[str]):
+        super().__init__(message)
+        self.candidates = candidates
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointDamagedError(IntegrityError):
+    """A checkpoint cannot be loaded because some of its tensors are damaged."""
+
+    def __init__(self, message: str, *, commit: str, tensors: list[str]):
+        super().__init__(message)
+        self.commit = commit
+        self.tensors = tensors

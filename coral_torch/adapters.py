@@ -1,0 +1,277 @@
+"""Turn any object `torch.save` takes in practice into tensors + a JSON skeleton, and back.
+
+``flatten(obj)`` walks dicts (OrderedDict and Lightning's AttributeDict kept as such, with
+``state_dict()._metadata``), lists, tuples, sets and scalars, replacing every tensor with a slot in
+a tensor table. Tied tensors (the same tensor, or the same view of one storage) get one slot, so
+they are stored once and come back shared. Values the skeleton cannot express natively are kept as
+a ``torch.save`` blob and read back with ``torch.load(weights_only=True)``: the load path never
+runs arbitrary code unless the caller asks for ``weights_only=False``.
+
+Tensor names are paths of keys joined by "/", e.g. ``state_dict/encoder.weight`` or
+``optimizer_states/0/state/3/exp_avg``; delta encoding pairs tensors across checkpoints by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .errors import CoralError, UnsafeCheckpointError
+from .weight_tensor import WeightMetadata, WeightTensor
+
+
+@dataclass
+class TensorSlot:
+    name: str
+    weight: WeightTensor
+    device: str
+    kind: str = "tensor"  # "tensor" | "parameter" | "numpy"
+    requires_grad: bool = False
+
+
+@dataclass
+class Flattened:
+    skeleton: Any
+    slots: list[TensorSlot] = field(default_factory=list)
+
+
+def _dict_class_name(d: dict) -> Optional[str]:
+    cls = type(d)
+    if cls is dict:
+        return "dict"
+    if cls is collections.OrderedDict:
+        return "odict"
+    if cls.__name__ == "AttributeDict" and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+        return "attrdict"
+    return None
+
+
+def _attrdict_class():
+    try:
+        from lightning.fabric.utilities.data import AttributeDict
+    except ImportError:  # pragma: no cover
+        from collections import OrderedDict as AttributeDict  # type: ignore
+    return AttributeDict
+
+
+def flatten(obj: Any) -> Flattened:
+    """Split ``obj`` into a JSON-safe skeleton and a list of tensor slots."""
+    slots: list[TensorSlot] = []
+    seen: dict[tuple, int] = {}
+
+    def tensor_node(t: torch.Tensor, path: str, kind: str) -> dict:
+        key = None
+        if t.layout == torch.strided and t.device.type != "meta":
+            try:
+                key = (t.untyped_storage().data_ptr(), t.device.type, t.device.index, t.storage_offset(),
+                       tuple(t.shape), tuple(t.stride()), t.dtype)
+            except (RuntimeError, NotImplementedError):
+                key = None
+        if key is not None and key in seen and key[0] != 0:
+            return {"t": "tensor", "i": seen[key], **({"param": True, "rg": t.requires_grad} if kind == "parameter" else {})}
+        weight = WeightTensor(t, WeightMetadata(name=path, shape=tuple(t.shape), dtype=t.dtype))
+        slots.append(TensorSlot(path, weight, str(t.device), kind, bool(t.requires_grad)))
+        idx = len(slots) - 1
+        if key is not None and key[0] != 0:
+            seen[key] = idx
+        node = {"t": "tensor", "i": idx}
+        if kind == "parameter":
+            node.update(param=True, rg=bool(t.requires_grad))
+        return node
+
+    def walk(x: Any, path: str) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, int) and type(x) is int:
+            return x
+        if type(x) is float:
+            return x if math.isfinite(x) else {"t": "float", "v": repr(x)}
+        if isinstance(x, torch.nn.Parameter):
+            return tensor_node(x, path, "parameter")
+        if isinstance(x, torch.Tensor):
+            return tensor_node(x, path, "tensor")
+        if isinstance(x, np.ndarray):
+            if x.dtype.hasobject or x.dtype.kind not in "biufc":
+                return _blob(x)
+            return {"t": "ndarray", "i": tensor_node(torch.from_numpy(np.ascontiguousarray(x)), path, "numpy")["i"]}
+        if isinstance(x, np.generic):
+            arr = np.asarray(x)
+            if arr.dtype.hasobject:
+                return _blob(x)
+            return {"t": "npscalar", "dtype": arr.dtype.str, "v": base64.b64encode(arr.tobytes()).decode()}
+        if isinstance(x, dict):
+            cls = _dict_class_name(x)
+            if cls is None:
+                return _blob(x)
+            keys = list(x.keys())
+            node = {
+                "t": cls,
+                "k": [walk_key(k) for k in keys],
+                "v": [walk(x[k], _join(path, k)) for k in keys],
+            }
+            meta = getattr(x, "_metadata", None)
+            if meta is not None:
+                node["meta"] = walk(meta, _join(path, "_metadata"))
+            return node
+        if type(x) is list:
+            return {"t": "list", "v": [walk(v, _join(path, i)) for i, v in enumerate(x)]}
+        if type(x) is tuple:
+            return {"t": "tuple", "v": [walk(v, _join(path, i)) for i, v in enumerate(x)]}
+        if isinstance(x, torch.Size):
+            return {"t": "size", "v": list(x)}
+        if isinstance(x, torch.dtype):
+            return {"t": "dtype", "v": str(x).removeprefix("torch.")}
+        if isinstance(x, torch.device):
+            return {"t": "device", "v": str(x)}
+        if type(x) in (set, frozenset):
+            try:
+                items = sorted(x)
+            except TypeError:
+                items = list(x)
+            return {"t": type(x).__name__, "v": [walk(v, path) for v in items]}
+        if type(x) is complex:
+            return {"t": "complex", "v": [repr(x.real), repr(x.imag)]}
+        if type(x) is bytes:
+            return {"t": "bytes", "v": base64.b64encode(x).decode()}
+        if isinstance(x, slice):
+            return {"t": "slice", "v": [walk(x.start, path), walk(x.stop, path), walk(x.step, path)]}
+        return _blob(x)
+
+    def walk_key(k: Any) -> Any:
+        if isinstance(k, str):
+            return k
+        return walk(k, "")
+
+    skeleton = walk(obj, "")
+    return Flattened(skeleton, slots)
+
+
+def _join(path: str, key: Any) -> str:
+    k = str(key)
+    return k if not path else f"{path}/{k}"
+
+
+def _blob(x: Any) -> dict:
+    """Fallback for values the skeleton has no form for: a torch.save blob, restored weights_only."""
+    buf = io.BytesIO()
+    try:
+        torch.save(x, buf)
+    except Exception as exc:
+        raise CoralError(f"cannot store a value of type {type(x).__name__}: torch.save refuses it ({exc})") from exc
+    return {"t": "blob", "type": f"{type(x).__module__}.{type(x).__qualname__}", "v": base64.b64encode(buf.getvalue()).decode()}
+
+
+def unflatten(
+    skeleton: Any,
+    tensors: list[torch.Tensor],
+    *,
+    weights_only: bool = True,
+) -> Any:
+    """Rebuild the object from its skeleton and the list of tensors (slot order)."""
+    made: dict[int, torch.Tensor] = {}
+
+    def tensor(node: dict) -> torch.Tensor:
+        i = node["i"]
+        if node.get("param"):
+            key = -1 - i
+            if key not in made:
+                made[key] = torch.nn.Parameter(tensors[i], requires_grad=bool(node.get("rg", True)))
+            return made[key]
+        return tensors[i]
+
+    def build(n: Any) -> Any:
+        if n is None or isinstance(n, (bool, str, int, float)):
+            return n
+        if isinstance(n, list):  # never produced, tolerate
+            return [build(v) for v in n]
+        t = n["t"]
+        if t == "tensor":
+            return tensor(n)
+        if t == "ndarray":
+            return tensors[n["i"]].cpu().numpy()
+        if t in ("dict", "odict", "attrdict"):
+            cls = {"dict": dict, "odict": collections.OrderedDict, "attrdict": _attrdict_class()}[t]
+            out = cls()
+            for k, v in zip(n["k"], n["v"]):
+                out[build(k)] = build(v)
+            if "meta" in n:
+                out._metadata = build(n["meta"])
+            return out
+        if t == "list":
+            return [build(v) for v in n["v"]]
+        if t == "tuple":
+            return tuple(build(v) for v in n["v"])
+        if t == "float":
+            return float(n["v"])
+        if t == "npscalar":
+            return np.frombuffer(base64.b64decode(n["v"]), dtype=np.dtype(n["dtype"]))[0].copy()
+        if t == "size":
+            return torch.Size(n["v"])
+        if t == "dtype":
+            return getattr(torch, n["v"])
+        if t == "device":
+            return torch.device(n["v"])
+        if t == "set":
+            return {build(v) for v in n["v"]}
+        if t == "frozenset":
+            return frozenset(build(v) for v in n["v"])
+        if t == "complex":
+            return complex(float(n["v"][0]), float(n["v"][1]))
+        if t == "bytes":
+            return base64.b64decode(n["v"])
+        if t == "slice":
+            return slice(*(build(v) for v in n["v"]))
+        if t == "blob":
+            return _load_blob(n, weights_only)
+        raise CoralError(f"unknown skeleton node type {t!r}: the checkpoint was written by a newer coral-torch?")
+
+    return build(skeleton)
+
+
+def _load_blob(node: dict, weights_only: bool) -> Any:
+    data = base64.b64decode(node["v"])
+    try:
+        return torch.load(io.BytesIO(data), weights_only=weights_only, map_location="cpu")
+    except Exception as exc:
+        if weights_only:
+            raise UnsafeCheckpointError(
+                f"a stored value of type {node.get('type')} can only be rebuilt by running pickled code, "
+                "which coral-torch refuses by default. If you trust this checkpoint, load it with "
+                "weights_only=False, or allow the type with torch.serialization.add_safe_globals. "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        raise
+
+
+def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) -> torch.Tensor:
+    """Move a freshly loaded CPU tensor where ``torch.load(map_location=...)`` would put it."""
+    if map_location is None:
+        target = saved_device
+    elif isinstance(map_location, (str, torch.device)):
+        target = str(map_location)
+    elif isinstance(map_location, dict):
+        target = map_location.get(saved_device, saved_device)
+        target = str(target)
+    elif callable(map_location):
+        result = map_location(t.untyped_storage(), saved_device)
+        if result is None:
+            target = saved_device
+        else:
+            target = str(getattr(result, "device", "cpu"))
+    else:
+        raise CoralError(f"map_location must be None, a str, a torch.device, a dict or a callable, not {type(map_location).__name__}")
+    if torch.device(target).type == "cpu":
+        return t
+    if torch.device(target).type == "cuda" and not torch.cuda.is_available():
+        raise CoralError(
+            f"the checkpoint holds tensors saved on {saved_device} but CUDA is not available; "
+            "pass map_location='cpu'"
+        )
+    return t.to(target)

@@ -1,0 +1,223 @@
+"""The catalog: which object lives in which pack, commits, refs. SQLite, WAL, one writer.
+
+SQLite gives atomic, durable transactions and concurrent readers with no server. Every change that
+makes data visible (new objects + commit + refs, or gc's removals) is one transaction, so a process
+killed at any instant leaves either all of it or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (
+    name TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    hash TEXT PRIMARY KEY,
+    pack TEXT NOT NULL REFERENCES packs(name),
+    kind TEXT NOT NULL,              -- 'full' | 'delta'
+    base TEXT,                       -- delta reference object
+    depth INTEGER NOT NULL,          -- deltas between this object and a full one
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,             -- JSON list
+    nbytes INTEGER NOT NULL,         -- logical bytes
+    stored_bytes INTEGER NOT NULL,   -- payload bytes on disk
+    full_estimate INTEGER NOT NULL,  -- size of this tensor's own encoding (measured or inherited)
+    lossless INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack);
+CREATE TABLE IF NOT EXISTS commits (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    parent TEXT,
+    run TEXT NOT NULL,
+    epoch INTEGER,
+    step INTEGER,
+    time REAL NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    manifest TEXT NOT NULL,
+    lossy INTEGER NOT NULL DEFAULT 0,
+    logical_bytes INTEGER NOT NULL,
+    new_bytes INTEGER NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS commit_objects (
+    commit_id TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, how TEXT NOT NULL,
+    PRIMARY KEY (commit_id, name)
+);
+CREATE INDEX IF NOT EXISTS commit_objects_hash ON commit_objects(hash);
+CREATE TABLE IF NOT EXISTS refs (
+    name TEXT PRIMARY KEY, commit_id TEXT NOT NULL, updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refs_commit ON refs(commit_id);
+"""
+
+
+@dataclass
+class ObjectRow:
+    hash: str
+    pack: str
+    kind: str
+    base: Optional[str]
+    depth: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    stored_bytes: int
+    full_estimate: int
+    lossless: bool = True
+
+
+@dataclass
+class CommitRow:
+    id: str
+    seq: int
+    parent: Optional[str]
+    run: str
+    epoch: Optional[int]
+    step: Optional[int]
+    time: float
+    message: str
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+    lossy: bool
+    logical_bytes: int
+    new_bytes: int
+    info: dict[str, Any] = field(default_factory=dict)
+    refs: list[str] = field(default_factory=list)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:10]
+
+
+class Catalog:
+    """Thin typed layer over the SQLite catalog. One connection per thread."""
+
+    def __init__(self, path: Path, *, create: bool):
+        self.path = Path(path)
+        self._local = threading.local()
+        if create:
+            # executescript commits on its own; the script is one transaction
+            self.conn.executescript(
+                "BEGIN IMMEDIATE;" + _SCHEMA
+                + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
+            )
+
+    # -- connections ----------------------------------------------------------------------
+    @property
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("PRAGMA foreign_keys=OFF")
+            self._local.conn = c
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    class _Txn:
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+
+    def transaction(self) -> "_Txn":
+        return Catalog._Txn(self.conn)
+
+    # -- objects ---------------------------------------------------------------------------
+    def get_object(self, h: str) -> Optional[ObjectRow]:
+        r = self.conn.execute("SELECT * FROM objects WHERE hash=?", (h,)).fetchone()
+        return _object(r) if r else None
+
+    def known_hashes(self, hashes: Iterable[str]) -> set[str]:
+        hashes = list(hashes)
+        found: set[str] = set()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            q = f"SELECT hash FROM objects WHERE hash IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self.conn.execute(q, chunk))
+        return found
+
+    def all_objects(self) -> list[ObjectRow]:
+        return [_object(r) for r in self.conn.execute("SELECT * FROM objects")]
+
+    # -- commits ---------------------------------------------------------------------------
+    def get_commit(self, cid: str) -> Optional[CommitRow]:
+        r = self.conn.execute("SELECT * FROM commits WHERE id=?", (cid,)).fetchone()
+        return self._commit(r) if r else None
+
+    def commits(self, run: Optional[str] = None) -> list[CommitRow]:
+        if run is None:
+            rows = self.conn.execute("SELECT * FROM commits ORDER BY seq DESC").fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM commits WHERE run=? ORDER BY seq DESC", (run,)).fetchall()
+        return [self._commit(r) for r in rows]
+
+    def commit_ids_with_prefix(self, prefix: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")
+        )]
+
+    def commit_objects(self, cid: str) -> list[tuple[str, str, str]]:
+        return list(self.conn.execute("SELECT name, hash, how FROM commit_objects WHERE commit_id=?", (cid,)))
+
+    def commits_using(self, hashes: Iterable[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for h in hashes:
+            for cid, name in self.conn.execute("SELECT commit_id, name FROM commit_objects WHERE hash=?", (h,)):
+                out.setdefault(cid, []).append(name)
+        return out
+
+    def _commit(self, r: sqlite3.Row) -> CommitRow:
+        cols = [d[0] for d in self.conn.execute("SELECT * FROM commits LIMIT 0").description]
+        d = dict(zip(cols, r))
+        refs = [x[0] for x in self.conn.execute("SELECT name FROM refs WHERE commit_id=? ORDER BY name", (d["id"],))]
+        return CommitRow(
+            id=d["id"], seq=d["seq"], parent=d["parent"], run=d["run"], epoch=d["epoch"], step=d["step"],
+            time=d["time"], message=d["message"], metrics=json.loads(d["metrics"]),
+            manifest=json.loads(d["manifest"]), lossy=bool(d["lossy"]), logical_bytes=d["logical_bytes"],
+            new_bytes=d["new_bytes"], info=json.loads(d["info"]), refs=refs,
+        )
+
+    # -- refs ------------------------------------------------------------------------------
+    def get_ref(self, name: str) -> Optional[str]:
+        r = self.conn.execute("SELECT commit_id FROM refs WHERE name=?", (name,)).fetchone()
+        return r[0] if r else None
+
+    def refs(self, prefix: str = "") -> dict[str, str]:
+        return dict(self.conn.execute(
+            "SELECT name, commit_id FROM refs WHERE name >= ? AND name < ? ORDER BY name", (prefix, prefix + "\uffff")
+        ))
+
+    def packs(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT name, size FROM packs"))
+
+
+def _object(r: tuple) -> ObjectRow:
+    h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless = r
+    return ObjectRow(h, pack, kind, base, depth, dtype, tuple(json.loads(shape)), nbytes, stored, full, bool(lossless))

@@ -1,0 +1,79 @@
+"""Inter-process write lock for a repository: ``flock`` on ``<repo>/lock``, holder PID inside.
+
+The kernel drops the lock when the holder dies (even by SIGKILL), so a crash never leaves the
+repository locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import RepositoryLockedError
+
+
+class RepositoryLock:
+    def __init__(self, path: Path, timeout: float = 30.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self._fd: Optional[int] = None
+        self._depth = 0
+
+    def holder_pid(self) -> Optional[int]:
+        try:
+            text = self.path.read_text().strip()
+            return int(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self, timeout: Optional[float] = None) -> None:
+        if self._fd is not None:
+            self._depth += 1
+            return
+        timeout = self.timeout if timeout is None else timeout
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    pid = self.holder_pid()
+                    raise RepositoryLockedError(
+                        f"repository {self.path.parent} is locked by PID {pid if pid else '?'} "
+                        f"(waited {timeout:.0f} s); wait for that process to finish its save, or pass "
+                        "a longer lock_timeout",
+                        pid=pid,
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        self._depth = 1
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> "RepositoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

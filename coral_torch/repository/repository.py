@@ -1,0 +1,759 @@
+"""`Repository`: checkpoints as commits over immutable HDF5 packs and an atomic SQLite catalog.
+
+On disk (default ``.coral/``)::
+
+    catalog.sqlite      objects -> pack, commits (manifest, parent, run, metrics), refs
+    packs/<name>.h5     immutable HDF5Store files; written as .tmp-*, fsynced, then renamed
+    lock                write lock (flock), holder PID inside
+
+A save flattens the checkpoint (:mod:`coral_torch.adapters`), hashes every tensor, skips what the
+repository already holds (dedup across tensors, epochs and runs), XOR-deltas the rest against the
+same tensor of the parent commit when that is smaller (chains bounded by
+``DeltaConfig.max_chain_length``), encodes on all cores, writes one new pack and then commits
+objects, commit and refs in one SQLite transaction. A reader sees a commit entirely or not at all.
+
+A commit's id is the hash of its manifest (skeleton + tensor hashes), so the same checkpoint always
+gets the same id. Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``, ``tags/<tag>``,
+``files/<pointer file>``, ``keep/<id>``. Commits no ref points to are removed by :meth:`gc`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import xxhash
+
+from .. import adapters
+from ..delta import DeltaConfig, DeltaEncoder
+from ..errors import (
+    AmbiguousRefError,
+    CheckpointDamagedError,
+    CoralError,
+    IntegrityError,
+    NotARepositoryError,
+    RefNotFoundError,
+    RepositoryError,
+)
+from ..storage.hdf5_store import HDF5Store, PreparedObject
+from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from .catalog import Catalog, CommitRow, ObjectRow
+from .lock import RepositoryLock
+
+log = logging.getLogger(__name__)
+
+CATALOG_NAME = "catalog.sqlite"
+PACKS_DIR = "packs"
+MANIFEST_FORMAT = 1
+_MIN_PREFIX = 4
+_HEX = set("0123456789abcdef")
+
+
+@dataclass
+class CommitStats:
+    """What one commit cost. ``written_bytes`` are payload bytes of new objects."""
+
+    commit_id: str
+    logical_bytes: int = 0
+    written_bytes: int = 0
+    tensors: int = 0
+    new_full: int = 0
+    new_delta: int = 0
+    deduplicated: int = 0
+    seconds: float = 0.0
+    existed: bool = False
+
+    @property
+    def ratio(self) -> float:
+        return self.written_bytes / self.logical_bytes if self.logical_bytes else 0.0
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Repository.verify`. ``ok`` is True when nothing is damaged or missing."""
+
+    objects_checked: int = 0
+    damaged_objects: dict[str, str] = field(default_factory=dict)
+    damaged_commits: dict[str, list[str]] = field(default_factory=dict)
+    missing_packs: list[str] = field(default_factory=list)
+    orphan_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged_objects or self.damaged_commits or self.missing_packs)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Repository:
+    """A checkpoint repository.
+
+    Args:
+        path: repository directory (created if missing and ``create`` is True).
+        create: create a new repository when none exists at ``path``.
+        delta_config: delta policy (lossless XOR, keyframe every 8 checkpoints by default).
+        workers: threads for hashing/encoding (default: all cores).
+        lock_timeout: seconds a writer waits for another writer before
+            :class:`~coral_torch.errors.RepositoryLockedError`.
+        compression_level: zstd level of the codec.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike] = ".coral",
+        *,
+        create: bool = True,
+        delta_config: Optional[DeltaConfig] = None,
+        workers: Optional[int] = None,
+        lock_timeout: float = 60.0,
+        compression_level: int = 1,
+    ):
+        self.path = Path(path).absolute()
+        catalog_path = self.path / CATALOG_NAME
+        if not catalog_path.exists():
+            if not create:
+                raise NotARepositoryError(
+                    f"{self.path} is not a coral-torch repository (no {CATALOG_NAME}); "
+                    "pass the directory that holds one, e.g. repo='ckpts/.coral'"
+                )
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+                raise NotARepositoryError(
+                    f"{self.path} exists and is not a coral-torch repository; refusing to write into it"
+                )
+            (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(catalog_path, create=True)
+        self.lock = RepositoryLock(self.path / "lock", lock_timeout)
+        self.delta_config = delta_config or DeltaConfig()
+        self.encoder = DeltaEncoder(self.delta_config)
+        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self.compression_level = compression_level
+        self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
+        # hash -> raw bytes of recently saved/loaded tensors: delta bases for the next commit.
+        self._base_cache: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"Repository({str(self.path)!r})"
+
+    # ============================================================================== commit
+    def commit(
+        self,
+        obj: Any,
+        *,
+        run: str = "default",
+        parent: Optional[str] = None,
+        message: str = "",
+        metrics: Optional[dict[str, Any]] = None,
+        epoch: Optional[int] = None,
+        step: Optional[int] = None,
+        tags: Sequence[str] = (),
+        refs: Sequence[str] = (),
+        keep: bool = True,
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        info: Optional[dict[str, Any]] = None,
+        private_tensors: bool = False,
+    ) -> CommitStats:
+        """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
+
+        ``parent`` defaults to the run's latest commit; deltas are taken against it. ``keep``
+        adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; ``tags`` and ``refs`` add
+        more. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
+        ``private_tensors`` promises that the caller will not modify the tensors afterwards, which
+        lets the repository keep them as delta bases without a copy.
+        """
+        t0 = time.perf_counter()
+        flat = adapters.flatten(obj)
+        slots = flat.slots
+        metrics = {k: _jsonable_metric(v) for k, v in (metrics or {}).items()}
+        if epoch is None and isinstance(obj, dict) and isinstance(obj.get("epoch"), int):
+            epoch = obj["epoch"]
+        if step is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
+            step = obj["global_step"]
+        _validate_ref_component(run, "run")
+        for w in (s.weight for s in slots):
+            w.compute_hash()
+        with self.lock:
+            parent_id = parent if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
+            if parent_id is not None and self.catalog.get_commit(parent_id) is None:
+                parent_id = None
+            parent_objs = {n: h for n, h, _ in self.catalog.commit_objects(parent_id)} if parent_id else {}
+            hashes = [s.weight.compute_hash() for s in slots]
+            known = self.catalog.known_hashes(hashes)
+            todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]] = {}
+            for s, h in zip(slots, hashes):
+                if h in known or h in todo:
+                    continue
+                base_row = None
+                bh = parent_objs.get(s.name)
+                if bh is not None and self.delta_config.max_chain_length > 0 and bh in self._base_cache:
+                    row = self.catalog.get_object(bh)
+                    if (row is not None and row.dtype == s.weight.dtype and row.shape == s.weight.shape
+                            and row.depth + 1 <= self.delta_config.max_chain_length):
+                        base_row = row
+                todo[h] = (s, base_row)
+
+            pack_name, new_rows, hows = self._write_pack(todo)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "skeleton": flat.skeleton,
+                "tensors": [
+                    [s.name, h, s.weight.dtype, list(s.weight.shape), s.device, s.kind]
+                    for s, h in zip(slots, hashes)
+                ],
+            }
+            manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            cid = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
+            logical = sum(s.weight.nbytes for s in slots)
+            written = sum(r.stored_bytes for r in new_rows)
+            stats = CommitStats(
+                cid, logical, written, len(slots),
+                new_full=sum(1 for r in new_rows if r.kind == "full"),
+                new_delta=sum(1 for r in new_rows if r.kind == "delta"),
+                deduplicated=len(slots) - len(new_rows),
+            )
+            now = time.time()
+            with self.catalog.transaction() as c:
+                if pack_name is not None:
+                    size = (self.path / PACKS_DIR / pack_name).stat().st_size
+                    c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack_name, size, now))
+                    c.executemany(
+                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)),
+                          r.nbytes, r.stored_bytes, r.full_estimate, int(r.lossless)) for r in new_rows],
+                    )
+                exists = c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None
+                stats.existed = exists
+                if not exists:
+                    c.execute(
+                        "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
+                        " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (cid, parent_id, run, epoch, step, now, message, json.dumps(metrics), manifest_json,
+                         int(any(not r.lossless for r in new_rows)), logical, written, json.dumps(info or {})),
+                    )
+                    seen_names: set[str] = set()
+                    rows = []
+                    for s, h in zip(slots, hashes):
+                        if s.name in seen_names:
+                            continue
+                        seen_names.add(s.name)
+                        rows.append((cid, s.name, h, hows.get(h, "dedup")))
+                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", rows)
+                ref_names = [f"runs/{run}/latest"]
+                if keep:
+                    ref_names.append(f"keep/{cid}")
+                ref_names += [f"tags/{_validate_ref_component(t, 'tag')}" for t in tags]
+                ref_names += list(refs)
+                c.executemany(
+                    "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                    [(n, cid, now) for n in ref_names],
+                )
+                if monitor is not None and monitor in metrics and metrics[monitor] is not None:
+                    self._update_best(c, run, cid, monitor, metrics[monitor], mode, now)
+            self._remember_bases(slots, hashes, copy=not private_tensors)
+        stats.seconds = time.perf_counter() - t0
+        log.info(
+            "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
+            cid[:10], run, stats.tensors, logical / 1e6, written / 1e6, stats.new_full, stats.new_delta,
+            stats.deduplicated, stats.seconds,
+        )
+        return stats
+
+    def _update_best(self, c, run: str, cid: str, monitor: str, value: float, mode: str, now: float) -> None:
+        if mode not in ("min", "max"):
+            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
+        current = c.execute("SELECT commit_id FROM refs WHERE name=?", (f"runs/{run}/best",)).fetchone()
+        better = True
+        if current is not None:
+            row = c.execute("SELECT metrics FROM commits WHERE id=?", (current[0],)).fetchone()
+            old = json.loads(row[0]).get(monitor) if row else None
+            if old is not None:
+                better = value < old if mode == "min" else value > old
+        if better:
+            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                      (f"runs/{run}/best", cid, now))
+
+    def _remember_bases(self, slots: list, hashes: list[str], *, copy: bool) -> None:
+        cache: dict[str, np.ndarray] = {}
+        for s, h in zip(slots, hashes):
+            if h in cache:
+                continue
+            old = self._base_cache.get(h)
+            if old is not None:
+                cache[h] = old
+            else:
+                cache[h] = s.weight.raw.copy() if copy else s.weight.raw
+        self._base_cache = cache
+
+    def _encode_one(
+        self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow]
+    ) -> tuple[list[PreparedObject], ObjectRow]:
+        w = slot.weight
+        h = w.compute_hash()
+        base_raw = self._base_cache.get(base_row.hash) if base_row is not None else None
+        if base_raw is not None and content_hash(base_raw, base_row.dtype, base_row.shape) != base_row.hash:
+            base_raw = None  # the cached base changed under us: never delta against unknown bytes
+        full: Optional[PreparedObject] = None
+        if base_raw is not None:
+            ref = WeightTensor.from_raw(base_raw, WeightMetadata(name="", shape=base_row.shape, dtype=base_row.dtype))
+            ref._hash = base_row.hash
+            delta = self.encoder.encode(w, ref)
+            if not delta.lossless:
+                raise CoralError("lossy delta types are not supported by Repository.commit yet")
+            if delta.nbytes > self.delta_config.min_saving * base_row.full_estimate:
+                full = store.prepare(_renamed(w, slot.name))
+            if full is None or delta.nbytes < full.stored_bytes:
+                estimate = full.stored_bytes if full is not None else base_row.full_estimate
+                prep = store.prepare_delta(delta, h)
+                prep.attrs["name"] = slot.name
+                row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
+                                w.nbytes, prep.stored_bytes, estimate, True)
+                return [prep], row
+        if full is None:
+            full = store.prepare(_renamed(w, slot.name))
+        row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
+        return [full], row
+
+    def _write_pack(
+        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]]
+    ) -> tuple[Optional[str], list[ObjectRow], dict[str, str]]:
+        if not todo:
+            return None, [], {}
+        packs = self.path / PACKS_DIR
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+        tmp = packs / f".tmp-{name}"
+        store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level)
+        rows: list[ObjectRow] = []
+        hows: dict[str, str] = {}
+        try:
+            for preps, row in self._map_ordered(lambda it: self._encode_one(store, *it), list(todo.values())):
+                for p in preps:
+                    store.write_prepared(p)
+                row.pack = name
+                rows.append(row)
+                hows[row.hash] = row.kind
+            store.close()
+            _fsync_file(tmp)
+            os.replace(tmp, packs / name)
+            _fsync_dir(packs)
+        except BaseException:
+            store.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return name, rows, hows
+
+    def _map_ordered(self, fn, items: list) -> Iterator:
+        """``map`` on the worker threads, bounded window, results in input order."""
+        if self.workers <= 1 or len(items) <= 1:
+            for it in items:
+                yield fn(it)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="coral-encode") as pool:
+            window = 2 * self.workers
+            pending = []
+            for it in items:
+                pending.append(pool.submit(fn, it))
+                if len(pending) >= window:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+
+    # ================================================================================ load
+    def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
+        """The checkpoint ``ref`` names, rebuilt exactly as saved (tensors verified by hash)."""
+        cid = self.resolve(ref)
+        row = self.catalog.get_commit(cid)
+        if row is None:  # removed by a concurrent gc
+            raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
+        entries = row.manifest["tensors"]
+        raws = self.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])
+        tensors = []
+        for name, h, dtype, shape, device, _kind in entries:
+            w = WeightTensor.from_raw(raws[h], WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
+            tensors.append(adapters.apply_map_location(w.to_torch(), device, map_location))
+        obj = adapters.unflatten(row.manifest["skeleton"], tensors, weights_only=weights_only)
+        # The loaded bytes are the best delta bases for a resumed run. Tensors handed out may be
+        # modified by the caller; the hash check before use protects against that.
+        self._base_cache = {h: raws[h] for h in raws}
+        return obj
+
+    def materialize(
+        self, hashes: Sequence[str], *, commit: Optional[str] = None, names: Optional[Sequence[str]] = None
+    ) -> dict[str, np.ndarray]:
+        """Raw bytes of objects (deltas rebuilt, every step verified). Damage raises
+        :class:`CheckpointDamagedError` naming every affected tensor."""
+        cache: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
+        unique = list(dict.fromkeys(hashes))
+
+        def one(h: str) -> None:
+            try:
+                self._materialize_one(h, cache)
+            except (IntegrityError, CoralError, OSError, KeyError) as exc:
+                errors[h] = str(exc)
+
+        for _ in self._map_ordered(one, unique):
+            pass
+        if errors:
+            names = list(names) if names is not None else list(hashes)
+            bad = [n for n, h in zip(names, hashes) if h in errors]
+            first = next(iter(errors.values()))
+            where = f"checkpoint {commit[:10]}" if commit else "the objects"
+            raise CheckpointDamagedError(
+                f"{where} in {self.path} is damaged: {len(bad)} tensor(s) cannot be restored: "
+                f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (first error: {first}). "
+                "Other checkpoints are unaffected unless `coral-torch verify` lists them.",
+                commit=commit or "", tensors=bad,
+            )
+        return {h: cache[h] for h in unique}
+
+    def _materialize_one(self, h: str, cache: dict[str, np.ndarray]) -> np.ndarray:
+        if h in cache:
+            return cache[h]
+        chain: list[ObjectRow] = []
+        cur: Optional[str] = h
+        while cur is not None and cur not in cache:
+            row = self.catalog.get_object(cur)
+            if row is None:
+                raise IntegrityError(f"object {cur} is missing from the catalog", hash_key=cur)
+            chain.append(row)
+            cur = row.base if row.kind == "delta" else None
+            if len(chain) > 10_000:
+                raise IntegrityError(f"delta chain of {h} loops", hash_key=h)
+        raw = cache[cur] if cur is not None else None
+        for row in reversed(chain):
+            store = self._pack(row.pack)
+            if row.kind == "full":
+                w = store.load(row.hash)
+                if w is None:
+                    raise IntegrityError(f"object {row.hash} is missing from pack {row.pack}", hash_key=row.hash)
+                raw = w.raw
+            else:
+                delta = store.load_delta(row.hash)
+                if delta is None:
+                    raise IntegrityError(f"delta {row.hash} is missing from pack {row.pack}", hash_key=row.hash)
+                ref = WeightTensor.from_raw(raw, WeightMetadata(name="", shape=row.shape, dtype=row.dtype))
+                w = self.encoder.reconstruct(delta, ref)
+                actual = w.compute_hash()
+                if actual != row.hash:
+                    raise IntegrityError(
+                        f"object {row.hash} rebuilt from its delta hashes to {actual}: the delta or its "
+                        "base is damaged", hash_key=row.hash,
+                    )
+                raw = w.raw
+            cache[row.hash] = raw
+        return cache[h]
+
+    def _pack(self, name: str) -> HDF5Store:
+        store = self._packs.get(name)
+        if store is None:
+            path = self.path / PACKS_DIR / name
+            if not path.exists():
+                raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
+            store = HDF5Store(path, mode="r")
+            self._packs[name] = store
+            while len(self._packs) > 64:
+                _, old = self._packs.popitem(last=False)
+                old.close()
+        else:
+            self._packs.move_to_end(name)
+        return store
+
+    def close(self) -> None:
+        for s in self._packs.values():
+            s.close()
+        self._packs.clear()
+        self._base_cache = {}
+        self.catalog.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ================================================================================ refs
+    def resolve(self, ref: str) -> str:
+        """Full commit id for a hash prefix (>= 4 chars), tag, ``latest``, ``best``, ``<run>``,
+        ``<run>/latest``, ``<run>/best`` or a full ref name. Accepts a ``coral://`` prefix."""
+        if not isinstance(ref, str) or not ref:
+            raise RefNotFoundError(f"a ref must be a non-empty string, not {ref!r}")
+        ref = ref.removeprefix("coral://").strip()
+        cat = self.catalog
+        if ref in ("latest", "HEAD"):
+            rows = cat.conn.execute("SELECT id FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
+            if rows is None:
+                raise RefNotFoundError(f"repository {self.path} has no commits yet")
+            return rows[0]
+        if ref == "best":
+            latest_run = cat.conn.execute("SELECT run FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
+            cid = cat.get_ref("best") or (cat.get_ref(f"runs/{latest_run[0]}/best") if latest_run else None)
+            if cid is None:
+                raise RefNotFoundError(
+                    f"no 'best' commit in {self.path}: save with a monitored metric (monitor=...) first"
+                )
+            return cid
+        for candidate in (ref, f"tags/{ref}", f"runs/{ref}/latest", f"runs/{ref}"):
+            cid = cat.get_ref(candidate)
+            if cid is not None:
+                return cid
+        low = ref.lower()
+        if len(low) >= _MIN_PREFIX and set(low) <= _HEX:
+            matches = cat.commit_ids_with_prefix(low)
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise AmbiguousRefError(
+                    f"hash prefix {ref!r} is ambiguous in {self.path}: it matches "
+                    + ", ".join(m[:12] for m in matches[:10])
+                    + ("..." if len(matches) > 10 else "")
+                    + "; give more characters",
+                    matches,
+                )
+        hints = sorted({n.split("/")[1] for n in cat.refs("runs/")} | {n[5:] for n in cat.refs("tags/")})
+        raise RefNotFoundError(
+            f"no commit matches {ref!r} in {self.path}"
+            + (f"; known runs and tags: {', '.join(hints[:20])}" if hints else "")
+            + ". Use a hash prefix of at least 4 characters, a tag, a run name, 'latest' or 'best'."
+        )
+
+    def tag(self, name: str, ref: str) -> str:
+        _validate_ref_component(name, "tag")
+        cid = self.resolve(ref)
+        self.set_ref(f"tags/{name}", cid)
+        return cid
+
+    def set_ref(self, name: str, commit_id: str) -> None:
+        with self.lock, self.catalog.transaction() as c:
+            if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
+                raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}")
+            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                      (name, commit_id, time.time()))
+
+    def delete_ref(self, name: str) -> bool:
+        with self.lock, self.catalog.transaction() as c:
+            return c.execute("DELETE FROM refs WHERE name=?", (name,)).rowcount > 0
+
+    def refs(self, prefix: str = "") -> dict[str, str]:
+        return self.catalog.refs(prefix)
+
+    # ================================================================================ info
+    def log(self, run: Optional[str] = None) -> list[CommitRow]:
+        """Commits, newest first (of one run, or of all runs)."""
+        return self.catalog.commits(run)
+
+    def get_commit(self, ref: str) -> CommitRow:
+        row = self.catalog.get_commit(self.resolve(ref))
+        assert row is not None
+        return row
+
+    def stats(self) -> dict[str, Any]:
+        c = self.catalog.conn
+        logical = c.execute("SELECT COALESCE(SUM(logical_bytes),0), COUNT(*) FROM commits").fetchone()
+        objs = c.execute("SELECT COUNT(*), COALESCE(SUM(stored_bytes),0), COALESCE(SUM(kind='delta'),0) FROM objects").fetchone()
+        disk = sum(p.stat().st_size for p in (self.path / PACKS_DIR).glob("*.h5"))
+        return {
+            "path": str(self.path),
+            "commits": logical[1],
+            "logical_bytes": logical[0],
+            "objects": objs[0],
+            "delta_objects": objs[2],
+            "stored_bytes": objs[1],
+            "disk_bytes": disk,
+            "ratio": (disk / logical[0]) if logical[0] else 0.0,
+        }
+
+    # ============================================================================= verify
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Re-read and re-hash every object; report damaged objects and the commits they break."""
+        report = VerifyReport()
+        rows = self.catalog.all_objects()
+        by_hash = {r.hash: r for r in rows}
+        children: dict[str, list[ObjectRow]] = {}
+        for r in rows:
+            if r.kind == "delta":
+                children.setdefault(r.base or "", []).append(r)
+        packs_dir = self.path / PACKS_DIR
+        known_packs = set(self.catalog.packs())
+        report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
+        report.orphan_files = sorted(
+            p.name for p in packs_dir.iterdir() if p.name not in known_packs
+        ) if packs_dir.exists() else []
+
+        def mark_damaged(r: ObjectRow, why: str) -> None:
+            stack = [(r, why)]
+            while stack:
+                o, w = stack.pop()
+                if o.hash in report.damaged_objects:
+                    continue
+                report.damaged_objects[o.hash] = w
+                stack.extend((c, f"its delta base {o.hash[:12]} is damaged") for c in children.get(o.hash, []))
+
+        def walk(r: ObjectRow, base_raw: Optional[np.ndarray]) -> None:
+            # depth-first along delta chains; memory holds one chain at a time
+            stack = [(r, base_raw)]
+            while stack:
+                o, braw = stack.pop()
+                report.objects_checked += 1
+                try:
+                    cache = {o.base: braw} if o.kind == "delta" and braw is not None else {}
+                    raw = self._materialize_one(o.hash, cache)
+                except (CoralError, OSError, KeyError) as exc:
+                    mark_damaged(o, str(exc))
+                    continue
+                stack.extend((c, raw) for c in children.get(o.hash, []))
+
+        for r in rows:
+            if r.kind == "full" or r.base not in by_hash:
+                if r.kind == "delta":
+                    mark_damaged(r, f"its delta base {r.base} is missing")
+                    continue
+                walk(r, None)
+        for cid, names in self.catalog.commits_using(report.damaged_objects).items():
+            report.damaged_commits[cid] = sorted(names)
+        # commits whose objects are missing from the catalog
+        for cid, in self.catalog.conn.execute(
+            "SELECT DISTINCT commit_id FROM commit_objects co LEFT JOIN objects o ON co.hash=o.hash WHERE o.hash IS NULL"
+        ).fetchall():
+            missing = [n for n, h, _ in self.catalog.commit_objects(cid) if h not in by_hash]
+            report.damaged_commits.setdefault(cid, []).extend(missing)
+        return report
+
+    # ================================================================================= gc
+    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3) -> dict[str, Any]:
+        """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
+        deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead)."""
+        with self.lock:
+            cat = self.catalog
+            live_commits = set(cat.refs().values())
+            all_commits = {r[0] for r in cat.conn.execute("SELECT id FROM commits")}
+            dead_commits = all_commits - live_commits
+            rows = {r.hash: r for r in cat.all_objects()}
+            live: set[str] = set()
+            for cid in live_commits:
+                for _, h, _ in cat.commit_objects(cid):
+                    while h is not None and h not in live:
+                        live.add(h)
+                        r = rows.get(h)
+                        h = r.base if r is not None and r.kind == "delta" else None
+            dead_objects = set(rows) - live
+            packs = cat.packs()
+            packs_dir = self.path / PACKS_DIR
+            per_pack: dict[str, list[ObjectRow]] = {}
+            for r in rows.values():
+                per_pack.setdefault(r.pack, []).append(r)
+            remove_packs, rewrite_packs = [], []
+            for p in packs:
+                objs = per_pack.get(p, [])
+                dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
+                total = sum(o.stored_bytes for o in objs) or 1
+                if all(o.hash in dead_objects for o in objs):
+                    remove_packs.append(p)
+                elif dead / total >= repack_threshold:
+                    rewrite_packs.append(p)
+            orphans = [f for f in packs_dir.iterdir() if f.name not in packs] if packs_dir.exists() else []
+            before = sum(f.stat().st_size for f in packs_dir.iterdir()) if packs_dir.exists() else 0
+            stats = {
+                "dry_run": dry_run,
+                "commits_removed": len(dead_commits),
+                "objects_removed": len(dead_objects),
+                "packs_removed": len(remove_packs),
+                "packs_rewritten": len(rewrite_packs),
+                "orphan_files_removed": len(orphans),
+                "bytes_before": before,
+                "bytes_reclaimable": sum(rows[h].stored_bytes for h in dead_objects) + sum(f.stat().st_size for f in orphans),
+            }
+            if dry_run:
+                return stats
+            moved: dict[str, str] = {}
+            new_pack_rows = []
+            for p in rewrite_packs:
+                keep = [o for o in per_pack[p] if o.hash not in dead_objects]
+                name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+                tmp = packs_dir / f".tmp-{name}"
+                src = self._pack(p)
+                dst = HDF5Store(tmp, mode="x")
+                try:
+                    for o in keep:
+                        prep = src.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
+                        if prep is None:
+                            raise IntegrityError(f"object {o.hash} is missing from pack {p}", hash_key=o.hash)
+                        dst.write_prepared(prep)
+                        moved[o.hash] = name
+                    dst.close()
+                    _fsync_file(tmp)
+                    os.replace(tmp, packs_dir / name)
+                except BaseException:
+                    dst.close()
+                    tmp.unlink(missing_ok=True)
+                    raise
+                new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
+            _fsync_dir(packs_dir)
+            with cat.transaction() as c:
+                c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_pack_rows)
+                c.executemany("UPDATE objects SET pack=? WHERE hash=?", [(n, h) for h, n in moved.items()])
+                c.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in dead_objects])
+                c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
+                c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
+                c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in remove_packs + rewrite_packs])
+            for p in remove_packs + rewrite_packs:
+                s = self._packs.pop(p, None)
+                if s is not None:
+                    s.close()
+                (packs_dir / p).unlink(missing_ok=True)
+            for f in orphans:
+                f.unlink(missing_ok=True)
+            cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            after = sum(f.stat().st_size for f in packs_dir.iterdir())
+            stats["bytes_after"] = after
+            stats["bytes_reclaimed"] = before - after
+            return stats
+
+
+def _renamed(w: WeightTensor, name: str) -> WeightTensor:
+    """The same bytes under a display name (metadata only, no copy)."""
+    out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
+    out._hash = w._hash
+    return out
+
+
+def _validate_ref_component(name: str, what: str) -> str:
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name or any(
+        ch in name for ch in "\n\r\t\0 "
+    ) or "/" in name:
+        raise RepositoryError(f"invalid {what} name {name!r}: use letters, digits, '-', '_', '.' and no '/'")
+    return name
+
+
+def _jsonable_metric(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
