@@ -35,6 +35,7 @@ import torch
 import xxhash
 
 from .. import adapters
+from ..dedup import Deduplicator
 from ..delta import DeltaConfig, DeltaEncoder
 from ..errors import (
     AmbiguousRefError,
@@ -200,7 +201,7 @@ class Repository:
             parent_id = parent if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
             if parent_id is not None and self.catalog.get_commit(parent_id) is None:
                 parent_id = None
-            parent_objs = {n: h for n, h, _ in self.catalog.commit_objects(parent_id)} if parent_id else {}
+            parent_objs = self._tensor_index(parent_id) if parent_id else {}
             hashes = [s.weight.compute_hash() for s in slots]
             known = self.catalog.known_hashes(hashes)
             todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]] = {}
@@ -208,11 +209,10 @@ class Repository:
                 if h in known or h in todo:
                     continue
                 base_row = None
-                bh = parent_objs.get(s.name)
+                bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
                 if bh is not None and self.delta_config.max_chain_length > 0 and bh in self._base_cache:
                     row = self.catalog.get_object(bh)
-                    if (row is not None and row.dtype == s.weight.dtype and row.shape == s.weight.shape
-                            and row.depth + 1 <= self.delta_config.max_chain_length):
+                    if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
                         base_row = row
                 todo[h] = (s, base_row)
 
@@ -281,6 +281,13 @@ class Repository:
             stats.deduplicated, stats.seconds,
         )
         return stats
+
+    def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
+        """name -> (hash, dtype, shape) of a commit's tensors."""
+        row = self.catalog.get_commit(cid)
+        if row is None:
+            return {}
+        return {e[0]: (e[1], e[2], tuple(e[3])) for e in row.manifest["tensors"]}
 
     def _update_best(self, c, run: str, cid: str, monitor: str, value: float, mode: str, now: float) -> None:
         if mode not in ("min", "max"):

@@ -1,0 +1,148 @@
+"""`Deduplicator`: exact dedup by content hash, and the choice of delta references.
+
+Exact duplicates (a frozen backbone, a LoRA base model, tied weights, buffers that never change)
+are recognised by their content hash and stored once, ever. For a tensor that is new, the delta
+reference is the tensor of the same name in the parent checkpoint. Optionally, a tensor with no
+such partner is matched against earlier tensors of the same dtype and shape by a fixed-size
+fingerprint (memory independent of tensor size); that search is an optimisation only, never needed
+for correctness, since every delta is verified by hash when rebuilt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from .delta import Delta, DeltaConfig, DeltaEncoder
+from .weight_tensor import WeightTensor
+
+FINGERPRINT_SIZE = 256
+
+
+def fingerprint(weight: WeightTensor) -> Optional[np.ndarray]:
+    """A unit vector of up to 256 evenly strided values (floats only), for cosine similarity."""
+    if weight.dtype not in ("float32", "float64", "float16") or weight.size < 2:
+        return None
+    flat = weight.data.reshape(-1)
+    step = max(1, flat.size // FINGERPRINT_SIZE)
+    sample = flat[::step][:FINGERPRINT_SIZE].astype(np.float64)
+    if not np.all(np.isfinite(sample)):
+        return None
+    norm = np.linalg.norm(sample)
+    return sample / norm if norm > 0 else None
+
+
+@dataclass
+class DeduplicationResult:
+    """Outcome of :meth:`Deduplicator.deduplicate`.
+
+    Attributes:
+        unique: name -> tensor that must be stored in full.
+        duplicates: name -> hash of an identical tensor already known (store nothing).
+        deltas: hash of the target tensor -> :class:`Delta` to store instead of the tensor.
+        name_to_hash: every input name -> its content hash.
+    """
+
+    unique: Dict[str, WeightTensor] = field(default_factory=dict)
+    duplicates: Dict[str, str] = field(default_factory=dict)
+    deltas: Dict[str, Delta] = field(default_factory=dict)
+    name_to_hash: Dict[str, str] = field(default_factory=dict)
+
+
+class Deduplicator:
+    """Exact dedup plus delta-reference choice.
+
+    Args:
+        similarity_threshold: cosine similarity of fingerprints above which a same-shaped tensor
+            is tried as a delta reference when no same-name parent exists (``None`` disables the search).
+        delta_config: delta policy; lossless XOR by default.
+        enable_delta_encoding: try deltas at all.
+        exists: optional callback telling whether a hash is already stored (e.g. ``store.exists``).
+    """
+
+    def __init__(
+        self,
+        similarity_threshold: Optional[float] = 0.98,
+        delta_config: Optional[DeltaConfig] = None,
+        enable_delta_encoding: bool = True,
+        exists: Optional[Callable[[str], bool]] = None,
+    ):
+        self.similarity_threshold = similarity_threshold
+        self.encoder = DeltaEncoder(delta_config)
+        self.enable_delta_encoding = enable_delta_encoding
+        self.exists = exists
+        self._known: Dict[str, WeightTensor] = {}
+        self._by_signature: Dict[tuple, list[tuple[np.ndarray, str]]] = {}
+        self.stats = {"seen": 0, "duplicates": 0, "deltas": 0, "unique": 0}
+
+    def is_known(self, h: str) -> bool:
+        return h in self._known or (self.exists is not None and self.exists(h))
+
+    @staticmethod
+    def same_name_reference(name: str, weight: WeightTensor, parent: Dict[str, tuple[str, str, tuple]]) -> Optional[str]:
+        """Hash of the parent's tensor called ``name`` if it can be a delta base (same dtype/shape)."""
+        entry = parent.get(name)
+        if entry is None:
+            return None
+        h, dtype, shape = entry
+        return h if dtype == weight.dtype and tuple(shape) == weight.shape else None
+
+    def similar_reference(self, weight: WeightTensor) -> Optional[str]:
+        """Hash of a known tensor of the same dtype/shape whose fingerprint is close enough."""
+        if self.similarity_threshold is None:
+            return None
+        fp = fingerprint(weight)
+        if fp is None:
+            return None
+        best, best_sim = None, self.similarity_threshold
+        for other_fp, h in self._by_signature.get((weight.dtype, weight.shape), []):
+            sim = float(np.dot(fp, other_fp))
+            if sim >= best_sim:
+                best, best_sim = h, sim
+        return best
+
+    def _register(self, h: str, weight: WeightTensor) -> None:
+        self._known[h] = weight
+        fp = fingerprint(weight)
+        if fp is not None:
+            self._by_signature.setdefault((weight.dtype, weight.shape), []).append((fp, h))
+
+    def deduplicate(
+        self, weights: Dict[str, WeightTensor], parent: Optional[Dict[str, WeightTensor]] = None
+    ) -> DeduplicationResult:
+        """Classify ``weights``: duplicates of known tensors, deltas against ``parent`` (same name)
+        or similar known tensors when smaller than the tensor's own encoding, else unique."""
+        from . import codec, dtypes
+
+        result = DeduplicationResult()
+        parent = parent or {}
+        for name, w in weights.items():
+            h = w.compute_hash()
+            result.name_to_hash[name] = h
+            self.stats["seen"] += 1
+            if self.is_known(h):
+                result.duplicates[name] = h
+                self.stats["duplicates"] += 1
+                continue
+            ref = None
+            if self.enable_delta_encoding:
+                p = parent.get(name)
+                if p is not None and self.encoder.can_encode(w, p):
+                    ref = p
+                else:
+                    rh = self.similar_reference(w)
+                    ref = self._known.get(rh) if rh else None
+            if ref is not None:
+                delta = self.encoder.encode(w, ref)
+                own = len(codec.encode(w.raw, dtypes.itemsize(w.dtype)))
+                if delta.nbytes < own and delta.lossless:
+                    result.deltas[h] = delta
+                    self.stats["deltas"] += 1
+                    self._register(h, w)
+                    continue
+            result.unique[name] = w
+            self.stats["unique"] += 1
+            self._register(h, w)
+        return result
