@@ -275,3 +275,36 @@ def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) ->
             "pass map_location='cpu'"
         )
     return t.to(target)
+
+
+def prune_top_level(skeleton: Any, drop_keys: Any) -> tuple[Any, Optional[list[int]]]:
+    """Remove top-level dict entries ``drop_keys`` from a skeleton and renumber its tensor slots.
+
+    Returns ``(new skeleton, old slot index for each new slot)``, or ``(skeleton, None)`` when
+    nothing was dropped.
+    """
+    if not isinstance(skeleton, dict) or skeleton.get("t") not in ("dict", "odict", "attrdict"):
+        return skeleton, None
+    drop = set(drop_keys)
+    pairs = [(k, v) for k, v in zip(skeleton["k"], skeleton["v"]) if not (isinstance(k, str) and k in drop)]
+    if len(pairs) == len(skeleton["k"]):
+        return skeleton, None
+    pruned = dict(skeleton, k=[k for k, _ in pairs], v=[v for _, v in pairs])
+    order: list[int] = []
+    remap: dict[int, int] = {}
+
+    def renumber(n: Any) -> Any:
+        if isinstance(n, dict):
+            out = {k: renumber(v) for k, v in n.items()}
+            if n.get("t") in ("tensor", "ndarray") and "i" in n:
+                old = n["i"]
+                if old not in remap:
+                    remap[old] = len(order)
+                    order.append(old)
+                out["i"] = remap[old]
+            return out
+        if isinstance(n, list):
+            return [renumber(v) for v in n]
+        return n
+
+    return renumber(pruned), order

@@ -155,6 +155,7 @@ class Repository:
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
         # hash -> raw bytes of recently saved/loaded tensors: delta bases for the next commit.
         self._base_cache: dict[str, np.ndarray] = {}
+        self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
@@ -177,6 +178,8 @@ class Repository:
         mode: str = "min",
         info: Optional[dict[str, Any]] = None,
         private_tensors: bool = False,
+        head: bool = True,
+        no_delta_prefixes: Sequence[str] = (),
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
@@ -184,7 +187,9 @@ class Repository:
         adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; ``tags`` and ``refs`` add
         more. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
         ``private_tensors`` promises that the caller will not modify the tensors afterwards, which
-        lets the repository keep them as delta bases without a copy.
+        lets the repository keep them as delta bases without a copy. ``head=False`` leaves
+        ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
+        never delta-encoded (so older versions of them can be garbage-collected independently).
         """
         t0 = time.perf_counter()
         flat = adapters.flatten(obj)
@@ -209,7 +214,9 @@ class Repository:
                 if h in known or h in todo:
                     continue
                 base_row = None
-                bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
+                bh = None
+                if not (no_delta_prefixes and s.name.startswith(tuple(no_delta_prefixes))):
+                    bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
                 if bh is not None and self.delta_config.max_chain_length > 0 and bh in self._base_cache:
                     row = self.catalog.get_object(bh)
                     if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
@@ -262,7 +269,7 @@ class Repository:
                         seen_names.add(s.name)
                         rows.append((cid, s.name, h, hows.get(h, "dedup")))
                     c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", rows)
-                ref_names = [f"runs/{run}/latest"]
+                ref_names = [f"runs/{run}/latest"] if head else []
                 if keep:
                     ref_names.append(f"keep/{cid}")
                 ref_names += [f"tags/{_validate_ref_component(t, 'tag')}" for t in tags]
@@ -281,6 +288,45 @@ class Repository:
             stats.deduplicated, stats.seconds,
         )
         return stats
+
+    def strip_commit(self, ref: str, drop_keys: Sequence[str] = ("optimizer_states",)) -> str:
+        """Replace a commit by one without the given top-level keys (e.g. optimizer state).
+
+        The new commit keeps the old one's run, parent, epoch, step and metrics and takes over all
+        its refs; the old commit is left without refs, so :meth:`gc` can reclaim what only it used.
+        Returns the new commit id (the same id if nothing was dropped).
+        """
+        cid = self.resolve(ref)
+        with self.lock:
+            row = self.catalog.get_commit(cid)
+            if row is None:
+                raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
+            skeleton, kept = adapters.prune_top_level(row.manifest["skeleton"], drop_keys)
+            if kept is None:
+                return cid
+            entries = [row.manifest["tensors"][i] for i in kept]
+            manifest = {"format": MANIFEST_FORMAT, "skeleton": skeleton, "tensors": entries}
+            manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            new_id = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
+            now = time.time()
+            info = dict(row.info, derived_from=cid, dropped=list(drop_keys))
+            hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
+            with self.catalog.transaction() as c:
+                if c.execute("SELECT 1 FROM commits WHERE id=?", (new_id,)).fetchone() is None:
+                    c.execute(
+                        "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
+                        " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message,
+                         json.dumps(row.metrics), manifest_json, int(row.lossy),
+                         sum(_entry_nbytes(e) for e in entries), 0, json.dumps(info)),
+                    )
+                    names = dict.fromkeys(e[0] for e in entries)
+                    hashes = {e[0]: e[1] for e in entries}
+                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)",
+                                  [(new_id, n, hashes[n], hows.get(n, "dedup")) for n in names])
+                c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (new_id, now, cid))
+                c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{new_id}", f"keep/{cid}"))
+            return new_id
 
     def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
         """name -> (hash, dtype, shape) of a commit's tensors."""
@@ -308,11 +354,11 @@ class Repository:
         for s, h in zip(slots, hashes):
             if h in cache:
                 continue
-            old = self._base_cache.get(h)
-            if old is not None:
-                cache[h] = old
+            if not copy:
+                cache[h] = s.weight.raw
             else:
-                cache[h] = s.weight.raw.copy() if copy else s.weight.raw
+                old = self._base_cache.get(h)
+                cache[h] = old if old is not None else s.weight.raw.copy()
         self._base_cache = cache
 
     def _encode_one(
@@ -398,13 +444,19 @@ class Repository:
         entries = row.manifest["tensors"]
         raws = self.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])
         tensors = []
+        handed_out: set[str] = set()
         for name, h, dtype, shape, device, _kind in entries:
-            w = WeightTensor.from_raw(raws[h], WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
+            # Equal content in different slots (e.g. every param's `step` counter) must come back
+            # as separate tensors: only slots that were the same tensor (tied) share memory.
+            raw = raws[h].copy() if h in handed_out else raws[h]
+            handed_out.add(h)
+            w = WeightTensor.from_raw(raw, WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
             tensors.append(adapters.apply_map_location(w.to_torch(), device, map_location))
         obj = adapters.unflatten(row.manifest["skeleton"], tensors, weights_only=weights_only)
         # The loaded bytes are the best delta bases for a resumed run. Tensors handed out may be
         # modified by the caller; the hash check before use protects against that.
         self._base_cache = {h: raws[h] for h in raws}
+        self.last_loaded = cid
         return obj
 
     def materialize(
@@ -745,6 +797,12 @@ def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
     out._hash = w._hash
     return out
+
+
+def _entry_nbytes(entry: list) -> int:
+    from .. import dtypes
+
+    return int(np.prod(entry[3], dtype=np.int64)) * dtypes.itemsize(entry[2])
 
 
 def _validate_ref_component(name: str, what: str) -> str:

@@ -1,0 +1,119 @@
+"""`CoralCheckpointIO`: Lightning's `CheckpointIO` backed by a coral-torch repository.
+
+``Trainer(plugins=[CoralCheckpointIO(repo)])`` makes ``ModelCheckpoint`` and
+``trainer.save_checkpoint`` commit into the repository; the path Lightning asked for receives a
+small pointer file, so everything ``ModelCheckpoint`` does with files (last, top-k deletion,
+version counters) keeps working. ``trainer.fit(ckpt_path="coral://<hash-prefix|tag|run|best|latest>")``
+resumes from the repository on every rank; plain files still load through ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from .. import api
+from ..errors import CoralError
+from ..repository import Repository
+
+log = logging.getLogger(__name__)
+
+CORAL_SCHEME = "coral://"
+_RUN_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def run_name_from_path(path: Union[str, os.PathLike]) -> str:
+    """A run name from a checkpoint path: the ``version_N`` directory if there is one, else the
+    checkpoint directory's name."""
+    parts = Path(path).absolute().parts
+    for part in reversed(parts[:-1]):
+        if part.startswith("version_"):
+            return _RUN_SAFE.sub("_", part)
+    parent = Path(path).absolute().parent.name or "default"
+    return _RUN_SAFE.sub("_", parent) or "default"
+
+
+class CoralCheckpointIO(CheckpointIO):
+    """Checkpoint I/O through a coral-torch repository.
+
+    Args:
+        repo: repository path or :class:`Repository`. ``None``: ``<checkpoint dir>/.coral`` for
+            saves, ``$CORAL_REPO`` or ``./.coral`` for ``coral://`` loads.
+        run: run name for commits; default derived from the checkpoint path (``version_N``).
+    """
+
+    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None, run: Optional[str] = None):
+        super().__init__()
+        self._repo_arg = repo
+        self.run = run
+
+    # -- repository ------------------------------------------------------------------------
+    def repository(self, near: Union[str, os.PathLike, None] = None, *, create: bool = True) -> Repository:
+        if self._repo_arg is not None:
+            return api.open_repository(self._repo_arg, create=create)
+        if near is not None:
+            return api.open_repository(Path(near).parent / ".coral", create=create)
+        return api.open_repository(None, create=create)
+
+    # -- CheckpointIO ----------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Union[str, os.PathLike], storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                "CoralCheckpointIO.save_checkpoint takes no storage_options; configure the repository instead"
+            )
+        path = Path(path)
+        repo = self.repository(path)
+        stats = repo.commit(
+            checkpoint,
+            run=self.run or run_name_from_path(path),
+            keep=False,
+            refs=[api._pointer_ref_name(path, repo)],
+            message=f"checkpoint {path.name}",
+        )
+        api.write_pointer(path, stats.commit_id, repo.path)
+        log.info("saved %s as coral commit %s (%.1f MB written of %.1f MB)", path, stats.commit_id[:10],
+                 stats.written_bytes / 1e6, stats.logical_bytes / 1e6)
+
+    def load_checkpoint(
+        self,
+        path: Union[str, os.PathLike],
+        map_location: Optional[Callable] = lambda storage, loc: storage,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        wo = True if weights_only is None else bool(weights_only)
+        text = str(path)
+        if text.startswith(CORAL_SCHEME):
+            repo = self.repository(create=False)
+            return repo.load(text, map_location=map_location, weights_only=wo)
+        if not Path(text).exists():
+            raise FileNotFoundError(
+                f"checkpoint {text} not found; to resume from the repository use ckpt_path='coral://<ref>'"
+            )
+        pointer = api.read_pointer(text)
+        if pointer is not None:
+            cid, repo_path = pointer
+            repo = api.open_repository(self._repo_arg if self._repo_arg is not None else repo_path, create=False)
+            return repo.load(cid, map_location=map_location, weights_only=wo)
+        import torch
+
+        return torch.load(text, map_location=map_location, weights_only=wo)
+
+    def remove_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Remove the pointer file and its ref; the commit becomes garbage-collectable."""
+        path = Path(path)
+        pointer = api.read_pointer(path) if path.exists() else None
+        if pointer is not None:
+            try:
+                repo = api.open_repository(self._repo_arg if self._repo_arg is not None else pointer[1], create=False)
+                repo.delete_ref(api._pointer_ref_name(path, repo))
+            except CoralError as exc:
+                log.warning("could not drop the ref of %s: %s", path, exc)
+        path.unlink(missing_ok=True)
+
+    def teardown(self) -> None:
+        pass

@@ -1,0 +1,434 @@
+"""`CoralCheckpoint`: a Lightning callback that commits the full checkpoint every epoch.
+
+It subclasses Lightning's ``Checkpoint`` marker, so it runs after the other callbacks at epoch end
+(it sees the metrics they logged) and Lightning adds no default ``ModelCheckpoint``. Saving is
+asynchronous by default: the training thread snapshots tensors into reusable host buffers and a
+background thread hashes, delta-encodes, compresses and writes (see :mod:`.snapshot`).
+
+Under DDP every rank builds the checkpoint (as ``ModelCheckpoint`` does), only global rank 0
+writes, and a writer failure is shared with all ranks at the next save point so none deadlocks.
+Sharded strategies (FSDP, DeepSpeed, ModelParallel) write per-rank shards outside ``CheckpointIO``
+and are refused at set-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from .. import api
+from ..delta import DeltaConfig
+from ..errors import CoralError
+from ..repository import CommitStats, Repository
+from .checkpoint_io import CoralCheckpointIO
+from .snapshot import BackgroundCommitter, SnapshotBuffers
+
+log = logging.getLogger(__name__)
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+OPTIMIZER_KEY = "optimizer_states"
+
+
+class CoralCheckpointError(CoralError):
+    """A background save failed; raised on the training thread (on every rank under DDP)."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    if "python" in state:
+        v = state["python"]
+        random.setstate((v[0], tuple(v[1]), v[2]) if isinstance(v, (list, tuple)) else v)
+    if "numpy" in state:
+        np.random.set_state(tuple(state["numpy"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class CoralCheckpoint(Checkpoint):
+    """Commit a checkpoint into a coral-torch repository every epoch (or every N epochs/steps).
+
+    Args:
+        repo: repository path or :class:`Repository` (default ``<default_root_dir>/.coral``).
+        run: run name (default: continue the resumed run, else the logger's ``version_N``).
+        monitor, mode: metric whose best value ``runs/<run>/best`` follows; ranks commits for top-k.
+        save_top_k: commits that keep a ref: ``-1`` all (default), ``k`` the best k (by ``monitor``,
+            else the newest k), ``0`` none but the last. Commits without refs are reclaimed by ``gc``.
+        save_last: keep ``runs/<run>/latest`` on the newest commit.
+        every_n_epochs, every_n_train_steps: when to commit (epochs by default).
+        save_weights_only: commit the model weights only (no optimizer, loops, ...).
+        keep_optimizer: ``"all"`` keep optimizer state in every commit; ``"last"`` only in the
+            newest (older commits are rewritten as weights-only); ``"none"`` never.
+        tags: tags put on the last commit at the end of training.
+        async_save: snapshot on the training thread and write in the background (default).
+        s3: an :class:`~coral_torch.S3Config` (or S3Store) to push to at the end of training.
+        delta_config: delta policy for a repository this callback opens.
+        log_stats: log bytes/ratio/stall per commit through the trainer's logger.
+        install_checkpoint_io: install :class:`CoralCheckpointIO` so ``ckpt_path="coral://..."`` works.
+    """
+
+    def __init__(
+        self,
+        repo: Union[str, os.PathLike, Repository, None] = None,
+        *,
+        run: Optional[str] = None,
+        monitor: Optional[str] = None,
+        mode: Literal["min", "max"] = "min",
+        save_top_k: int = -1,
+        save_last: bool = True,
+        every_n_epochs: Optional[int] = None,
+        every_n_train_steps: Optional[int] = None,
+        save_weights_only: bool = False,
+        keep_optimizer: Literal["all", "last", "none"] = "all",
+        tags: Sequence[str] = (),
+        async_save: bool = True,
+        s3: Any = None,
+        delta_config: Optional[DeltaConfig] = None,
+        log_stats: bool = True,
+        install_checkpoint_io: bool = True,
+    ):
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise CoralError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_optimizer not in ("all", "last", "none"):
+            raise CoralError(f"keep_optimizer must be 'all', 'last' or 'none', not {keep_optimizer!r}")
+        if save_top_k < -1:
+            raise CoralError(f"save_top_k must be >= -1, not {save_top_k}")
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise CoralError("give every_n_epochs or every_n_train_steps, not both")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise CoralError("every_n_train_steps must be >= 1")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise CoralError("every_n_epochs must be >= 1")
+        self._repo_arg = repo
+        self.run = run
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        self.every_n_epochs = every_n_epochs if every_n_train_steps is None else None
+        if self.every_n_epochs is None and every_n_train_steps is None:
+            self.every_n_epochs = 1
+        self.every_n_train_steps = every_n_train_steps
+        self.save_weights_only = save_weights_only
+        self.keep_optimizer = keep_optimizer
+        self.tags = list(tags)
+        self.async_save = async_save
+        self.s3 = s3
+        self.delta_config = delta_config
+        self.log_stats = log_stats
+        self.install_checkpoint_io = install_checkpoint_io
+
+        self.repo: Optional[Repository] = None
+        self.last_commit: Optional[str] = None
+        self.best_k: dict[str, float] = {}  # commit id -> monitored score (top-k mode)
+        self.recent: list[str] = []  # newest last (top-k without monitor)
+        self.history: list[dict[str, Any]] = []  # per-commit stats, for users and benchmarks
+        self.push_stats: Optional[dict[str, Any]] = None
+        self._resumed_from: Optional[str] = None
+        self._resumed_run: Optional[str] = None
+        self._full_commit: Optional[str] = None  # newest commit still holding optimizer state
+        self._buffers = SnapshotBuffers()
+        self._committer: Optional[BackgroundCommitter] = None
+        self._pending_stats: list[dict[str, Any]] = []
+        self._last_step_saved = -1
+
+    # ------------------------------------------------------------------------------ set-up
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @property
+    def best_model_path(self) -> str:
+        cid = self._best_commit()
+        return f"coral://{cid}" if cid else ""
+
+    @property
+    def last_model_path(self) -> str:
+        return f"coral://{self.last_commit}" if self.last_commit else ""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if name in _SHARDED:
+            raise CoralError(
+                f"CoralCheckpoint does not support {name}: sharded strategies write per-rank shards "
+                "outside CheckpointIO. Use DDP / single-device, or Lightning's ModelCheckpoint for sharded runs."
+            )
+        if self.repo is None:
+            if isinstance(self._repo_arg, Repository):
+                self.repo = self._repo_arg
+            else:
+                path = self._repo_arg if self._repo_arg is not None else Path(trainer.default_root_dir) / ".coral"
+                path = Path(path).absolute()
+                if trainer.is_global_zero:
+                    self.repo = api.open_repository(path) if self.delta_config is None else api._open.setdefault(
+                        path, Repository(path, delta_config=self.delta_config))
+                else:
+                    self._repo_path = path
+        if self.install_checkpoint_io and not isinstance(trainer.strategy.checkpoint_io, CoralCheckpointIO):
+            repo_for_io = self.repo if self.repo is not None else getattr(self, "_repo_path", None)
+            trainer.strategy.checkpoint_io = CoralCheckpointIO(repo_for_io)
+        if self._committer is None and self.async_save:
+            self._committer = BackgroundCommitter()
+
+    def _run_name(self, trainer: Any) -> str:
+        if self.run:
+            return self.run
+        if self._resumed_run:
+            self.run = self._resumed_run
+            return self.run
+        version = getattr(trainer.logger, "version", None) if trainer.logger is not None else None
+        if isinstance(version, int):
+            self.run = f"version_{version}"
+        elif isinstance(version, str) and version:
+            self.run = "".join(c if c.isalnum() or c in "-_." else "_" for c in version)
+        else:
+            self.run = time.strftime("run-%Y%m%d-%H%M%S")
+        return self.run
+
+    # ------------------------------------------------------------------------------- hooks
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.world_size == 1:
+            self._surface_errors(trainer)
+        n = self.every_n_train_steps
+        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != self._last_step_saved:
+            self._last_step_saved = trainer.global_step
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._sync_barrier(trainer, wait=True)
+        if trainer.is_global_zero and self.repo is not None:
+            if self.tags and self.last_commit:
+                for t in self.tags:
+                    self.repo.tag(t, self.last_commit)
+            self._flush_stats(trainer)
+            if self.s3 is not None and self.last_commit:
+                self._push(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # The in-flight commit is atomic: let it finish (or fail) so nothing is left half-done.
+        if self._committer is not None:
+            try:
+                self._committer.wait()
+            except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
+                log.error("background checkpoint failed while handling %r: %s", exception, exc)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._committer is not None:
+            try:
+                self._committer.wait()
+            finally:
+                self._committer.shutdown()
+                self._committer = None
+
+    # -------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "last_commit": self.last_commit or self._resumed_from,
+            "best_k": dict(self.best_k),
+            "recent": list(self.recent),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_run = state_dict.get("run")
+        self._resumed_from = state_dict.get("last_commit")
+        self.best_k = dict(state_dict.get("best_k", {}))
+        self.recent = list(state_dict.get("recent", []))
+        if "rng" in state_dict:
+            restore_rng_state(state_dict["rng"])
+
+    # ------------------------------------------------------------------------------ save
+    def _surface_errors(self, trainer: Any) -> None:
+        if self._committer is None:
+            return
+        try:
+            if self._committer.check() is not None:
+                self._flush_stats(trainer)
+        except CoralCheckpointError:
+            raise
+        except BaseException as exc:
+            raise CoralCheckpointError(f"background checkpoint save failed: {exc}") from exc
+
+    def _sync_barrier(self, trainer: Any, *, wait: bool) -> None:
+        """Finish/collect the in-flight save on rank 0 and share failure with every rank."""
+        error: Optional[BaseException] = None
+        if self._committer is not None and trainer.is_global_zero:
+            try:
+                self._committer.wait() if wait else self._committer.check()
+            except BaseException as exc:  # noqa: BLE001
+                error = exc
+        failed = error is not None
+        if trainer.world_size > 1:
+            failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
+        if failed:
+            msg = f"background checkpoint save failed: {error}" if error else "checkpoint save failed on rank 0"
+            raise CoralCheckpointError(msg) from error
+
+    def _save(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        t0 = time.perf_counter()
+        self._sync_barrier(trainer, wait=True)  # at most one save in flight
+        self._flush_stats(trainer)
+        run = self._run_name(trainer)  # before the dump: our state_dict records it
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=self.save_weights_only)
+        if not trainer.is_global_zero:
+            return
+        if self.keep_optimizer == "none":
+            checkpoint.pop(OPTIMIZER_KEY, None)
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if self.async_save and self._committer is not None:
+            snap = self._buffers.snapshot(checkpoint)
+            del checkpoint
+            stall = time.perf_counter() - t0
+            self._committer.submit(lambda: self._commit(snap, run, epoch, step, metrics, stall, private=True))
+        else:
+            stall_start = t0
+            self._commit(checkpoint, run, epoch, step, metrics, None, private=False)
+            self._pending_stats[-1]["stall_s"] = time.perf_counter() - stall_start
+
+    def _commit(self, checkpoint: dict, run: str, epoch: int, step: int, metrics: dict[str, float],
+                stall: Optional[float], *, private: bool) -> CommitStats:
+        """Runs on the background thread (or inline when synchronous)."""
+        repo = self.repo
+        assert repo is not None
+        t0 = time.perf_counter()
+        # After a resume the loaded commit is the parent: its tensors are the cached delta bases.
+        parent = self.last_commit or repo.last_loaded or self._resumed_from
+        stats = repo.commit(
+            checkpoint,
+            run=run,
+            parent=parent,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            keep=False,
+            head=self.save_last,
+            monitor=self.monitor,
+            mode=self.mode,
+            private_tensors=private,
+            no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
+            message=f"epoch {epoch} step {step}",
+        )
+        cid = stats.commit_id
+        self._retain(repo, run, cid, metrics)
+        if self.keep_optimizer == "last" and OPTIMIZER_KEY in checkpoint:
+            prev, self._full_commit = self._full_commit, cid
+            if prev is not None and prev != cid:
+                new = repo.strip_commit(prev, (OPTIMIZER_KEY,))
+                self._rename_commit(repo, run, prev, new)
+        self.last_commit = cid
+        background = time.perf_counter() - t0
+        self._pending_stats.append({
+            "commit": cid, "epoch": epoch, "step": step,
+            "bytes_written": stats.written_bytes, "logical_bytes": stats.logical_bytes,
+            "ratio": stats.ratio, "stall_s": stall, "background_s": background,
+            "new_full": stats.new_full, "new_delta": stats.new_delta, "deduplicated": stats.deduplicated,
+        })
+        return stats
+
+    def _rename_commit(self, repo: Repository, run: str, old: str, new: str) -> None:
+        if old == new:
+            return
+        for prefix in (f"runs/{run}/keep/", f"runs/{run}/top/"):
+            if repo.refs(prefix + old):
+                repo.delete_ref(prefix + old)
+                repo.set_ref(prefix + new, new)
+        if old in self.best_k:
+            self.best_k[new] = self.best_k.pop(old)
+        self.recent = [new if c == old else c for c in self.recent]
+
+    def _retain(self, repo: Repository, run: str, cid: str, metrics: dict[str, float]) -> None:
+        """Give the commit a ref according to save_top_k; drop refs of commits that fell out."""
+        k = self.save_top_k
+        if k == -1:
+            repo.set_ref(f"runs/{run}/keep/{cid}", cid)
+            return
+        if k == 0:
+            return
+        if self.monitor is not None:
+            score = metrics.get(self.monitor)
+            if score is None:
+                log.warning("monitored metric %r was not logged; commit %s not ranked", self.monitor, cid[:10])
+                return
+            self.best_k[cid] = score
+            repo.set_ref(f"runs/{run}/top/{cid}", cid)
+            while len(self.best_k) > k:
+                worst = (max if self.mode == "min" else min)(self.best_k, key=self.best_k.get)
+                del self.best_k[worst]
+                repo.delete_ref(f"runs/{run}/top/{worst}")
+        else:
+            self.recent.append(cid)
+            repo.set_ref(f"runs/{run}/top/{cid}", cid)
+            while len(self.recent) > k:
+                repo.delete_ref(f"runs/{run}/top/{self.recent.pop(0)}")
+
+    def _best_commit(self) -> Optional[str]:
+        if self.best_k:
+            return (min if self.mode == "min" else max)(self.best_k, key=self.best_k.get)
+        if self.repo is not None and self.run:
+            return self.repo.refs(f"runs/{self.run}/best").get(f"runs/{self.run}/best") or self.last_commit
+        return self.last_commit
+
+    def _flush_stats(self, trainer: Any) -> None:
+        pending, self._pending_stats = self._pending_stats, []
+        for s in pending:
+            self.history.append(s)
+            if self.log_stats and trainer.logger is not None:
+                values = {f"coral/{k}": float(v) for k, v in s.items()
+                          if isinstance(v, (int, float)) and k not in ("epoch", "step") and v is not None}
+                try:
+                    trainer.logger.log_metrics(values, step=s["step"])
+                except Exception as exc:  # noqa: BLE001 - stats must never break training
+                    log.warning("could not log checkpoint stats: %s", exc)
+
+    def _push(self, trainer: Any) -> None:
+        assert self.repo is not None
+        try:
+            self.push_stats = self.repo.push(self.s3, progress=True)
+            log.info("pushed to S3: %s", self.push_stats)
+        except CoralError as exc:
+            self.push_stats = {"error": str(exc)}
+            log.error(
+                "push to S3 failed: %s. Local checkpoints are intact; retry with `coral-torch push --repo %s`",
+                exc, self.repo.path,
+            )
+
+
+def _scalar(v: Any) -> Optional[float]:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return None
+        v = v.detach().float().cpu().item()
+    if isinstance(v, (int, float, np.floating, np.integer)):
+        f = float(v)
+        return f if np.isfinite(f) else None
+    return None

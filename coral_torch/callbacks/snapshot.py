@@ -1,0 +1,139 @@
+"""Asynchronous saving: snapshot on the training thread, commit on a background thread.
+
+The training thread only copies tensors into reusable host buffers (pinned when the source is on
+CUDA: one device-to-host copy, then a single synchronize). Two buffer sets alternate, so the
+snapshot being committed (and kept by the repository as the delta base for the next one) is never
+overwritten. Hashing, delta encoding, compression and writing run in the background; at most one
+save is in flight, and its error is re-raised on the training thread at the next call.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotBuffers:
+    """Two alternating sets of host buffers, keyed by each tensor's path in the checkpoint."""
+
+    def __init__(self) -> None:
+        self._sets: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._flip = 0
+        self.bytes_copied = 0
+
+    def snapshot(self, obj: Any) -> Any:
+        """A deep copy of ``obj`` whose tensors live in this object's buffers (CPU)."""
+        bufs = self._sets[self._flip]
+        self._flip ^= 1
+        memo: dict[int, torch.Tensor] = {}
+        any_cuda = False
+        copied = 0
+
+        def tensor_copy(t: torch.Tensor, path: str) -> torch.Tensor:
+            nonlocal any_cuda, copied
+            if id(t) in memo:
+                return memo[id(t)]
+            src = t.detach()
+            if src.layout != torch.strided or src.device.type == "meta":
+                out = src.clone()
+            else:
+                buf = bufs.get(path)
+                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                    pin = src.device.type == "cuda"
+                    buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+                    bufs[path] = buf
+                buf.copy_(src, non_blocking=src.device.type == "cuda")
+                any_cuda |= src.device.type == "cuda"
+                copied += buf.numel() * buf.element_size()
+                out = buf
+                if isinstance(t, torch.nn.Parameter):
+                    out = torch.nn.Parameter(buf, requires_grad=t.requires_grad)
+            memo[id(t)] = out
+            return out
+
+        def walk(x: Any, path: str) -> Any:
+            if isinstance(x, torch.Tensor):
+                return tensor_copy(x, path)
+            if isinstance(x, dict):
+                out = type(x)() if type(x) in (dict, collections.OrderedDict) or _is_attrdict(x) else {}
+                for k, v in x.items():
+                    out[k] = walk(v, f"{path}/{k}")
+                if hasattr(x, "_metadata"):
+                    out._metadata = copy.deepcopy(x._metadata)
+                return out
+            if type(x) is list:
+                return [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+            if type(x) is tuple:
+                return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(x))
+            if x is None or isinstance(x, (int, float, str, bool, torch.dtype, torch.device, torch.Size)):
+                return x
+            try:
+                return copy.deepcopy(x)
+            except Exception:  # noqa: BLE001 - values that refuse deepcopy are kept by reference
+                return x
+
+        out = walk(obj, "")
+        if any_cuda:
+            torch.cuda.synchronize()
+        self.bytes_copied = copied
+        return out
+
+
+def _is_attrdict(x: Any) -> bool:
+    return type(x).__name__ == "AttributeDict"
+
+
+class BackgroundCommitter:
+    """Runs one job at a time on a background thread; errors surface on the next :meth:`check`."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="coral-save")
+        self._future: Optional[Future] = None
+        self._lock = threading.Lock()
+        self.last_result: Any = None
+        self.last_seconds: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self.wait()
+
+        def run() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.last_seconds = time.perf_counter() - t0
+
+        self._future = self._pool.submit(run)
+
+    def check(self) -> Any:
+        """Re-raise the error of a finished job; returns its result once (else None)."""
+        fut = self._future
+        if fut is None or not fut.done():
+            return None
+        self._future = None
+        self.last_result = fut.result()  # raises the worker's exception here
+        return self.last_result
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """Block until the in-flight job is done; re-raise its error."""
+        fut = self._future
+        if fut is None:
+            return None
+        fut.result(timeout=timeout)
+        return self.check()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
