@@ -1,28 +1,463 @@
-"""`coral-torch` command line."""
+"""`coral-torch` command line: inspect, export, import, tag, gc, verify and sync a repository.
+
+Errors are one line on stderr with a non-zero exit code (1: the operation failed, 2: bad usage);
+``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
-from typing import Optional, Sequence
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from ._version import __version__
 
+log = logging.getLogger("coral_torch.cli")
 
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*[str(c) for c in r]) for r in rows]
+    return "\n".join(lines)
+
+
+def _open_repo(args: argparse.Namespace, *, create: bool = False):
+    from .repository import Repository
+
+    path = args.repo or os.environ.get("CORAL_REPO", ".coral")
+    return Repository(path, create=create)
+
+
+def _short_metrics(metrics: dict[str, Any], limit: int = 2) -> str:
+    keys = [k for k in metrics if "loss" in k] or list(metrics)
+    return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys[:limit])
+
+
+def _remote(args: argparse.Namespace):
+    from .storage.s3_store import S3Config
+
+    url = args.remote
+    if not url.startswith("s3://"):
+        raise CliError(f"remote must look like s3://bucket[/prefix], not {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    return S3Config(bucket=bucket, prefix=prefix, endpoint_url=args.endpoint_url, region=args.region)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_log(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    rows = repo.log(args.run)[: args.n] if args.n else repo.log(args.run)
+    if args.json:
+        print(json.dumps([{
+            "id": r.id, "run": r.run, "epoch": r.epoch, "step": r.step, "time": r.time,
+            "metrics": r.metrics, "logical_bytes": r.logical_bytes, "stored_bytes": r.new_bytes,
+            "ratio": (r.new_bytes / r.logical_bytes) if r.logical_bytes else 0.0, "refs": r.refs,
+            "parent": r.parent, "message": r.message,
+        } for r in rows], indent=1))
+        return 0
+    table = [[r.short_id, r.run, "" if r.epoch is None else r.epoch, "" if r.step is None else r.step,
+              _short_metrics(r.metrics), _human(r.logical_bytes), _human(r.new_bytes),
+              f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
+              ", ".join(dict.fromkeys(_pretty_ref(x) for x in r.refs))] for r in rows]
+    print(_table(table, ["commit", "run", "epoch", "step", "metrics", "logical", "stored", "ratio", "refs"]))
+    return 0
+
+
+def _pretty_ref(name: str) -> str:
+    if name.startswith("keep/") or "/keep/" in name:
+        return "kept"
+    if "/top/" in name:
+        return "top-k"
+    if name.startswith("tags/"):
+        return "tag:" + name[5:]
+    if name.startswith("runs/") and name.endswith("/latest"):
+        return name[5:]
+    if name.startswith("runs/") and name.endswith("/best"):
+        return name[5:]
+    if name.startswith("files/"):
+        return name[6:]
+    return name
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    row = repo.get_commit(args.ref)
+    parent = repo._tensor_index(row.parent) if row.parent else {}
+    hows = {n: how for n, _, how in repo.catalog.commit_objects(row.id)}
+    out = []
+    for name, h, dtype, shape, device, _ in row.manifest["tensors"]:
+        how = hows.get(name, "dedup")
+        if how == "dedup" and parent.get(name, (None,))[0] == h:
+            how = "same as parent"
+        elif how == "full":
+            how = "new"
+        obj = repo.catalog.get_object(h)
+        out.append({"name": name, "dtype": dtype, "shape": shape, "stored": how, "hash": h,
+                    "stored_bytes": obj.stored_bytes if obj and how in ("new", "delta") else 0})
+    if args.json:
+        print(json.dumps({"id": row.id, "run": row.run, "epoch": row.epoch, "step": row.step,
+                          "metrics": row.metrics, "refs": row.refs, "tensors": out}, indent=1))
+        return 0
+    print(f"commit {row.id}\nrun {row.run}  epoch {row.epoch}  step {row.step}  "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row.time))}")
+    if row.metrics:
+        print("metrics " + " ".join(f"{k}={v}" for k, v in row.metrics.items()))
+    if row.refs:
+        print("refs " + ", ".join(row.refs))
+    print(f"logical {_human(row.logical_bytes)}  written {_human(row.new_bytes)}\n")
+    print(_table([[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()", t["stored"],
+                   _human(t["stored_bytes"]) if t["stored_bytes"] else "-"] for t in out],
+                 ["tensor", "dtype", "shape", "how stored", "bytes"]))
+    return 0
+
+
+def tensor_change(a, b) -> tuple[float, float]:
+    """(fraction of elements that differ, relative L2 change ||b-a|| / ||a||)."""
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return 1.0, float("nan")
+    if a.numel() == 0:
+        return 0.0, 0.0
+    ua = a.reshape(-1).view(torch.uint8).reshape(a.numel(), -1)
+    ub = b.reshape(-1).view(torch.uint8).reshape(b.numel(), -1)
+    changed = float((ua != ub).any(dim=1).float().mean())
+    if a.is_floating_point() or a.is_complex():
+        fa, fb = a.double(), b.double()
+        denom = float(torch.linalg.vector_norm(fa))
+        rel = float(torch.linalg.vector_norm(fb - fa)) / denom if denom > 0 else float(changed > 0)
+    else:
+        rel = changed
+    return changed, rel
+
+
+def _tensors_of(repo, cid: str) -> dict[str, Any]:
+    import torch
+
+    row = repo.catalog.get_commit(cid)
+    entries = row.manifest["tensors"]
+    raws = repo.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])
+    from .weight_tensor import WeightMetadata, WeightTensor
+
+    out = {}
+    for name, h, dtype, shape, *_ in entries:
+        out[name] = WeightTensor.from_raw(raws[h], WeightMetadata(name=name, shape=tuple(shape), dtype=dtype)).to_torch()
+    return out
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    a_id, b_id = repo.resolve(args.ref_a), repo.resolve(args.ref_b)
+    a_idx, b_idx = repo._tensor_index(a_id), repo._tensor_index(b_id)
+    ta = _tensors_of(repo, a_id)
+    tb = _tensors_of(repo, b_id)
+    rows = []
+    for name in list(dict.fromkeys(list(a_idx) + list(b_idx))):
+        if name not in a_idx:
+            rows.append({"tensor": name, "status": "added"})
+        elif name not in b_idx:
+            rows.append({"tensor": name, "status": "removed"})
+        elif a_idx[name][0] == b_idx[name][0]:
+            rows.append({"tensor": name, "status": "unchanged", "changed_pct": 0.0, "rel_l2": 0.0})
+        else:
+            changed, rel = tensor_change(ta[name], tb[name])
+            rows.append({"tensor": name, "status": "changed", "changed_pct": 100 * changed, "rel_l2": rel})
+    if args.json:
+        print(json.dumps({"a": a_id, "b": b_id, "tensors": rows}, indent=1))
+        return 0
+    print(f"diff {a_id[:10]} -> {b_id[:10]}")
+    print(_table([[r["tensor"], r["status"],
+                   f"{r['changed_pct']:.2f}%" if "changed_pct" in r else "-",
+                   f"{r['rel_l2']:.3e}" if "rel_l2" in r else "-"] for r in rows],
+                 ["tensor", "status", "changed", "rel. L2"]))
+    n_changed = sum(r["status"] != "unchanged" for r in rows)
+    print(f"\n{n_changed} of {len(rows)} tensors differ")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    repo = _open_repo(args)
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix not in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"):
+        raise CliError(f"output must end in .pt, .pth, .ckpt, .bin or .safetensors, not {out.name!r}")
+    cid = repo.resolve(args.ref)
+    obj = repo.load(cid, map_location="cpu", weights_only=not args.trust)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = _safetensors_dict(obj)
+            save_file(tensors, str(tmp), metadata={"coral_commit": cid})
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"exported {cid[:10]} to {out} ({_human(out.stat().st_size)})")
+    return 0
+
+
+def _safetensors_dict(obj: Any) -> dict[str, Any]:
+    import torch
+
+    src = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(src, dict):
+        raise CliError("this checkpoint is not a dict of tensors; export it as .pt instead")
+    out: dict[str, Any] = {}
+    seen: dict[int, str] = {}
+    for k, v in src.items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach().contiguous()
+            key = t.untyped_storage().data_ptr() if t.numel() else None
+            if key is not None and key in seen:
+                t = t.clone()  # safetensors refuses shared memory: write tied tensors twice
+            if key is not None:
+                seen[key] = k
+            out[str(k)] = t
+    if not out:
+        raise CliError("no tensors to export to safetensors; export it as .pt instead")
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    paths = [Path(p) for p in args.files]
+    # validate every file before changing anything
+    for p in paths:
+        if not p.is_file():
+            raise CliError(f"cannot read {p}: no such file")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=not args.trust, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = " (if you trust it, retry with --trust)" if "weights_only" in str(exc).lower() or "Unsupported global" in str(exc) else ""
+            raise CliError(f"{p} is not a readable torch checkpoint: {first[:200]}{hint}") from exc
+        if not _has_tensors(obj):
+            raise CliError(f"{p} holds no tensors: not a checkpoint")
+        del obj
+    repo = _open_repo(args, create=True)
+    run = args.run or "import"
+    before = sum(p.stat().st_size for p in paths)
+    start_disk = repo.stats()["disk_bytes"]
+    ids = []
+    for p in tqdm(paths, desc="import", unit="file", disable=not sys.stderr.isatty()):
+        obj = torch.load(p, map_location="cpu", weights_only=not args.trust)
+        stats = repo.commit(obj, run=run, message=f"import {p.name}", keep=True,
+                            info={"source": str(p)})
+        ids.append(stats.commit_id)
+        print(f"{stats.commit_id[:10]}  {p.name}  {_human(p.stat().st_size)} -> {_human(stats.written_bytes)} written")
+    after = repo.stats()["disk_bytes"] - start_disk
+    print(f"imported {len(ids)} file(s): {_human(before)} as files -> {_human(after)} in the repository "
+          f"({after / before if before else 0:.3f}x)")
+    return 0
+
+
+def _has_tensors(obj: Any, depth: int = 0) -> bool:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 6:
+        return False
+    if isinstance(obj, dict):
+        return any(_has_tensors(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensors(v, depth + 1) for v in obj)
+    return False
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    if args.delete:
+        if not repo.delete_ref(f"tags/{args.delete}"):
+            raise CliError(f"no tag {args.delete!r}")
+        print(f"deleted tag {args.delete}")
+        return 0
+    if args.name is None:
+        for name, cid in repo.refs("tags/").items():
+            print(f"{name[5:]}  {cid[:10]}")
+        return 0
+    cid = repo.tag(args.name, args.ref or "latest")
+    print(f"tagged {cid[:10]} as {args.name}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    stats = repo.gc(dry_run=not args.yes)
+    verb = "would remove" if not args.yes else "removed"
+    print(f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
+          f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
+          f"{stats['orphan_files_removed']} orphan file(s)")
+    if args.yes:
+        print(f"reclaimed {_human(stats['bytes_reclaimed'])}: {_human(stats['bytes_before'])} -> {_human(stats['bytes_after'])}")
+    else:
+        print(f"about {_human(stats['bytes_reclaimable'])} reclaimable; run `coral-torch gc --yes` to delete")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    report = repo.verify()
+    print(f"checked {report.objects_checked} object(s)")
+    for p in report.missing_packs:
+        print(f"missing pack: {p}")
+    for h, why in report.damaged_objects.items():
+        print(f"damaged object {h[:12]}: {why}")
+    for cid, names in report.damaged_commits.items():
+        print(f"damaged checkpoint {cid[:10]}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    if report.orphan_files:
+        print(f"{len(report.orphan_files)} orphan file(s) (left by interrupted saves; `coral-torch gc --yes` removes them)")
+    print("ok" if report.ok else "DAMAGED")
+    return 0 if report.ok else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    s = repo.stats()
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"repository   {s['path']}\ncommits      {s['commits']}\nobjects      {s['objects']} "
+              f"({s['delta_objects']} deltas)\nlogical      {_human(s['logical_bytes'])}\n"
+              f"on disk      {_human(s['disk_bytes'])}\nratio        {s['ratio']:.3f}")
+    if args.plot:
+        from .plots import plot_repository
+
+        plot_repository(repo, Path(args.plot), run=args.run)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    stats = repo.push(_remote(args), progress=None)
+    print(f"pushed: {stats}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    repo = _open_repo(args, create=True)
+    stats = repo.pull(_remote(args), progress=None)
+    print(f"pulled: {stats}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coral-torch",
         description="Deduplicating, delta-encoding, bit-exact checkpoints for PyTorch and Lightning.",
     )
     parser.add_argument("--version", action="version", version=f"coral-torch {__version__}")
+    parser.add_argument("--repo", help="repository directory (default: $CORAL_REPO or ./.coral)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("log", help="list commits, newest first")
+    p.add_argument("--run", help="only this run")
+    p.add_argument("-n", type=int, help="at most N commits")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("show", help="the tensors of a commit and how each is stored")
+    p.add_argument("ref", help="hash prefix, tag, run, latest or best")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("diff", help="per-tensor change between two commits")
+    p.add_argument("ref_a")
+    p.add_argument("ref_b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("export", help="write a commit as a plain .pt/.ckpt or .safetensors file")
+    p.add_argument("ref")
+    p.add_argument("output", help="out.pt, out.ckpt or out.safetensors")
+    p.add_argument("--trust", action="store_true", help="allow pickled values (only for checkpoints you trust)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="store existing torch.save / Lightning .ckpt files as commits")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--run", help="run name for the commits (default: import)")
+    p.add_argument("--trust", action="store_true", help="allow pickled values (only for files you trust)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("tag", help="list, add or delete tags")
+    p.add_argument("name", nargs="?")
+    p.add_argument("ref", nargs="?", help="commit to tag (default: latest)")
+    p.add_argument("--delete", metavar="NAME")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("gc", help="remove commits no ref keeps and reclaim disk (dry run unless --yes)")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("verify", help="re-hash every object; exit 1 if anything is damaged")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("stats", help="repository size and savings")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="OUT.png", help="plot bytes per commit and per-layer change (needs matplotlib)")
+    p.add_argument("--run", help="run for the per-layer heatmap (default: the latest commit's run)")
+    p.set_defaults(func=cmd_stats)
+
+    for name, fn, helptext in (("push", cmd_push, "send commits, refs and objects to S3"),
+                               ("pull", cmd_pull, "fetch commits, refs and objects from S3")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("remote", help="s3://bucket[/prefix]")
+        p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, ...)")
+        p.add_argument("--region")
+        p.set_defaults(func=fn)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from .errors import CoralError
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("coral-torch: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, CoralError, OSError, ValueError, ImportError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"coral-torch: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
