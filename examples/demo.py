@@ -13,45 +13,16 @@ import shutil
 import time
 from pathlib import Path
 
+import sys
+
 import lightning.pytorch as pl
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import coral_torch
 from coral_torch.callbacks import CoralCheckpoint
 
-
-class MLP(pl.LightningModule):
-    def __init__(self, width: int = 512, lr: float = 1e-3):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, width), nn.BatchNorm1d(width), nn.GELU(),
-            nn.Linear(width, width), nn.GELU(), nn.Linear(width, 10),
-        )
-
-    def training_step(self, batch, _):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, _):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5)}
-
-
-def loaders(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2048, 64, generator=g)
-    y = (x[:, :10].argmax(1) + (x[:, 10] > 0).long()) % 10
-    return (DataLoader(TensorDataset(x[:1792], y[:1792]), batch_size=64, shuffle=True),
-            DataLoader(TensorDataset(x[1792:], y[1792:]), batch_size=256))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import MLP, SyntheticData  # noqa: E402
 
 
 def main() -> None:
@@ -63,12 +34,12 @@ def main() -> None:
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     pl.seed_everything(0, verbose=False)
-    train, val = loaders()
+    data = SyntheticData()
     cb = CoralCheckpoint(repo=root / ".coral", monitor="val_loss", run="demo")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[cb], default_root_dir=root, logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
     t0 = time.perf_counter()
-    trainer.fit(MLP(), train, val)
+    trainer.fit(MLP(epochs=args.epochs), datamodule=data)
     print(f"trained {args.epochs} epochs in {time.perf_counter() - t0:.1f}s, one coral commit per epoch\n")
 
     repo = coral_torch.Repository(root / ".coral", create=False)
@@ -93,8 +64,9 @@ def main() -> None:
     # resume one more epoch from the best commit's hash, as a user would
     resume = pl.Trainer(max_epochs=args.epochs + 1, callbacks=[CoralCheckpoint(repo=root / ".coral", monitor="val_loss", run="demo")],
                         default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    resume.fit(MLP(), train, val, ckpt_path=f"coral://{repo.resolve('latest')[:8]}")
-    print(f"resumed from coral://{repo.resolve('latest')[:8]} ... trained to epoch {resume.current_epoch}")
+    ref = f"coral://{repo.resolve('latest')[:8]}"
+    resume.fit(MLP(epochs=args.epochs), datamodule=data, ckpt_path=ref)
+    print(f"resumed from {ref} and trained to epoch {resume.current_epoch}")
     print(f"\ntry:  coral-torch --repo {root / '.coral'} log")
 
 
