@@ -10,7 +10,7 @@ from .dedup import DeduplicationResult, Deduplicator
 from .delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from .errors import CoralError
 from .repository import CommitStats, Repository, VerifyReport
-from .storage import HDF5Store, WeightStore
+from .storage import HDF5Store, S3Config, S3Store, WeightStore
 from .weight_tensor import WeightMetadata, WeightTensor
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "WeightMetadata",
     "WeightStore",
     "HDF5Store",
+    "S3Store",
+    "S3Config",
     "Deduplicator",
     "DeduplicationResult",
     "Delta",

@@ -99,3 +99,45 @@ class CheckpointDamagedError(IntegrityError):
         super().__init__(message)
         self.commit = commit
         self.tensors = tensors
+
+
+class RemoteError(StoreError):
+    """A remote store (S3 or S3-compatible) refused or failed a request.
+
+    ``stats`` is set where an operation stopped part-way (a sync), saying what was done.
+    """
+
+    def __init__(self, message: str, *, stats: dict | None = None):
+        super().__init__(message)
+        self.stats = stats
+
+
+class RemoteConfigError(RemoteError, ValueError):
+    """A remote store's configuration is invalid (bucket name, endpoint, transfer settings)."""
+
+
+class RemoteConnectionError(RemoteError, ConnectionError):
+    """The remote endpoint cannot be reached, or the connection dropped and retries ran out."""
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """The remote rejected the credentials (unknown key, wrong secret, expired token) or denied access."""
+
+
+class BucketNotFoundError(RemoteError, StoreNotFoundError):
+    """The bucket does not exist at the endpoint."""
+
+    def __init__(self, message: str, *, bucket: str, endpoint: str | None = None):
+        super().__init__(message)
+        self.bucket = bucket
+        self.endpoint = endpoint
+
+
+class SyncIncompleteError(RemoteError):
+    """A sync stopped or finished with objects not transferred. ``stats`` says what was done,
+    ``failures`` maps each failed key to its error. Running the sync again resumes: objects already
+    transferred are not sent again."""
+
+    def __init__(self, message: str, *, stats: dict, failures: dict):
+        super().__init__(message, stats=stats)
+        self.failures = failures

@@ -1,0 +1,322 @@
+"""Repository push/pull to an S3 remote: objects, then commits, then refs.
+
+Remote layout under the S3 prefix (objects as in :mod:`coral_torch.storage.s3_store`)::
+
+    weights/<hash>, deltas/<hash>, metadata/<hash>[.delta].json   content-addressed objects
+    commits/<commit id>.json                                      a commit: manifest and metadata
+    refs/<ref name>.json                                          {"commit": id, "updated": time}
+
+Ordering makes readers safe: a commit document is written only after every object it needs is on
+the remote, and a ref only after its commit document, so no reader ever sees a ref whose objects
+are missing. Objects and commits are content-addressed, so two machines pushing to one prefix never
+overwrite each other's commits; for a ref both moved, the newer update wins, and the other commit
+stays on the remote (``pull`` fetches every commit and keeps the ones no ref names under ``keep/``).
+An interrupted push or pull is finished by running it again; nothing already transferred is sent
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from ..errors import CoralError, CorruptObjectError, RemoteError
+from ..storage.hdf5_store import HDF5Store, PreparedObject
+from .catalog import ObjectRow
+
+if TYPE_CHECKING:
+    from ..storage.s3_store import S3Config, S3Store
+    from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+RemoteLike = Union["S3Config", "S3Store"]
+
+
+def _store(remote: RemoteLike) -> tuple["S3Store", bool]:
+    from ..storage.s3_store import S3Config, S3Store
+
+    if isinstance(remote, S3Store):
+        return remote, False
+    if isinstance(remote, S3Config):
+        return S3Store(remote), True
+    raise CoralError(f"a remote must be an S3Config or an S3Store, not {type(remote).__name__}")
+
+
+class _RepositoryObjects:
+    """What `S3Store.sync_from_local` needs from a local store, served from a repository's packs
+    (only the objects that live commits need)."""
+
+    mode = "r"
+
+    def __init__(self, repo: "Repository", hashes: set[str]):
+        self.repo = repo
+        self.filepath = repo.path
+        rows = [r for r in repo.catalog.all_objects() if r.hash in hashes]
+        self._rows = {r.hash: r for r in rows}
+
+    def list_weights(self) -> list[str]:
+        return [h for h, r in self._rows.items() if r.kind == "full"]
+
+    def list_deltas(self) -> list[str]:
+        return [h for h, r in self._rows.items() if r.kind == "delta"]
+
+    def read_prepared(self, key: str, group: str = "weights") -> Optional[PreparedObject]:
+        return self.repo._pack(self._rows[key].pack).read_prepared(key, group)
+
+    def load(self, key: str):
+        return self.repo._pack(self._rows[key].pack).load(key)
+
+
+class _PackWriter:
+    """What `S3Store.sync_to_local` needs from a local store: it lists what the repository already
+    holds and writes new objects into one new pack."""
+
+    mode = "a"
+
+    def __init__(self, repo: "Repository"):
+        self.repo = repo
+        known = repo.catalog.all_objects()
+        self._full = [r.hash for r in known if r.kind == "full"]
+        self._delta = [r.hash for r in known if r.kind == "delta"]
+        self.name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+        self.tmp = repo.path / "packs" / f".tmp-{self.name}"
+        self.filepath = self.tmp
+        self.store: Optional[HDF5Store] = None
+        self.rows: list[ObjectRow] = []
+
+    def list_weights(self) -> list[str]:
+        return self._full
+
+    def list_deltas(self) -> list[str]:
+        return self._delta
+
+    def write_prepared(self, obj: PreparedObject) -> bool:
+        if self.store is None:
+            self.store = HDF5Store(self.tmp, mode="x")
+        if not self.store.write_prepared(obj):
+            return False
+        a = obj.attrs
+        if obj.group == "weights":
+            shape = tuple(int(x) for x in a["shape"])
+            self.rows.append(ObjectRow(obj.key, self.name, "full", None, 0, str(a["dtype"]), shape,
+                                       obj.logical_bytes, obj.stored_bytes, obj.stored_bytes, True))
+        else:
+            shape = tuple(int(x) for x in a["original_shape"])
+            self.rows.append(ObjectRow(obj.key, self.name, "delta", str(a["reference_hash"]), -1,
+                                       str(a["original_dtype"]), shape, obj.logical_bytes, obj.stored_bytes,
+                                       obj.logical_bytes, bool(a.get("lossless", True))))
+        return True
+
+    def flush(self) -> None:
+        if self.store is not None:
+            self.store.flush()
+
+
+def _live_closure(repo: "Repository") -> tuple[set[str], set[str]]:
+    """(live commit ids, object hashes they need incl. delta bases)."""
+    live = set(repo.catalog.refs().values())
+    rows = {r.hash: r for r in repo.catalog.all_objects()}
+    needed: set[str] = set()
+    for cid in live:
+        for _, h, _ in repo.catalog.commit_objects(cid):
+            while h is not None and h not in needed:
+                needed.add(h)
+                r = rows.get(h)
+                h = r.base if r is not None and r.kind == "delta" else None
+    return live, needed
+
+
+def _remote_json_keys(store: "S3Store", sub: str) -> list[str]:
+    start = len(store.config.prefix) + len(sub)
+    return [o["Key"][start:-len(".json")] for o in store._list(sub) if o["Key"].endswith(".json")]
+
+
+def _get_doc(store: "S3Store", key: str) -> Optional[dict[str, Any]]:
+    return store._get_json(store.config.prefix + key, key, "document")
+
+
+def _put_doc(store: "S3Store", key: str, doc: dict[str, Any]) -> int:
+    return store._put_json(store.config.prefix + key, doc)
+
+
+def push(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None) -> dict[str, Any]:
+    """Send the commits that refs name, the objects they need, then the refs."""
+    store, owned = _store(remote)
+    t0 = time.monotonic()
+    try:
+        live, needed = _live_closure(repo)
+        obj_stats = store.sync_from_local(_RepositoryObjects(repo, needed), progress=progress)
+        remote_commits = set(_remote_json_keys(store, "commits/"))
+        sent_commits = 0
+        meta_bytes = 0
+        for cid in sorted(live - remote_commits):
+            row = repo.catalog.get_commit(cid)
+            if row is None:
+                continue
+            doc = {
+                "kind": "commit", "id": row.id, "parent": row.parent, "run": row.run, "epoch": row.epoch,
+                "step": row.step, "time": row.time, "message": row.message, "metrics": row.metrics,
+                "manifest": row.manifest, "lossy": row.lossy, "logical_bytes": row.logical_bytes,
+                "new_bytes": row.new_bytes, "info": row.info,
+                "objects": [[n, h, how] for n, h, how in repo.catalog.commit_objects(cid)],
+            }
+            meta_bytes += _put_doc(store, f"commits/{cid}.json", doc)
+            sent_commits += 1
+        updated_refs, kept_remote = 0, 0
+        local_refs = dict(repo.catalog.conn.execute("SELECT name, commit_id || ' ' || updated FROM refs"))
+        for name, value in local_refs.items():
+            cid, updated = value.split(" ", 1)
+            current = _get_doc(store, f"refs/{name}.json")
+            if current is not None and current.get("commit") == cid:
+                continue
+            if current is not None and float(current.get("updated", 0)) > float(updated):
+                kept_remote += 1  # someone pushed a newer value for this ref: keep theirs
+                continue
+            meta_bytes += _put_doc(store, f"refs/{name}.json", {"kind": "ref", "commit": cid, "updated": float(updated)})
+            updated_refs += 1
+        stats = {
+            "objects_uploaded": obj_stats["uploaded"] + obj_stats["deltas_uploaded"],
+            "objects_skipped": obj_stats["skipped"],
+            "object_bytes": obj_stats["bytes_transferred"],
+            "commits_uploaded": sent_commits,
+            "refs_updated": updated_refs,
+            "refs_kept_remote": kept_remote,
+            "bytes_transferred": obj_stats["bytes_transferred"] + meta_bytes,
+            "seconds": time.monotonic() - t0,
+        }
+        log.info("pushed %s to %s: %s", repo.path, store.url, stats)
+        return stats
+    finally:
+        if owned:
+            store.close()
+
+
+def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None) -> dict[str, Any]:
+    """Fetch every remote commit this repository lacks, the objects they need, and the refs."""
+    store, owned = _store(remote)
+    t0 = time.monotonic()
+    writer = _PackWriter(repo)
+    try:
+        with repo.lock:
+            remote_ids = _remote_json_keys(store, "commits/")
+            have = {r[0] for r in repo.catalog.conn.execute("SELECT id FROM commits")}
+            docs = []
+            for cid in remote_ids:
+                if cid in have:
+                    continue
+                doc = _get_doc(store, f"commits/{cid}.json")
+                if doc is None or doc.get("id") != cid:
+                    raise CorruptObjectError(f"commit document {cid} at {store.url} is missing or damaged", hash_key=cid)
+                manifest_json = json.dumps(doc["manifest"], sort_keys=True, separators=(",", ":"), allow_nan=False)
+                import xxhash
+
+                if xxhash.xxh3_128(manifest_json.encode()).hexdigest() != cid:
+                    raise CorruptObjectError(
+                        f"commit document {cid} at {store.url} does not hash to its id: damaged or forged; "
+                        "nothing was pulled", hash_key=cid,
+                    )
+                docs.append((doc, manifest_json))
+            obj_stats = store.sync_to_local(writer, progress=progress)
+            pack_name = None
+            if writer.store is not None:
+                writer.store.close()
+                from .repository import _fsync_dir, _fsync_file
+
+                _fsync_file(writer.tmp)
+                os.replace(writer.tmp, repo.path / "packs" / writer.name)
+                _fsync_dir(repo.path / "packs")
+                pack_name = writer.name
+            remote_refs = {}
+            for name in _remote_json_keys(store, "refs/"):
+                d = _get_doc(store, f"refs/{name}.json")
+                if d is not None:
+                    remote_refs[name] = (str(d["commit"]), float(d.get("updated", 0)))
+            _commit_pull(repo, pack_name, writer.rows, docs, remote_refs)
+        stats = {
+            "objects_downloaded": obj_stats["downloaded"] + obj_stats["deltas_downloaded"],
+            "objects_skipped": obj_stats["skipped"],
+            "commits_downloaded": len(docs),
+            "refs": len(remote_refs),
+            "bytes_transferred": obj_stats["bytes_transferred"],
+            "seconds": time.monotonic() - t0,
+        }
+        log.info("pulled %s into %s: %s", store.url, repo.path, stats)
+        return stats
+    except BaseException:
+        if writer.store is not None:
+            writer.store.close()
+        writer.tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if owned:
+            store.close()
+
+
+def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[ObjectRow],
+                 docs: list[tuple[dict, str]], remote_refs: dict[str, tuple[str, float]]) -> None:
+    cat = repo.catalog
+    known = {r.hash: r for r in cat.all_objects()}
+    new = {r.hash: r for r in rows}
+    # delta depths, bases first
+    def depth(h: str, seen: int = 0) -> int:
+        r = new.get(h) or known.get(h)
+        if r is None:
+            raise CorruptObjectError(f"object {h} is needed as a delta base but is on neither side", hash_key=h)
+        if r.kind == "full":
+            return 0
+        if r.depth >= 0 and h in known:
+            return r.depth
+        if seen > 10_000:
+            raise CorruptObjectError(f"delta chain of {h} loops", hash_key=h)
+        r.depth = depth(r.base, seen + 1) + 1
+        return r.depth
+
+    for r in rows:
+        depth(r.hash)
+    all_hashes = set(known) | set(new)
+    for doc, _ in docs:
+        missing = [h for _, h, _ in doc["objects"] if h not in all_hashes]
+        if missing:
+            raise CorruptObjectError(
+                f"commit {doc['id'][:10]} needs {len(missing)} object(s) the remote does not have; "
+                "the remote is incomplete (a push was interrupted?): push again from its source",
+                hash_key=missing[0],
+            )
+    now = time.time()
+    with cat.transaction() as c:
+        if pack_name is not None:
+            c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)",
+                      (pack_name, (repo.path / "packs" / pack_name).stat().st_size, now))
+            c.executemany(
+                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)), r.nbytes,
+                  r.stored_bytes, r.full_estimate, int(r.lossless)) for r in rows],
+            )
+        for doc, manifest_json in docs:
+            c.execute(
+                "INSERT OR IGNORE INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
+                " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (doc["id"], doc.get("parent"), doc["run"], doc.get("epoch"), doc.get("step"), doc["time"],
+                 doc.get("message", ""), json.dumps(doc.get("metrics", {})), manifest_json, int(doc.get("lossy", 0)),
+                 doc["logical_bytes"], doc["new_bytes"], json.dumps(doc.get("info", {}))),
+            )
+            c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)",
+                          [(doc["id"], n, h, how) for n, h, how in doc["objects"]])
+        for name, (cid, updated) in remote_refs.items():
+            if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is None:
+                continue
+            cur = c.execute("SELECT updated FROM refs WHERE name=?", (name,)).fetchone()
+            if cur is None or cur[0] < updated:
+                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, updated))
+        for doc, _ in docs:  # a pulled commit no ref names is kept, never silently dropped
+            if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (doc["id"],)).fetchone() is None:
+                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                          (f"keep/{doc['id']}", doc["id"], now))
