@@ -17,6 +17,7 @@ Plane k holds byte k of every element. ``nplanes == 1`` means no split (tiny or 
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 
@@ -69,28 +70,55 @@ def split_planes(raw: np.ndarray, itemsize: int) -> np.ndarray:
     return np.ascontiguousarray(raw.reshape(-1, itemsize).T)
 
 
-def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL) -> bytes:
-    """Encode a contiguous 1-d uint8 array whose elements are ``itemsize`` bytes wide."""
+def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL) -> np.ndarray:
+    """Encode a contiguous 1-d uint8 array whose elements are ``itemsize`` bytes wide.
+
+    Returns the blob as a uint8 array. The planes are split straight into the output buffer and
+    compacted in place, so the only full copy of the data is the split itself.
+    """
     raw = raw.reshape(-1)
     nbytes = raw.size
-    if itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0:
-        planes = list(split_planes(raw, itemsize))
+    split = itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0
+    nplanes = itemsize if split else 1
+    plane_len = nbytes // nplanes
+    head_len = _HEADER.size + nplanes * _PLANE.size
+    out = np.empty(head_len + nbytes, dtype=np.uint8)
+    body = out[head_len:]
+    if split:
+        np.copyto(body.reshape(nplanes, plane_len), raw.reshape(plane_len, nplanes).T)
+        planes = [body[k * plane_len : (k + 1) * plane_len] for k in range(nplanes)]
     else:
-        itemsize = 1
         planes = [raw]
     comp = _compressor(level)
+    base = out.ctypes.data
+    pos = head_len
     headers = []
-    payloads = []
-    for plane in planes:
-        packed = comp.compress(plane.data) if plane.size else b""
-        if plane.size and len(packed) < _KEEP_IF_BELOW * plane.size:
+    for k, plane in enumerate(planes):
+        packed = _compress_if_worth(comp, plane)
+        if packed is not None:
+            # plane k is no longer needed, and pos <= its start: safe to overwrite from pos
+            out[pos : pos + len(packed)] = np.frombuffer(packed, dtype=np.uint8)
             headers.append(_PLANE.pack(MODE_ZSTD, len(packed)))
-            payloads.append(packed)
+            pos += len(packed)
         else:
+            if not split:
+                out[pos : pos + plane.size] = plane
+            elif pos != head_len + k * plane_len:  # shift left over space freed by earlier planes
+                ctypes.memmove(base + pos, base + head_len + k * plane_len, plane_len)
             headers.append(_PLANE.pack(MODE_RAW, plane.size))
-            payloads.append(plane.data)
-    head = _HEADER.pack(MAGIC, itemsize, len(planes), 0, nbytes)
-    return b"".join([head, *headers, *payloads])
+            pos += plane.size
+    head = _HEADER.pack(MAGIC, itemsize if split else 1, nplanes, 0, nbytes) + b"".join(headers)
+    out[:head_len] = np.frombuffer(head, dtype=np.uint8)
+    return out[:pos]
+
+
+def _compress_if_worth(comp: zstandard.ZstdCompressor, plane: np.ndarray) -> bytes | None:
+    """zstd output for the plane if it saves at least 2%, else None. (Probing a sample first to
+    skip mantissa planes was measured: it lost 1% of ratio on MiniLM for no clear speed gain.)"""
+    if plane.size == 0:
+        return None
+    packed = comp.compress(plane.data)
+    return packed if len(packed) < _KEEP_IF_BELOW * plane.size else None
 
 
 def decode(blob, *, hash_key: str | None = None) -> np.ndarray:
@@ -110,6 +138,17 @@ def decode(blob, *, hash_key: str | None = None) -> np.ndarray:
             table.append(_PLANE.unpack_from(mv, offset))
             offset += _PLANE.size
         plane_len = nbytes // nplanes
+        # Check the declared sizes against the blob before allocating: a damaged length field must
+        # raise CorruptObjectError, not MemoryError (or a huge allocation).
+        if offset + sum(length for _, length in table) != len(mv):
+            raise ValueError("plane lengths do not add up to the blob size")
+        pos = offset
+        for mode, length in table:
+            if mode == MODE_RAW and length != plane_len:
+                raise ValueError("raw plane has the wrong length")
+            if mode == MODE_ZSTD and zstandard.frame_content_size(mv[pos : pos + length]) != plane_len:
+                raise ValueError("zstd plane declares the wrong length")
+            pos += length
         out = np.empty(nbytes, dtype=np.uint8)
         grid = out.reshape(-1, nplanes) if nplanes > 1 else out.reshape(1, -1)
         dec = _decompressor()

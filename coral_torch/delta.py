@@ -69,11 +69,11 @@ class DeltaConfig:
 class Delta:
     """An encoded difference between a target tensor and ``reference_hash``.
 
-    ``data`` is the encoded payload (bytes); ``original_shape``/``original_dtype`` describe the target.
+    ``data`` is the encoded payload (bytes-like: bytes or a uint8 array); ``original_shape``/``original_dtype`` describe the target.
     """
 
     delta_type: DeltaType
-    data: bytes
+    data: Any
     original_shape: tuple[int, ...]
     original_dtype: str
     reference_hash: str
@@ -152,6 +152,10 @@ class DeltaEncoder:
         if reference.dtype != delta.original_dtype or reference.shape != delta.original_shape:
             raise DeltaError(
                 f"delta expects a {delta.original_dtype}{list(delta.original_shape)} reference, got {reference!r}"
+            )
+        if reference.compute_hash() != delta.reference_hash:
+            raise DeltaError(
+                f"delta was made against reference {delta.reference_hash}, not {reference.compute_hash()}"
             )
         meta = WeightMetadata(name=name, shape=delta.original_shape, dtype=delta.original_dtype)
         decoded = codec.decode(delta.data, hash_key=delta.reference_hash)

@@ -1,0 +1,207 @@
+"""The byte-plane + zstd codec: lossless for any bytes, documented layout, damage -> CorruptObjectError."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from conftest import DTYPE_NAMES, make_tensor, raw_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coral_torch import codec, dtypes
+from coral_torch.errors import CorruptObjectError, IntegrityError
+
+ITEMSIZES = [1, 2, 4, 8, 16]
+
+
+def _enc(raw: np.ndarray, itemsize: int, level: int = codec.DEFAULT_LEVEL) -> bytes:
+    """codec.encode's blob as bytes (encode may hand back bytes or a uint8 array)."""
+    blob = codec.encode(raw, itemsize, level)
+    if isinstance(blob, np.ndarray):
+        assert blob.dtype == np.uint8 and blob.ndim == 1
+    return bytes(memoryview(blob).cast("B"))
+
+
+def _round_trip(raw: np.ndarray, itemsize: int, level: int = codec.DEFAULT_LEVEL) -> bytes:
+    raw_before = raw.tobytes()
+    blob = _enc(raw, itemsize, level)
+    assert raw.tobytes() == raw_before  # the input is never modified
+    out = codec.decode(blob)
+    assert codec.decode(codec.encode(raw, itemsize, level)).tobytes() == raw.tobytes()
+    assert out.dtype == np.uint8 and out.ndim == 1 and out.flags.c_contiguous and out.flags.writeable
+    assert out.tobytes() == raw.tobytes()
+    return blob
+
+
+@st.composite
+def _buffers(draw):
+    itemsize = draw(st.sampled_from(ITEMSIZES))
+    n = draw(st.integers(0, 700))
+    kind = draw(st.sampled_from(["random", "tiled", "sparse", "ragged"]))
+    if kind == "random":
+        data = draw(st.binary(min_size=n * itemsize, max_size=n * itemsize))
+    elif kind == "tiled":  # low entropy: zstd planes
+        unit = draw(st.binary(min_size=1, max_size=max(1, itemsize * 3)))
+        data = (unit * (n * itemsize // len(unit) + 1))[: n * itemsize]
+    elif kind == "sparse":  # mostly zero, like an XOR delta
+        buf = bytearray(n * itemsize)
+        for pos, val in draw(st.lists(st.tuples(st.integers(0, max(0, n * itemsize - 1)), st.integers(1, 255)),
+                                      max_size=20)):
+            if buf:
+                buf[pos] = val
+        data = bytes(buf)
+    else:  # length not a multiple of itemsize: must fall back to one plane, still exact
+        data = draw(st.binary(min_size=0, max_size=2000))
+    return np.frombuffer(data, dtype=np.uint8).copy(), itemsize
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_buffers())
+def test_round_trip_random_buffers(case):
+    raw, itemsize = case
+    _round_trip(raw, itemsize)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_buffers(), level=st.sampled_from([-5, 1, 3, 9, 19]))
+def test_round_trip_other_levels(case, level):
+    raw, itemsize = case
+    _round_trip(raw, itemsize, level)
+
+
+def test_round_trip_every_dtype(dtype_name):
+    for shape in [(), (0,), (1,), (63,), (64, 80)]:
+        t = make_tensor(dtype_name, shape, seed=11)
+        raw = np.frombuffer(raw_bytes(t), dtype=np.uint8)
+        _round_trip(raw, dtypes.itemsize(dtype_name))
+
+
+def test_edge_lengths_around_split_threshold():
+    rng = np.random.default_rng(0)
+    for itemsize in ITEMSIZES:
+        for n in range(0, 3 * codec._MIN_SPLIT_BYTES // itemsize + 2, 7):
+            raw = rng.integers(0, 4, size=n * itemsize, dtype=np.uint8)
+            _round_trip(raw, itemsize)
+
+
+def test_layout_is_as_documented():
+    rng = np.random.default_rng(1)
+    vals = rng.standard_normal(4096).astype(np.float32)
+    raw = vals.view(np.uint8)
+    blob = _enc(raw, 4)
+    magic, itemsize, nplanes, reserved, nbytes = struct.unpack_from("<4sBBHQ", blob, 0)
+    assert (magic, itemsize, nplanes, reserved, nbytes) == (b"CZP1", 4, 4, 0, raw.size)
+    offset = 16
+    total = 0
+    modes = []
+    for _ in range(nplanes):
+        mode, length = struct.unpack_from("<B7xQ", blob, offset)
+        assert blob[offset + 1 : offset + 8] == b"\0" * 7
+        modes.append(mode)
+        total += length
+        offset += 16
+    assert offset + total == len(blob)
+    # low mantissa byte of a float is noise (raw); the sign/exponent byte compresses (zstd)
+    assert modes[0] == codec.MODE_RAW and modes[3] == codec.MODE_ZSTD
+    # the plane split is what makes it pay: smaller than the raw bytes
+    assert len(blob) < 0.95 * raw.size
+    # plane k holds byte k of every element
+    assert np.array_equal(codec.split_planes(raw, 4)[3], raw.reshape(-1, 4)[:, 3])
+
+
+def test_small_or_one_byte_data_is_not_split():
+    for raw, itemsize in [(np.arange(100, dtype=np.uint8), 4), (np.arange(1000, dtype=np.uint16).view(np.uint8), 1),
+                          (np.arange(1001, dtype=np.uint8), 4)]:
+        blob = _round_trip(raw, itemsize)
+        assert blob[5] == 1  # nplanes
+
+
+def test_incompressible_data_is_stored_raw_with_small_overhead():
+    raw = np.random.default_rng(2).integers(0, 256, size=1 << 16, dtype=np.uint8)
+    blob = _round_trip(raw, 4)
+    assert len(blob) == 16 + 4 * 16 + raw.size
+
+
+def test_zeros_collapse():
+    raw = np.zeros(1 << 20, dtype=np.uint8)
+    blob = _round_trip(raw, 4)
+    assert len(blob) < 2000
+
+
+def test_deterministic_and_independent_of_input_memory():
+    raw = np.random.default_rng(3).standard_normal(3000).astype(np.float32).view(np.uint8)
+    assert _enc(raw, 4) == _enc(raw.copy(), 4)
+    blob = _enc(raw, 4)
+    out = codec.decode(bytearray(blob))
+    out[:] = 0  # decoded array owns its memory
+    assert codec.decode(blob).tobytes() == raw.tobytes()
+    # decode accepts any buffer: bytes, bytearray, memoryview, uint8 array
+    assert codec.decode(np.frombuffer(blob, dtype=np.uint8)).tobytes() == raw.tobytes()
+    assert codec.decode(memoryview(blob)).tobytes() == raw.tobytes()
+
+
+# --------------------------------------------------------------------------------------- damage
+def _sample_blob() -> bytes:
+    rng = np.random.default_rng(4)
+    vals = (rng.standard_normal(2048) * 0.02).astype(np.float32)
+    return _enc(vals.view(np.uint8), 4)
+
+
+def test_truncation_is_detected_at_every_length():
+    blob = _sample_blob()
+    for cut in range(len(blob)):
+        with pytest.raises(CorruptObjectError):
+            codec.decode(blob[:cut], hash_key="abc123")
+
+
+def test_trailing_bytes_bad_magic_and_bad_mode_are_detected():
+    blob = _sample_blob()
+    for bad in (blob + b"\0", b"XZP1" + blob[4:], blob[:16] + b"\x07" + blob[17:]):
+        with pytest.raises(CorruptObjectError, match="deadbeef") as exc:
+            codec.decode(bad, hash_key="deadbeef")
+        assert exc.value.hash_key == "deadbeef"
+        assert isinstance(exc.value, IntegrityError)
+    with pytest.raises(CorruptObjectError):
+        codec.decode(b"")
+
+
+def test_every_header_byte_flip_raises_corrupt_or_decodes_the_same_length():
+    """A flipped header byte must never crash with anything but CorruptObjectError (the content hash
+    catches flips the codec cannot see); in particular a damaged length must not try to allocate it."""
+    blob = _sample_blob()
+    nplanes = blob[5]
+    header_len = 16 + 16 * nplanes
+    for pos in range(header_len):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[pos] ^= mask
+            try:
+                out = codec.decode(bytes(bad), hash_key="h")
+            except CorruptObjectError:
+                continue
+            assert out.size == 2048 * 4, (pos, mask)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pos=st.integers(min_value=0), mask=st.integers(1, 255))
+def test_random_byte_damage_never_escapes_as_another_error(pos, mask):
+    blob = bytearray(_sample_blob())
+    blob[pos % len(blob)] ^= mask
+    try:
+        codec.decode(bytes(blob))
+    except CorruptObjectError:
+        pass
+
+
+@pytest.mark.parametrize("nbytes", [1 << 40, (1 << 63) + 8, (1 << 64) - 4])
+def test_absurd_declared_length_is_corrupt_not_memory_error(nbytes):
+    blob = bytearray(_sample_blob())
+    struct.pack_into("<Q", blob, 8, nbytes)
+    with pytest.raises(CorruptObjectError):
+        codec.decode(bytes(blob))
+
+
+def test_dtype_names_cover_codec_widths():
+    assert {dtypes.itemsize(n) for n in DTYPE_NAMES} == set(ITEMSIZES)
