@@ -100,7 +100,9 @@ def flatten(obj: Any) -> Flattened:
         if isinstance(x, np.ndarray):
             if x.dtype.hasobject or x.dtype.kind not in "biufc":
                 return _blob(x)
-            return {"t": "ndarray", "i": tensor_node(torch.from_numpy(np.ascontiguousarray(x)), path, "numpy")["i"]}
+            # not np.ascontiguousarray: it turns a 0-d array into a 1-d one
+            arr = x if x.flags.c_contiguous else np.array(x, order="C")
+            return {"t": "ndarray", "i": tensor_node(torch.from_numpy(arr), path, "numpy")["i"]}
         if isinstance(x, np.generic):
             arr = np.asarray(x)
             if arr.dtype.hasobject:
@@ -197,7 +199,8 @@ def unflatten(
         if t == "ndarray":
             return tensors[n["i"]].cpu().numpy()
         if t in ("dict", "odict", "attrdict"):
-            cls = {"dict": dict, "odict": collections.OrderedDict, "attrdict": _attrdict_class()}[t]
+            # only an AttributeDict needs lightning imported (seconds): never for a plain dict
+            cls = {"dict": dict, "odict": collections.OrderedDict}[t] if t != "attrdict" else _attrdict_class()
             out = cls()
             for k, v in zip(n["k"], n["v"]):
                 out[build(k)] = build(v)

@@ -69,11 +69,11 @@ class DeltaConfig:
 class Delta:
     """An encoded difference between a target tensor and ``reference_hash``.
 
-    ``data`` is the encoded payload (bytes-like: bytes or a uint8 array); ``original_shape``/``original_dtype`` describe the target.
+    ``data`` is the encoded payload (bytes); ``original_shape``/``original_dtype`` describe the target.
     """
 
     delta_type: DeltaType
-    data: Any
+    data: bytes
     original_shape: tuple[int, ...]
     original_dtype: str
     reference_hash: str
@@ -139,7 +139,7 @@ class DeltaEncoder:
                 extra = {"count": int(idx.size)}
         return Delta(
             delta_type=kind,
-            data=payload,
+            data=payload.tobytes(),
             original_shape=target.shape,
             original_dtype=target.dtype,
             reference_hash=ref_hash,

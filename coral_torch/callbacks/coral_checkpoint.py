@@ -23,11 +23,13 @@ from typing import Any, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from .. import api
 from ..delta import DeltaConfig
 from ..errors import CoralError
 from ..repository import CommitStats, Repository
+from ..storage.s3_store import S3Config
 from .checkpoint_io import CoralCheckpointIO
 from .snapshot import BackgroundCommitter, SnapshotBuffers
 
@@ -101,7 +103,7 @@ class CoralCheckpoint(Checkpoint):
         keep_optimizer: Literal["all", "last", "none"] = "all",
         tags: Sequence[str] = (),
         async_save: bool = True,
-        s3: Any = None,
+        s3: Optional[S3Config] = None,
         delta_config: Optional[DeltaConfig] = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
@@ -413,14 +415,32 @@ class CoralCheckpoint(Checkpoint):
     def _push(self, trainer: Any) -> None:
         assert self.repo is not None
         try:
-            self.push_stats = self.repo.push(self.s3, progress=True)
-            log.info("pushed to S3: %s", self.push_stats)
+            self.push_stats = self.repo.push(self.s3, progress=None)
+            s = self.push_stats
+            rank_zero_info(
+                f"coral-torch: pushed {s['commits_uploaded']} commit(s) and {s['objects_uploaded']} object(s) "
+                f"({s['object_bytes'] / 1e6:.1f} MB; {s['objects_skipped']} already there) to "
+                f"{getattr(self.s3, 'url', self.s3)} in {s['seconds']:.1f}s"
+            )
         except CoralError as exc:
             self.push_stats = {"error": str(exc)}
             log.error(
-                "push to S3 failed: %s. Local checkpoints are intact; retry with `coral-torch push --repo %s`",
-                exc, self.repo.path,
+                "push to S3 failed: %s. Local checkpoints are intact; retry with `%s`",
+                exc, _push_command(self.repo.path, self.s3),
             )
+
+
+def _push_command(repo_path: Any, remote: Any) -> str:
+    """The `coral-torch push` command line that retries a failed push (options as the CLI takes them)."""
+    import shlex
+
+    cfg = getattr(remote, "config", remote)  # an S3Store or an S3Config
+    parts = ["coral-torch", "--repo", str(repo_path), "push", str(getattr(cfg, "url", "s3://BUCKET/PREFIX"))]
+    if getattr(cfg, "endpoint_url", None):
+        parts += ["--endpoint-url", str(cfg.endpoint_url)]
+    if getattr(cfg, "region", None):
+        parts += ["--region", str(cfg.region)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _scalar(v: Any) -> Optional[float]:

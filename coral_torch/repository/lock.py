@@ -1,13 +1,15 @@
 """Inter-process write lock for a repository: ``flock`` on ``<repo>/lock``, holder PID inside.
 
 The kernel drops the lock when the holder dies (even by SIGKILL), so a crash never leaves the
-repository locked.
+repository locked. ``flock`` excludes processes only; a thread lock excludes the other threads of the
+holding process (a background save and a ``gc`` on the main thread), and re-entry is per thread.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,6 +23,8 @@ class RepositoryLock:
         self.timeout = timeout
         self._fd: Optional[int] = None
         self._depth = 0
+        self._thread_lock = threading.RLock()  # held by the thread that holds the flock
+        self._owner: Optional[int] = None
 
     def holder_pid(self) -> Optional[int]:
         try:
@@ -30,12 +34,25 @@ class RepositoryLock:
             return None
 
     def acquire(self, timeout: Optional[float] = None) -> None:
-        if self._fd is not None:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if not self._thread_lock.acquire(timeout=max(0.0, timeout)):
+            raise RepositoryLockedError(
+                f"repository {self.path.parent} is locked by another thread of this process "
+                f"(PID {os.getpid()}) (waited {timeout:.0f} s); pass a longer lock_timeout",
+                pid=os.getpid(),
+            )
+        if self._fd is not None:  # re-entry by the thread that holds the lock
             self._depth += 1
             return
-        timeout = self.timeout if timeout is None else timeout
+        try:
+            self._acquire_file(deadline, timeout)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def _acquire_file(self, deadline: float, timeout: float) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
             try:
@@ -57,19 +74,22 @@ class RepositoryLock:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         self._depth = 1
+        self._owner = threading.get_ident()
 
     def release(self) -> None:
-        if self._fd is None:
+        if self._fd is None or self._owner != threading.get_ident():
             return
         self._depth -= 1
         if self._depth > 0:
+            self._thread_lock.release()
             return
-        fd, self._fd = self._fd, None
+        fd, self._fd, self._owner = self._fd, None, None
         try:
             os.ftruncate(fd, 0)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            self._thread_lock.release()
 
     def __enter__(self) -> "RepositoryLock":
         self.acquire()

@@ -141,7 +141,7 @@ class Repository:
                     f"{self.path} is not a coral-torch repository (no {CATALOG_NAME}); "
                     "pass the directory that holds one, e.g. repo='ckpts/.coral'"
                 )
-            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            if self.path.exists() and (not self.path.is_dir() or not _fresh_repository_dir(self.path)):
                 raise NotARepositoryError(
                     f"{self.path} exists and is not a coral-torch repository; refusing to write into it"
                 )
@@ -261,13 +261,9 @@ class Repository:
                         (cid, parent_id, run, epoch, step, now, message, json.dumps(metrics), manifest_json,
                          int(any(not r.lossless for r in new_rows)), logical, written, json.dumps(info or {})),
                     )
-                    seen_names: set[str] = set()
-                    rows = []
-                    for s, h in zip(slots, hashes):
-                        if s.name in seen_names:
-                            continue
-                        seen_names.add(s.name)
-                        rows.append((cid, s.name, h, hows.get(h, "dedup")))
+                    rows = _commit_object_rows(
+                        cid, [(s.name, h) for s, h in zip(slots, hashes)], lambda n, h: hows.get(h, "dedup")
+                    )
                     c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", rows)
                 ref_names = [f"runs/{run}/latest"] if head else []
                 if keep:
@@ -320,10 +316,9 @@ class Repository:
                          json.dumps(row.metrics), manifest_json, int(row.lossy),
                          sum(_entry_nbytes(e) for e in entries), 0, json.dumps(info)),
                     )
-                    names = dict.fromkeys(e[0] for e in entries)
-                    hashes = {e[0]: e[1] for e in entries}
-                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)",
-                                  [(new_id, n, hashes[n], hows.get(n, "dedup")) for n in names])
+                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", _commit_object_rows(
+                        new_id, [(e[0], e[1]) for e in entries], lambda n, h: hows.get(n, "dedup")
+                    ))
                 c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (new_id, now, cid))
                 c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{new_id}", f"keep/{cid}"))
             return new_id
@@ -645,6 +640,20 @@ class Repository:
             "ratio": (disk / logical[0]) if logical[0] else 0.0,
         }
 
+    # ============================================================================= remote
+    def push(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
+        """Send commits that refs name, the objects they need, then the refs, to an S3 remote
+        (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume."""
+        from .remote import push
+
+        return push(self, remote, progress=progress)
+
+    def pull(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
+        """Fetch every commit the remote has and this repository lacks, with its objects and refs."""
+        from .remote import pull
+
+        return pull(self, remote, progress=progress)
+
     # ============================================================================= verify
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-read and re-hash every object; report damaged objects and the commits they break."""
@@ -797,6 +806,34 @@ def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
     out._hash = w._hash
     return out
+
+
+def _fresh_repository_dir(path: Path) -> bool:
+    """True for an empty directory, or one holding only what an interrupted or concurrent creation
+    of a repository leaves (an empty ``packs/``, the lock file, a catalog being created)."""
+    names = {p.name for p in path.iterdir()}
+    if not names <= {PACKS_DIR, "lock"} | {CATALOG_NAME + x for x in ("", "-wal", "-shm", "-journal")}:
+        return False
+    packs = path / PACKS_DIR
+    return PACKS_DIR not in names or (packs.is_dir() and not any(packs.iterdir()))
+
+
+def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[tuple[str, str, str, str]]:
+    """``commit_objects`` rows: one per distinct (name, hash). gc and verify find a commit's objects
+    through these rows, so none may be lost: two different tensors whose paths flatten to the same
+    name (keys ``1`` and ``"1"``, or ``"a/b"`` and ``["a"]["b"]``) get ``#1``, ``#2``... suffixes."""
+    names: dict[str, str] = {}
+    rows = []
+    for name, h in pairs:
+        key, n = name, 0
+        while key in names and names[key] != h:
+            n += 1
+            key = f"{name}#{n}"
+        if key in names:
+            continue
+        names[key] = h
+        rows.append((cid, key, h, how(name, h)))
+    return rows
 
 
 def _entry_nbytes(entry: list) -> int:

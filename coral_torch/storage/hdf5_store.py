@@ -54,6 +54,7 @@ ENCODING_CODEC = "czp1"  # dataset holds a codec blob
 ENCODING_VALUES = "values"  # dataset holds the values (HDF5 filter, if any)
 _MIN_FILTER_BYTES = 4096
 META_ATTR = "coral"  # JSON metadata of each dataset
+_DIRECT_MIN_BYTES = 64 * 1024  # payloads from here on are written with pwrite (see _write_direct)
 
 
 def _default_workers() -> int:
@@ -119,6 +120,7 @@ class HDF5Store(WeightStore):
             raise StoreError(f"mode must be 'a', 'r', 'w' or 'x', not {mode!r}")
         self.mode = mode
         self.workers = workers or _default_workers()
+        self._fd: Optional[int] = None  # plain descriptor for direct payload writes
         self.file = self._open(mode)
 
     # ---------------------------------------------------------------------------------- set-up
@@ -269,7 +271,10 @@ class HDF5Store(WeightStore):
                 if self.compression_opts is not None:
                     kwargs["compression_opts"] = self.compression_opts
         try:
-            ds = group.create_dataset(obj.key, data=payload, **kwargs)
+            if self._direct_ok(obj):
+                ds = self._write_direct(group, obj.key, payload)
+            else:
+                ds = group.create_dataset(obj.key, data=payload, **kwargs)
             # one JSON attribute, not one HDF5 attribute per field: measured ~4x cheaper per
             # dataset to write and to read (h5py attribute calls dominate small tensors)
             ds.attrs[META_ATTR] = json.dumps(_jsonable(obj.attrs), separators=(",", ":"))
@@ -278,6 +283,33 @@ class HDF5Store(WeightStore):
                 del group[obj.key]
             raise
         return True
+
+    def _direct_ok(self, obj: PreparedObject) -> bool:
+        p = obj.payload
+        return (obj.attrs.get("encoding", ENCODING_CODEC) == ENCODING_CODEC and p.dtype == np.uint8
+                and p.ndim == 1 and p.nbytes >= _DIRECT_MIN_BYTES and p.flags.c_contiguous)
+
+    def _write_direct(self, group: h5py.Group, key: str, payload: np.ndarray) -> h5py.Dataset:
+        """Create a contiguous uint8 dataset with its space allocated at once, then write the bytes
+        with ``pwrite`` on a plain file descriptor. h5py keeps the GIL while it copies data; a
+        ``pwrite`` releases it, so the encoder threads keep running during the write. HDF5 never
+        touches an early-allocated, never-filled contiguous dataset's space after this."""
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        space = h5py.h5s.create_simple((payload.size,))
+        dsid = h5py.h5d.create(group.id, key.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl)
+        offset = dsid.get_offset()
+        if offset is None:  # pragma: no cover - early allocation always gives an address
+            raise StoreError(f"HDF5 gave no file offset for {key}")
+        if self._fd is None:
+            self._fd = os.open(self.filepath, os.O_WRONLY)
+        view = memoryview(payload)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        return group[key]
 
     def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
         """Store one tensor (idempotent) and return its key."""
@@ -544,6 +576,9 @@ class HDF5Store(WeightStore):
 
     # ----------------------------------------------------------------------------- lifetime
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self.file is not None and self.file.id.valid:
             self.file.close()
         self.file = None

@@ -1,0 +1,252 @@
+"""`coral_torch.save` / `coral_torch.load` as drop-ins for `torch.save` / `torch.load`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import coral_torch
+from coral_torch import Repository
+from coral_torch.api import read_pointer
+from coral_torch.errors import NotARepositoryError, RefNotFoundError
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a, b, path="obj"):
+    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device, a.requires_grad) == (b.dtype, b.shape, b.device, b.requires_grad), path
+        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
+        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
+        assert_same(ma, mb, f"{path}._metadata")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def model_state(seed: int, scale: float = 0.0) -> collections.OrderedDict:
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 8))
+    if scale:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * scale)
+    return m.state_dict()
+
+
+# ---------------------------------------------------------------------------------- pointers
+def test_save_writes_pointer_and_repository_next_to_it(tmp_path):
+    sd = model_state(0)
+    path = tmp_path / "ckpts" / "epoch3.pt"
+    cid = coral_torch.save(sd, str(path))
+    assert path.is_file() and path.stat().st_size < 1024
+    data = json.loads(path.read_text())
+    assert data["commit"] == cid
+    assert (tmp_path / "ckpts" / ".coral" / "catalog.sqlite").is_file()
+    assert list((tmp_path / "ckpts" / ".coral" / "packs").glob("*.h5"))
+    pointed_cid, pointed_repo = read_pointer(path)
+    assert pointed_cid == cid and pointed_repo.resolve() == (tmp_path / "ckpts" / ".coral").resolve()
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]
+
+    back = coral_torch.load(str(path))
+    assert_same(sd, back)
+    back = coral_torch.load(path)  # PathLike
+    assert_same(sd, back)
+
+
+def test_pointer_survives_moving_the_directory(tmp_path):
+    sd = model_state(1)
+    coral_torch.save(sd, tmp_path / "a" / "ck.pt")
+    os.rename(tmp_path / "a", tmp_path / "b")
+    assert_same(sd, coral_torch.load(tmp_path / "b" / "ck.pt"))
+
+
+def test_load_by_prefix_coral_url_tag_and_repo_forms(tmp_path):
+    sd = model_state(2)
+    path = tmp_path / "ckpts" / "epoch1.pt"
+    cid = coral_torch.save(sd, path, tag="first")
+    repo_dir = tmp_path / "ckpts" / ".coral"
+    for ref in (cid, cid[:8], cid[:4], f"coral://{cid[:10]}", "coral://first", "first", "latest", "coral://latest"):
+        assert_same(sd, coral_torch.load(ref, repo=repo_dir))  # repo as path
+        assert_same(sd, coral_torch.load(ref, repo=str(repo_dir)))  # repo as str
+    r = Repository(repo_dir, create=False)
+    assert_same(sd, coral_torch.load(cid[:6], repo=r))  # repo as Repository
+    assert_same(sd, coral_torch.load(f"coral://{cid[:6]}", repo=r))
+    r.close()
+    with pytest.raises(RefNotFoundError, match="no commit matches"):
+        coral_torch.load("coral://ffffffffffff", repo=repo_dir)
+
+
+def test_load_uses_coral_repo_env(tmp_path, monkeypatch):
+    repo_dir = tmp_path / "envrepo"
+    sd = model_state(3)
+    cid = coral_torch.save(sd, repo=repo_dir)  # no file: kept by keep/<id>
+    monkeypatch.setenv("CORAL_REPO", str(repo_dir))
+    assert_same(sd, coral_torch.load(cid[:7]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CORAL_REPO")
+    with pytest.raises(NotARepositoryError):
+        coral_torch.load("abcd1234")  # ./.coral does not exist: clear error, nothing created
+    assert not (tmp_path / ".coral").exists()
+
+
+def test_save_to_file_object_writes_a_pointer(tmp_path):
+    import io
+
+    sd = model_state(4)
+    buf = io.BytesIO()
+    cid = coral_torch.save(sd, buf, repo=tmp_path / "repo")
+    data = json.loads(buf.getvalue())
+    assert data["commit"] == cid
+    assert_same(sd, coral_torch.load(cid, repo=tmp_path / "repo"))
+
+
+def test_overwriting_a_pointer_then_gc_removes_the_first_commits_unique_objects(tmp_path):
+    path = tmp_path / "ckpts" / "last.pt"
+    gen = torch.Generator().manual_seed(5)
+    first = {"w": torch.randn(256, 256, generator=gen), "only_in_first": torch.randn(512, 512, generator=gen)}
+    second = {"w": torch.randn(256, 256, generator=gen)}
+    c1 = coral_torch.save(first, path)
+    r = coral_torch.open_repository(tmp_path / "ckpts" / ".coral")
+    unique_first = r.catalog.commit_objects(c1)
+    c2 = coral_torch.save(second, path)
+    assert c1 != c2
+    assert read_pointer(path)[0] == c2
+    assert r.catalog.get_commit(c1) is not None  # still there until gc
+    packs_dir = r.path / "packs"
+    before = sum(p.stat().st_size for p in packs_dir.iterdir())
+    stats = r.gc()
+    after = sum(p.stat().st_size for p in packs_dir.iterdir())
+    assert stats["commits_removed"] == 1
+    assert r.catalog.get_commit(c1) is None
+    only = [h for n, h, _ in unique_first if n == "only_in_first"][0]
+    assert r.catalog.get_object(only) is None
+    assert after < before - 512 * 512 * 4 * 0.9  # the big unique tensor's bytes are gone from disk
+    with pytest.raises(RefNotFoundError):
+        r.load(c1)
+    assert_same(second, coral_torch.load(path))
+    assert r.verify().ok
+
+
+def test_load_plain_torch_save_file_falls_back_to_torch_load(tmp_path):
+    sd = model_state(6)
+    path = tmp_path / "plain.pt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    back = coral_torch.load(path)
+    assert back["epoch"] == 3
+    assert_same(sd, back["state_dict"])
+    back = coral_torch.load(str(path), map_location="cpu", weights_only=True)
+    assert_same(sd, back["state_dict"])
+
+
+def test_save_load_cycle_with_deltas_through_api(tmp_path):
+    saved = []
+    for epoch in range(6):
+        sd = model_state(7, scale=1e-4 * epoch)
+        coral_torch.save({"epoch": epoch, "state_dict": sd}, tmp_path / f"epoch{epoch}.pt")
+        saved.append({"epoch": epoch, "state_dict": sd})
+    for epoch, obj in enumerate(saved):
+        assert_same(obj, coral_torch.load(tmp_path / f"epoch{epoch}.pt"))
+
+
+# ---------------------------------------------------------------------- Lightning-like checkpoint
+def lightning_checkpoint(seed: int, epoch: int) -> dict:
+    from lightning.fabric.utilities.data import AttributeDict
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Flatten(), torch.nn.Linear(24, 16),
+                                torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(epoch + 1):
+        x = torch.randint(0, 20, (6, 3))
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    monitor_key = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, " \
+                  "'every_n_epochs': 1, 'train_time_interval': None}"
+    return {
+        "epoch": epoch,
+        "global_step": 10 * (epoch + 1),
+        "pytorch-lightning_version": "2.6.6",
+        "state_dict": model.state_dict(),
+        "loops": {
+            "fit_loop": {
+                "state_dict": {},
+                "epoch_loop.state_dict": {"_batches_that_stepped": 10 * (epoch + 1)},
+                "epoch_progress": {"total": {"ready": epoch + 1, "completed": epoch}, "current": {"ready": 1}},
+            }
+        },
+        "callbacks": {
+            monitor_key: {
+                "monitor": "val_loss",
+                "best_model_score": torch.tensor(0.25 - epoch / 100),
+                "best_model_path": f"/ckpts/epoch={epoch}.ckpt",
+                "current_score": torch.tensor(0.3),
+                "dirpath": "/ckpts",
+                "best_k_models": {f"/ckpts/epoch={epoch}.ckpt": torch.tensor(0.25)},
+                "kth_best_model_path": "",
+                "kth_value": torch.tensor(float("inf")),
+                "last_model_path": "",
+            },
+            "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {
+                "wait_count": 0, "stopped_epoch": 0, "best_score": torch.tensor(0.25), "patience": 3,
+            },
+        },
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": AttributeDict(lr=1e-3, hidden=16, betas=(0.9, 0.999), name="tiny",
+                                          layers=[24, 16, 2], dropout=None, scheduler={"T_max": 10}),
+    }
+
+
+def test_lightning_like_checkpoint_roundtrips_exactly(tmp_path):
+    from lightning.fabric.utilities.data import AttributeDict
+
+    for epoch in range(3):
+        ckpt = lightning_checkpoint(0, epoch)
+        path = tmp_path / f"epoch={epoch}-step={ckpt['global_step']}.ckpt"
+        coral_torch.save(ckpt, path)
+        back = coral_torch.load(path)
+        assert_same(ckpt, back)
+        assert type(back["hyper_parameters"]) is AttributeDict
+        assert back["hyper_parameters"].lr == 1e-3
+        state = back["optimizer_states"][0]["state"]
+        assert list(state) == list(ckpt["optimizer_states"][0]["state"])  # int keys kept
+        assert all(isinstance(k, int) for k in state)
+        assert isinstance(back["optimizer_states"][0]["param_groups"][0]["betas"], tuple)
+        # the optimizer accepts it back
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Flatten(), torch.nn.Linear(24, 16),
+                                    torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2))
+        model.load_state_dict(back["state_dict"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt.load_state_dict(back["optimizer_states"][0])
+        r = coral_torch.open_repository(tmp_path / ".coral")
+        row = r.get_commit("latest")
+        assert row.epoch == epoch and row.step == ckpt["global_step"]

@@ -1,0 +1,246 @@
+"""The `coral-torch` command line: every command on a real repository, bad input to each, and the
+import/export round trip of Lightning .ckpt files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from coral_torch import Repository
+from coral_torch.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lightning_models import TRAINER_DEFAULTS, TinyModel, tiny_loaders  # noqa: E402
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def snapshot(path: Path) -> dict[str, object]:
+    """Every pack file with its size and mtime, plus the catalog's full content: proof that
+    nothing changed (the WAL makes the catalog file's own mtime meaningless)."""
+    files: dict[str, object] = {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.name.endswith(("-wal", "-shm")) and p.name not in ("lock", "catalog.sqlite")
+    }
+    con = sqlite3.connect(path / "catalog.sqlite")
+    files["catalog"] = "\n".join(con.iterdump())
+    con.close()
+    return files
+
+
+@pytest.fixture(scope="module")
+def ckpt_files(tmp_path_factory) -> list[Path]:
+    """Five real Lightning .ckpt files, one per epoch."""
+    root = tmp_path_factory.mktemp("lightning")
+    pl.seed_everything(0)
+    train, val = tiny_loaders()
+    mc = ModelCheckpoint(dirpath=root / "ckpts", save_top_k=-1, filename="{epoch}")
+    trainer = pl.Trainer(max_epochs=5, callbacks=[mc], default_root_dir=root, **TRAINER_DEFAULTS)
+    trainer.fit(TinyModel(), train, val)
+    files = sorted((root / "ckpts").glob("epoch=*.ckpt"))
+    assert len(files) == 5
+    return files
+
+
+@pytest.fixture()
+def repo_path(tmp_path) -> Path:
+    path = tmp_path / ".coral"
+    repo = Repository(path)
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(64, 64), "b": torch.zeros(64), "frozen": torch.ones(128, 8)}
+    for epoch in range(3):
+        sd = {**sd, "w": sd["w"] + 0.01 * torch.randn(64, 64), "b": sd["b"] + 1}
+        repo.commit({"epoch": epoch, "state_dict": dict(sd)}, run="exp", metrics={"val_loss": 1.0 / (epoch + 1)},
+                    monitor="val_loss", tags=[f"e{epoch}"])
+    repo.close()
+    return path
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "coral-torch" in capsys.readouterr().out
+    for cmd in ("log", "show", "diff", "export", "import", "tag", "gc", "verify", "stats", "push", "pull"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: coral-torch" in capsys.readouterr().out
+
+
+def test_log_show_diff_stats(capsys, repo_path):
+    code, out, _ = run(capsys, "--repo", str(repo_path), "log")
+    assert code == 0 and out.count("exp") >= 3 and "val_loss=" in out
+    code, out, _ = run(capsys, "--repo", str(repo_path), "log", "--json")
+    rows = json.loads(out)
+    assert [r["epoch"] for r in rows] == [2, 1, 0] and all(r["stored_bytes"] <= r["logical_bytes"] for r in rows)
+    code, out, _ = run(capsys, "--repo", str(repo_path), "show", "e1", "--json")
+    how = {t["name"]: t["stored"] for t in json.loads(out)["tensors"]}
+    assert how["state_dict/frozen"] == "same as parent" and how["state_dict/w"] in ("delta", "new")
+    code, out, _ = run(capsys, "--repo", str(repo_path), "show", "latest")
+    assert code == 0 and "state_dict/w" in out
+    code, out, _ = run(capsys, "--repo", str(repo_path), "diff", "e0", "e2", "--json")
+    status = {t["tensor"]: t for t in json.loads(out)["tensors"]}
+    assert status["state_dict/frozen"]["status"] == "unchanged"
+    assert status["state_dict/b"]["changed_pct"] == 100.0
+    assert 0 < status["state_dict/w"]["rel_l2"] < 0.1
+    code, out, _ = run(capsys, "--repo", str(repo_path), "stats", "--json")
+    assert json.loads(out)["commits"] == 3
+
+
+def test_stats_plot(capsys, repo_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_png = tmp_path / "stats.png"
+    code, _, _ = run(capsys, "--repo", str(repo_path), "stats", "--plot", str(out_png))
+    assert code == 0 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tag_gc_verify(capsys, repo_path):
+    code, out, _ = run(capsys, "--repo", str(repo_path), "tag", "release", "e1")
+    assert code == 0
+    code, out, _ = run(capsys, "--repo", str(repo_path), "tag")
+    assert "release" in out
+    repo = Repository(repo_path, create=False)
+    first = repo.resolve("e0")
+    for name in [n for n, c in repo.refs().items() if c == first]:
+        repo.delete_ref(name)
+    before = snapshot(repo_path)
+    code, out, _ = run(capsys, "--repo", str(repo_path), "gc")  # dry run
+    assert code == 0 and "would remove 1 commit" in out
+    assert snapshot(repo_path) == before
+    code, out, _ = run(capsys, "--repo", str(repo_path), "gc", "--yes")
+    assert code == 0 and "removed 1 commit" in out
+    code, out, _ = run(capsys, "--repo", str(repo_path), "verify")
+    assert code == 0 and out.strip().endswith("ok")
+
+
+def test_verify_reports_damage(capsys, repo_path):
+    pack = sorted((repo_path / "packs").glob("*.h5"))[0]
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "--repo", str(repo_path), "verify")
+    assert code == 1 and "DAMAGED" in out
+
+
+def test_import_export_lightning_ckpts_round_trip(capsys, ckpt_files, tmp_path):
+    repo = tmp_path / "imported"
+    code, out, err = run(capsys, "--repo", str(repo), "import", *map(str, ckpt_files))
+    assert code == 0, err
+    assert "imported 5 file(s)" in out and "->" in out
+    r = Repository(repo, create=False)
+    commits = list(reversed(r.log()))
+    assert len(commits) == 5
+    for src, commit in zip(ckpt_files, commits):
+        out_file = tmp_path / f"{src.stem}.ckpt"
+        code, _, err = run(capsys, "--repo", str(repo), "export", commit.id[:12], str(out_file))
+        assert code == 0, err
+        original = torch.load(src, weights_only=False)
+        exported = torch.load(out_file, weights_only=False)
+        assert_equal(original, exported)
+
+
+def assert_equal(a, b, path="") -> None:
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+def test_export_safetensors(capsys, repo_path, tmp_path):
+    from safetensors.torch import load_file
+
+    out_file = tmp_path / "model.safetensors"
+    code, _, err = run(capsys, "--repo", str(repo_path), "export", "e2", str(out_file))
+    assert code == 0, err
+    loaded = load_file(out_file)
+    want = Repository(repo_path, create=False).load("e2")["state_dict"]
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def _ambiguous_prefix(repo_path: Path) -> str:
+    """Add a commit row whose id shares a 6-char prefix with a real one (ids are hashes, so a
+    real collision at 4+ chars needs thousands of commits)."""
+    con = sqlite3.connect(repo_path / "catalog.sqlite")
+    cid, manifest = con.execute("SELECT id, manifest FROM commits LIMIT 1").fetchone()
+    twin = cid[:6] + ("0" if cid[6] != "0" else "1") + cid[7:]
+    con.execute("INSERT INTO commits(id, parent, run, time, manifest, logical_bytes, new_bytes) "
+                "VALUES (?, NULL, 'x', 0, ?, 0, 0)", (twin, manifest))
+    con.commit()
+    con.close()
+    return cid[:6]
+
+
+@pytest.mark.parametrize("argv", [
+    ["show", "nosuchref"],
+    ["show", "AMBIG"],
+    ["diff", "e0", "nosuchref"],
+    ["export", "nosuchref", "OUT/x.pt"],
+    ["export", "e0", "OUT/x.unknown"],
+    ["tag", "t", "nosuchref"],
+    ["tag", "--delete", "nosuchtag"],
+    ["tag", "bad/name", "e0"],
+    ["import", "MISSING.pt"],
+    ["import", "TEXT.pt"],
+    ["import", "NOTENSORS.pt"],
+    ["import", "DIR"],
+    ["push", "not-a-url"],
+    ["pull", "http://x/y"],
+])
+def test_bad_input_is_one_line_error_and_changes_nothing(capsys, repo_path, tmp_path, argv):
+    prefix = _ambiguous_prefix(repo_path)
+    (tmp_path / "TEXT.pt").write_text("this is not a checkpoint\n")
+    torch.save({"a": 1, "b": [2, 3]}, tmp_path / "NOTENSORS.pt")
+    (tmp_path / "DIR").mkdir()
+    subst = {"AMBIG": prefix, "MISSING.pt": str(tmp_path / "missing.pt"), "TEXT.pt": str(tmp_path / "TEXT.pt"),
+             "NOTENSORS.pt": str(tmp_path / "NOTENSORS.pt"), "DIR": str(tmp_path / "DIR")}
+    args = [subst.get(a, a.replace("OUT", str(tmp_path / "out"))) for a in argv]
+    before = snapshot(repo_path)
+    code, out, err = run(capsys, "--repo", str(repo_path), *args)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("coral-torch: error:"), err
+    assert "Traceback" not in err
+    assert snapshot(repo_path) == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    if argv[1:] == ["AMBIG"]:
+        assert "ambiguous" in err
+
+
+@pytest.mark.parametrize("cmd", [["log"], ["show", "latest"], ["verify"], ["gc"], ["stats"], ["tag"]])
+def test_not_a_repository(capsys, tmp_path, cmd):
+    code, _, err = run(capsys, "--repo", str(tmp_path / "nope"), *cmd)
+    assert code == 1 and "not a coral-torch repository" in err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_console_script_runs_as_a_subprocess(repo_path):
+    exe = Path(sys.executable).parent / "coral-torch"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "coral_torch.cli"]
+    res = subprocess.run(cmd + ["--repo", str(repo_path), "log"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "exp" in res.stdout
+    res = subprocess.run(cmd + ["--repo", str(repo_path), "show", "zzzz"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

@@ -1,0 +1,859 @@
+"""Repository: bit-exact commits over delta chains, refs, dedup, gc, locking, corruption, unsafe pickles.
+
+Everything runs on real files in temporary directories; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import copy
+import io
+import json
+import math
+import os
+import pickle
+import random
+import sqlite3
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import coral_torch
+from coral_torch import DeltaConfig, Repository
+from coral_torch.errors import (
+    AmbiguousRefError,
+    CheckpointDamagedError,
+    NotARepositoryError,
+    RefNotFoundError,
+    RepositoryLockedError,
+    UnsafeCheckpointError,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same(a, b, path="obj"):
+    """``b`` is an exact copy of ``a``: types, key order, ``_metadata``, dtypes, shapes, raw bytes."""
+    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
+        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
+        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
+        assert_same(ma, mb, f"{path}._metadata")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def packs_bytes(repo: Repository) -> int:
+    return sum(p.stat().st_size for p in (repo.path / "packs").iterdir())
+
+
+def object_of(repo: Repository, cid: str, name: str):
+    h = dict((n, h) for n, h, _ in repo.catalog.commit_objects(cid))[name]
+    return repo.catalog.get_object(h)
+
+
+def py_child(code: str, *args: str) -> subprocess.Popen:
+    """Start a Python child (the venv's interpreter) running ``code``; its stdout is a text pipe."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 60.0) -> str:
+    """Block until the child prints a line starting with ``prefix`` (fails if it exits first)."""
+    result: list[str] = []
+
+    def reader():
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                result.append(line.strip())
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        proc.kill()
+        raise AssertionError(f"child never printed {prefix!r}; stderr: {proc.stderr.read()[-3000:]}")
+    return result[0]
+
+
+# ================================================================== 1. training sequences
+class TinyNet(nn.Module):
+    def __init__(self, emb_dtype: torch.dtype, dtype: torch.dtype):
+        super().__init__()
+        self.emb = nn.Embedding(40, 12).to(emb_dtype)
+        self.fc1 = nn.Linear(24, 48).to(dtype)
+        self.bn = nn.BatchNorm1d(48).to(dtype)
+        self.fc2 = nn.Linear(48, 6).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        h = self.emb(x).flatten(1).to(self.dtype)
+        return self.fc2(torch.relu(self.bn(self.fc1(h))))
+
+
+SEQUENCE_DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "mixed": (torch.bfloat16, torch.float32),
+}
+
+
+def _sequence_kind(seed: int) -> str:
+    return ["fp32", "bf16", "fp32", "fp16", "mixed"][seed % 5]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster on one thread (no OpenMP spinning on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_training_sequence_roundtrips_bit_exact_through_delta_chains(tmp_path, seed, one_torch_thread):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kind = _sequence_kind(seed)
+    emb_dtype, dtype = SEQUENCE_DTYPES[kind]
+    model = TinyNet(emb_dtype, dtype)
+    half = dtype != torch.float32
+    opt = torch.optim.AdamW(model.parameters(), lr=rng.choice([1e-3, 3e-3, 1e-2]), eps=1e-3 if half else 1e-8)
+    epochs = rng.randint(4, 12)
+    full_checkpoint = rng.random() < 0.6
+    max_chain = 3
+    repo = Repository(tmp_path / "repo", delta_config=DeltaConfig(max_chain_length=max_chain))
+    saved: list[tuple[str, object]] = []
+    all_stats = []
+    for epoch in range(epochs):
+        for _ in range(rng.randint(1, 4)):
+            x = torch.randint(0, 40, (16, 2))
+            y = torch.randn(16, 6, dtype=dtype)
+            loss = ((model(x) - y) ** 2).float().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if full_checkpoint:
+            obj = {"epoch": epoch, "global_step": epoch * 10, "state_dict": model.state_dict(),
+                   "optimizer_states": [opt.state_dict()], "loss": loss.item()}
+        else:
+            obj = model.state_dict()
+        expected = copy.deepcopy(obj)
+        stats = repo.commit(obj, run=f"seq{seed}", metrics={"val_loss": loss.detach()}, monitor="val_loss")
+        all_stats.append(stats)
+        saved.append((stats.commit_id, expected))
+    repo.close()
+
+    assert any(s.new_delta > 0 for s in all_stats), [(s.new_full, s.new_delta, s.deduplicated) for s in all_stats]
+    assert len({cid for cid, _ in saved}) == epochs
+
+    # a fresh Repository on the same path: every epoch, in a shuffled order, at every chain depth
+    fresh = Repository(tmp_path / "repo", create=False)
+    depths = [r[0] for r in fresh.catalog.conn.execute("SELECT depth FROM objects")]
+    assert max(depths) <= max_chain
+    if kind == "fp32" and epochs >= 6:
+        assert max(depths) == max_chain  # chains reached their bound and wrapped to keyframes
+    bad = fresh.catalog.conn.execute(
+        "SELECT COUNT(*) FROM objects d JOIN objects b ON d.base=b.hash WHERE d.kind='delta' AND d.depth != b.depth + 1"
+    ).fetchone()[0]
+    assert bad == 0
+    order = list(range(epochs))
+    rng.shuffle(order)
+    for i in order:
+        cid, expected = saved[i]
+        back = fresh.load(cid)
+        assert_same(expected, back, f"epoch{i}")
+        if not full_checkpoint:
+            assert type(back) is collections.OrderedDict and back._metadata == expected._metadata
+    log = fresh.log(f"seq{seed}")
+    assert [c.id for c in log] == [cid for cid, _ in reversed(saved)]
+    assert fresh.resolve(f"seq{seed}/latest") == saved[-1][0]
+    assert fresh.verify().ok
+
+    # resume: load the latest, train on, commit: deltas against the loaded bytes
+    back = fresh.load("latest")
+    model.load_state_dict(back["state_dict"] if full_checkpoint else back)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    obj = model.state_dict() if not full_checkpoint else {"epoch": epochs, "state_dict": model.state_dict()}
+    expected = copy.deepcopy(obj)
+    stats = fresh.commit(obj, run=f"seq{seed}")
+    assert_same(expected, Repository(tmp_path / "repo", create=False).load(stats.commit_id))
+    fresh.close()
+
+
+# ===================================================================================== 4. refs
+def small(seed: int, n: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(n, generator=g), "seed": seed}
+
+
+def test_refs_resolve_every_form(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    losses = [0.5, 0.2, 0.3, 0.25]
+    ids = []
+    for i, vl in enumerate(losses):
+        ids.append(repo.commit(small(i), run="alpha", metrics={"val_loss": vl}, monitor="val_loss", mode="min",
+                               epoch=i, tags=["v1"] if i == 1 else ()).commit_id)
+    accs = [0.1, 0.9, 0.5]
+    beta = [repo.commit(small(100 + i), run="beta", metrics={"acc": a}, monitor="acc", mode="max").commit_id
+            for i, a in enumerate(accs)]
+
+    for cid in ids + beta:
+        assert repo.resolve(cid) == cid
+        assert repo.resolve(cid.upper()) == cid
+        assert repo.resolve(f"coral://{cid}") == cid
+    unique_len = next(n for n in range(4, 33) if len({c[:n] for c in ids + beta}) == len(ids + beta))
+    for cid in ids + beta:
+        assert repo.resolve(cid[:unique_len]) == cid
+        assert repo.resolve(f"coral://{cid[:unique_len]}") == cid
+    assert repo.resolve("v1") == ids[1]
+    assert repo.resolve("tags/v1") == ids[1]
+    assert repo.resolve("coral://v1") == ids[1]
+    assert repo.resolve("latest") == beta[-1]
+    assert repo.resolve("alpha") == ids[-1]
+    assert repo.resolve("alpha/latest") == ids[-1]
+    assert repo.resolve("alpha/best") == ids[1]  # min val_loss
+    assert repo.resolve("beta/best") == beta[1]  # max acc
+    assert repo.resolve("best") == beta[1]  # best of the latest run
+    assert repo.resolve("runs/alpha/latest") == ids[-1]
+
+    # log: newest first, per run and overall
+    assert [c.id for c in repo.log("alpha")] == ids[::-1]
+    assert [c.id for c in repo.log("beta")] == beta[::-1]
+    assert [c.id for c in repo.log()] == (ids + beta)[::-1]
+    assert [c.epoch for c in repo.log("alpha")] == [3, 2, 1, 0]
+    assert repo.log("alpha")[0].metrics == {"val_loss": 0.25}
+
+    repo.tag("release", "alpha/best")
+    assert repo.resolve("release") == ids[1]
+    assert_same(small(1), repo.load("release"))
+    assert repo.delete_ref("tags/release")
+    with pytest.raises(RefNotFoundError):
+        repo.resolve("release")
+
+
+def test_best_in_single_run_repository(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    with pytest.raises(RefNotFoundError, match="monitor"):
+        repo.resolve("best")
+    ids = [repo.commit(small(i), metrics={"val_loss": v}, monitor="val_loss", mode="min").commit_id
+           for i, v in enumerate([0.9, 0.4, float("nan"), 0.6])]
+    assert repo.resolve("best") == ids[1]
+    assert_same(small(1), coral_torch.load("best", repo=repo))
+    assert_same(small(1), coral_torch.load("coral://best", repo=repo))
+
+
+def test_unknown_and_short_refs_raise_clear_errors(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    with pytest.raises(RefNotFoundError, match="no commits yet"):
+        repo.resolve("latest")
+    cid = repo.commit(small(0), run="myrun", tags=["good"]).commit_id
+    with pytest.raises(RefNotFoundError) as e:
+        repo.resolve("nonexistent")
+    msg = str(e.value)
+    assert "nonexistent" in msg and "myrun" in msg and "good" in msg and "at least 4" in msg
+    with pytest.raises(RefNotFoundError):
+        repo.resolve(cid[:3])  # too short to be a prefix
+    other = "0000" if not cid.startswith("0000") else "ffff"
+    with pytest.raises(RefNotFoundError, match="no commit matches"):
+        repo.resolve(other + "abcdef")
+    with pytest.raises(RefNotFoundError):
+        repo.resolve("")
+    with pytest.raises(KeyError):  # RefNotFoundError is a KeyError, like a dict lookup
+        repo.resolve("nope")
+    with pytest.raises(NotARepositoryError):
+        Repository(tmp_path / "missing", create=False)
+
+
+def test_ambiguous_prefix_lists_candidates(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    by_prefix: dict[str, str] = {}
+    pair = None
+    for i in range(3000):  # deterministic: the first 4-char collision among tiny commits
+        cid = repo.commit({"i": i}).commit_id
+        if cid[:4] in by_prefix:
+            pair = (by_prefix[cid[:4]], cid)
+            break
+        by_prefix[cid[:4]] = cid
+    assert pair is not None
+    prefix = pair[0][:4]
+    with pytest.raises(AmbiguousRefError) as e:
+        repo.resolve(prefix)
+    assert set(pair) <= set(e.value.candidates)
+    assert pair[0][:12] in str(e.value) and pair[1][:12] in str(e.value)
+    assert "ambiguous" in str(e.value)
+    with pytest.raises(AmbiguousRefError):
+        coral_torch.load(f"coral://{prefix}", repo=repo)
+    common = len(os.path.commonprefix(pair))
+    for cid in pair:
+        assert repo.resolve(cid[: common + 1]) == cid
+    assert repo.load(pair[1][: common + 1])["i"] == i
+
+
+# ==================================================================================== 5. dedup
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_frozen_backbone_is_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = Backbone()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    repo = Repository(tmp_path / "repo")
+    backbone_names = [f"state_dict/{k}" for k in model.state_dict() if k.startswith("backbone")]
+    head_names = [f"state_dict/{k}" for k in model.state_dict() if k.startswith("head")]
+    head_bytes = sum(t.numel() * 4 for k, t in model.state_dict().items() if k.startswith("head"))
+    stats = []
+    expected = []
+    for epoch in range(4):
+        loss = model(torch.randn(8, 128)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj = {"epoch": epoch, "state_dict": model.state_dict()}
+        expected.append(copy.deepcopy(obj))
+        stats.append(repo.commit(obj, run="frozen"))
+    first, *rest = stats
+    assert first.new_full == len(backbone_names) + len(head_names)
+    for s in rest:
+        assert s.deduplicated == len(backbone_names)
+        assert s.new_full + s.new_delta == len(head_names)
+        assert s.written_bytes <= head_bytes + 1024
+        hows = {n: how for n, _, how in repo.catalog.commit_objects(s.commit_id)}
+        assert all(hows[n] == "dedup" for n in backbone_names)
+        assert all(hows[n] in ("full", "delta") for n in head_names)
+    n_objects = repo.catalog.conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0]
+    assert n_objects == len(backbone_names) + 4 * len(head_names)
+
+    # the same backbone in a second run, from a second Repository object: stored once
+    torch.manual_seed(0)
+    other = Backbone()
+    other.head.reset_parameters()
+    repo2 = Repository(tmp_path / "repo")
+    s2 = repo2.commit({"epoch": 0, "state_dict": other.state_dict()}, run="finetune-2")
+    assert s2.deduplicated >= len(backbone_names)
+    assert s2.new_full == len(head_names)
+    assert repo2.catalog.conn.execute("SELECT COUNT(*) FROM objects").fetchone()[0] == n_objects + len(head_names)
+    for st, exp in zip(stats, expected):
+        assert_same(exp, repo2.load(st.commit_id))
+
+
+def test_identical_tensors_and_tied_weights_stored_once(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    emb = nn.Embedding(64, 32)
+    head = nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    sd = {"emb.weight": emb.weight.detach(), "head.weight": head.weight.detach(), "copy": emb.weight.detach().clone()}
+    s = repo.commit(sd)
+    assert s.tensors == 2 and s.new_full == 1 and s.deduplicated == 1
+    assert s.written_bytes < 64 * 32 * 4 * 1.01
+    back = repo.load(s.commit_id)
+    assert back["emb.weight"] is back["head.weight"]
+    assert back["copy"] is not back["emb.weight"] and torch.equal(back["copy"], back["emb.weight"])
+    s2 = repo.commit({"again": emb.weight.detach().clone()}, run="other")
+    assert s2.written_bytes == 0 and s2.deduplicated == 1
+
+
+# ======================================================================================= 6. gc
+def test_gc_removes_unreferenced_commits_keeps_delta_bases_and_reclaims_disk(tmp_path):
+    repo = Repository(tmp_path / "repo", delta_config=DeltaConfig(max_chain_length=2))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    frozen = torch.randn(128, 128, generator=gen)
+    ids, expected = [], []
+    for epoch in range(6):
+        w = w + 1e-4 * torch.randn(64, 256, generator=gen)
+        obj = {"w": w.clone(), "frozen": frozen, "scratch": torch.randn(256, 256, generator=gen), "epoch": epoch}
+        expected.append(copy.deepcopy(obj))
+        st = repo.commit(obj, run="main", keep=False, tags=["keepme"] if epoch == 2 else ())
+        ids.append(st.commit_id)
+        if epoch > 0 and epoch != 3:
+            assert st.new_delta >= 1, "w should be stored as a delta"
+    junk = repo.commit({"junk": torch.randn(300, 300, generator=gen)}, run="junk", keep=False, head=False).commit_id
+    junk_pack = object_of(repo, junk, "junk").pack
+    chain = [object_of(repo, ids[e], "w") for e in range(6)]
+    assert [o.depth for o in chain] == [0, 1, 2, 0, 1, 2]
+    scratch = [object_of(repo, ids[e], "scratch") for e in range(6)]
+    live = {ids[2], ids[5]}
+    dead = set(ids) - live | {junk}
+
+    dry = repo.gc(dry_run=True)
+    assert dry["dry_run"] and dry["commits_removed"] == len(dead)
+    assert len(repo.log()) == 7  # nothing changed
+
+    before = packs_bytes(repo)
+    stats = repo.gc()
+    after = packs_bytes(repo)
+    assert stats["commits_removed"] == len(dead)
+    assert {c.id for c in repo.log()} == live
+    for cid in dead:
+        assert repo.catalog.get_commit(cid) is None
+        assert repo.catalog.commit_objects(cid) == []
+    # unique objects of dead commits are gone, with their bytes
+    for e in (0, 1, 3, 4):
+        assert repo.catalog.get_object(scratch[e].hash) is None
+    assert not (repo.path / "packs" / junk_pack).exists()
+    assert stats["packs_removed"] >= 1 and stats["packs_rewritten"] >= 1
+    scratch_bytes = 256 * 256 * 4
+    assert before - after >= 4.5 * scratch_bytes  # 4 scratch tensors + junk (300x300 floats)
+    assert stats["bytes_reclaimed"] == before - after
+    # delta bases of live commits stay, though their commits are gone
+    for e in (0, 1, 2, 3, 4, 5):
+        assert repo.catalog.get_object(chain[e].hash) is not None
+    assert repo.catalog.get_object(scratch[2].hash) and repo.catalog.get_object(scratch[5].hash)
+    # every remaining object lives in a pack that exists; no stray files
+    packs = set(repo.catalog.packs())
+    assert packs == {p.name for p in (repo.path / "packs").iterdir()}
+    assert {r.pack for r in repo.catalog.all_objects()} <= packs
+
+    for e in (2, 5):
+        assert_same(expected[e], repo.load(ids[e]))
+    report = repo.verify()
+    assert report.ok and not report.orphan_files and report.objects_checked == len(repo.catalog.all_objects())
+    repo.close()
+    fresh = Repository(tmp_path / "repo", create=False)
+    for e in (2, 5):
+        assert_same(expected[e], fresh.load(ids[e]))
+    again = fresh.gc()
+    assert again["commits_removed"] == 0 and again["objects_removed"] == 0 and again["bytes_reclaimed"] == 0
+    # the run continues after gc: deltas against the loaded latest
+    obj = {"w": w + 1e-4, "frozen": frozen, "scratch": torch.zeros(2), "epoch": 6}
+    st = fresh.commit(obj, run="main", keep=False)
+    assert_same(obj, fresh.load(st.commit_id))
+    assert fresh.verify().ok
+
+
+def test_gc_removes_orphan_files_and_deleted_refs(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    a = repo.commit(small(1), run="r").commit_id
+    b = repo.commit(small(2), run="r").commit_id
+    (repo.path / "packs" / ".tmp-20250101-000000-abcdef.h5").write_bytes(b"half written")
+    (repo.path / "packs" / "20250101-000000-unknown.h5").write_bytes(b"\x89HDF\r\n" + b"\0" * 100)
+    report = repo.verify()
+    assert report.ok
+    assert sorted(report.orphan_files) == [".tmp-20250101-000000-abcdef.h5", "20250101-000000-unknown.h5"]
+    assert repo.delete_ref(f"keep/{a}")
+    stats = repo.gc()
+    assert stats["orphan_files_removed"] == 2 and stats["commits_removed"] == 1
+    assert repo.verify().orphan_files == []
+    assert [c.id for c in repo.log()] == [b]
+    assert_same(small(2), repo.load(b))
+
+
+def test_colliding_tensor_names_survive_gc(tmp_path):
+    """Keys 1 and "1" (or "a/b" and ["a"]["b"]) flatten to the same tensor name; gc must still keep
+    both tensors of a live commit."""
+    repo = Repository(tmp_path / "repo")
+    gen = torch.Generator().manual_seed(0)
+    obj = {1: torch.randn(100, generator=gen), "1": torch.randn(100, generator=gen),
+           "a/b": torch.randn(10, generator=gen), "a": {"b": torch.randn(10, generator=gen)}}
+    cid = repo.commit(obj, keep=False).commit_id  # live through runs/default/latest only
+    repo.commit(small(0), run="other", keep=False, head=False)
+    repo.gc()
+    assert_same(obj, repo.load(cid))
+    assert repo.verify().ok
+
+
+# ========================================================================== threads in one process
+def test_gc_and_commits_from_threads_of_one_process_do_not_race(tmp_path):
+    """A background save thread and a gc on another thread share one Repository: the write lock must
+    exclude threads too (otherwise gc deletes the pack a commit is writing)."""
+    repo = Repository(tmp_path / "repo", workers=2)
+    errors: list[BaseException] = []
+    done = threading.Event()
+    saved: list[tuple[str, dict]] = []
+
+    def writer():
+        try:
+            gen = torch.Generator().manual_seed(1)
+            for i in range(40):
+                obj = {"w": torch.randn(20000, generator=gen), "i": i}
+                saved.append((repo.commit(obj, run="bg").commit_id, obj))
+                repo.commit({"tmp": torch.randn(4000, generator=gen)}, run="scratch", keep=False, head=False)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def collector():
+        try:
+            while not done.is_set():
+                repo.gc()
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=collector)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for cid, obj in saved:
+        assert_same(obj, repo.load(cid))
+    assert repo.verify().ok
+
+
+def test_repository_created_concurrently_or_after_interrupted_creation(tmp_path):
+    (tmp_path / "half" / "packs").mkdir(parents=True)  # a creation killed before the catalog existed
+    Repository(tmp_path / "half").commit(small(0))
+    errors = []
+
+    def make(p):
+        try:
+            Repository(p).close()
+        except Exception as exc:
+            errors.append(exc)
+
+    for trial in range(5):
+        threads = [threading.Thread(target=make, args=(tmp_path / f"r{trial}",)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "data.txt").write_text("user file")
+    with pytest.raises(NotARepositoryError, match="refusing"):
+        Repository(tmp_path / "busy")
+
+
+# ==================================================================== 8. processes and the lock
+LOCK_HOLDER = """
+import sys, time
+from coral_torch import Repository
+r = Repository(sys.argv[1])
+r.lock.acquire()
+print("LOCKED", flush=True)
+time.sleep(float(sys.argv[2]))
+r.lock.release()
+print("RELEASED", flush=True)
+"""
+
+WRITER = """
+import sys, torch
+from coral_torch import Repository
+path, run, seed, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+r = Repository(path, lock_timeout=120)
+print("READY", flush=True)
+for i in range(n):
+    g = torch.Generator().manual_seed(seed * 1000 + i)
+    st = r.commit({"w": torch.randn(200, 200, generator=g), "i": i, "run": run}, run=run)
+    print("DONE", st.commit_id, i, flush=True)
+"""
+
+
+def writer_obj(run: str, seed: int, i: int) -> dict:
+    """What WRITER commits as its ``i``-th checkpoint."""
+    g = torch.Generator().manual_seed(seed * 1000 + i)
+    return {"w": torch.randn(200, 200, generator=g), "i": i, "run": run}
+
+
+def test_second_writer_gets_locked_error_naming_the_pid_while_readers_work(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    obj = {"w": torch.randn(100, 100), "n": 1}
+    cid = repo.commit(obj).commit_id
+    child = py_child(LOCK_HOLDER, str(repo.path), "60")
+    try:
+        wait_line(child, "LOCKED")
+        impatient = Repository(tmp_path / "repo", lock_timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(RepositoryLockedError) as e:
+            impatient.commit({"x": torch.ones(3)})
+        assert time.monotonic() - t0 < 5
+        assert f"locked by PID {child.pid}" in str(e.value)
+        assert e.value.pid == child.pid
+        with pytest.raises(RepositoryLockedError, match=f"PID {child.pid}"):
+            impatient.gc()
+        # readers do not need the lock
+        reader = Repository(tmp_path / "repo", create=False)
+        assert_same(obj, reader.load(cid))
+        assert_same(obj, coral_torch.load(cid[:8], repo=tmp_path / "repo"))
+        assert [c.id for c in reader.log()] == [cid]
+        assert reader.verify().ok
+    finally:
+        child.kill()
+        child.wait()
+    # SIGKILL released the lock: the next writer goes through at once
+    t0 = time.monotonic()
+    st = impatient.commit({"x": torch.ones(3)})
+    assert time.monotonic() - t0 < 5
+    assert_same({"x": torch.ones(3)}, repo.load(st.commit_id))
+
+
+def test_writers_wait_for_each_other_and_readers_read_meanwhile(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    base = {"w": torch.randn(300, 300), "tag": "base"}
+    base_id = repo.commit(base, run="base").commit_id
+
+    # 1. a writer waits for the lock and then succeeds
+    holder = py_child(LOCK_HOLDER, str(repo.path), "1.5")
+    wait_line(holder, "LOCKED")
+    patient = Repository(tmp_path / "repo", lock_timeout=60)
+    t0 = time.monotonic()
+    st = patient.commit({"after": torch.arange(5)})
+    waited = time.monotonic() - t0
+    assert holder.wait(30) == 0
+    assert waited > 0.5, f"the commit did not wait for the lock holder ({waited:.2f}s)"
+    assert torch.equal(repo.load(st.commit_id)["after"], torch.arange(5))
+
+    # 2. two writer processes in parallel, a reader in this process meanwhile
+    writers = [py_child(WRITER, str(repo.path), f"w{k}", str(k), "6") for k in range(2)]
+    loads = 0
+    try:
+        while any(w.poll() is None for w in writers):
+            assert_same(base, repo.load(base_id))  # never blocked, never sees a partial commit
+            newest = repo.log()[0]
+            if newest.run != "base" and newest.run.startswith("w"):
+                i = repo.load(newest.id)["i"]
+                assert_same(writer_obj(newest.run, int(newest.run[1:]), i), repo.load(newest.id))
+            loads += 1
+        outs = [w.communicate(timeout=60) for w in writers]
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+    for w, (out, err) in zip(writers, outs):
+        assert w.returncode == 0, err[-3000:]
+        assert out.count("DONE") == 6
+    assert loads > 0
+    fresh = Repository(tmp_path / "repo", create=False)
+    for k in range(2):
+        log = fresh.log(f"w{k}")
+        assert len(log) == 6
+        for c, i in zip(log, range(5, -1, -1)):
+            assert_same(writer_obj(f"w{k}", k, i), fresh.load(c.id))
+        done_ids = [line.split()[1] for line in outs[k][0].splitlines() if line.startswith("DONE")]
+        assert [c.id for c in log] == done_ids[::-1]
+    assert fresh.verify().ok
+
+
+# ================================================================================ 9. corruption
+def _corruption_repo(tmp_path):
+    """Run "main": w is a keyframe at epochs 0 and 2, a delta at 1 and 3 (max_chain_length=1);
+    "clean" is an unrelated run."""
+    repo = Repository(tmp_path / "repo", delta_config=DeltaConfig(max_chain_length=1))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen)
+    shared = torch.randn(32, 32, generator=gen)
+    ids, expected = [], []
+    for epoch in range(4):
+        w = w + 1e-4 * torch.randn(64, 128, generator=gen)
+        obj = {"w": w.clone(), "b": torch.randn(64, generator=gen), "shared": shared, "epoch": epoch}
+        expected.append(copy.deepcopy(obj))
+        st = repo.commit(obj, run="main")
+        ids.append(st.commit_id)
+    kinds = [object_of(repo, c, "w").kind for c in ids]
+    assert kinds == ["full", "delta", "full", "delta"]
+    clean_obj = {"c": torch.randn(50, generator=gen)}
+    clean = repo.commit(clean_obj, run="clean").commit_id
+    repo.close()
+    return ids, expected, clean, clean_obj
+
+
+def _flip_byte(pack: Path, group: str, key: str, at: float = 0.5) -> None:
+    with h5py.File(pack, "r+") as f:
+        ds = f[group][key]
+        data = ds[()]
+        i = int(len(data) * at)
+        data[i] ^= 0x5A
+        ds[...] = data
+
+
+@pytest.mark.parametrize("group", ["weights", "deltas"])
+def test_flipped_byte_is_detected_and_named(tmp_path, group):
+    ids, expected, clean, clean_obj = _corruption_repo(tmp_path)
+    repo = Repository(tmp_path / "repo", create=False)
+    victim_epoch = 0 if group == "weights" else 1
+    victim = object_of(repo, ids[victim_epoch], "w")
+    assert victim.kind == ("full" if group == "weights" else "delta")
+    repo.close()
+    _flip_byte(tmp_path / "repo" / "packs" / victim.pack, group, victim.hash)
+
+    repo = Repository(tmp_path / "repo", create=False)
+    damaged = [0, 1] if group == "weights" else [1]  # epoch 1's w is a delta on epoch 0's
+    for e in range(4):
+        if e in damaged:
+            with pytest.raises(CheckpointDamagedError) as exc:
+                repo.load(ids[e])
+            assert exc.value.tensors == ["w"]
+            assert exc.value.commit == ids[e]
+            assert "w" in str(exc.value) and ids[e][:10] in str(exc.value)
+        else:
+            assert_same(expected[e], repo.load(ids[e]))
+    assert_same(clean_obj, repo.load(clean))
+    with pytest.raises(CheckpointDamagedError):
+        coral_torch.load(ids[damaged[0]], repo=repo)
+
+    report = repo.verify()
+    assert not report.ok
+    assert victim.hash in report.damaged_objects
+    if group == "weights":
+        child = object_of(repo, ids[1], "w")
+        assert child.hash in report.damaged_objects
+        assert "delta base" in report.damaged_objects[child.hash]
+    assert set(report.damaged_commits) == {ids[e] for e in damaged}
+    assert all(names == ["w"] for names in report.damaged_commits.values())
+
+
+def test_truncated_pack_is_detected_and_named(tmp_path):
+    ids, expected, clean, clean_obj = _corruption_repo(tmp_path)
+    repo = Repository(tmp_path / "repo", create=False)
+    pack = object_of(repo, ids[2], "w").pack  # keyframe of epoch 2, base of epoch 3's delta
+    in_pack = {r.hash for r in repo.catalog.all_objects() if r.pack == pack}
+    repo.close()
+    path = tmp_path / "repo" / "packs" / pack
+    os.truncate(path, path.stat().st_size // 2)
+
+    repo = Repository(tmp_path / "repo", create=False)
+    for e in (2, 3):
+        with pytest.raises(CheckpointDamagedError) as exc:
+            repo.load(ids[e])
+        assert "w" in exc.value.tensors
+        assert exc.value.commit == ids[e]
+        assert all(n in str(exc.value) for n in exc.value.tensors)
+    for e in (0, 1):
+        assert_same(expected[e], repo.load(ids[e]))
+    assert_same(clean_obj, repo.load(clean))
+    report = repo.verify()
+    assert not report.ok
+    assert in_pack <= set(report.damaged_objects)
+    assert object_of(repo, ids[3], "w").hash in report.damaged_objects  # via its delta base
+    assert set(report.damaged_commits) == {ids[2], ids[3]}
+    assert "w" in report.damaged_commits[ids[2]] and "b" in report.damaged_commits[ids[2]]
+    assert "w" in report.damaged_commits[ids[3]]
+
+
+def test_deleted_pack_is_reported_missing(tmp_path):
+    ids, expected, clean, clean_obj = _corruption_repo(tmp_path)
+    repo = Repository(tmp_path / "repo", create=False)
+    pack = object_of(repo, clean, "c").pack
+    (repo.path / "packs" / pack).unlink()
+    report = repo.verify()
+    assert report.missing_packs == [pack] and not report.ok
+    assert list(report.damaged_commits) == [clean]
+    with pytest.raises(CheckpointDamagedError, match="c"):
+        repo.load(clean)
+    assert_same(expected[3], repo.load(ids[3]))
+
+
+# ============================================================================ 10. unsafe pickle
+class _Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _ExecExploit:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_value_needing_code_execution_is_refused_by_default(tmp_path):
+    marker = tmp_path / "pwned"
+    repo = Repository(tmp_path / "repo")
+    obj = {"w": torch.ones(3), "payload": _Exploit(marker)}
+    cid = repo.commit(obj).commit_id
+    assert not marker.exists()  # saving ran nothing
+    manifest = repo.catalog.get_commit(cid).manifest
+    blob = manifest["skeleton"]["v"][1]
+    assert blob["t"] == "blob"
+    for load in (lambda: repo.load(cid), lambda: coral_torch.load(cid, repo=repo),
+                 lambda: Repository(tmp_path / "repo").load(cid, weights_only=True)):
+        with pytest.raises(UnsafeCheckpointError, match="weights_only=False"):
+            load()
+        assert not marker.exists()
+    # the test is meaningful: an explicit opt-in does run the pickle
+    repo.load(cid, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
+@pytest.mark.parametrize("exploit", [_Exploit, _ExecExploit])
+def test_crafted_manifest_with_malicious_blob_is_refused(tmp_path, fmt, exploit):
+    marker = tmp_path / "pwned"
+    repo = Repository(tmp_path / "repo")
+    repo.commit({"w": torch.ones(2)})
+    if fmt == "torch.save":
+        buf = io.BytesIO()
+        torch.save(exploit(marker), buf)
+        data = buf.getvalue()
+    else:
+        data = pickle.dumps(exploit(marker))
+    manifest = {
+        "format": 1,
+        "skeleton": {"t": "dict", "k": ["ok", "evil"],
+                     "v": [1, {"t": "blob", "type": "builtins.dict", "v": base64.b64encode(data).decode()}]},
+        "tensors": [],
+    }
+    evil_id = "de" * 16
+    con = sqlite3.connect(repo.path / "catalog.sqlite")
+    with con:
+        con.execute(
+            "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
+            " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (evil_id, None, "default", None, None, time.time(), "", "{}", json.dumps(manifest), 0, 0, 0, "{}"),
+        )
+        con.execute("INSERT INTO refs(name, commit_id, updated) VALUES (?,?,?)", ("tags/evil", evil_id, time.time()))
+    con.close()
+    for ref in ("evil", evil_id, evil_id[:8], "latest"):
+        with pytest.raises(UnsafeCheckpointError):
+            repo.load(ref)
+        with pytest.raises(UnsafeCheckpointError):
+            coral_torch.load(f"coral://{ref}", repo=tmp_path / "repo")
+    assert not marker.exists()
