@@ -218,7 +218,10 @@ def unflatten(
         if t == "size":
             return torch.Size(n["v"])
         if t == "dtype":
-            return getattr(torch, n["v"])
+            dt = getattr(torch, str(n["v"]), None)
+            if not isinstance(dt, torch.dtype):
+                raise CoralError(f"stored dtype {n['v']!r} is not a torch dtype: the checkpoint is damaged")
+            return dt
         if t == "device":
             return torch.device(n["v"])
         if t == "set":
@@ -243,14 +246,17 @@ def _load_blob(node: dict, weights_only: bool) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=weights_only, map_location="cpu")
     except Exception as exc:
-        if weights_only:
+        if weights_only and "weights only" in str(exc).lower():
             raise UnsafeCheckpointError(
                 f"a stored value of type {node.get('type')} can only be rebuilt by running pickled code, "
                 "which coral-torch refuses by default. If you trust this checkpoint, load it with "
                 "weights_only=False, or allow the type with torch.serialization.add_safe_globals. "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from exc
-        raise
+        raise CoralError(
+            f"a stored value of type {node.get('type')} cannot be rebuilt: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
 
 
 def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) -> torch.Tensor:

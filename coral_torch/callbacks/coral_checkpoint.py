@@ -254,6 +254,7 @@ class CoralCheckpoint(Checkpoint):
             "last_commit": self.last_commit or self._resumed_from,
             "best_k": dict(self.best_k),
             "recent": list(self.recent),
+            "full_commit": self._full_commit,
             "rng": capture_rng_state(),
         }
 
@@ -262,6 +263,7 @@ class CoralCheckpoint(Checkpoint):
         self._resumed_from = state_dict.get("last_commit")
         self.best_k = dict(state_dict.get("best_k", {}))
         self.recent = list(state_dict.get("recent", []))
+        self._full_commit = state_dict.get("full_commit")
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
 
@@ -343,7 +345,9 @@ class CoralCheckpoint(Checkpoint):
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)
         if self.keep_optimizer == "last" and OPTIMIZER_KEY in checkpoint:
-            prev, self._full_commit = self._full_commit, cid
+            # first commit after a resume: the commit we resumed from is the one to strip
+            prev = self._full_commit if self.last_commit else (repo.last_loaded or self._full_commit)
+            self._full_commit = cid
             if prev is not None and prev != cid:
                 new = repo.strip_commit(prev, (OPTIMIZER_KEY,))
                 self._rename_commit(repo, run, prev, new)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from ..errors import CoralError, CorruptObjectError, RemoteError
+from ..errors import CoralError, CorruptObjectError, IntegrityError, RemoteError, SyncIncompleteError
 from ..storage.hdf5_store import HDF5Store, PreparedObject
 from .catalog import ObjectRow
 
@@ -120,9 +120,10 @@ class _PackWriter:
             self.store.flush()
 
 
-def _live_closure(repo: "Repository") -> tuple[set[str], set[str]]:
+def _live_closure(repo: "Repository", live: Optional[set[str]] = None) -> tuple[set[str], set[str]]:
     """(live commit ids, object hashes they need incl. delta bases)."""
-    live = set(repo.catalog.refs().values())
+    if live is None:
+        live = set(repo.catalog.refs().values())
     rows = {r.hash: r for r in repo.catalog.all_objects()}
     needed: set[str] = set()
     for cid in live:
@@ -152,14 +153,19 @@ def push(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
     store, owned = _store(remote)
     t0 = time.monotonic()
     try:
-        live, needed = _live_closure(repo)
+        # One snapshot of the refs decides everything this push sends: a commit made while it runs
+        # (training goes on) must not get a remote ref before its objects and document are there.
+        local_refs = {name: (cid, float(updated)) for name, cid, updated in
+                      repo.catalog.conn.execute("SELECT name, commit_id, updated FROM refs")}
+        live, needed = _live_closure(repo, {cid for cid, _ in local_refs.values()})
         obj_stats = store.sync_from_local(_RepositoryObjects(repo, needed), progress=progress)
         remote_commits = set(_remote_json_keys(store, "commits/"))
         sent_commits = 0
         meta_bytes = 0
+        on_remote = live & remote_commits
         for cid in sorted(live - remote_commits):
             row = repo.catalog.get_commit(cid)
-            if row is None:
+            if row is None:  # removed by a concurrent gc: its refs are not sent either
                 continue
             doc = {
                 "kind": "commit", "id": row.id, "parent": row.parent, "run": row.run, "epoch": row.epoch,
@@ -169,11 +175,12 @@ def push(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
                 "objects": [[n, h, how] for n, h, how in repo.catalog.commit_objects(cid)],
             }
             meta_bytes += _put_doc(store, f"commits/{cid}.json", doc)
+            on_remote.add(cid)
             sent_commits += 1
         updated_refs, kept_remote = 0, 0
-        local_refs = dict(repo.catalog.conn.execute("SELECT name, commit_id || ' ' || updated FROM refs"))
-        for name, value in local_refs.items():
-            cid, updated = value.split(" ", 1)
+        for name, (cid, updated) in local_refs.items():
+            if cid not in on_remote:
+                continue
             current = _get_doc(store, f"refs/{name}.json")
             if current is not None and current.get("commit") == cid:
                 continue
@@ -224,7 +231,13 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
                         "nothing was pulled", hash_key=cid,
                     )
                 docs.append((doc, manifest_json))
-            obj_stats = store.sync_to_local(writer, progress=progress)
+            # Insert oldest first: the catalog's insertion order is what `log()` lists and what
+            # `resolve("latest")` picks, so it must follow the commits' own times, not key order.
+            docs.sort(key=lambda d: (float(d[0].get("time") or 0.0), d[0]["id"]))
+            try:
+                obj_stats = store.sync_to_local(writer, progress=progress)
+            except SyncIncompleteError as exc:
+                raise _pull_stopped(repo, store, writer, exc) from None
             pack_name = None
             if writer.store is not None:
                 writer.store.close()
@@ -258,6 +271,79 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
     finally:
         if owned:
             store.close()
+
+
+def _pull_stopped(repo: "Repository", store: "S3Store", writer: _PackWriter,
+                  exc: SyncIncompleteError) -> SyncIncompleteError:
+    """A pull's object sync stopped part-way (connection lost, or damaged objects on the remote).
+
+    No commit or ref changes. The objects that did arrive (each verified) are kept in the catalog,
+    not named by any commit yet, so that running the pull again does not download them again;
+    returns the error to raise, saying so."""
+    kept = 0
+    try:
+        kept = _keep_downloaded(repo, writer)
+    except Exception:  # noqa: BLE001 - best effort: the pull fails either way
+        log.warning("could not keep the objects of the interrupted pull", exc_info=True)
+    first_key, first = next(iter(exc.failures.items()), ("?", exc))
+    damaged = [k for k, e in exc.failures.items() if isinstance(e, IntegrityError)]
+    if damaged and len(damaged) == len(exc.failures):
+        msg = (f"pull from {store.url} into {repo.path} refused: {len(damaged)} object(s) on the remote are "
+               f"damaged (first: {first_key}: {first}). No commit or ref was pulled. Repair the remote from "
+               "an intact copy: delete the damaged objects' metadata/<hash>[.delta].json there and push again "
+               "from a repository that holds them")
+    else:
+        msg = (f"pull from {store.url} into {repo.path} stopped: {len(exc.failures)} object(s) not downloaded "
+               f"(first: {first_key}: {first}). No commit or ref was pulled yet; run the pull again to "
+               "finish it (objects already downloaded are not downloaded again)")
+    if kept:
+        msg += f". Kept {kept} verified object(s) that did arrive"
+    return SyncIncompleteError(msg, stats=exc.stats, failures=exc.failures)
+
+
+def _keep_downloaded(repo: "Repository", writer: _PackWriter) -> int:
+    """Catalog the objects a stopped pull wrote (caller holds the lock); returns how many. A delta
+    whose base is on neither side is left out (the next pull fetches it again)."""
+    if writer.store is None or not writer.rows:
+        return 0
+    from .repository import _fsync_dir, _fsync_file
+
+    writer.store.close()
+    writer.store = None
+    packs = repo.path / "packs"
+    _fsync_file(writer.tmp)
+    os.replace(writer.tmp, packs / writer.name)
+    _fsync_dir(packs)
+    cat = repo.catalog
+    known = {r.hash: r for r in cat.all_objects()}
+    new = {r.hash: r for r in writer.rows}
+
+    def depth(h: str, seen: int = 0) -> Optional[int]:
+        if h in known:
+            return known[h].depth if known[h].kind == "delta" else 0
+        r = new.get(h)
+        if r is None or seen > 10_000:
+            return None
+        if r.kind == "full":
+            return 0
+        if r.depth >= 0:
+            return r.depth
+        d = depth(r.base or "", seen + 1)
+        if d is None:
+            return None
+        r.depth = d + 1
+        return r.depth
+
+    rows = [r for r in writer.rows if r.hash not in known and depth(r.hash) is not None]
+    with cat.transaction() as c:
+        c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)",
+                  (writer.name, (packs / writer.name).stat().st_size, time.time()))
+        c.executemany(
+            "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)), r.nbytes,
+              r.stored_bytes, r.full_estimate, int(r.lossless)) for r in rows],
+        )
+    return len(rows)
 
 
 def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[ObjectRow],

@@ -203,7 +203,7 @@ class Repository:
         for w in (s.weight for s in slots):
             w.compute_hash()
         with self.lock:
-            parent_id = parent if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
+            parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
             if parent_id is not None and self.catalog.get_commit(parent_id) is None:
                 parent_id = None
             parent_objs = self._tensor_index(parent_id) if parent_id else {}
@@ -485,6 +485,13 @@ class Repository:
         return {h: cache[h] for h in unique}
 
     def _materialize_one(self, h: str, cache: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return self._materialize_chain(h, cache)
+        except _PackGone:
+            # a concurrent gc moved the object to a new pack after we read its row: read it again
+            return self._materialize_chain(h, cache)
+
+    def _materialize_chain(self, h: str, cache: dict[str, np.ndarray]) -> np.ndarray:
         if h in cache:
             return cache[h]
         chain: list[ObjectRow] = []
@@ -526,6 +533,8 @@ class Repository:
         if store is None:
             path = self.path / PACKS_DIR / name
             if not path.exists():
+                if name not in self.catalog.packs():
+                    raise _PackGone(f"pack {name} was removed by gc")
                 raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
             store = HDF5Store(path, mode="r")
             self._packs[name] = store
@@ -799,6 +808,10 @@ class Repository:
             stats["bytes_after"] = after
             stats["bytes_reclaimed"] = before - after
             return stats
+
+
+class _PackGone(IntegrityError):
+    """A pack disappeared because gc rewrote it (not damage): the caller re-reads the catalog."""
 
 
 def _renamed(w: WeightTensor, name: str) -> WeightTensor:
