@@ -1,0 +1,173 @@
+"""Lightning benchmark: stock ModelCheckpoint vs CoralCheckpoint on the MiniLM fine-tune.
+
+Same model, data, seed and steps in every run of one process:
+  none          no checkpointing (the wall-time baseline)
+  modelckpt     Lightning's ModelCheckpoint(save_top_k=-1): torch.save every epoch
+  coral-all     CoralCheckpoint(keep_optimizer="all"), asynchronous
+  coral-last    CoralCheckpoint(keep_optimizer="last"), asynchronous (older commits: weights only)
+  coral-sync    CoralCheckpoint(keep_optimizer="all", async_save=False)
+
+Reports per-checkpoint training-loop stall, total wall time, and bytes on disk (coral after gc).
+Targets (issue 4): stall <= 0.25x ModelCheckpoint's save, wall time within 5% of `none`,
+bytes <= 0.55x (all) and <= 0.30x (last).
+
+    .venv/bin/python bench/lightning_bench.py            # 5 epochs x 20 steps
+    .venv/bin/python bench/lightning_bench.py --quick    # 2 epochs x 5 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from epochs_bench import Batches  # noqa: E402
+import minilm  # noqa: E402
+
+from coral_torch import Repository  # noqa: E402
+from coral_torch.callbacks import CoralCheckpoint  # noqa: E402
+
+
+class TimedModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that records how long each save blocks the training loop."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.save_seconds: list[float] = []
+
+    def _save_checkpoint(self, trainer, filepath):
+        t0 = time.perf_counter()
+        super()._save_checkpoint(trainer, filepath)
+        self.save_seconds.append(time.perf_counter() - t0)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def make_batches(steps: int, seed: int) -> list:
+    b = Batches(batch=16, seq_len=64, seed=seed)
+    return [b.next() for _ in range(steps)]
+
+
+def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
+    pl.seed_everything(0, verbose=False)
+    total = epochs * len(batches)
+    model = minilm.LitMiniLM(total_steps=total, warmup_steps=max(1, total // 10))
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    callbacks = []
+    out = root / kind
+    mc = cb = None
+    if kind == "modelckpt":
+        mc = TimedModelCheckpoint(dirpath=out / "ckpts", save_top_k=-1, every_n_epochs=1)
+        callbacks.append(mc)
+    elif kind.startswith("coral"):
+        cb = CoralCheckpoint(repo=out / ".coral", run="bench",
+                             keep_optimizer="last" if kind == "coral-last" else "all",
+                             async_save=kind != "coral-sync")
+        callbacks.append(cb)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=kind != "none",
+                         default_root_dir=out, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(model, loader)
+    wall = time.perf_counter() - t0
+    res = {"kind": kind, "wall_s": wall}
+    if mc is not None:
+        res["stall_s"] = mc.save_seconds
+        res["bytes"] = dir_bytes(out / "ckpts")
+    elif cb is not None:
+        res["stall_s"] = [h["stall_s"] for h in cb.history]
+        res["background_s"] = [h["background_s"] for h in cb.history]
+        repo = Repository(out / ".coral", create=False)
+        res["bytes_before_gc"] = dir_bytes(out / ".coral")
+        repo.gc()
+        res["bytes"] = dir_bytes(out / ".coral")
+        res["verify_ok"] = repo.verify().ok
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--keep", help="keep the run directories here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.steps = 2, 5
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lightning_bench-"))
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    batches = make_batches(args.steps, seed=0)
+    print(f"lightning_bench: MiniLM fine-tune, {args.epochs} epochs x {args.steps} steps, batch 16, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    run("none", batches[:2], 1, root / "warmup")  # first-run costs (imports, allocator) off the clock
+    results = {}
+    for kind in args.runs.split(","):
+        results[kind] = run(kind, batches, args.epochs, root)
+        r = results[kind]
+        print(f"  {kind:<10} done in {r['wall_s']:.1f}s", flush=True)
+
+    base = results.get("none", {}).get("wall_s")
+    mc = results.get("modelckpt")
+    mc_save = (sum(mc["stall_s"]) / len(mc["stall_s"])) if mc and mc["stall_s"] else None
+    mc_bytes = mc["bytes"] if mc else None
+    print()
+    hdr = f"{'run':<11} {'wall s':>7} {'vs none':>8} {'stall/ckpt s':>13} {'vs MC save':>11} {'bg/ckpt s':>10} {'disk MB':>9} {'vs MC':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for kind, r in results.items():
+        stall = (sum(r["stall_s"]) / len(r["stall_s"])) if r.get("stall_s") else None
+        bg = (sum(r["background_s"]) / len(r["background_s"])) if r.get("background_s") else None
+        size = r.get("bytes")
+        cells = [
+            f"{kind:<11}", f"{r['wall_s']:>7.1f}",
+            f"{(r['wall_s'] / base - 1) * 100 if base else 0:>+7.1f}%",
+            f"{stall:>13.3f}" if stall is not None else " " * 13,
+            f"{stall / mc_save:>10.3f}x" if stall is not None and mc_save else " " * 11,
+            f"{bg:>10.2f}" if bg is not None else " " * 10,
+            f"{size / 1e6:>9.1f}" if size is not None else " " * 9,
+            f"{size / mc_bytes:>6.3f}x" if size is not None and mc_bytes else " " * 7,
+        ]
+        print(" ".join(cells))
+    print()
+    if mc_save and "coral-all" in results:
+        ca = results["coral-all"]
+        stall = sum(ca["stall_s"]) / len(ca["stall_s"])
+        checks = [
+            ("stall <= 0.25x ModelCheckpoint save (async)", stall / mc_save <= 0.25, f"{stall / mc_save:.3f}x"),
+            ("wall time within 5% of no checkpointing", base and ca["wall_s"] <= base * 1.05,
+             f"{(ca['wall_s'] / base - 1) * 100:+.1f}%" if base else "n/a"),
+            ("bytes <= 0.55x (keep_optimizer=all)", ca["bytes"] / mc_bytes <= 0.55, f"{ca['bytes'] / mc_bytes:.3f}x"),
+        ]
+        if "coral-last" in results:
+            cl = results["coral-last"]
+            checks.append(("bytes <= 0.30x (keep_optimizer=last)", cl["bytes"] / mc_bytes <= 0.30,
+                           f"{cl['bytes'] / mc_bytes:.3f}x"))
+        for name, ok, val in checks:
+            print(f"  {'HOLDS ' if ok else 'MISSED'}  {name:<48} {val}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
