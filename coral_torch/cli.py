@@ -356,16 +356,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from .storage.s3_store import S3Store
+
     repo = _open_repo(args)
-    stats = repo.push(_remote(args), progress=None)
-    print(f"pushed: {stats}")
+    with S3Store(_remote(args)) as store:
+        s = repo.push(store, progress=None)
+    print(f"pushed {s['commits_uploaded']} commit(s), {s['objects_uploaded']} object(s) "
+          f"({_human(s['object_bytes'])}; {s['objects_skipped']} already there), {s['refs_updated']} ref(s) "
+          f"to {store.url} in {s['seconds']:.1f}s")
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    repo = _open_repo(args, create=True)
-    stats = repo.pull(_remote(args), progress=None)
-    print(f"pulled: {stats}")
+    from .storage.s3_store import S3Store
+
+    with S3Store(_remote(args)) as store:  # reach the remote before creating anything locally
+        repo = _open_repo(args, create=True)
+        s = repo.pull(store, progress=None)
+    print(f"pulled {s['commits_downloaded']} commit(s), {s['objects_downloaded']} object(s) "
+          f"({_human(s['bytes_transferred'])}; {s['objects_skipped']} already here), {s['refs']} ref(s) "
+          f"from {store.url} in {s['seconds']:.1f}s")
     return 0
 
 
