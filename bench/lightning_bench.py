@@ -54,6 +54,9 @@ class TimedModelCheckpoint(ModelCheckpoint):
         self.save_seconds.append(time.perf_counter() - t0)
 
 
+NICE = 10
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -77,7 +80,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
     elif kind.startswith("coral"):
         cb = CoralCheckpoint(repo=out / ".coral", run="bench",
                              keep_optimizer="last" if kind == "coral-last" else "all",
-                             async_save=kind != "coral-sync")
+                             async_save=kind != "coral-sync", background_nice=NICE)
         callbacks.append(cb)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=kind != "none",
@@ -106,11 +109,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
+    ap.add_argument("--nice", type=int, default=10, help="CoralCheckpoint(background_nice=...)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--keep", help="keep the run directories here")
     args = ap.parse_args(argv)
     if args.quick:
         args.epochs, args.steps = 2, 5
+    global NICE
+    NICE = args.nice
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lightning_bench-"))

@@ -57,6 +57,7 @@ CATALOG_NAME = "catalog.sqlite"
 PACKS_DIR = "packs"
 MANIFEST_FORMAT = 1
 _MIN_PREFIX = 4
+_DELTA_RETRY_AFTER = 3  # after a delta loses to the full encoding, commits before trying again
 _HEX = set("0123456789abcdef")
 
 
@@ -156,6 +157,7 @@ class Repository:
         # hash -> raw bytes of recently saved/loaded tensors: delta bases for the next commit.
         self._base_cache: dict[str, np.ndarray] = {}
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
+        self._delta_skip: dict[str, int] = {}  # tensor name -> commits to skip delta attempts
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
@@ -217,6 +219,9 @@ class Repository:
                 bh = None
                 if not (no_delta_prefixes and s.name.startswith(tuple(no_delta_prefixes))):
                     bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
+                if bh is not None and self._delta_skip.get(s.name, 0) > 0:
+                    self._delta_skip[s.name] -= 1  # deltas did not pay for this tensor lately
+                    bh = None
                 if bh is not None and self.delta_config.max_chain_length > 0 and bh in self._base_cache:
                     row = self.catalog.get_object(bh)
                     if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
@@ -374,12 +379,16 @@ class Repository:
             if delta.nbytes > self.delta_config.min_saving * base_row.full_estimate:
                 full = store.prepare(_renamed(w, slot.name))
             if full is None or delta.nbytes < full.stored_bytes:
+                self._delta_skip.pop(slot.name, None)
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
                 prep = store.prepare_delta(delta, h)
                 prep.attrs["name"] = slot.name
                 row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
                                 w.nbytes, prep.stored_bytes, estimate, True)
                 return [prep], row
+            # the delta lost: skip trying for this tensor for a few commits (AdamW's first moment,
+            # for one, changes completely every epoch; trying costs a second encode each time)
+            self._delta_skip[slot.name] = _DELTA_RETRY_AFTER
         if full is None:
             full = store.prepare(_renamed(w, slot.name))
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
