@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS objects (
     nbytes INTEGER NOT NULL,         -- logical bytes
     stored_bytes INTEGER NOT NULL,   -- payload bytes on disk
     full_estimate INTEGER NOT NULL,  -- size of this tensor's own encoding (measured or inherited)
-    lossless INTEGER NOT NULL DEFAULT 1
+    lossless INTEGER NOT NULL DEFAULT 1,
+    offset INTEGER,                  -- payload's byte offset in the pack file (contiguous datasets)
+    length INTEGER                   -- payload's length: loads read it with pread, no HDF5 call
 );
 CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack);
 CREATE TABLE IF NOT EXISTS commits (
@@ -76,6 +78,13 @@ class ObjectRow:
     stored_bytes: int
     full_estimate: int
     lossless: bool = True
+    offset: Optional[int] = None
+    length: Optional[int] = None
+
+    def values(self) -> tuple:
+        """The row as the objects table's columns, in order."""
+        return (self.hash, self.pack, self.kind, self.base, self.depth, self.dtype, json.dumps(list(self.shape)),
+                self.nbytes, self.stored_bytes, self.full_estimate, int(self.lossless), self.offset, self.length)
 
 
 @dataclass
@@ -219,5 +228,6 @@ class Catalog:
 
 
 def _object(r: tuple) -> ObjectRow:
-    h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless = r
-    return ObjectRow(h, pack, kind, base, depth, dtype, tuple(json.loads(shape)), nbytes, stored, full, bool(lossless))
+    h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
+    return ObjectRow(h, pack, kind, base, depth, dtype, tuple(json.loads(shape)), nbytes, stored, full,
+                     bool(lossless), offset, length)

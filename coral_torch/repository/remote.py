@@ -104,15 +104,16 @@ class _PackWriter:
         if not self.store.write_prepared(obj):
             return False
         a = obj.attrs
+        offset, length = obj.location if obj.location is not None else (None, None)
         if obj.group == "weights":
             shape = tuple(int(x) for x in a["shape"])
             self.rows.append(ObjectRow(obj.key, self.name, "full", None, 0, str(a["dtype"]), shape,
-                                       obj.logical_bytes, obj.stored_bytes, obj.stored_bytes, True))
+                                       obj.logical_bytes, obj.stored_bytes, obj.stored_bytes, True, offset, length))
         else:
             shape = tuple(int(x) for x in a["original_shape"])
             self.rows.append(ObjectRow(obj.key, self.name, "delta", str(a["reference_hash"]), -1,
                                        str(a["original_dtype"]), shape, obj.logical_bytes, obj.stored_bytes,
-                                       obj.logical_bytes, bool(a.get("lossless", True))))
+                                       obj.logical_bytes, bool(a.get("lossless", True)), offset, length))
         return True
 
     def flush(self) -> None:
@@ -339,9 +340,8 @@ def _keep_downloaded(repo: "Repository", writer: _PackWriter) -> int:
         c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)",
                   (writer.name, (packs / writer.name).stat().st_size, time.time()))
         c.executemany(
-            "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)), r.nbytes,
-              r.stored_bytes, r.full_estimate, int(r.lossless)) for r in rows],
+            "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [r.values() for r in rows],
         )
     return len(rows)
 
@@ -382,9 +382,8 @@ def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[Object
             c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)",
                       (pack_name, (repo.path / "packs" / pack_name).stat().st_size, now))
             c.executemany(
-                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)), r.nbytes,
-                  r.stored_bytes, r.full_estimate, int(r.lossless)) for r in rows],
+                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [r.values() for r in rows],
             )
         for doc, manifest_json in docs:
             c.execute(

@@ -34,13 +34,15 @@ import numpy as np
 import torch
 import xxhash
 
-from .. import adapters
+from .. import adapters, codec, dtypes
 from ..dedup import Deduplicator
 from ..delta import DeltaConfig, DeltaEncoder
 from ..errors import (
     AmbiguousRefError,
     CheckpointDamagedError,
     CoralError,
+    CorruptObjectError,
+    HashMismatchError,
     IntegrityError,
     NotARepositoryError,
     RefNotFoundError,
@@ -158,6 +160,7 @@ class Repository:
         self._base_cache: dict[str, np.ndarray] = {}
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
         self._delta_skip: dict[str, int] = {}  # tensor name -> commits to skip delta attempts
+        self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
@@ -253,9 +256,8 @@ class Repository:
                     size = (self.path / PACKS_DIR / pack_name).stat().st_size
                     c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack_name, size, now))
                     c.executemany(
-                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        [(r.hash, r.pack, r.kind, r.base, r.depth, r.dtype, json.dumps(list(r.shape)),
-                          r.nbytes, r.stored_bytes, r.full_estimate, int(r.lossless)) for r in new_rows],
+                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        [r.values() for r in new_rows],
                     )
                 exists = c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None
                 stats.existed = exists
@@ -410,6 +412,8 @@ class Repository:
                 for p in preps:
                     store.write_prepared(p)
                 row.pack = name
+                if preps[0].location is not None:
+                    row.offset, row.length = preps[0].location
                 rows.append(row)
                 hows[row.hash] = row.kind
             store.close()
@@ -515,6 +519,10 @@ class Repository:
                 raise IntegrityError(f"delta chain of {h} loops", hash_key=h)
         raw = cache[cur] if cur is not None else None
         for row in reversed(chain):
+            if row.offset is not None and row.length is not None and (row.kind == "full" or row.lossless):
+                raw = self._read_object(row, raw)
+                cache[row.hash] = raw
+                continue
             store = self._pack(row.pack)
             if row.kind == "full":
                 w = store.load(row.hash)
@@ -537,6 +545,46 @@ class Repository:
             cache[row.hash] = raw
         return cache[h]
 
+    def _read_object(self, row: ObjectRow, base: Optional[np.ndarray]) -> np.ndarray:
+        """Read one object straight from its pack with ``pread`` (no HDF5 call, no GIL held while
+        reading), decode, apply it to ``base`` if it is a delta, and check the content hash."""
+        fd = self._pack_fd(row.pack)
+        blob = os.pread(fd, row.length, row.offset)
+        if len(blob) != row.length:
+            raise CorruptObjectError(
+                f"object {row.hash} is cut short in pack {row.pack} (file truncated?)", hash_key=row.hash
+            )
+        raw = codec.decode(blob, hash_key=row.hash)
+        if row.kind == "delta":
+            if base is None or base.size != raw.size:
+                raise IntegrityError(f"delta {row.hash} does not fit its base {row.base}", hash_key=row.hash)
+            word = _XOR_WORD.get(dtypes.itemsize(row.dtype), np.uint64)
+            np.bitwise_xor(raw.view(word), base.view(word), out=raw.view(word))
+        actual = content_hash(raw, row.dtype, row.shape)
+        if actual != row.hash:
+            raise HashMismatchError(
+                f"object {row.hash} in pack {row.pack} is corrupt: its bytes hash to {actual}"
+                + (" (the delta or its base is damaged)" if row.kind == "delta" else ""),
+                hash_key=row.hash,
+            )
+        return raw
+
+    def _pack_fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            path = self.path / PACKS_DIR / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if name not in self.catalog.packs():
+                    raise _PackGone(f"pack {name} was removed by gc") from None
+                raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}") from None
+            kept = self._fds.setdefault(name, fd)  # another thread may have opened it meanwhile
+            if kept != fd:
+                os.close(fd)
+            fd = kept
+        return fd
+
     def _pack(self, name: str) -> HDF5Store:
         store = self._packs.get(name)
         if store is None:
@@ -555,6 +603,9 @@ class Repository:
         return store
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         for s in self._packs.values():
             s.close()
         self._packs.clear()
@@ -788,7 +839,7 @@ class Repository:
                         if prep is None:
                             raise IntegrityError(f"object {o.hash} is missing from pack {p}", hash_key=o.hash)
                         dst.write_prepared(prep)
-                        moved[o.hash] = name
+                        moved[o.hash] = (name, *(prep.location or (None, None)))
                     dst.close()
                     _fsync_file(tmp)
                     os.replace(tmp, packs_dir / name)
@@ -800,7 +851,8 @@ class Repository:
             _fsync_dir(packs_dir)
             with cat.transaction() as c:
                 c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_pack_rows)
-                c.executemany("UPDATE objects SET pack=? WHERE hash=?", [(n, h) for h, n in moved.items()])
+                c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
+                              [(n, off, ln, h) for h, (n, off, ln) in moved.items()])
                 c.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in dead_objects])
                 c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
                 c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
@@ -809,6 +861,9 @@ class Repository:
                 s = self._packs.pop(p, None)
                 if s is not None:
                     s.close()
+                fd = self._fds.pop(p, None)
+                if fd is not None:
+                    os.close(fd)
                 (packs_dir / p).unlink(missing_ok=True)
             for f in orphans:
                 f.unlink(missing_ok=True)
@@ -856,6 +911,9 @@ def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list
         names[key] = h
         rows.append((cid, key, h, how(name, h)))
     return rows
+
+
+_XOR_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.uint64}
 
 
 def _entry_nbytes(entry: list) -> int:

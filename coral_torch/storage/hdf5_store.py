@@ -70,6 +70,7 @@ class PreparedObject:
     payload: np.ndarray
     attrs: Dict[str, Any]
     logical_bytes: int
+    location: Optional[tuple[int, int]] = None  # (file offset, length) once written, if contiguous
 
     @property
     def stored_bytes(self) -> int:
@@ -278,6 +279,9 @@ class HDF5Store(WeightStore):
             # one JSON attribute, not one HDF5 attribute per field: measured ~4x cheaper per
             # dataset to write and to read (h5py attribute calls dominate small tensors)
             ds.attrs[META_ATTR] = json.dumps(_jsonable(obj.attrs), separators=(",", ":"))
+            if ds.chunks is None and payload.size:
+                offset = ds.id.get_offset()
+                obj.location = (int(offset), int(payload.nbytes)) if offset is not None else None
         except Exception:
             if obj.key in group:  # never leave a dataset without its attributes
                 del group[obj.key]
