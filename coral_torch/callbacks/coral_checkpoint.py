@@ -44,9 +44,12 @@ class CoralCheckpointError(CoralError):
 
 
 def capture_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # plain values and tensors only: files exported from a commit must load with weights_only=True
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -59,7 +62,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         v = state["python"]
         random.setstate((v[0], tuple(v[1]), v[2]) if isinstance(v, (list, tuple)) else v)
     if "numpy" in state:
-        np.random.set_state(tuple(state["numpy"]))
+        n = state["numpy"]
+        if isinstance(n, dict):
+            np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                                 n["cached_gaussian"]))
+        else:
+            np.random.set_state(tuple(n))
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
