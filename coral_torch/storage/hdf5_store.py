@@ -77,6 +77,38 @@ class PreparedObject:
         return int(self.payload.nbytes)
 
 
+def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, payload: np.ndarray) -> Dict[str, Any]:
+    """The description every store keeps beside a weight's payload (HDF5 attribute, S3 document)."""
+    return {
+        "name": meta.name or "",
+        "shape": [int(x) for x in meta.shape],
+        "dtype": meta.dtype,
+        "layer_type": meta.layer_type or "",
+        "model_name": meta.model_name or "",
+        "hash": digest,
+        "nbytes": int(nbytes),
+        "encoding": encoding,
+        "payload_xxh3": _payload_hash(payload),
+    }
+
+
+def delta_object(delta: Delta, key: str, payload: np.ndarray) -> PreparedObject:
+    """A delta's payload and description, ready for any store (``delta.data`` is not read)."""
+    attrs: Dict[str, Any] = {
+        "delta_type": delta.delta_type.value,
+        "reference_hash": delta.reference_hash,
+        "original_shape": [int(x) for x in delta.original_shape],
+        "original_dtype": delta.original_dtype,
+        "compression_ratio": float(delta.compression_ratio),
+        "lossless": bool(delta.lossless),
+        "payload_xxh3": _payload_hash(payload),
+    }
+    for k, v in delta.extra.items():
+        attrs[f"extra_{k}"] = v
+    logical = int(np.prod(delta.original_shape, dtype=np.int64)) * dtypes.itemsize(delta.original_dtype)
+    return PreparedObject(key, "deltas", payload, attrs, logical)
+
+
 def _payload_hash(payload: np.ndarray) -> str:
     return xxhash.xxh3_64(memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))).hexdigest()
 
@@ -218,42 +250,19 @@ class HDF5Store(WeightStore):
         """Hash and encode ``weight`` for writing. Thread-safe; touches no HDF5 state."""
         digest = weight.compute_hash()
         meta = weight.metadata
-        attrs: Dict[str, Any] = {
-            "name": meta.name or "",
-            "shape": np.asarray(meta.shape, dtype=np.int64),
-            "dtype": meta.dtype,
-            "layer_type": meta.layer_type or "",
-            "model_name": meta.model_name or "",
-            "hash": digest,
-            "nbytes": weight.nbytes,
-        }
         if self.compression == CODEC_COMPRESSION:
-            blob = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), self.compression_opts)
-            payload = np.frombuffer(blob, dtype=np.uint8)
-            attrs["encoding"] = ENCODING_CODEC
+            payload = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), self.compression_opts)
+            encoding = ENCODING_CODEC
         else:
             payload = _values_view(weight.raw, meta.dtype, meta.shape)
-            attrs["encoding"] = ENCODING_VALUES
-        attrs["payload_xxh3"] = _payload_hash(payload)
+            encoding = ENCODING_VALUES
+        attrs = weight_attrs(meta, digest, weight.nbytes, encoding, payload)
         if hash_key is not None and hash_key != digest:
             attrs["custom_key"] = True
         return PreparedObject(hash_key or digest, "weights", payload, attrs, weight.nbytes)
 
     def prepare_delta(self, delta: Delta, delta_hash: str) -> PreparedObject:
-        payload = np.frombuffer(delta.data, dtype=np.uint8)
-        attrs = {
-            "delta_type": delta.delta_type.value,
-            "reference_hash": delta.reference_hash,
-            "original_shape": np.asarray(delta.original_shape, dtype=np.int64),
-            "original_dtype": delta.original_dtype,
-            "compression_ratio": float(delta.compression_ratio),
-            "lossless": bool(delta.lossless),
-            "payload_xxh3": _payload_hash(payload),
-        }
-        for k, v in delta.extra.items():
-            attrs[f"extra_{k}"] = v
-        logical = int(np.prod(delta.original_shape, dtype=np.int64)) * dtypes.itemsize(delta.original_dtype)
-        return PreparedObject(delta_hash, "deltas", payload, attrs, logical)
+        return delta_object(delta, delta_hash, np.frombuffer(delta.data, dtype=np.uint8))
 
     # ------------------------------------------------------------------------------- write
     def write_prepared(self, obj: PreparedObject) -> bool:

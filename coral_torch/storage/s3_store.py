@@ -100,7 +100,14 @@ from ..errors import (
     SyncIncompleteError,
 )
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
-from .hdf5_store import ENCODING_CODEC, ENCODING_VALUES, HDF5Store, PreparedObject
+from .hdf5_store import (
+    ENCODING_CODEC,
+    ENCODING_VALUES,
+    HDF5Store,
+    PreparedObject,
+    delta_object,
+    weight_attrs,
+)
 from .weight_store import WeightStore
 
 log = logging.getLogger(__name__)
@@ -626,21 +633,9 @@ class S3Store(WeightStore):
         """Hash and encode one tensor: the payload and its metadata document. No I/O."""
         digest = weight.compute_hash()
         meta = weight.metadata
-        blob = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), int(self.config.codec_level))
-        payload = np.frombuffer(blob, dtype=np.uint8)
-        doc = {
-            "kind": "weight",
-            "name": meta.name or "",
-            "shape": list(meta.shape),
-            "dtype": meta.dtype,
-            "layer_type": meta.layer_type or "",
-            "model_name": meta.model_name or "",
-            "hash": digest,
-            "nbytes": weight.nbytes,
-            "encoding": ENCODING_CODEC,
-            "payload_xxh3": _payload_hash(payload),
-            "payload_bytes": int(payload.size),
-        }
+        payload = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), int(self.config.codec_level))
+        doc = {"kind": "weight", **weight_attrs(meta, digest, weight.nbytes, ENCODING_CODEC, payload),
+               "payload_bytes": int(payload.size)}
         return payload, doc
 
     def _metadata_from_doc(self, doc: Dict[str, Any], key: str) -> WeightMetadata:
@@ -1086,17 +1081,8 @@ class S3Store(WeightStore):
                 weight = self._decode_verified(payload, doc, key)
                 meta = weight.metadata
                 del weight
-                attrs: Dict[str, Any] = {
-                    "name": meta.name or "",
-                    "shape": np.asarray(meta.shape, dtype=np.int64),
-                    "dtype": meta.dtype,
-                    "layer_type": meta.layer_type or "",
-                    "model_name": meta.model_name or "",
-                    "hash": meta.hash or key,
-                    "nbytes": meta.nbytes,
-                    "encoding": str(doc.get("encoding", ENCODING_CODEC)),
-                    "payload_xxh3": _payload_hash(payload),
-                }
+                attrs = weight_attrs(meta, meta.hash or key, meta.nbytes, str(doc.get("encoding", ENCODING_CODEC)),
+                                     payload)
                 if attrs["encoding"] != ENCODING_CODEC:
                     raise CorruptObjectError(
                         f"object {key} at {self.url} has encoding {attrs['encoding']!r}, which cannot be "
@@ -1109,20 +1095,7 @@ class S3Store(WeightStore):
                     return None
                 payload = self._download(self._obj("deltas", key), key, _opt_int(doc.get("payload_bytes")), "delta")
                 self._check_payload(payload, doc, key, "delta")
-                delta = self._delta_from_doc(doc, b"", key)
-                attrs = {
-                    "delta_type": delta.delta_type.value,
-                    "reference_hash": delta.reference_hash,
-                    "original_shape": np.asarray(delta.original_shape, dtype=np.int64),
-                    "original_dtype": delta.original_dtype,
-                    "compression_ratio": float(delta.compression_ratio),
-                    "lossless": bool(delta.lossless),
-                    "payload_xxh3": _payload_hash(payload),
-                }
-                for k, v in delta.extra.items():
-                    attrs[f"extra_{k}"] = v
-                logical = int(np.prod(delta.original_shape, dtype=np.int64)) * dtypes.itemsize(delta.original_dtype)
-                obj = PreparedObject(key, "deltas", payload, attrs, logical)
+                obj = delta_object(self._delta_from_doc(doc, b"", key), key, payload)
             return obj, int(payload.nbytes) + len(json.dumps(doc))
 
         return _Job(group, key, 0, run)
