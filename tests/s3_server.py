@@ -14,6 +14,8 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import select
@@ -97,6 +99,28 @@ class MotoS3Server:
         iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
         k = iam.create_access_key(UserName=name)["AccessKey"]
         return k["AccessKeyId"], k["SecretAccessKey"]
+
+
+@contextlib.contextmanager
+def isolated_server():
+    """A MotoS3Server with the environment pinned to test credentials: a real profile, credentials
+    file, instance role or endpoint override on the machine is never picked up."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", TEST_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/coral-test-aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/coral-test-aws-credentials")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(var, raising=False)
+        srv = MotoS3Server().start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
 
 
 class CuttingProxy:

@@ -1,5 +1,5 @@
 """Repository.push / Repository.pull against a real S3 server (moto's ThreadedMotoServer on 127.0.0.1;
-no mock_aws, no Stubber).
+no decorator mocks, no botocore stubs).
 
 Faults are real: connections are dropped mid-push by a TCP proxy (tests/s3_server.py), the server
 is stopped mid-push and started again, objects on the server are damaged with plain boto3 calls,
@@ -31,7 +31,7 @@ pl = pytest.importorskip("lightning.pytorch")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server  # noqa: E402
 
 from coral_torch import Repository  # noqa: E402
 from coral_torch import cli  # noqa: E402
@@ -57,21 +57,8 @@ MiB = 1 << 20
 # ----------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def server():
-    with pytest.MonkeyPatch.context() as mp:
-        # Test credentials only; never pick up a real profile, credentials file or instance role.
-        mp.setenv("AWS_ACCESS_KEY_ID", TEST_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/coral-test-aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/coral-test-aws-credentials")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        srv = MotoS3Server().start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
+    with isolated_server() as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""S3Store against a real S3 server: moto's ThreadedMotoServer on 127.0.0.1 (no mock_aws, no Stubber).
+"""S3Store against a real S3 server: moto's ThreadedMotoServer on 127.0.0.1 (no decorator mocks, no botocore stubs).
 
 Faults are real too: corrupted objects are written to the server with boto3, credentials are checked
 by moto's IAM (switched on for the auth test), and dropped connections come from a TCP proxy that
@@ -34,9 +34,9 @@ from coral_torch.storage.s3_store import S3Config, S3Store
 from coral_torch.weight_tensor import WeightTensor
 
 try:
-    from .s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port
+    from .s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server
 except ImportError:  # tests/ is not a package
-    from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port
+    from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -45,21 +45,8 @@ MiB = 1 << 20
 # ----------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def server():
-    with pytest.MonkeyPatch.context() as mp:
-        # Test credentials only; never pick up a real profile, credentials file or instance role.
-        mp.setenv("AWS_ACCESS_KEY_ID", TEST_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/coral-test-aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/coral-test-aws-credentials")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        srv = MotoS3Server().start()
-        try:
-            yield srv
-        finally:
-            srv.stop()
+    with isolated_server() as srv:
+        yield srv
 
 
 @pytest.fixture
