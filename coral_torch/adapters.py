@@ -18,7 +18,7 @@ import collections
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch

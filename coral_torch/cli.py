@@ -152,8 +152,6 @@ def tensor_change(a, b) -> tuple[float, float]:
 
 
 def _tensors_of(repo, cid: str) -> dict[str, Any]:
-    import torch
-
     row = repo.catalog.get_commit(cid)
     entries = row.manifest["tensors"]
     raws = repo.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])

@@ -22,12 +22,9 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
-
-from ..errors import CoralError, CorruptObjectError, IntegrityError, RemoteError, SyncIncompleteError
+from ..errors import CoralError, CorruptObjectError, IntegrityError, SyncIncompleteError
 from ..storage.hdf5_store import HDF5Store, PreparedObject
 from .catalog import ObjectRow
 

@@ -25,10 +25,9 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ import xxhash
 
 from .. import adapters, codec, dtypes
 from ..dedup import Deduplicator
+from ..parallel import map_ordered
 from ..delta import DeltaConfig, DeltaEncoder
 from ..errors import (
     AmbiguousRefError,
@@ -408,7 +408,9 @@ class Repository:
         rows: list[ObjectRow] = []
         hows: dict[str, str] = {}
         try:
-            for preps, row in self._map_ordered(lambda it: self._encode_one(store, *it), list(todo.values())):
+            encoded = map_ordered(lambda it: self._encode_one(store, *it), todo.values(), self.workers,
+                                  name="coral-encode")
+            for preps, row in encoded:
                 for p in preps:
                     store.write_prepared(p)
                 row.pack = name
@@ -425,22 +427,6 @@ class Repository:
             tmp.unlink(missing_ok=True)
             raise
         return name, rows, hows
-
-    def _map_ordered(self, fn, items: list) -> Iterator:
-        """``map`` on the worker threads, bounded window, results in input order."""
-        if self.workers <= 1 or len(items) <= 1:
-            for it in items:
-                yield fn(it)
-            return
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="coral-encode") as pool:
-            window = 2 * self.workers
-            pending = []
-            for it in items:
-                pending.append(pool.submit(fn, it))
-                if len(pending) >= window:
-                    yield pending.pop(0).result()
-            for fut in pending:
-                yield fut.result()
 
     # ================================================================================ load
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
@@ -482,7 +468,7 @@ class Repository:
             except (IntegrityError, CoralError, OSError, KeyError) as exc:
                 errors[h] = str(exc)
 
-        for _ in self._map_ordered(one, unique):
+        for _ in map_ordered(one, unique, self.workers, name="coral-load"):
             pass
         if errors:
             names = list(names) if names is not None else list(hashes)

@@ -21,16 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import h5py
 import numpy as np
 import xxhash
 
 from .. import codec, dtypes
+from ..parallel import map_ordered
 from ..delta import Delta, DeltaType
 from ..errors import (
     CompressionUnavailableError,
@@ -346,27 +346,10 @@ class HDF5Store(WeightStore):
             if h not in seen and h not in group:
                 seen.add(h)
                 todo.append(w)
-        for obj in self._prepare_many(todo):
+        for obj in map_ordered(self.prepare, todo, self.workers, name="coral-encode"):
             self.write_prepared(obj)
         self.file.flush()
         return result
-
-    def _prepare_many(self, weights: List[WeightTensor]) -> Iterator[PreparedObject]:
-        """Encode in parallel with a bounded window, yielding in input order."""
-        if self.workers <= 1 or len(weights) <= 1:
-            for w in weights:
-                yield self.prepare(w)
-            return
-        window = 2 * self.workers
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="coral-encode") as pool:
-            pending = []
-            it = iter(weights)
-            for w in it:
-                pending.append(pool.submit(self.prepare, w))
-                if len(pending) >= window:
-                    yield pending.pop(0).result()
-            for fut in pending:
-                yield fut.result()
 
     def flush(self) -> None:
         self._writable().flush()
