@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .delta import DeltaConfig, DeltaEncoder
 from .errors import CoralError, NotARepositoryError
 from .repository import Repository
 
@@ -28,17 +29,21 @@ _open: dict[Path, Repository] = {}
 _open_lock = threading.Lock()
 
 
-def open_repository(repo: RepoLike = None, *, create: bool = True) -> Repository:
+def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config: Optional[DeltaConfig] = None) -> Repository:
     """The process-wide :class:`Repository` for a path (kept open so consecutive saves delta
-    against each other). ``None`` means ``$CORAL_REPO`` or ``./.coral``."""
+    against each other). ``None`` means ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given
+    here applies to the shared instance from now on."""
     if isinstance(repo, Repository):
         return repo
     path = Path(repo if repo is not None else os.environ.get("CORAL_REPO", ".coral")).absolute()
     with _open_lock:
         r = _open.get(path)
         if r is None:
-            r = Repository(path, create=create)
+            r = Repository(path, create=create, delta_config=delta_config)
             _open[path] = r
+        elif delta_config is not None:
+            r.delta_config = delta_config
+            r.encoder = DeltaEncoder(delta_config)
         return r
 
 

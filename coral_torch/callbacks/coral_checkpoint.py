@@ -194,8 +194,7 @@ class CoralCheckpoint(Checkpoint):
                 path = self._repo_arg if self._repo_arg is not None else Path(trainer.default_root_dir) / ".coral"
                 path = Path(path).absolute()
                 if trainer.is_global_zero:
-                    self.repo = api.open_repository(path) if self.delta_config is None else api._open.setdefault(
-                        path, Repository(path, delta_config=self.delta_config))
+                    self.repo = api.open_repository(path, delta_config=self.delta_config)
                 else:
                     self._repo_path = path
         if self.install_checkpoint_io and not isinstance(trainer.strategy.checkpoint_io, CoralCheckpointIO):
