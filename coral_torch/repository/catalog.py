@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -129,7 +130,7 @@ class Catalog:
         c = getattr(self._local, "conn", None)
         if c is None:
             c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            c.execute("PRAGMA journal_mode=WAL")
+            _set_wal(c)
             c.execute("PRAGMA synchronous=FULL")
             c.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = c
@@ -225,6 +226,22 @@ class Catalog:
 
     def packs(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT name, size FROM packs"))
+
+
+def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
+    """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite does not always
+    wait for it (seen when several processes create one repository at once), so retry here."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            c.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def _object(r: tuple) -> ObjectRow:
