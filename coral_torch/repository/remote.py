@@ -239,11 +239,11 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
             pack_name = None
             if writer.store is not None:
                 writer.store.close()
-                from .repository import _fsync_dir, _fsync_file
+                from .repository import _fsync
 
-                _fsync_file(writer.tmp)
+                _fsync(writer.tmp)
                 os.replace(writer.tmp, repo.path / "packs" / writer.name)
-                _fsync_dir(repo.path / "packs")
+                _fsync(repo.path / "packs")
                 pack_name = writer.name
             remote_refs = {}
             for name in _remote_json_keys(store, "refs/"):
@@ -304,14 +304,14 @@ def _keep_downloaded(repo: "Repository", writer: _PackWriter) -> int:
     whose base is on neither side is left out (the next pull fetches it again)."""
     if writer.store is None or not writer.rows:
         return 0
-    from .repository import _fsync_dir, _fsync_file
+    from .repository import _fsync
 
     writer.store.close()
     writer.store = None
     packs = repo.path / "packs"
-    _fsync_file(writer.tmp)
+    _fsync(writer.tmp)
     os.replace(writer.tmp, packs / writer.name)
-    _fsync_dir(packs)
+    _fsync(packs)
     cat = repo.catalog
     known = {r.hash: r for r in cat.all_objects()}
     new = {r.hash: r for r in writer.rows}

@@ -97,15 +97,8 @@ class VerifyReport:
         return not (self.damaged_objects or self.damaged_commits or self.missing_packs)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (after a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -419,9 +412,9 @@ class Repository:
                 rows.append(row)
                 hows[row.hash] = row.kind
             store.close()
-            _fsync_file(tmp)
+            _fsync(tmp)
             os.replace(tmp, packs / name)
-            _fsync_dir(packs)
+            _fsync(packs)
         except BaseException:
             store.close()
             tmp.unlink(missing_ok=True)
@@ -827,14 +820,14 @@ class Repository:
                         dst.write_prepared(prep)
                         moved[o.hash] = (name, *(prep.location or (None, None)))
                     dst.close()
-                    _fsync_file(tmp)
+                    _fsync(tmp)
                     os.replace(tmp, packs_dir / name)
                 except BaseException:
                     dst.close()
                     tmp.unlink(missing_ok=True)
                     raise
                 new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
-            _fsync_dir(packs_dir)
+            _fsync(packs_dir)
             with cat.transaction() as c:
                 c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_pack_rows)
                 c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
