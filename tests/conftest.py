@@ -7,6 +7,9 @@ of float tensors. ``raw_bytes(t)`` is the reference answer every round trip is c
 
 from __future__ import annotations
 
+import math
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +110,48 @@ def rng() -> np.random.Generator:
 @pytest.fixture(params=DTYPE_NAMES)
 def dtype_name(request) -> str:
     return request.param
+
+
+def assert_same(a, b, path: str = "obj") -> None:
+    """``b`` is an exact copy of ``a``: types, key order, ``_metadata``, dtypes, shapes, raw bytes."""
+    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
+        assert raw_bytes(a) == raw_bytes(b), f"{path}: bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
+        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
+        assert_same(ma, mb, f"{path}._metadata")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+# ------------------------------------------------------------------------------------ S3 server
+@pytest.fixture(scope="module")
+def server():
+    """A real S3 server (moto) on 127.0.0.1, with test credentials pinned in the environment."""
+    from s3_server import isolated_server
+
+    with isolated_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def bucket(server):
+    import uuid
+
+    name = f"coral-{uuid.uuid4().hex[:12]}"
+    server.client().create_bucket(Bucket=name)
+    return name

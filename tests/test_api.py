@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
-import struct
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,34 +13,7 @@ import coral_torch
 from coral_torch import Repository
 from coral_torch.api import read_pointer
 from coral_torch.errors import NotARepositoryError, RefNotFoundError
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_same(a, b, path="obj"):
-    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape, a.device, a.requires_grad) == (b.dtype, b.shape, b.device, b.requires_grad), path
-        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: bytes differ"
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
-        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
-        assert_same(ma, mb, f"{path}._metadata")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+from conftest import assert_same  # noqa: E402
 
 
 def model_state(seed: int, scale: float = 0.0) -> collections.OrderedDict:

@@ -31,7 +31,7 @@ pl = pytest.importorskip("lightning.pytorch")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port  # noqa: E402
 
 from coral_torch import Repository  # noqa: E402
 from coral_torch import cli  # noqa: E402
@@ -52,20 +52,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore:.*LeafSpec"),
 ]
 MiB = 1 << 20
-
-
-# ----------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def server():
-    with isolated_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def bucket(server):
-    name = f"coral-{uuid.uuid4().hex[:12]}"
-    server.client().create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

@@ -10,12 +10,10 @@ import collections
 import copy
 import io
 import json
-import math
 import os
 import pickle
 import random
 import sqlite3
-import struct
 import subprocess
 import sys
 import textwrap
@@ -24,7 +22,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -39,41 +36,12 @@ from coral_torch.errors import (
     RepositoryLockedError,
     UnsafeCheckpointError,
 )
+from conftest import assert_same  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ helpers
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_same(a, b, path="obj"):
-    """``b`` is an exact copy of ``a``: types, key order, ``_metadata``, dtypes, shapes, raw bytes."""
-    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
-        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: bytes differ"
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
-        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
-        assert_same(ma, mb, f"{path}._metadata")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def packs_bytes(repo: Repository) -> int:
     return sum(p.stat().st_size for p in (repo.path / "packs").iterdir())
 
@@ -580,6 +548,7 @@ print("RELEASED", flush=True)
 WRITER = """
 import sys, torch
 from coral_torch import Repository
+from conftest import assert_same  # noqa: E402
 path, run, seed, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = Repository(path, lock_timeout=120)
 print("READY", flush=True)

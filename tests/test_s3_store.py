@@ -34,26 +34,12 @@ from coral_torch.storage.s3_store import S3Config, S3Store
 from coral_torch.weight_tensor import WeightTensor
 
 try:
-    from .s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server
+    from .s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port
 except ImportError:  # tests/ is not a package
-    from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, MotoS3Server, free_port, isolated_server
+    from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
-
-
-# ----------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def server():
-    with isolated_server() as srv:
-        yield srv
-
-
-@pytest.fixture
-def bucket(server):
-    name = f"coral-{uuid.uuid4().hex[:12]}"
-    server.client().create_bucket(Bucket=name)
-    return name
 
 
 def make_config(server, bucket, **kw) -> S3Config:
