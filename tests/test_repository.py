@@ -548,7 +548,6 @@ print("RELEASED", flush=True)
 WRITER = """
 import sys, torch
 from coral_torch import Repository
-from conftest import assert_same  # noqa: E402
 path, run, seed, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = Repository(path, lock_timeout=120)
 print("READY", flush=True)
