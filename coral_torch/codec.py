@@ -20,10 +20,13 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
+from typing import Optional
 
 import numpy as np
+import xxhash
 import zstandard
 
+from . import planes
 from .errors import CorruptObjectError
 
 MAGIC = b"CZP1"
@@ -67,47 +70,107 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def split_planes(raw: np.ndarray, itemsize: int) -> np.ndarray:
     """(n*itemsize,) uint8 -> (itemsize, n) uint8, byte k of each element in row k."""
-    return np.ascontiguousarray(raw.reshape(-1, itemsize).T)
+    out = np.empty(raw.size, dtype=np.uint8)
+    planes.split(raw.reshape(-1), out, itemsize)
+    return out.reshape(itemsize, -1)
 
 
-def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL) -> np.ndarray:
-    """Encode a contiguous 1-d uint8 array whose elements are ``itemsize`` bytes wide.
+class Blob:
+    """An encoded object as byte segments (header, then each plane's payload), in order.
 
-    Returns the blob as a uint8 array. The planes are split straight into the output buffer and
-    compacted in place, so the only full copy of the data is the split itself.
-    """
+    The raw planes stay views of the split buffer, so writing a blob with one ``pwritev`` costs no
+    compaction copy; :meth:`to_array` joins them when one contiguous buffer is needed."""
+
+    __slots__ = ("segments", "nbytes")
+
+    def __init__(self, segments: list) -> None:
+        self.segments = [memoryview(x).cast("B") for x in segments]
+        self.nbytes = sum(len(x) for x in self.segments)
+
+    def to_array(self) -> np.ndarray:
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        pos = 0
+        for seg in self.segments:
+            out[pos : pos + len(seg)] = np.frombuffer(seg, dtype=np.uint8)
+            pos += len(seg)
+        return out
+
+    def xxh3_64(self) -> str:
+        h = xxhash.xxh3_64()
+        for seg in self.segments:
+            h.update(seg)
+        return h.hexdigest()
+
+
+def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np.ndarray], split_into: Optional[np.ndarray]):
+    """Split (XOR ``base`` if given) and compress. Returns ``(header bytes, [payload per plane])``
+    where raw planes are views of ``split_into`` (or of ``raw`` itself when nothing is split)."""
     raw = raw.reshape(-1)
+    if base is not None:
+        base = base.reshape(-1)
+        if base.size != raw.size:
+            raise ValueError(f"base has {base.size} bytes, data {raw.size}")
     nbytes = raw.size
     split = itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0
     nplanes = itemsize if split else 1
     plane_len = nbytes // nplanes
-    head_len = _HEADER.size + nplanes * _PLANE.size
-    out = np.empty(head_len + nbytes, dtype=np.uint8)
-    body = out[head_len:]
-    if split:
-        np.copyto(body.reshape(nplanes, plane_len), raw.reshape(plane_len, nplanes).T)
-        planes = [body[k * plane_len : (k + 1) * plane_len] for k in range(nplanes)]
+    if split or base is not None:
+        body = split_into if split_into is not None else np.empty(nbytes, dtype=np.uint8)
+        if split:
+            planes.split(raw, body, itemsize, base)
+        else:
+            np.bitwise_xor(raw, base, out=body)
+        plane_views = [body[k * plane_len : (k + 1) * plane_len] for k in range(nplanes)]
     else:
-        planes = [raw]
+        plane_views = [raw]
     comp = _compressor(level)
-    base = out.ctypes.data
-    pos = head_len
+    payloads: list = []
     headers = []
-    for k, plane in enumerate(planes):
+    for plane in plane_views:
         packed = _compress_if_worth(comp, plane)
         if packed is not None:
-            # plane k is no longer needed, and pos <= its start: safe to overwrite from pos
-            out[pos : pos + len(packed)] = np.frombuffer(packed, dtype=np.uint8)
+            payloads.append(packed)
             headers.append(_PLANE.pack(MODE_ZSTD, len(packed)))
-            pos += len(packed)
         else:
-            if not split:
-                out[pos : pos + plane.size] = plane
-            elif pos != head_len + k * plane_len:  # shift left over space freed by earlier planes
-                ctypes.memmove(base + pos, base + head_len + k * plane_len, plane_len)
+            payloads.append(plane)
             headers.append(_PLANE.pack(MODE_RAW, plane.size))
-            pos += plane.size
     head = _HEADER.pack(MAGIC, itemsize if split else 1, nplanes, 0, nbytes) + b"".join(headers)
+    return head, payloads
+
+
+def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Optional[np.ndarray] = None) -> Blob:
+    """Like :func:`encode`, as a :class:`Blob` (no compaction copy; for writers with ``pwritev``).
+    The blob may reference ``raw`` itself (an unsplit raw plane): keep ``raw`` unchanged until written."""
+    head, payloads = _encode_planes(raw, itemsize, level, base, None)
+    return Blob([head] + payloads)
+
+
+def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Optional[np.ndarray] = None) -> np.ndarray:
+    """Encode a contiguous 1-d uint8 array whose elements are ``itemsize`` bytes wide.
+
+    With ``base`` (same size), encodes ``raw XOR base`` (the lossless delta) in the same pass.
+    Returns the blob as a new uint8 array. The planes are split straight into the output buffer
+    and compacted in place, so the only full copy of the data is the split itself.
+    """
+    raw = raw.reshape(-1)
+    nbytes = raw.size
+    nplanes = itemsize if (itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0) else 1
+    head_len = _HEADER.size + nplanes * _PLANE.size
+    out = np.empty(head_len + nbytes, dtype=np.uint8)
+    head, payloads = _encode_planes(raw, itemsize, level, base, out[head_len:])
+    base_ptr = out.ctypes.data
+    pos = head_len
+    for seg in payloads:
+        if isinstance(seg, np.ndarray):
+            if seg.ctypes.data != base_ptr + pos:  # raw plane: shift left over space freed before it
+                if np.shares_memory(seg, out):
+                    ctypes.memmove(base_ptr + pos, seg.ctypes.data, seg.size)
+                else:
+                    out[pos : pos + seg.size] = seg
+        else:
+            # a zstd plane: its source plane k is no longer needed, and pos <= its start
+            out[pos : pos + len(seg)] = np.frombuffer(seg, dtype=np.uint8)
+        pos += len(seg) if not isinstance(seg, np.ndarray) else seg.size
     out[:head_len] = np.frombuffer(head, dtype=np.uint8)
     return out[:pos]
 
@@ -121,12 +184,25 @@ def _compress_if_worth(comp: zstandard.ZstdCompressor, plane: np.ndarray) -> byt
     return packed if len(packed) < _KEEP_IF_BELOW * plane.size else None
 
 
-def decode(blob, *, hash_key: str | None = None) -> np.ndarray:
-    """Decode a blob made by :func:`encode` into a new, writable, contiguous uint8 array.
+def decoded_size(blob) -> Optional[int]:
+    """The decoded size a blob declares, or None if it has no valid header."""
+    try:
+        magic, _, _, _, nbytes = _HEADER.unpack_from(memoryview(blob).cast("B"), 0)
+    except (struct.error, TypeError, ValueError):
+        return None
+    return int(nbytes) if magic == MAGIC else None
+
+
+def decode(blob, *, hash_key: Optional[str] = None, out: Optional[np.ndarray] = None, xor: bool = False) -> np.ndarray:
+    """Decode a blob made by :func:`encode` into ``out`` (or a new, writable, contiguous uint8
+    array). With ``xor``, the decoded bytes are XORed into what ``out`` holds: applying an XOR
+    delta to its base in place, without a temporary.
 
     Raises:
         CorruptObjectError: the blob is truncated or damaged (the hash check catches the rest).
     """
+    if xor and out is None:
+        raise ValueError("decode(xor=True) needs the base in out=")
     mv = memoryview(blob).cast("B")
     try:
         magic, itemsize, nplanes, _, nbytes = _HEADER.unpack_from(mv, 0)
@@ -148,29 +224,24 @@ def decode(blob, *, hash_key: str | None = None) -> np.ndarray:
                 raise ValueError("raw plane has the wrong length")
             if mode == MODE_ZSTD and zstandard.frame_content_size(mv[pos : pos + length]) != plane_len:
                 raise ValueError("zstd plane declares the wrong length")
-            pos += length
-        out = np.empty(nbytes, dtype=np.uint8)
-        grid = out.reshape(-1, nplanes) if nplanes > 1 else out.reshape(1, -1)
-        dec = _decompressor()
-        for k, (mode, length) in enumerate(table):
-            payload = mv[offset : offset + length]
-            if len(payload) != length:
-                raise ValueError("truncated payload")
-            offset += length
-            if mode == MODE_RAW:
-                plane = np.frombuffer(payload, dtype=np.uint8)
-            elif mode == MODE_ZSTD:
-                plane = np.frombuffer(dec.decompress(payload, max_output_size=plane_len), dtype=np.uint8)
-            else:
+            if mode not in (MODE_RAW, MODE_ZSTD):
                 raise ValueError(f"unknown plane mode {mode}")
-            if plane.size != plane_len:
-                raise ValueError("plane has the wrong length")
-            if nplanes > 1:
-                grid[:, k] = plane
-            else:
-                out[:] = plane
-        if offset != len(mv):
-            raise ValueError("trailing bytes")
+            pos += length
+        if out is None:
+            out = np.empty(nbytes, dtype=np.uint8)
+        elif out.size != nbytes or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous uint8 array of {nbytes} bytes")
+        dec = _decompressor()
+        parts = []
+        for mode, length in table:
+            payload = mv[offset : offset + length]
+            offset += length
+            if mode == MODE_ZSTD:
+                payload = dec.decompress(payload, max_output_size=plane_len)
+                if len(payload) != plane_len:
+                    raise ValueError("plane has the wrong length")
+            parts.append(payload)
+        planes.join(parts, out, xor)
         return out
     except (ValueError, struct.error, zstandard.ZstdError) as exc:
         where = f" of object {hash_key}" if hash_key else ""

@@ -109,7 +109,9 @@ class DeltaEncoder:
             return True
         return target.dtype in ("float32", "float16", "bfloat16", "float64")
 
-    def encode(self, target: WeightTensor, reference: WeightTensor) -> Delta:
+    def encode(self, target: WeightTensor, reference: WeightTensor, *, zero_copy: bool = False) -> Delta:
+        """The delta that rebuilds ``target`` from ``reference``. ``data`` is ``bytes``; with
+        ``zero_copy`` it is the encoder's read-only uint8 array instead (bytes-like, one copy less)."""
         if not self.can_encode(target, reference):
             raise DeltaError(
                 f"cannot encode {target!r} against {reference!r} with {self.config.delta_type.value}: "
@@ -119,9 +121,7 @@ class DeltaEncoder:
         ref_hash = reference.compute_hash()
         if kind is DeltaType.XOR:
             width = dtypes.itemsize(target.dtype)
-            word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(width, np.uint64)
-            xored = np.bitwise_xor(target.raw.view(word), reference.raw.view(word))
-            payload = codec.encode(xored.view(np.uint8), width, self.config.codec_level)
+            payload = codec.encode(target.raw, width, self.config.codec_level, base=reference.raw)
             extra: dict[str, Any] = {}
         else:
             tgt = target.to_torch().double()
@@ -139,9 +139,11 @@ class DeltaEncoder:
                     np.concatenate([idx.view(np.uint8), vals.view(np.uint8)]), 1, self.config.codec_level
                 )
                 extra = {"count": int(idx.size)}
+        if zero_copy:
+            payload.flags.writeable = False
         return Delta(
             delta_type=kind,
-            data=payload.tobytes(),
+            data=payload if zero_copy else payload.tobytes(),
             original_shape=target.shape,
             original_dtype=target.dtype,
             reference_hash=ref_hash,
@@ -160,14 +162,14 @@ class DeltaEncoder:
                 f"delta was made against reference {delta.reference_hash}, not {reference.compute_hash()}"
             )
         meta = WeightMetadata(name=name, shape=delta.original_shape, dtype=delta.original_dtype)
-        decoded = codec.decode(delta.data, hash_key=delta.reference_hash)
         if delta.delta_type is DeltaType.XOR:
-            if decoded.size != reference.nbytes:
+            size = codec.decoded_size(delta.data)  # None: damaged header, decode says so below
+            if size is not None and size != reference.nbytes:
                 raise DeltaError("delta payload size does not match the reference")
-            width = dtypes.itemsize(delta.original_dtype)
-            word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(width, np.uint64)
-            np.bitwise_xor(decoded.view(word), reference.raw.view(word), out=decoded.view(word))
-            return WeightTensor.from_raw(decoded, meta)
+            out = reference.raw.copy()
+            codec.decode(delta.data, hash_key=delta.reference_hash, out=out, xor=True)
+            return WeightTensor.from_raw(out, meta)
+        decoded = codec.decode(delta.data, hash_key=delta.reference_hash)
         import torch
 
         ref = reference.to_torch().double().reshape(-1)

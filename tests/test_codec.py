@@ -6,11 +6,12 @@ import struct
 
 import numpy as np
 import pytest
+import xxhash
 from conftest import DTYPE_NAMES, make_tensor, raw_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coral_torch import codec, dtypes
+from coral_torch import codec, dtypes, planes
 from coral_torch.errors import CorruptObjectError, IntegrityError
 
 ITEMSIZES = [1, 2, 4, 8, 16]
@@ -32,6 +33,9 @@ def _round_trip(raw: np.ndarray, itemsize: int, level: int = codec.DEFAULT_LEVEL
     assert codec.decode(codec.encode(raw, itemsize, level)).tobytes() == raw.tobytes()
     assert out.dtype == np.uint8 and out.ndim == 1 and out.flags.c_contiguous and out.flags.writeable
     assert out.tobytes() == raw.tobytes()
+    segmented = codec.encode_blob(raw, itemsize, level)  # the writers' form: same bytes
+    assert segmented.nbytes == len(blob) and segmented.to_array().tobytes() == blob
+    assert segmented.xxh3_64() == xxhash.xxh3_64(blob).hexdigest()
     return blob
 
 
@@ -205,3 +209,77 @@ def test_absurd_declared_length_is_corrupt_not_memory_error(nbytes):
 
 def test_dtype_names_cover_codec_widths():
     assert {dtypes.itemsize(n) for n in DTYPE_NAMES} == set(ITEMSIZES)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_buffers(), seed=st.integers(0, 2**32 - 1))
+def test_xor_base_encode_and_in_place_xor_decode(case, seed):
+    """encode(raw, base=b) is the blob of raw ^ b; decode(xor=True) applies it onto b in place."""
+    raw, itemsize = case
+    base = np.random.default_rng(seed).integers(0, 256, raw.size, dtype=np.uint8)
+    blob = codec.encode(raw, itemsize, base=base)
+    assert blob.tobytes() == codec.encode(raw ^ base, itemsize).tobytes()
+    assert codec.encode_blob(raw, itemsize, base=base).to_array().tobytes() == blob.tobytes()
+    out = base.copy()
+    assert codec.decode(blob, out=out, xor=True) is out
+    assert out.tobytes() == raw.tobytes()
+
+
+def test_decode_into_wrong_size_is_corrupt_and_xor_needs_out():
+    raw = np.arange(4096, dtype=np.uint8)
+    blob = codec.encode(raw, 4)
+    with pytest.raises(CorruptObjectError):
+        codec.decode(blob, out=np.empty(4092, dtype=np.uint8))
+    with pytest.raises(ValueError):
+        codec.decode(blob, xor=True)
+    assert codec.decoded_size(blob) == 4096 and codec.decoded_size(b"junk") is None
+
+
+@pytest.mark.skipif(not planes.HAVE_C, reason="the C module coral_torch._planes was not built")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(itemsize=st.integers(1, 16), n=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1), xor=st.booleans())
+def test_c_planes_match_numpy(monkeypatch_c, itemsize, n, seed, xor):
+    """The C split/join (GIL released) and the numpy fallback write the same bytes."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, n * itemsize, dtype=np.uint8)
+    base = rng.integers(0, 256, n * itemsize, dtype=np.uint8) if xor else None
+    start = rng.integers(0, 256, n * itemsize, dtype=np.uint8)
+    results = []
+    for use_c in (True, False):
+        monkeypatch_c(use_c)
+        split = np.empty_like(src)
+        planes.split(src, split, itemsize, base)
+        joined = start.copy()
+        planes.join([split[k * n:(k + 1) * n] for k in range(itemsize)], joined, xor)
+        results.append((split.tobytes(), joined.tobytes()))
+    assert results[0] == results[1]
+    expect = src ^ base if xor else src
+    assert results[0][0] == np.ascontiguousarray(expect.reshape(n, itemsize).T).tobytes()
+    assert results[0][1] == ((start ^ expect) if xor else expect).tobytes()
+
+
+@pytest.fixture
+def monkeypatch_c():
+    """Switch between the C module and the numpy fallback (restored after the test; stateless)."""
+    saved = planes._c
+
+    def use(c: bool) -> None:
+        planes._c = saved if c else None
+
+    yield use
+    planes._c = saved
+
+
+@pytest.mark.skipif(not planes.HAVE_C, reason="the C module coral_torch._planes was not built")
+def test_c_planes_reject_bad_sizes():
+    a = np.zeros(12, dtype=np.uint8)
+    with pytest.raises(ValueError):
+        planes.split(a, np.zeros(8, dtype=np.uint8), 4)
+    with pytest.raises(ValueError):
+        planes.split(a, np.zeros(12, dtype=np.uint8), 5)
+    with pytest.raises(ValueError):
+        planes.split(a, np.zeros(12, dtype=np.uint8), 4, np.zeros(4, dtype=np.uint8))
+    with pytest.raises(ValueError):
+        planes.join([a[:3], a[3:6], a[6:9], a[9:11]], np.zeros(12, dtype=np.uint8))
+    with pytest.raises(TypeError):
+        planes.join([a[:6], a[6:]], bytes(12))  # destination must be writable
