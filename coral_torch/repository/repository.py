@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -35,8 +36,8 @@ import xxhash
 
 from .. import adapters, codec, dtypes
 from ..dedup import Deduplicator
-from ..parallel import map_ordered
-from ..delta import DeltaConfig, DeltaEncoder
+from ..parallel import run_parallel
+from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from ..errors import (
     AmbiguousRefError,
     CheckpointDamagedError,
@@ -48,7 +49,7 @@ from ..errors import (
     RefNotFoundError,
     RepositoryError,
 )
-from ..storage.hdf5_store import HDF5Store, PreparedObject
+from ..storage.hdf5_store import HDF5Store, PreparedObject, delta_object
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from .catalog import Catalog, CommitRow, ObjectRow
 from .lock import RepositoryLock
@@ -358,36 +359,39 @@ class Repository:
 
     def _encode_one(
         self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow]
-    ) -> tuple[list[PreparedObject], ObjectRow]:
+    ) -> tuple[PreparedObject, ObjectRow]:
+        """Encode one tensor as an XOR delta against its base (when that pays) or whole. The
+        payload is a segmented blob over this call's buffers: the caller writes it right away."""
         w = slot.weight
         h = w.compute_hash()
+        level = self.delta_config.codec_level
         base_raw = self._base_cache.get(base_row.hash) if base_row is not None else None
         if base_raw is not None and content_hash(base_raw, base_row.dtype, base_row.shape) != base_row.hash:
             base_raw = None  # the cached base changed under us: never delta against unknown bytes
         full: Optional[PreparedObject] = None
         if base_raw is not None:
-            ref = WeightTensor.from_raw(base_raw, WeightMetadata(name="", shape=base_row.shape, dtype=base_row.dtype))
-            ref._hash = base_row.hash
-            delta = self.encoder.encode(w, ref)
-            if not delta.lossless:
+            if not self.delta_config.delta_type.lossless:
                 raise CoralError("lossy delta types are not supported by Repository.commit yet")
-            if delta.nbytes > self.delta_config.min_saving * base_row.full_estimate:
-                full = store.prepare(_renamed(w, slot.name))
-            if full is None or delta.nbytes < full.stored_bytes:
+            blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), level, base=base_raw)
+            if blob.nbytes > self.delta_config.min_saving * base_row.full_estimate:
+                full = store._prepare(_renamed(w, slot.name), None, segmented=True)
+            if full is None or blob.nbytes < full.stored_bytes:
                 self._delta_skip.pop(slot.name, None)
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
-                prep = store.prepare_delta(delta, h)
+                delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
+                              compression_ratio=blob.nbytes / max(w.nbytes, 1))
+                prep = delta_object(delta, h, blob)
                 prep.attrs["name"] = slot.name
                 row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
                                 w.nbytes, prep.stored_bytes, estimate, True)
-                return [prep], row
+                return prep, row
             # the delta lost: skip trying for this tensor for a few commits (AdamW's first moment,
             # for one, changes completely every epoch; trying costs a second encode each time)
             self._delta_skip[slot.name] = _DELTA_RETRY_AFTER
         if full is None:
-            full = store.prepare(_renamed(w, slot.name))
+            full = store._prepare(_renamed(w, slot.name), None, segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
-        return [full], row
+        return full, row
 
     def _write_pack(
         self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]]
@@ -398,19 +402,19 @@ class Repository:
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
         tmp = packs / f".tmp-{name}"
         store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level)
-        rows: list[ObjectRow] = []
-        hows: dict[str, str] = {}
+
+        def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow]]) -> ObjectRow:
+            prep, row = self._encode_one(store, *item)
+            store.write_prepared(prep)
+            row.pack = name
+            if prep.location is not None:
+                row.offset, row.length = prep.location
+            return row
+
         try:
-            encoded = map_ordered(lambda it: self._encode_one(store, *it), todo.values(), self.workers,
-                                  name="coral-encode")
-            for preps, row in encoded:
-                for p in preps:
-                    store.write_prepared(p)
-                row.pack = name
-                if preps[0].location is not None:
-                    row.offset, row.length = preps[0].location
-                rows.append(row)
-                hows[row.hash] = row.kind
+            # each worker encodes and writes its own tensors, largest first (see run_parallel)
+            rows = run_parallel(encode_and_write, list(todo.values()), self.workers,
+                                cost=lambda it: it[0].weight.nbytes, name="coral-encode")
             store.close()
             _fsync(tmp)
             os.replace(tmp, packs / name)
@@ -419,7 +423,7 @@ class Repository:
             store.close()
             tmp.unlink(missing_ok=True)
             raise
-        return name, rows, hows
+        return name, rows, {r.hash: r.kind for r in rows}
 
     # ================================================================================ load
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
@@ -451,18 +455,30 @@ class Repository:
     ) -> dict[str, np.ndarray]:
         """Raw bytes of objects (deltas rebuilt, every step verified). Damage raises
         :class:`CheckpointDamagedError` naming every affected tensor."""
-        cache: dict[str, np.ndarray] = {}
         errors: dict[str, str] = {}
         unique = list(dict.fromkeys(hashes))
-
-        def one(h: str) -> None:
+        # Catalog lookups happen here, on the calling thread; the workers only read and decode.
+        chains: dict[str, list[ObjectRow]] = {}
+        for h in unique:
             try:
-                self._materialize_one(h, cache)
+                chains[h] = self._chain(h)
+            except IntegrityError as exc:
+                errors[h] = str(exc)
+        todo = [h for h in unique if h in chains]
+
+        def one(h: str) -> Optional[np.ndarray]:
+            try:
+                try:
+                    return self._build(chains[h])
+                except _PackGone:
+                    # a concurrent gc moved the object to a new pack after we read its rows
+                    return self._build(self._chain(h))
             except (IntegrityError, CoralError, OSError, KeyError) as exc:
                 errors[h] = str(exc)
+                return None
 
-        for _ in map_ordered(one, unique, self.workers, name="coral-load"):
-            pass
+        built = run_parallel(one, todo, self.workers, cost=lambda h: sum(r.nbytes for r in chains[h]),
+                             name="coral-load")
         if errors:
             names = list(names) if names is not None else list(hashes)
             bad = [n for n, h in zip(names, hashes) if h in errors]
@@ -474,21 +490,13 @@ class Repository:
                 "Other checkpoints are unaffected unless `coral-torch verify` lists them.",
                 commit=commit or "", tensors=bad,
             )
-        return {h: cache[h] for h in unique}
+        return dict(zip(todo, built))
 
-    def _materialize_one(self, h: str, cache: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            return self._materialize_chain(h, cache)
-        except _PackGone:
-            # a concurrent gc moved the object to a new pack after we read its row: read it again
-            return self._materialize_chain(h, cache)
-
-    def _materialize_chain(self, h: str, cache: dict[str, np.ndarray]) -> np.ndarray:
-        if h in cache:
-            return cache[h]
+    def _chain(self, h: str) -> list[ObjectRow]:
+        """The rows that rebuild ``h``: a full object first, then each delta on top of it."""
         chain: list[ObjectRow] = []
         cur: Optional[str] = h
-        while cur is not None and cur not in cache:
+        while cur is not None:
             row = self.catalog.get_object(cur)
             if row is None:
                 raise IntegrityError(f"object {cur} is missing from the catalog", hash_key=cur)
@@ -496,13 +504,18 @@ class Repository:
             cur = row.base if row.kind == "delta" else None
             if len(chain) > 10_000:
                 raise IntegrityError(f"delta chain of {h} loops", hash_key=h)
-        raw = cache[cur] if cur is not None else None
-        for row in reversed(chain):
+        chain.reverse()
+        return chain
+
+    def _build(self, chain: list[ObjectRow], raw: Optional[np.ndarray] = None) -> np.ndarray:
+        """Decode the chain's full object, then XOR each delta into the same buffer, checking the
+        content hash after every step (a damaged step is named, not just the end result).
+        ``raw``: the bytes of the first row's base when the chain starts with a delta (modified)."""
+        for row in chain:
             if row.offset is not None and row.length is not None and (row.kind == "full" or row.lossless):
                 raw = self._read_object(row, raw)
-                cache[row.hash] = raw
                 continue
-            store = self._pack(row.pack)
+            store = self._pack(row.pack)  # objects without a recorded location: through HDF5
             if row.kind == "full":
                 w = store.load(row.hash)
                 if w is None:
@@ -521,24 +534,25 @@ class Repository:
                         "base is damaged", hash_key=row.hash,
                     )
                 raw = w.raw
-            cache[row.hash] = raw
-        return cache[h]
+        assert raw is not None
+        return raw
 
     def _read_object(self, row: ObjectRow, base: Optional[np.ndarray]) -> np.ndarray:
         """Read one object straight from its pack with ``pread`` (no HDF5 call, no GIL held while
-        reading), decode, apply it to ``base`` if it is a delta, and check the content hash."""
+        reading) into this thread's reusable buffer, decode it (a delta: XORed into ``base`` in
+        place), and check the content hash."""
         fd = self._pack_fd(row.pack)
-        blob = os.pread(fd, row.length, row.offset)
-        if len(blob) != row.length:
+        blob = _read_exact(fd, row.length, row.offset)
+        if blob is None:
             raise CorruptObjectError(
                 f"object {row.hash} is cut short in pack {row.pack} (file truncated?)", hash_key=row.hash
             )
-        raw = codec.decode(blob, hash_key=row.hash)
         if row.kind == "delta":
-            if base is None or base.size != raw.size:
+            if base is None or codec.decoded_size(blob) not in (None, base.size):
                 raise IntegrityError(f"delta {row.hash} does not fit its base {row.base}", hash_key=row.hash)
-            word = _XOR_WORD.get(dtypes.itemsize(row.dtype), np.uint64)
-            np.bitwise_xor(raw.view(word), base.view(word), out=raw.view(word))
+            raw = codec.decode(blob, hash_key=row.hash, out=base, xor=True)
+        else:
+            raw = codec.decode(blob, hash_key=row.hash)
         actual = content_hash(raw, row.dtype, row.shape)
         if actual != row.hash:
             raise HashMismatchError(
@@ -728,26 +742,30 @@ class Repository:
                 report.damaged_objects[o.hash] = w
                 stack.extend((c, f"its delta base {o.hash[:12]} is damaged") for c in children.get(o.hash, []))
 
-        def walk(r: ObjectRow, base_raw: Optional[np.ndarray]) -> None:
-            # depth-first along delta chains; memory holds one chain at a time
-            stack = [(r, base_raw)]
+        def walk(r: ObjectRow) -> None:
+            # depth-first along delta chains; memory holds one chain at a time. A delta is XORed
+            # into its base's buffer in place, so siblings get copies, and the sibling that owns
+            # the buffer is pushed first (popped last, after the others copied it).
+            stack: list[tuple[ObjectRow, Optional[np.ndarray], bool]] = [(r, None, True)]
             while stack:
-                o, braw = stack.pop()
+                o, braw, owned = stack.pop()
                 report.objects_checked += 1
                 try:
-                    cache = {o.base: braw} if o.kind == "delta" and braw is not None else {}
-                    raw = self._materialize_one(o.hash, cache)
-                except (CoralError, OSError, KeyError) as exc:
+                    if braw is not None and not owned:
+                        braw = braw.copy()
+                    raw = self._build([o], braw) if o.kind == "delta" else self._build([o])
+                except (CoralError, OSError, KeyError, _PackGone) as exc:
                     mark_damaged(o, str(exc))
                     continue
-                stack.extend((c, raw) for c in children.get(o.hash, []))
+                kids = children.get(o.hash, [])
+                stack.extend((c, raw, i == 0) for i, c in enumerate(kids))
 
         for r in rows:
             if r.kind == "full" or r.base not in by_hash:
                 if r.kind == "delta":
                     mark_damaged(r, f"its delta base {r.base} is missing")
                     continue
-                walk(r, None)
+                walk(r)
         for cid, names in self.catalog.commits_using(report.damaged_objects).items():
             report.damaged_commits[cid] = sorted(names)
         # commits whose objects are missing from the catalog
@@ -892,7 +910,24 @@ def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list
     return rows
 
 
-_XOR_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.uint64}
+_read_buffers = threading.local()
+
+
+def _read_exact(fd: int, length: int, offset: int) -> Optional[memoryview]:
+    """``length`` bytes at ``offset`` in this thread's reusable buffer (valid until the thread's
+    next read), or None if the file ends first. Reusing the buffer spares a fresh allocation and
+    its page faults for every object."""
+    buf = getattr(_read_buffers, "buf", None)
+    if buf is None or buf.size < length:
+        buf = _read_buffers.buf = np.empty(max(length, 1 << 20), dtype=np.uint8)
+    view = memoryview(buf)[:length]
+    done = 0
+    while done < length:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            return None
+        done += got
+    return view
 
 
 def _entry_nbytes(entry: list) -> int:

@@ -287,7 +287,7 @@ class HDF5Store(WeightStore):
         Thread-safe: HDF5 calls run under the store's lock, the payload bytes of large encoded
         objects are written after it is released (``pwrite``, no GIL), so several threads can
         encode and write at once."""
-        f = self._writable()
+        self._writable()
         direct = self._direct_ok(obj)
         if isinstance(obj.payload, codec.Blob) and not direct:
             obj.payload = obj.payload.to_array()  # small: one contiguous buffer for h5py
