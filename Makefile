@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test bench setup clean
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml setup.py coral_torch/_planes.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"

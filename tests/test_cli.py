@@ -4,7 +4,6 @@ import/export round trip of Lightning .ckpt files."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys

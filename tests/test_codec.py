@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -283,3 +287,30 @@ def test_c_planes_reject_bad_sizes():
         planes.join([a[:3], a[3:6], a[6:9], a[9:11]], np.zeros(12, dtype=np.uint8))
     with pytest.raises(TypeError):
         planes.join([a[:6], a[6:]], bytes(12))  # destination must be writable
+
+
+def test_c_module_is_built_where_required():
+    """CI sets CORAL_TORCH_REQUIRE_C=1: a silently failed build of the optional C module would
+    otherwise only show up as slower benchmarks."""
+    if os.environ.get("CORAL_TORCH_REQUIRE_C") and not os.environ.get("CORAL_TORCH_NO_C"):
+        assert planes.HAVE_C, "coral_torch._planes was not built (is a C compiler installed?)"
+
+
+def test_numpy_fallback_round_trips_through_a_repository(tmp_path):
+    """With CORAL_TORCH_NO_C=1 (as without a compiler) save/load work and give the same bytes."""
+    code = textwrap.dedent(f"""
+        import torch, coral_torch
+        from coral_torch import planes
+        assert not planes.HAVE_C
+        g = torch.Generator().manual_seed(0)
+        sd = {{"w": torch.randn(300, 7, generator=g), "h": torch.randn(40, generator=g).half()}}
+        for e in range(3):
+            sd = {{k: v + 1e-3 for k, v in sd.items()}}
+            coral_torch.save(sd, r"{tmp_path}/e%d.pt" % e)
+        back = coral_torch.load(r"{tmp_path}/e2.pt")
+        assert all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+        print("ok")
+    """)
+    env = dict(os.environ, CORAL_TORCH_NO_C="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

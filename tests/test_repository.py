@@ -716,9 +716,12 @@ def test_truncated_pack_is_detected_and_named(tmp_path):
     repo = Repository(tmp_path / "repo", create=False)
     pack = object_of(repo, ids[2], "w").pack  # keyframe of epoch 2, base of epoch 3's delta
     in_pack = {r.hash for r in repo.catalog.all_objects() if r.pack == pack}
+    # cut inside the first object's bytes, so every object of the pack loses bytes (the order of
+    # objects in a pack depends on which encoder thread finishes first)
+    cut = min(r.offset for r in repo.catalog.all_objects() if r.pack == pack) + 8
     repo.close()
     path = tmp_path / "repo" / "packs" / pack
-    os.truncate(path, path.stat().st_size // 2)
+    os.truncate(path, cut)
 
     repo = Repository(tmp_path / "repo", create=False)
     for e in (2, 3):
@@ -737,6 +740,25 @@ def test_truncated_pack_is_detected_and_named(tmp_path):
     assert set(report.damaged_commits) == {ids[2], ids[3]}
     assert "w" in report.damaged_commits[ids[2]] and "b" in report.damaged_commits[ids[2]]
     assert "w" in report.damaged_commits[ids[3]]
+    assert any("truncated" in why for why in report.damaged_objects.values())
+
+
+def test_pack_whose_size_changed_is_reported_even_if_its_objects_read_fine(tmp_path):
+    """Bytes appended to a published pack leave every object loadable (reads go by offset), but
+    verify flags the pack's objects: the file is no longer what was written and fsynced."""
+    ids, expected, clean, clean_obj = _corruption_repo(tmp_path)
+    repo = Repository(tmp_path / "repo", create=False)
+    pack = object_of(repo, ids[2], "w").pack
+    rows = [r for r in repo.catalog.all_objects() if r.pack == pack]
+    repo.close()
+    with open(tmp_path / "repo" / "packs" / pack, "ab") as f:
+        f.write(b"\0" * 16)
+    repo = Repository(tmp_path / "repo", create=False)
+    for e in range(4):
+        assert_same(expected[e], repo.load(ids[e]))
+    report = repo.verify()
+    assert not report.ok and {r.hash for r in rows} <= set(report.damaged_objects)
+    assert all("truncated or overwritten" in report.damaged_objects[r.hash] for r in rows)
 
 
 def test_deleted_pack_is_reported_missing(tmp_path):

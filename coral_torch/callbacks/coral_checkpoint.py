@@ -95,7 +95,14 @@ class CoralCheckpoint(Checkpoint):
         log_stats: log bytes/ratio/stall per commit through the trainer's logger.
         install_checkpoint_io: install :class:`CoralCheckpointIO` so ``ckpt_path="coral://..."`` works.
         background_nice: how much to lower the background save's CPU priority (Linux nice; 0 keeps
-            it equal to training). On CPU-bound training it keeps the save from slowing the steps.
+            it equal to training), or ``"idle"`` for ``SCHED_IDLE``.
+        background_workers: encoder threads of a background save. Default: 1 when the model trains
+            on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
+            thread only fights the training threads), else all cores up to 8.
+
+    On a CPU-only trainer that saturates every core, any background work slows the training
+    threads by about its own CPU time (see README, "Limits"); there ``async_save=False`` can cost
+    less wall time, at the price of a stall per save. On GPU trainers the CPU is mostly idle.
     """
 
     def __init__(
@@ -117,7 +124,8 @@ class CoralCheckpoint(Checkpoint):
         delta_config: Optional[DeltaConfig] = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
-        background_nice: int = 10,
+        background_nice: Union[int, str] = 10,
+        background_workers: Optional[int] = None,
     ):
         super().__init__()
         if mode not in ("min", "max"):
@@ -151,6 +159,8 @@ class CoralCheckpoint(Checkpoint):
         self.log_stats = log_stats
         self.install_checkpoint_io = install_checkpoint_io
         self.background_nice = background_nice
+        self.background_workers = background_workers
+        self._commit_workers: Optional[int] = None
 
         self.repo: Optional[Repository] = None
         self.last_commit: Optional[str] = None
@@ -202,6 +212,13 @@ class CoralCheckpoint(Checkpoint):
             trainer.strategy.checkpoint_io = CoralCheckpointIO(repo_for_io)
         if self._committer is None and self.async_save:
             self._committer = BackgroundCommitter(nice=self.background_nice)
+        if self.background_workers is not None:
+            self._commit_workers = max(1, int(self.background_workers))
+        elif self.async_save and trainer.strategy.root_device.type == "cpu":
+            # a CPU trainer keeps every core busy: more encoder threads only fight its own threads
+            self._commit_workers = 1
+        else:
+            self._commit_workers = None  # the repository's default (all cores, up to 8)
 
     def _run_name(self, trainer: Any) -> str:
         if self.run:
@@ -352,6 +369,7 @@ class CoralCheckpoint(Checkpoint):
             private_tensors=private,
             no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
             message=f"epoch {epoch} step {step}",
+            workers=self._commit_workers if stall is not None else None,
         )
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -93,14 +93,16 @@ def _is_attrdict(x: Any) -> bool:
     return type(x).__name__ == "AttributeDict"
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Raise this thread's nice value (Linux: per thread, inherited by threads it starts), so the
-    training threads win the CPU and the save fills the gaps. Best effort elsewhere."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
+def _lower_thread_priority(nice: Union[int, str]) -> None:
+    """Lower this thread's CPU priority (Linux: per thread, inherited by threads it starts), so the
+    training threads win the CPU and the save fills the gaps. ``nice``: a nice increment, or
+    ``"idle"`` for ``SCHED_IDLE`` (run only on otherwise idle cores). Best effort elsewhere."""
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        if nice == "idle":
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        elif isinstance(nice, int) and nice > 0:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (OSError, AttributeError):  # pragma: no cover - not permitted / not supported
         pass
 
@@ -112,7 +114,7 @@ class BackgroundCommitter:
     trainer the save then takes idle cycles instead of slowing the training step.
     """
 
-    def __init__(self, nice: int = 10) -> None:
+    def __init__(self, nice: Union[int, str] = 10) -> None:
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix="coral-save", initializer=_lower_thread_priority, initargs=(nice,)
         )

@@ -179,6 +179,7 @@ class Repository:
         private_tensors: bool = False,
         head: bool = True,
         no_delta_prefixes: Sequence[str] = (),
+        workers: Optional[int] = None,
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
@@ -189,6 +190,8 @@ class Repository:
         lets the repository keep them as delta bases without a copy. ``head=False`` leaves
         ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
         never delta-encoded (so older versions of them can be garbage-collected independently).
+        ``workers`` overrides the repository's encoder thread count for this commit (a background
+        save on a CPU-bound trainer uses one, so it takes one core at most).
         """
         t0 = time.perf_counter()
         flat = adapters.flatten(obj)
@@ -225,7 +228,7 @@ class Repository:
                         base_row = row
                 todo[h] = (s, base_row)
 
-            pack_name, new_rows, hows = self._write_pack(todo)
+            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "skeleton": flat.skeleton,
@@ -394,7 +397,7 @@ class Repository:
         return full, row
 
     def _write_pack(
-        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]]
+        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int
     ) -> tuple[Optional[str], list[ObjectRow], dict[str, str]]:
         if not todo:
             return None, [], {}
@@ -413,7 +416,7 @@ class Repository:
 
         try:
             # each worker encodes and writes its own tensors, largest first (see run_parallel)
-            rows = run_parallel(encode_and_write, list(todo.values()), self.workers,
+            rows = run_parallel(encode_and_write, list(todo.values()), workers,
                                 cost=lambda it: it[0].weight.nbytes, name="coral-encode")
             store.close()
             _fsync(tmp)
@@ -727,8 +730,19 @@ class Repository:
             if r.kind == "delta":
                 children.setdefault(r.base or "", []).append(r)
         packs_dir = self.path / PACKS_DIR
-        known_packs = set(self.catalog.packs())
+        pack_sizes = self.catalog.packs()
+        known_packs = set(pack_sizes)
         report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
+        # a pack whose size changed since it was published was truncated or overwritten: even
+        # objects whose own bytes survived are in a file HDF5 (gc, push) can no longer read
+        resized: dict[str, str] = {}
+        for p, size in pack_sizes.items():
+            try:
+                actual = (packs_dir / p).stat().st_size
+            except FileNotFoundError:
+                continue
+            if size is not None and actual != size:
+                resized[p] = f"pack {p} is {actual} bytes, {size} when written (truncated or overwritten)"
         report.orphan_files = sorted(
             p.name for p in packs_dir.iterdir() if p.name not in known_packs
         ) if packs_dir.exists() else []
@@ -750,6 +764,9 @@ class Repository:
             while stack:
                 o, braw, owned = stack.pop()
                 report.objects_checked += 1
+                if o.pack in resized:
+                    mark_damaged(o, resized[o.pack])
+                    continue
                 try:
                     if braw is not None and not owned:
                         braw = braw.copy()
