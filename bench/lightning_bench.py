@@ -11,7 +11,8 @@ Reports per-checkpoint training-loop stall, total wall time, and bytes on disk (
 Targets (issue 4): stall <= 0.25x ModelCheckpoint's save, wall time within 5% of `none`,
 bytes <= 0.55x (all) and <= 0.30x (last).
 
-    .venv/bin/python bench/lightning_bench.py            # 5 epochs x 20 steps
+    .venv/bin/python bench/lightning_bench.py            # 5 epochs x 30 steps (as epochs_bench.py)
+    .venv/bin/python bench/lightning_bench.py --steps 100 --runs none,coral-all   # longer epochs
     .venv/bin/python bench/lightning_bench.py --quick    # 2 epochs x 5 steps
 """
 
@@ -98,6 +99,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
     elif cb is not None:
         res["stall_s"] = [h["stall_s"] for h in cb.history]
         res["background_s"] = [h["background_s"] for h in cb.history]
+        res["background_cpu_s"] = [h.get("background_cpu_s") for h in cb.history]
         repo = Repository(out / ".coral", create=False)
         res["bytes_before_gc"] = dir_bytes(out / ".coral")
         repo.gc()
@@ -109,7 +111,8 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch")
+    ap.add_argument("--steps", type=int, default=30,
+                    help="optimizer steps per epoch (default 30, as bench/epochs_bench.py)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
     ap.add_argument("--nice", default="10", help="CoralCheckpoint(background_nice=...): an int or 'idle'")

@@ -880,3 +880,34 @@ def test_sibling_deltas_on_one_base_load_and_verify(tmp_path):
     both = repo.materialize([w_objs[0].hash, w_objs[1].hash, w_objs[0].hash])
     assert both[w_objs[0].hash].tobytes() == kids[0]["w"].numpy().tobytes()
     assert both[w_objs[1].hash].tobytes() == kids[1]["w"].numpy().tobytes()
+
+
+def test_sampled_probe_skips_deltas_that_cannot_pay_and_keeps_those_that_do(tmp_path):
+    """Large tensors: an AdamW-moment-like tensor (every bit changes) is stored whole without a
+    whole-tensor delta attempt; a fine-tune-like weight (low mantissa bits change) becomes a delta."""
+    g = torch.Generator().manual_seed(5)
+    n = (5 << 20) // 4  # 5 MiB of fp32: above the probe threshold
+    moment = torch.randn(n, generator=g)
+    weight = torch.randn(n, generator=g)
+    repo = Repository(tmp_path / "repo")
+    repo.commit({"m": moment, "w": weight}, run="r")
+    attempts = []
+    real = coral_torch.codec.encode_blob
+
+    def spy(raw, itemsize, level=1, *, base=None):
+        if base is not None and raw.size == n * 4:
+            attempts.append(raw.size)
+        return real(raw, itemsize, level, base=base)
+
+    moment2 = torch.randn(n, generator=g)
+    weight2 = weight.clone()
+    weight2.view(torch.int32).add_(torch.randint(-8, 8, (n,), generator=g, dtype=torch.int32))
+    coral_torch.codec.encode_blob = spy
+    try:
+        cid = repo.commit({"m": moment2, "w": weight2}, run="r").commit_id
+    finally:
+        coral_torch.codec.encode_blob = real
+    assert object_of(repo, cid, "m").kind == "full"
+    assert object_of(repo, cid, "w").kind == "delta"
+    assert attempts == [n * 4]  # only w was delta-encoded in full
+    assert_same({"m": moment2, "w": weight2}, repo.load(cid))

@@ -353,6 +353,7 @@ class CoralCheckpoint(Checkpoint):
         repo = self.repo
         assert repo is not None
         t0 = time.perf_counter()
+        cpu0 = time.thread_time()  # with one encoder thread (CPU trainers) all the work is here
         # After a resume the loaded commit is the parent: its tensors are the cached delta bases.
         parent = self.last_commit or repo.last_loaded or self._resumed_from
         stats = repo.commit(
@@ -386,6 +387,7 @@ class CoralCheckpoint(Checkpoint):
             "commit": cid, "epoch": epoch, "step": step,
             "bytes_written": stats.written_bytes, "logical_bytes": stats.logical_bytes,
             "ratio": stats.ratio, "stall_s": stall, "background_s": background,
+            "background_cpu_s": time.thread_time() - cpu0,
             "new_full": stats.new_full, "new_delta": stats.new_delta, "deduplicated": stats.deduplicated,
         })
         return stats

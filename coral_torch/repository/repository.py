@@ -61,6 +61,8 @@ PACKS_DIR = "packs"
 MANIFEST_FORMAT = 1
 _MIN_PREFIX = 4
 _DELTA_RETRY_AFTER = 3  # after a delta loses to the full encoding, commits before trying again
+_PROBE_MIN_BYTES = 4 << 20  # tensors from this size get a sampled delta-vs-full probe first
+_PROBE_SLICE = 64 << 10  # bytes per probe slice (three slices: start, middle, end)
 _HEX = set("0123456789abcdef")
 
 
@@ -372,6 +374,9 @@ class Repository:
         if base_raw is not None and content_hash(base_raw, base_row.dtype, base_row.shape) != base_row.hash:
             base_raw = None  # the cached base changed under us: never delta against unknown bytes
         full: Optional[PreparedObject] = None
+        if base_raw is not None and not self._delta_may_pay(w, base_raw):
+            self._delta_skip[slot.name] = _DELTA_RETRY_AFTER
+            base_raw = None
         if base_raw is not None:
             if not self.delta_config.delta_type.lossless:
                 raise CoralError("lossy delta types are not supported by Repository.commit yet")
@@ -395,6 +400,22 @@ class Repository:
             full = store._prepare(_renamed(w, slot.name), None, segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
         return full, row
+
+    def _delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray) -> bool:
+        """Encode three small slices both ways before paying for a whole delta and, when it
+        loses, a second whole encode. AdamW's moments change completely every step: their XOR is
+        no smaller than their own encoding. Small tensors are just tried."""
+        if w.nbytes < _PROBE_MIN_BYTES:
+            return True
+        isz = dtypes.itemsize(w.dtype)
+        n = _PROBE_SLICE // isz * isz
+        raw = w.raw
+        own = xor = 0
+        for start in (0, (w.nbytes // 2) // isz * isz, (w.nbytes - n) // isz * isz):
+            own += codec.encode(raw[start : start + n], isz, self.delta_config.codec_level).size
+            xor += codec.encode(raw[start : start + n], isz, self.delta_config.codec_level,
+                                base=base_raw[start : start + n]).size
+        return xor <= self.delta_config.min_saving * own
 
     def _write_pack(
         self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int
