@@ -31,13 +31,16 @@ _open_lock = threading.Lock()
 
 def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config: Optional[DeltaConfig] = None) -> Repository:
     """The process-wide :class:`Repository` for a path (kept open so consecutive saves delta
-    against each other). ``None`` means ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given
+    against each other; reopened if the directory was deleted or replaced). ``None`` means ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given
     here applies to the shared instance from now on."""
     if isinstance(repo, Repository):
         return repo
     path = Path(repo if repo is not None else os.environ.get("CORAL_REPO", ".coral")).absolute()
     with _open_lock:
         r = _open.get(path)
+        if r is not None and r.stale:  # the directory was removed or replaced meanwhile
+            r.close()
+            r = None
         if r is None:
             r = Repository(path, create=create, delta_config=delta_config)
             _open[path] = r

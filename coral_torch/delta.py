@@ -112,9 +112,8 @@ class DeltaEncoder:
             return True
         return target.dtype in ("float32", "float16", "bfloat16", "float64")
 
-    def encode(self, target: WeightTensor, reference: WeightTensor, *, zero_copy: bool = False) -> Delta:
-        """The delta that rebuilds ``target`` from ``reference``. ``data`` is ``bytes``; with
-        ``zero_copy`` it is the encoder's read-only uint8 array instead (bytes-like, one copy less)."""
+    def encode(self, target: WeightTensor, reference: WeightTensor) -> Delta:
+        """The delta that rebuilds ``target`` from ``reference`` (``data``: the encoded bytes)."""
         if not self.can_encode(target, reference):
             raise DeltaError(
                 f"cannot encode {target!r} against {reference!r} with {self.config.delta_type.value}: "
@@ -142,11 +141,9 @@ class DeltaEncoder:
                     np.concatenate([idx.view(np.uint8), vals.view(np.uint8)]), 1, self.config.codec_level
                 )
                 extra = {"count": int(idx.size)}
-        if zero_copy:
-            payload.flags.writeable = False
         return Delta(
             delta_type=kind,
-            data=payload if zero_copy else payload.tobytes(),
+            data=payload.tobytes(),
             original_shape=target.shape,
             original_dtype=target.dtype,
             reference_hash=ref_hash,

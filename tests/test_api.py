@@ -220,3 +220,20 @@ def test_lightning_like_checkpoint_roundtrips_exactly(tmp_path):
         r = coral_torch.open_repository(tmp_path / ".coral")
         row = r.get_commit("latest")
         assert row.epoch == epoch and row.step == ckpt["global_step"]
+
+
+def test_deleted_and_recreated_repository_directory_is_reopened(tmp_path):
+    """The process-wide instance must not outlive its directory: after ``rm -rf ckpts`` a new
+    save into the same path creates a fresh repository instead of failing on a vanished lock."""
+    import shutil
+
+    sd = {"w": torch.arange(10.0)}
+    first = coral_torch.save(sd, tmp_path / "ckpts" / "a.pt")
+    old = coral_torch.open_repository(tmp_path / "ckpts" / ".coral")
+    shutil.rmtree(tmp_path / "ckpts")
+    assert old.stale
+    second = coral_torch.save({"w": torch.arange(10.0) + 1}, tmp_path / "ckpts" / "a.pt")
+    repo = coral_torch.open_repository(tmp_path / "ckpts" / ".coral")
+    assert repo is not old and not repo.stale
+    assert [c.id for c in repo.log()] == [second] and second != first
+    assert torch.equal(coral_torch.load(tmp_path / "ckpts" / "a.pt")["w"], torch.arange(10.0) + 1)

@@ -146,6 +146,7 @@ class Repository:
                 )
             (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(catalog_path, create=True)
+        self._identity = _file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.delta_config = delta_config or DeltaConfig()
         self.encoder = DeltaEncoder(self.delta_config)
@@ -619,6 +620,12 @@ class Repository:
             self._packs.move_to_end(name)
         return store
 
+    @property
+    def stale(self) -> bool:
+        """True if the directory was deleted or replaced since this object opened it (its
+        catalog file is gone or another file): the object must not be used any more."""
+        return _file_identity(self.path / CATALOG_NAME) != self._identity
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -946,6 +953,14 @@ def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list
         names[key] = h
         rows.append((cid, key, h, how(name, h)))
     return rows
+
+
+def _file_identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _read_buffers = threading.local()
