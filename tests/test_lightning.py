@@ -631,3 +631,44 @@ def test_sharded_strategies_are_refused(tmp_path):
     with pytest.raises(CoralError, match="DeepSpeedStrategy"):
         cb.setup(trainer, TinyModel(), "fit")
     assert cb.repo is None and not (tmp_path / ".coral").exists()  # refused before touching anything
+
+
+@pytest.mark.parametrize("lend_core", [True, False])
+def test_cpu_trainer_lends_a_core_to_the_background_save(tmp_path, monkeypatch, lend_core):
+    """lend_core=True: while a background save is in flight the steps run with one intra-op thread
+    fewer; restored at the first step after the save and always by the end of fit. Off by default
+    (thread counts change float rounding; the exact-resume tests run with the default)."""
+    repo = Repository(tmp_path / ".coral")
+    real_commit = repo.commit
+    threads_during_save: list[int] = []
+    threads_per_step: list[int] = []
+
+    def slow_commit(*args, **kw):
+        time.sleep(0.1)
+        return real_commit(*args, **kw)
+
+    class StepThreads(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            time.sleep(0.03)  # 8 steps take longer than a save, so each save ends mid-epoch
+            threads_per_step.append(torch.get_num_threads())
+            if cb._committer is not None and cb._committer.busy:
+                threads_during_save.append(torch.get_num_threads())
+
+    monkeypatch.setattr(repo, "commit", slow_commit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cb = CoralCheckpoint(repo=repo, lend_core=lend_core)
+        pl.seed_everything(1, verbose=False)
+        trainer = make_trainer(max_epochs=3, callbacks=[StepThreads(), cb])
+        trainer.fit(TinyModel(), *tiny_loaders())
+        assert torch.get_num_threads() == 2  # restored
+        assert threads_per_step[:STEPS_PER_EPOCH] == [2] * STEPS_PER_EPOCH  # before the first save
+        if lend_core:
+            assert threads_during_save and set(threads_during_save) == {1}
+            assert threads_per_step.count(2) > STEPS_PER_EPOCH  # taken back after each save
+        else:
+            assert set(threads_per_step) == {2}
+        assert len(fresh(tmp_path / ".coral").log()) == 3
+    finally:
+        torch.set_num_threads(before)
