@@ -4,7 +4,6 @@ Same model, data, seed and steps in every run of one process:
   none          no checkpointing (the wall-time baseline)
   modelckpt     Lightning's ModelCheckpoint(save_top_k=-1): torch.save every epoch
   coral-all     CoralCheckpoint(keep_optimizer="all"), asynchronous
-  coral-lend    the same with lend_core=True (training runs one thread short while a save is in flight)
   coral-last    CoralCheckpoint(keep_optimizer="last"), asynchronous (older commits: weights only)
   coral-sync    CoralCheckpoint(keep_optimizer="all", async_save=False)
 
@@ -85,7 +84,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
         cb = CoralCheckpoint(repo=out / ".coral", run="bench",
                              keep_optimizer="last" if kind == "coral-last" else "all",
                              async_save=kind != "coral-sync", background_nice=NICE,
-                             background_workers=WORKERS, lend_core=kind == "coral-lend")
+                             background_workers=WORKERS)
         callbacks.append(cb)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=kind != "none",
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30,
                     help="optimizer steps per epoch (default 30, as bench/epochs_bench.py)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-lend,coral-last,coral-sync")
+    ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
     ap.add_argument("--nice", default="10", help="CoralCheckpoint(background_nice=...): an int or 'idle'")
     ap.add_argument("--workers", type=int, default=None, help="CoralCheckpoint(background_workers=...)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -179,12 +178,6 @@ def main(argv=None) -> int:
             ("stall <= 0.25x ModelCheckpoint save (async)", stall / mc_save <= 0.25, f"{stall / mc_save:.3f}x"),
             ("wall time within 5% of no checkpointing", base and ca["wall_s"] <= base * 1.05,
              f"{(ca['wall_s'] / base - 1) * 100:+.1f}%" if base else "n/a"),
-        ]
-        if "coral-lend" in results and base:
-            cl = results["coral-lend"]
-            checks.append(("  ... with lend_core=True", cl["wall_s"] <= base * 1.05,
-                           f"{(cl['wall_s'] / base - 1) * 100:+.1f}%"))
-        checks += [
             ("bytes <= 0.55x (keep_optimizer=all)", ca["bytes"] / mc_bytes <= 0.55, f"{ca['bytes'] / mc_bytes:.3f}x"),
         ]
         if "coral-last" in results:

@@ -99,12 +99,6 @@ class CoralCheckpoint(Checkpoint):
         background_workers: encoder threads of a background save. Default: 1 when the model trains
             on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
             thread only fights the training threads), else all cores up to 8.
-        lend_core: CPU trainers: while a background save runs, train with one intra-op thread
-            fewer (``torch.set_num_threads``, restored at the first step after the save), so the
-            save has a core to itself instead of preempting the training threads. Measured on
-            2 cores: +2.2% wall time over no checkpointing instead of +6.8%. Off by default because
-            the number of threads changes float rounding: the steps that overlap a save then give
-            slightly different results, so runs are no longer bit-reproducible.
 
     On a CPU-only trainer that saturates every core, any background work slows the training
     threads by about its own CPU time (see README, "Limits"); there ``async_save=False`` can cost
@@ -132,7 +126,6 @@ class CoralCheckpoint(Checkpoint):
         install_checkpoint_io: bool = True,
         background_nice: Union[int, str] = 10,
         background_workers: Optional[int] = None,
-        lend_core: bool = False,
     ):
         super().__init__()
         if mode not in ("min", "max"):
@@ -167,10 +160,7 @@ class CoralCheckpoint(Checkpoint):
         self.install_checkpoint_io = install_checkpoint_io
         self.background_nice = background_nice
         self.background_workers = background_workers
-        self.lend_core = lend_core
         self._commit_workers: Optional[int] = None
-        self._lend = False
-        self._lent_from: Optional[int] = None  # torch intra-op threads before a core was lent
 
         self.repo: Optional[Repository] = None
         self.last_commit: Optional[str] = None
@@ -229,7 +219,6 @@ class CoralCheckpoint(Checkpoint):
             self._commit_workers = 1
         else:
             self._commit_workers = None  # the repository's default (all cores, up to 8)
-        self._lend = bool(self.async_save and self.lend_core and trainer.strategy.root_device.type == "cpu")
 
     def _run_name(self, trainer: Any) -> str:
         if self.run:
@@ -248,7 +237,6 @@ class CoralCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------------------- hooks
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._take_core_back()
         if trainer.world_size == 1:
             self._surface_errors(trainer)
         n = self.every_n_train_steps
@@ -263,7 +251,6 @@ class CoralCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._sync_barrier(trainer, wait=True)
-        self._take_core_back(force=True)
         if trainer.is_global_zero and self.repo is not None:
             if self.tags and self.last_commit:
                 for t in self.tags:
@@ -273,7 +260,6 @@ class CoralCheckpoint(Checkpoint):
                 self._push(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._take_core_back(force=True)
         # The in-flight commit is atomic: let it finish (or fail) so nothing is left half-done.
         if self._committer is not None:
             try:
@@ -282,7 +268,6 @@ class CoralCheckpoint(Checkpoint):
                 log.error("background checkpoint failed while handling %r: %s", exception, exc)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._take_core_back(force=True)
         if self._committer is not None:
             try:
                 self._committer.wait()
@@ -309,27 +294,6 @@ class CoralCheckpoint(Checkpoint):
         self._full_commit = state_dict.get("full_commit")
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
-
-    # ----------------------------------------------------------------- sharing the CPU
-    def _lend_core(self) -> None:
-        """CPU trainers: run the training's intra-op pool one thread short while a background save
-        is in flight, so the save gets a core of its own. Measured on 2 cores: a background thread
-        that preempts the OpenMP team slows each step by more than the save's own CPU time
-        (the other threads wait at the team's barrier); one thread fewer for ~0.5 s costs less."""
-        if not self._lend or self._lent_from is not None:
-            return
-        n = torch.get_num_threads()
-        if n > 1:
-            self._lent_from = n
-            torch.set_num_threads(n - 1)
-
-    def _take_core_back(self, force: bool = False) -> None:
-        """Restore the intra-op threads once the save is done (called on the training thread)."""
-        if self._lent_from is None:
-            return
-        if force or self._committer is None or not self._committer.busy:
-            torch.set_num_threads(self._lent_from)
-            self._lent_from = None
 
     # ------------------------------------------------------------------------------ save
     def _surface_errors(self, trainer: Any) -> None:
@@ -378,7 +342,6 @@ class CoralCheckpoint(Checkpoint):
             del checkpoint
             stall = time.perf_counter() - t0
             self._committer.submit(lambda: self._commit(snap, run, epoch, step, metrics, stall, private=True))
-            self._lend_core()
         else:
             stall_start = t0
             self._commit(checkpoint, run, epoch, step, metrics, None, private=False)
