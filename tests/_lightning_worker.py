@@ -103,6 +103,13 @@ def mode_ddp(a: dict) -> None:
     out = Path(a["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # shut gloo down before the interpreter does: exiting with its threads alive occasionally
+    # aborts the process ("terminate called without an active exception")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -224,8 +224,10 @@ def test_sigkill_at_random_moments_loses_nothing_committed(tmp_path):
     for cid, epoch in sample[:: max(1, len(sample) // 10)] + sample[-3:]:
         assert_same(worker.checkpoint(seed, epoch), repo.load(cid), f"epoch{epoch} after gc")
 
-    # the next save works, as a delta on the latest
+    # the next save works, as a delta on the latest (a chain limit above the worker's, so the
+    # latest objects' depth always leaves room for one more link)
     next_epoch = max(epochs) + 1
+    repo.delta_config = DeltaConfig(max_chain_length=worker.MAX_CHAIN + 1)
     repo.load("main")
     stats = repo.commit(worker.checkpoint(seed, next_epoch), run="main")
     assert stats.new_delta > 0

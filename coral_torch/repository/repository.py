@@ -115,7 +115,7 @@ class Repository:
     Args:
         path: repository directory (created if missing and ``create`` is True).
         create: create a new repository when none exists at ``path``.
-        delta_config: delta policy (lossless XOR, keyframe every 8 checkpoints by default).
+        delta_config: delta policy (lossless XOR; a keyframe at least every 3 checkpoints by default).
         workers: threads for hashing/encoding (default: all cores).
         lock_timeout: seconds a writer waits for another writer before
             :class:`~coral_torch.errors.RepositoryLockedError`.
