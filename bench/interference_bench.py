@@ -7,9 +7,8 @@ and with a background thread that keeps doing one kind of work at a given priori
   python   a GIL-bound Python loop
   commit   coral_torch Repository.commit of the model + AdamW state, one encoder thread
 
-Priorities: nice +10 (CoralCheckpoint's default) and SCHED_IDLE. On a trainer that keeps every core
-busy, a preempted OpenMP team member stalls the team at its barrier, so the steps lose more time
-than the background thread uses.
+Priorities: nice +10 (CoralCheckpoint's default) and SCHED_IDLE. The table shows the training's
+slowdown next to the CPU time the background thread got.
 
     .venv/bin/python bench/interference_bench.py            # 12 steps per row, ~2-3 min on 2 cores
     .venv/bin/python bench/interference_bench.py --steps 6 --kinds zstd,commit

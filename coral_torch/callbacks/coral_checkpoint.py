@@ -100,9 +100,9 @@ class CoralCheckpoint(Checkpoint):
             on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
             thread only fights the training threads), else all cores up to 8.
 
-    On a CPU-only trainer that saturates every core, any background work slows the training
-    threads by about its own CPU time (see README, "Limits"); there ``async_save=False`` can cost
-    less wall time, at the price of a stall per save. On GPU trainers the CPU is mostly idle.
+    On a CPU-only trainer that keeps every core busy, background work slows the training threads
+    even at low priority (see README, "Limits", and ``bench/interference_bench.py``). On GPU
+    trainers the CPU is mostly idle.
     """
 
     def __init__(
