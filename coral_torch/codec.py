@@ -102,6 +102,12 @@ class Blob:
         return h.hexdigest()
 
 
+def _nplanes(nbytes: int, itemsize: int) -> int:
+    """How many byte planes a blob of ``nbytes`` gets: 1 (no split) for tiny or 1-byte data."""
+    split = itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0
+    return itemsize if split else 1
+
+
 def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np.ndarray], split_into: Optional[np.ndarray]):
     """Split (XOR ``base`` if given) and compress. Returns ``(header bytes, [payload per plane])``
     where raw planes are views of ``split_into`` (or of ``raw`` itself when nothing is split)."""
@@ -111,8 +117,8 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np
         if base.size != raw.size:
             raise ValueError(f"base has {base.size} bytes, data {raw.size}")
     nbytes = raw.size
-    split = itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0
-    nplanes = itemsize if split else 1
+    nplanes = _nplanes(nbytes, itemsize)
+    split = nplanes > 1
     plane_len = nbytes // nplanes
     if split or base is not None:
         body = split_into if split_into is not None else np.empty(nbytes, dtype=np.uint8)
@@ -154,8 +160,7 @@ def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: 
     """
     raw = raw.reshape(-1)
     nbytes = raw.size
-    nplanes = itemsize if (itemsize > 1 and nbytes >= _MIN_SPLIT_BYTES and nbytes % itemsize == 0) else 1
-    head_len = _HEADER.size + nplanes * _PLANE.size
+    head_len = _HEADER.size + _nplanes(nbytes, itemsize) * _PLANE.size
     out = np.empty(head_len + nbytes, dtype=np.uint8)
     head, payloads = _encode_planes(raw, itemsize, level, base, out[head_len:])
     base_ptr = out.ctypes.data
@@ -168,9 +173,9 @@ def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: 
                 else:
                     out[pos : pos + seg.size] = seg
         else:
-            # a zstd plane: its source plane k is no longer needed, and pos <= its start
+            # a zstd plane: its source plane is no longer needed, and pos <= its start
             out[pos : pos + len(seg)] = np.frombuffer(seg, dtype=np.uint8)
-        pos += len(seg) if not isinstance(seg, np.ndarray) else seg.size
+        pos += len(seg)
     out[:head_len] = np.frombuffer(head, dtype=np.uint8)
     return out[:pos]
 
