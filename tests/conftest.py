@@ -113,29 +113,51 @@ def dtype_name(request) -> str:
 
 
 def assert_same(a, b, path: str = "obj") -> None:
-    """``b`` is an exact copy of ``a``: types, key order, ``_metadata``, dtypes, shapes, raw bytes."""
+    """``b`` is an exact copy of ``a``: types, key order, ``_metadata``, dtypes, shapes, raw bytes
+    (floats and complex numbers bit for bit, NaN payloads included)."""
     assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
         assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
         assert raw_bytes(a) == raw_bytes(b), f"{path}: bytes differ"
     elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), f"{path}: bytes differ"
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} != {b!r}"
     elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
+        assert list(a.keys()) == list(b.keys()) or _keys_equal(a, b), f"{path}: keys {list(a)} != {list(b)}"
+        for (ka, va), vb in zip(a.items(), b.values()):
+            assert_same(va, vb, f"{path}[{ka!r}]")
         ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
         mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
         assert_same(ma, mb, f"{path}._metadata")
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length"
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
+        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
+    elif isinstance(a, complex):
+        assert_same(a.real, b.real, f"{path}.real")
+        assert_same(a.imag, b.imag, f"{path}.imag")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _keys_equal(a: dict, b: dict) -> bool:
+    """Key lists equal, treating NaN keys as equal (nan != nan)."""
+    ka, kb = list(a), list(b)
+    if len(ka) != len(kb):
+        return False
+    for x, y in zip(ka, kb):
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, float) and math.isnan(x) and math.isnan(y):
+            continue
+        if x != y:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------ S3 server

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
-import struct
 
 import numpy as np
 import pytest
@@ -19,65 +17,12 @@ import torch
 import coral_torch
 from coral_torch import Repository, adapters
 from coral_torch.errors import CoralError
+from conftest import assert_same  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ helpers
 def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def float_bits(x: float) -> bytes:
-    return struct.pack("<d", x)
-
-
-def assert_same(a, b, path="obj"):
-    """``b`` is an exact copy of ``a``: types, key order, dtypes, shapes and raw bytes."""
-    assert type(a) is type(b), f"{path}: type {type(a).__name__} came back as {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
-        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
-        assert a.device == b.device, f"{path}: device {a.device} != {b.device}"
-        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
-        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: bytes differ"
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), f"{path}: bytes differ"
-    elif isinstance(a, np.generic):
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} != {b!r}"
-    elif isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()) or _keys_equal(a, b), f"{path}: keys {list(a)} != {list(b)}"
-        for (ka, va), vb in zip(a.items(), b.values()):
-            assert_same(va, vb, f"{path}[{ka!r}]")
-        ma = a.__dict__.get("_metadata") if hasattr(a, "__dict__") else None
-        mb = b.__dict__.get("_metadata") if hasattr(b, "__dict__") else None
-        if ma is not None or mb is not None:
-            assert_same(ma, mb, f"{path}._metadata")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert float_bits(a) == float_bits(b) or (math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
-    elif isinstance(a, complex):
-        assert_same(a.real, b.real, f"{path}.real")
-        assert_same(a.imag, b.imag, f"{path}.imag")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
-def _keys_equal(a: dict, b: dict) -> bool:
-    """Key lists equal, treating nan keys as equal (nan != nan)."""
-    ka, kb = list(a), list(b)
-    if len(ka) != len(kb):
-        return False
-    for x, y in zip(ka, kb):
-        if type(x) is not type(y):
-            return False
-        if isinstance(x, float) and math.isnan(x) and math.isnan(y):
-            continue
-        if x != y:
-            return False
-    return True
 
 
 @pytest.fixture
