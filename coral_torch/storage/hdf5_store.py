@@ -80,7 +80,8 @@ class PreparedObject:
         return int(self.payload.nbytes)
 
 
-def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, payload: np.ndarray) -> Dict[str, Any]:
+def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str,
+                 payload: Union[np.ndarray, codec.Blob]) -> Dict[str, Any]:
     """The description every store keeps beside a weight's payload (HDF5 attribute, S3 document)."""
     return {
         "name": meta.name or "",
@@ -95,7 +96,7 @@ def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, 
     }
 
 
-def delta_object(delta: Delta, key: str, payload: np.ndarray) -> PreparedObject:
+def delta_object(delta: Delta, key: str, payload: Union[np.ndarray, codec.Blob]) -> PreparedObject:
     """A delta's payload and description, ready for any store (``delta.data`` is not read)."""
     attrs: Dict[str, Any] = {
         "delta_type": delta.delta_type.value,
