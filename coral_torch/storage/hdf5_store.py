@@ -43,6 +43,7 @@ from ..errors import (
     StoreNotFoundError,
 )
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from .direct_io import MIN_DIRECT_BYTES, PAGE, PayloadWriter
 from .weight_store import WeightStore
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ ENCODING_CODEC = "czp1"  # dataset holds a codec blob
 ENCODING_VALUES = "values"  # dataset holds the values (HDF5 filter, if any)
 _MIN_FILTER_BYTES = 4096
 META_ATTR = "coral"  # JSON metadata of each dataset
-_IOV_MAX = 512
 _DIRECT_MIN_BYTES = 1  # codec payloads are written with pwrite (see _create_direct)
+# large datasets start on a page boundary, so their payload can be written with O_DIRECT
+_ALIGNMENT = {"alignment_threshold": MIN_DIRECT_BYTES, "alignment_interval": PAGE}
 _JSON_TYPE = h5py.h5t.py_create(h5py.string_dtype("utf-8"), logical=True)  # variable-length UTF-8
 
 
@@ -143,6 +145,8 @@ class HDF5Store(WeightStore):
             existing *store*, ``"x"`` create, failing if the file exists. A file that exists but is
             not a coral-torch store is never modified.
         workers: threads used by the batch operations to hash and encode.
+        direct_io: write large encoded payloads around the page cache (``O_DIRECT``) where the
+            file system supports it; see :mod:`coral_torch.storage.direct_io`. Buffered otherwise.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class HDF5Store(WeightStore):
         compression_opts: Any = None,
         mode: str = "a",
         workers: Optional[int] = None,
+        direct_io: bool = True,
     ):
         self.filepath = Path(filepath)
         self.compression, self.compression_opts = self._check_compression(compression, compression_opts)
@@ -159,7 +164,8 @@ class HDF5Store(WeightStore):
             raise StoreError(f"mode must be 'a', 'r', 'w' or 'x', not {mode!r}")
         self.mode = mode
         self.workers = workers or _default_workers()
-        self._fd: Optional[int] = None  # plain descriptor for direct payload writes
+        self.direct_io = direct_io
+        self._writer: Optional[PayloadWriter] = None  # payload bytes, outside h5py (see _create_direct)
         self._lock = threading.RLock()  # HDF5 calls of concurrent writers (see write_prepared)
         self._groups: Dict[str, h5py.Group] = {}
         self.file = self._open(mode)
@@ -212,7 +218,7 @@ class HDF5Store(WeightStore):
                 raise NotAStoreError(f"{path} is an HDF5 file that cannot be read: {exc}") from exc
         if mode in ("w", "x") or not exists:
             path.parent.mkdir(parents=True, exist_ok=True)
-            f = h5py.File(path, "w" if mode in ("w", "a") else "x")
+            f = h5py.File(path, "w" if mode in ("w", "a") else "x", **_ALIGNMENT)
             f.attrs["coral_format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             for g in ("weights", "metadata", "deltas"):
@@ -220,7 +226,7 @@ class HDF5Store(WeightStore):
             f.flush()
             return f
         try:
-            return h5py.File(path, "r" if mode == "r" else "a")
+            return h5py.File(path, "r") if mode == "r" else h5py.File(path, "a", **_ALIGNMENT)
         except OSError as exc:
             raise StoreError(
                 f"cannot open {path} in mode {mode!r}: {exc}. Another process may hold it open for writing."
@@ -366,13 +372,14 @@ class HDF5Store(WeightStore):
         offset = dsid.get_offset()
         if offset is None:  # pragma: no cover - early allocation always gives an address
             raise StoreError(f"HDF5 gave no file offset for {key}")
-        if self._fd is None:
-            self._fd = os.open(self.filepath, os.O_WRONLY)
+        if self._writer is None:
+            self._writer = PayloadWriter(self.filepath, direct=self.direct_io)
         return h5py.Dataset(dsid), int(offset)
 
     def _pwrite_all(self, payload: Union[np.ndarray, codec.Blob], offset: int) -> None:
         segments = payload.segments if isinstance(payload, codec.Blob) else [memoryview(payload).cast("B")]
-        _pwritev_all(self._fd, segments, offset)
+        assert self._writer is not None
+        self._writer.write(segments, offset)
 
     def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
         """Store one tensor (idempotent) and return its key."""
@@ -624,9 +631,9 @@ class HDF5Store(WeightStore):
 
     # ----------------------------------------------------------------------------- lifetime
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.file is not None and self.file.id.valid:
             self.file.close()
         self.file = None
@@ -639,19 +646,6 @@ class HDF5Store(WeightStore):
 
     def __repr__(self) -> str:
         return f"HDF5Store({str(self.filepath)!r}, compression={self.compression!r}, mode={self.mode!r})"
-
-
-def _pwritev_all(fd: int, segments: List[memoryview], offset: int) -> None:
-    """Write all segments back to back at ``offset`` (``pwritev`` may write less than asked)."""
-    segments = [s for s in segments if len(s)]
-    while segments:
-        done = os.pwritev(fd, segments[:_IOV_MAX], offset)
-        offset += done
-        while segments and done >= len(segments[0]):
-            done -= len(segments[0])
-            segments.pop(0)
-        if segments and done:
-            segments[0] = segments[0][done:]
 
 
 def _read_attrs(ds: h5py.Dataset, key: str) -> Dict[str, Any]:

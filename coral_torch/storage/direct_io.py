@@ -1,0 +1,167 @@
+"""Payload writes that bypass the page cache (``O_DIRECT``) where the file system allows it.
+
+Why: a buffered write copies every byte into freshly allocated page-cache pages. That copy is CPU
+time taken from training (a background save competes with the training threads), and the new pages
+crowd the page cache with data nobody reads back soon. Measured on this project's 2-vCPU VM right
+after a training run: buffered writes of a checkpoint ran at 0.42-0.49 GB/s, 0.2 CPU-s per 100 MB
+(a first touch of memory the hypervisor had reclaimed); ``O_DIRECT`` through a reused staging buffer
+took 0.011 CPU-s per 100 MB at 2.2-3.0 GB/s.
+
+How: the payload (a list of byte segments) is copied into a page-aligned staging buffer, a few MiB at
+a time, and each full buffer is written with ``O_DIRECT`` at a page-aligned file offset; the last
+partial page goes through the ordinary buffered descriptor. Direct I/O only ever covers whole pages
+that belong to the payload alone, so it never races HDF5's own buffered metadata writes. When the
+file system refuses ``O_DIRECT`` (tmpfs, some network file systems, non-Linux), everything is
+written buffered. Durability is unchanged: the caller still fsyncs the file before publishing it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+STAGE_BYTES = 4 << 20  # per O_DIRECT write: large enough for full device throughput
+MIN_DIRECT_BYTES = 256 << 10  # smaller payloads go buffered (and are not page-aligned in the file)
+_IOV_MAX = 512
+_POOL_MAX = 16
+
+_pool: list[mmap.mmap] = []
+_pool_lock = threading.Lock()
+
+
+@contextmanager
+def _staging_buffer() -> Iterator[np.ndarray]:
+    """A page-aligned staging buffer from a process-wide pool. Reusing buffers matters: fresh
+    anonymous memory costs a page fault per 4 KiB on first touch, which is what this avoids."""
+    with _pool_lock:
+        buf = _pool.pop() if _pool else None
+    if buf is None:
+        buf = mmap.mmap(-1, STAGE_BYTES)
+    try:
+        yield np.frombuffer(buf, dtype=np.uint8)
+    finally:
+        with _pool_lock:
+            if len(_pool) < _POOL_MAX:
+                _pool.append(buf)
+            else:  # pragma: no cover - more concurrent writers than the pool keeps
+                buf.close()
+
+
+def pwritev_all(fd: int, segments: Sequence[memoryview], offset: int) -> None:
+    """Write all segments back to back at ``offset`` (``pwritev`` may write less than asked)."""
+    segs = [s for s in segments if len(s)]
+    while segs:
+        done = os.pwritev(fd, segs[:_IOV_MAX], offset)
+        if done <= 0:
+            raise OSError(errno.EIO, f"pwritev wrote {done} bytes at offset {offset}")
+        offset += done
+        while segs and done >= len(segs[0]):
+            done -= len(segs[0])
+            segs.pop(0)
+        if segs and done:
+            segs[0] = segs[0][done:]
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        if done <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote {done} bytes at offset {offset}")
+        offset += done
+        data = data[done:]
+
+
+def _chunks(segments: Sequence[memoryview], start: int, stop: int) -> Iterator[memoryview]:
+    """The bytes ``[start, stop)`` of the segments laid end to end, as slices of the segments."""
+    pos = 0
+    for seg in segments:
+        end = pos + len(seg)
+        if end > start and pos < stop:
+            yield seg[max(start - pos, 0) : min(stop, end) - pos]
+        pos = end
+        if pos >= stop:
+            break
+
+
+class PayloadWriter:
+    """Writes payloads into one file at offsets its owner allocated (HDF5 dataset space).
+
+    ``direct=True`` tries ``O_DIRECT`` for payloads of at least :data:`MIN_DIRECT_BYTES` that start
+    on a page boundary; it falls back to buffered writes for good at the first refusal.
+    ``direct_bytes`` / ``buffered_bytes`` count what went which way. Thread-safe (positional I/O).
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str", *, direct: bool = True) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._direct_fd: Optional[int] = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as exc:  # EINVAL: this file system does not do direct I/O
+                log.debug("O_DIRECT unavailable for %s (%s); writing through the page cache", self.path, exc)
+        self.direct_bytes = 0
+        self.buffered_bytes = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def direct(self) -> bool:
+        """Whether payloads can still go around the page cache."""
+        return self._direct_fd is not None
+
+    def write(self, segments: Sequence[memoryview], offset: int) -> None:
+        """Write the segments back to back at ``offset``."""
+        segments = [s for s in segments if len(s)]
+        total = sum(len(s) for s in segments)
+        direct_len = total // PAGE * PAGE if (total >= MIN_DIRECT_BYTES and offset % PAGE == 0) else 0
+        fd = self._direct_fd
+        if fd is not None and direct_len:
+            try:
+                self._write_direct(fd, segments, offset, direct_len)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # refused after all (alignment rules stricter than a page, say): stop trying and
+                # write the whole payload buffered, over whatever part went out directly
+                log.debug("O_DIRECT write refused for %s (%s); writing through the page cache", self.path, exc)
+                self._disable_direct()
+                direct_len = 0
+        else:
+            direct_len = 0
+        pwritev_all(self._fd, list(_chunks(segments, direct_len, total)), offset + direct_len)
+        with self._count_lock:
+            self.direct_bytes += direct_len
+            self.buffered_bytes += total - direct_len
+
+    def _write_direct(self, fd: int, segments: List[memoryview], offset: int, length: int) -> None:
+        with _staging_buffer() as stage:
+            done = 0
+            while done < length:
+                n = min(STAGE_BYTES, length - done)
+                pos = 0
+                for piece in _chunks(segments, done, done + n):
+                    stage[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    pos += len(piece)
+                _pwrite_all(fd, memoryview(stage)[:n], offset + done)
+                done += n
+
+    def _disable_direct(self) -> None:
+        fd, self._direct_fd = self._direct_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._disable_direct()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
