@@ -55,7 +55,7 @@ class TimedModelCheckpoint(ModelCheckpoint):
         self.save_seconds.append(time.perf_counter() - t0)
 
 
-NICE: object = 10
+NICE: object = "idle"
 WORKERS = None
 
 
@@ -100,6 +100,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
         res["stall_s"] = [h["stall_s"] for h in cb.history]
         res["background_s"] = [h["background_s"] for h in cb.history]
         res["background_cpu_s"] = [h.get("background_cpu_s") for h in cb.history]
+        res["helped_items"] = [h.get("helped_items") for h in cb.history]
         repo = Repository(out / ".coral", create=False)
         res["bytes_before_gc"] = dir_bytes(out / ".coral")
         repo.gc()
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
                     help="optimizer steps per epoch (default 30, as bench/epochs_bench.py)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
-    ap.add_argument("--nice", default="10", help="CoralCheckpoint(background_nice=...): an int or 'idle'")
+    ap.add_argument("--nice", default="idle", help="CoralCheckpoint(background_nice=...): an int or 'idle' (default)")
     ap.add_argument("--workers", type=int, default=None, help="CoralCheckpoint(background_workers=...)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the whole list this many times, round robin; the table shows medians")

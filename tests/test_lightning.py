@@ -506,6 +506,34 @@ def test_train_end_flushes_in_flight_save(tmp_path, monkeypatch):
     # may wait for the previous save: at most one is in flight)
 
 
+def test_waiting_training_thread_helps_finish_the_save(tmp_path, monkeypatch):
+    """A save still running when training ends is finished by the training thread too (at its
+    priority), not only by the low-priority background thread; the commit is the same."""
+    repo = Repository(tmp_path / ".coral")
+    real_encode = repo._encode_one
+    threads: list[str] = []
+
+    def slow_in_background(*args, **kw):
+        name = threading.current_thread().name
+        threads.append(name)
+        if name.startswith("coral-save"):
+            time.sleep(0.05)  # a starved background thread
+        return real_encode(*args, **kw)
+
+    monkeypatch.setattr(repo, "_encode_one", slow_in_background)
+    cb = CoralCheckpoint(repo=repo, run="help")
+    pl.seed_everything(1, verbose=False)
+    model = TinyModel()
+    trainer = make_trainer(max_epochs=1, callbacks=[cb])
+    trainer.fit(model, *tiny_loaders())
+    assert "MainThread" in threads and any(t.startswith("coral-save") for t in threads)
+    assert cb.history[-1]["helped_items"] == threads.count("MainThread") > 0
+    assert fresh(tmp_path / ".coral").verify().ok
+    loaded = coral_torch.load(cb.last_commit, repo=tmp_path / ".coral")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["state_dict"][k], v), k
+
+
 @pytest.mark.parametrize("async_save", [True, False])
 def test_commit_stats_are_logged(tmp_path, async_save):
     logger = CSVLogger(tmp_path / "logs", name="lg")

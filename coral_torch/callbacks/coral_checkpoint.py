@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .. import api
 from ..delta import DeltaConfig
 from ..errors import CoralError
+from ..parallel import HelpBoard
 from ..repository import CommitStats, Repository
 from ..storage.s3_store import S3Config
 from .checkpoint_io import CoralCheckpointIO
@@ -94,8 +95,11 @@ class CoralCheckpoint(Checkpoint):
         delta_config: delta policy for a repository this callback opens.
         log_stats: log bytes/ratio/stall per commit through the trainer's logger.
         install_checkpoint_io: install :class:`CoralCheckpointIO` so ``ckpt_path="coral://..."`` works.
-        background_nice: how much to lower the background save's CPU priority (Linux nice; 0 keeps
-            it equal to training), or ``"idle"`` for ``SCHED_IDLE``.
+        background_nice: the background save's CPU priority: ``"idle"`` (default, Linux
+            ``SCHED_IDLE``: it runs only on cores nothing else wants, and gives way at once when a
+            training thread wakes up), or a nice increment (0 keeps it equal to training). A save
+            that has not finished when the next checkpoint or the end of training comes is finished
+            by the training thread itself, at full priority, alongside the background thread.
         background_workers: encoder threads of a background save. Default: 1 when the model trains
             on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
             thread only fights the training threads), else all cores up to 8.
@@ -124,7 +128,7 @@ class CoralCheckpoint(Checkpoint):
         delta_config: Optional[DeltaConfig] = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
-        background_nice: Union[int, str] = 10,
+        background_nice: Union[int, str] = "idle",
         background_workers: Optional[int] = None,
     ):
         super().__init__()
@@ -161,6 +165,7 @@ class CoralCheckpoint(Checkpoint):
         self.background_nice = background_nice
         self.background_workers = background_workers
         self._commit_workers: Optional[int] = None
+        self._help = HelpBoard()  # the training thread joins a save it has to wait for
 
         self.repo: Optional[Repository] = None
         self.last_commit: Optional[str] = None
@@ -263,7 +268,7 @@ class CoralCheckpoint(Checkpoint):
         # The in-flight commit is atomic: let it finish (or fail) so nothing is left half-done.
         if self._committer is not None:
             try:
-                self._committer.wait()
+                self._committer.wait(helper=self._help.help)
             except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
                 log.error("background checkpoint failed while handling %r: %s", exception, exc)
 
@@ -312,7 +317,7 @@ class CoralCheckpoint(Checkpoint):
         error: Optional[BaseException] = None
         if self._committer is not None and trainer.is_global_zero:
             try:
-                self._committer.wait() if wait else self._committer.check()
+                self._committer.wait(helper=self._help.help) if wait else self._committer.check()
             except BaseException as exc:  # noqa: BLE001
                 error = exc
         failed = error is not None
@@ -354,6 +359,7 @@ class CoralCheckpoint(Checkpoint):
         assert repo is not None
         t0 = time.perf_counter()
         cpu0 = time.thread_time()  # with one encoder thread (CPU trainers) all the work is here
+        helped0 = self._help.items_helped
         # After a resume the loaded commit is the parent: its tensors are the cached delta bases.
         parent = self.last_commit or repo.last_loaded or self._resumed_from
         stats = repo.commit(
@@ -371,6 +377,7 @@ class CoralCheckpoint(Checkpoint):
             no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
             message=f"epoch {epoch} step {step}",
             workers=self._commit_workers if stall is not None else None,
+            help_board=self._help if stall is not None else None,
         )
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)
@@ -388,6 +395,8 @@ class CoralCheckpoint(Checkpoint):
             "bytes_written": stats.written_bytes, "logical_bytes": stats.logical_bytes,
             "ratio": stats.ratio, "stall_s": stall, "background_s": background,
             "background_cpu_s": time.thread_time() - cpu0,
+            # tensors the training thread encoded itself while it waited for this save
+            "helped_items": self._help.items_helped - helped0,
             "new_full": stats.new_full, "new_delta": stats.new_delta, "deduplicated": stats.deduplicated,
         })
         return stats

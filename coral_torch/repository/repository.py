@@ -36,7 +36,7 @@ import xxhash
 
 from .. import adapters, codec, dtypes
 from ..dedup import Deduplicator
-from ..parallel import run_parallel
+from ..parallel import HelpBoard, run_parallel
 from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from ..errors import (
     AmbiguousRefError,
@@ -183,6 +183,7 @@ class Repository:
         head: bool = True,
         no_delta_prefixes: Sequence[str] = (),
         workers: Optional[int] = None,
+        help_board: Optional[HelpBoard] = None,
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
@@ -194,7 +195,8 @@ class Repository:
         ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
         never delta-encoded (so older versions of them can be garbage-collected independently).
         ``workers`` overrides the repository's encoder thread count for this commit (a background
-        save on a CPU-bound trainer uses one, so it takes one core at most).
+        save on a CPU-bound trainer uses one, so it takes one core at most). ``help_board`` posts
+        the encode-and-write work there, so a thread waiting for this commit can join in.
         """
         t0 = time.perf_counter()
         flat = adapters.flatten(obj)
@@ -231,7 +233,7 @@ class Repository:
                         base_row = row
                 todo[h] = (s, base_row)
 
-            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers)
+            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers, help_board)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "skeleton": flat.skeleton,
@@ -419,7 +421,8 @@ class Repository:
         return xor <= self.delta_config.min_saving * own
 
     def _write_pack(
-        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int
+        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int,
+        board: Optional[HelpBoard] = None,
     ) -> tuple[Optional[str], list[ObjectRow], dict[str, str]]:
         if not todo:
             return None, [], {}
@@ -439,7 +442,7 @@ class Repository:
         try:
             # each worker encodes and writes its own tensors, largest first (see run_parallel)
             rows = run_parallel(encode_and_write, list(todo.values()), workers,
-                                cost=lambda it: it[0].weight.nbytes, name="coral-encode")
+                                cost=lambda it: it[0].weight.nbytes, name="coral-encode", board=board)
             store.close()
             _fsync(tmp)
             os.replace(tmp, packs / name)
