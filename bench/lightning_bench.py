@@ -55,7 +55,7 @@ class TimedModelCheckpoint(ModelCheckpoint):
         self.save_seconds.append(time.perf_counter() - t0)
 
 
-NICE: object = "idle"
+NICE: object = 19
 WORKERS = None
 
 
@@ -68,13 +68,16 @@ def make_batches(steps: int, seed: int) -> list:
     return [b.next() for _ in range(steps)]
 
 
-def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
+def run(variant: str, batches: list, epochs: int, root: Path) -> dict:
+    """One training run. ``variant`` is a kind, optionally with a priority: ``coral-all@10``."""
+    kind, _, nice = variant.partition("@")
+    nice_value = NICE if not nice else (nice if nice == "idle" else int(nice))
     pl.seed_everything(0, verbose=False)
     total = epochs * len(batches)
     model = minilm.LitMiniLM(total_steps=total, warmup_steps=max(1, total // 10))
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     callbacks = []
-    out = root / kind
+    out = root / variant.replace("@", "-nice")
     shutil.rmtree(out, ignore_errors=True)
     mc = cb = None
     if kind == "modelckpt":
@@ -83,7 +86,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
     elif kind.startswith("coral"):
         cb = CoralCheckpoint(repo=out / ".coral", run="bench",
                              keep_optimizer="last" if kind == "coral-last" else "all",
-                             async_save=kind != "coral-sync", background_nice=NICE,
+                             async_save=kind != "coral-sync", background_nice=nice_value,
                              background_workers=WORKERS)
         callbacks.append(cb)
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
@@ -92,7 +95,7 @@ def run(kind: str, batches: list, epochs: int, root: Path) -> dict:
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     wall = time.perf_counter() - t0
-    res = {"kind": kind, "wall_s": wall}
+    res = {"kind": variant, "wall_s": wall}
     if mc is not None:
         res["stall_s"] = mc.save_seconds
         res["bytes"] = dir_bytes(out / "ckpts")
@@ -115,8 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30,
                     help="optimizer steps per epoch (default 30, as bench/epochs_bench.py)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync")
-    ap.add_argument("--nice", default="idle", help="CoralCheckpoint(background_nice=...): an int or 'idle' (default)")
+    ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync",
+                    help="comma-separated kinds; a coral kind may name its priority: coral-all@10")
+    ap.add_argument("--nice", default="19", help="CoralCheckpoint(background_nice=...): an int (default 19) or 'idle'")
     ap.add_argument("--workers", type=int, default=None, help="CoralCheckpoint(background_workers=...)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the whole list this many times, round robin; the table shows medians")
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
         for kind in args.runs.split(","):
             r = run(kind, batches, args.epochs, root)
             all_runs.setdefault(kind, []).append(r)
-            print(f"  {kind:<10} done in {r['wall_s']:.1f}s" + (f" (round {rep + 1})" if args.repeat > 1 else ""),
+            print(f"  {kind:<14} done in {r['wall_s']:.1f}s" + (f" (round {rep + 1})" if args.repeat > 1 else ""),
                   flush=True)
     results = {}
     for kind, runs in all_runs.items():  # the median run by wall time represents the kind
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
     mc_save = (sum(mc["stall_s"]) / len(mc["stall_s"])) if mc and mc["stall_s"] else None
     mc_bytes = mc["bytes"] if mc else None
     print()
-    hdr = f"{'run':<11} {'wall s':>7} {'vs none':>8} {'stall/ckpt s':>13} {'vs MC save':>11} {'bg/ckpt s':>10} {'disk MB':>9} {'vs MC':>7}"
+    hdr = f"{'run':<14} {'wall s':>7} {'vs none':>8} {'stall/ckpt s':>13} {'vs MC save':>11} {'bg/ckpt s':>10} {'disk MB':>9} {'vs MC':>7}"
     print(hdr)
     print("-" * len(hdr))
     for kind, r in results.items():
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
         bg = (sum(r["background_s"]) / len(r["background_s"])) if r.get("background_s") else None
         size = r.get("bytes")
         cells = [
-            f"{kind:<11}", f"{r['wall_s']:>7.1f}",
+            f"{kind:<14}", f"{r['wall_s']:>7.1f}",
             f"{(r['wall_s'] / base - 1) * 100 if base else 0:>+7.1f}%",
             f"{stall:>13.3f}" if stall is not None else " " * 13,
             f"{stall / mc_save:>10.3f}x" if stall is not None and mc_save else " " * 11,
@@ -187,6 +191,16 @@ def main(argv=None) -> int:
                            f"{cl['bytes'] / mc_bytes:.3f}x"))
         for name, ok, val in checks:
             print(f"  {'HOLDS ' if ok else 'MISSED'}  {name:<48} {val}")
+    if args.repeat > 1 and "none" in all_runs:
+        # the VM's speed drifts between rounds: also compare each run with the baseline of its round
+        base_walls = [r["wall_s"] for r in all_runs["none"]]
+        for kind, runs in all_runs.items():
+            if kind == "none":
+                continue
+            paired = [r["wall_s"] / b - 1 for r, b in zip(runs, base_walls)]
+            mean_ratio = sum(r["wall_s"] for r in runs) / sum(base_walls) - 1
+            print(f"  {kind:<14} vs none of the same round: " + " ".join(f"{p * 100:+.1f}%" for p in paired)
+                  + f"; median {sorted(paired)[len(paired) // 2] * 100:+.1f}%, total {mean_ratio * 100:+.1f}%")
     if args.repeat > 1:
         print("  wall times of every round: " + "; ".join(
             f"{k} {' '.join(f'{w:.1f}' for w in r['all_wall_s'])}" for k, r in results.items()))

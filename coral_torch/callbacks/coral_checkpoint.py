@@ -95,11 +95,12 @@ class CoralCheckpoint(Checkpoint):
         delta_config: delta policy for a repository this callback opens.
         log_stats: log bytes/ratio/stall per commit through the trainer's logger.
         install_checkpoint_io: install :class:`CoralCheckpointIO` so ``ckpt_path="coral://..."`` works.
-        background_nice: the background save's CPU priority: ``"idle"`` (default, Linux
-            ``SCHED_IDLE``: it runs only on cores nothing else wants, and gives way at once when a
-            training thread wakes up), or a nice increment (0 keeps it equal to training). A save
-            that has not finished when the next checkpoint or the end of training comes is finished
-            by the training thread itself, at full priority, alongside the background thread.
+        background_nice: how much to lower the background save's CPU priority: a Linux nice
+            increment (default 19, the lowest; 0 keeps it equal to training) or ``"idle"`` for
+            ``SCHED_IDLE`` (only cores nothing else wants; on a CPU-saturated trainer a save then
+            often runs into the next checkpoint). A save that has not finished when the next
+            checkpoint or the end of training comes is finished by the training thread itself, at
+            its own priority, alongside the background thread.
         background_workers: encoder threads of a background save. Default: 1 when the model trains
             on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
             thread only fights the training threads), else all cores up to 8.
@@ -128,7 +129,7 @@ class CoralCheckpoint(Checkpoint):
         delta_config: Optional[DeltaConfig] = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
-        background_nice: Union[int, str] = "idle",
+        background_nice: Union[int, str] = 19,
         background_workers: Optional[int] = None,
     ):
         super().__init__()

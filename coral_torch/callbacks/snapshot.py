@@ -114,13 +114,15 @@ class BackgroundCommitter:
     """Runs one job at a time on a background thread; errors surface on the next :meth:`check`.
 
     ``nice`` lowers the background thread's (and its encoder threads') CPU priority: on a CPU-bound
-    trainer the save then takes idle cycles instead of slowing the training step. ``"idle"``
-    (``SCHED_IDLE``) is the default: measured on the 2-core MiniLM fine-tune, the same background
-    save cost 0.25-0.34 CPU-s per checkpoint and +3.6% wall time under ``SCHED_IDLE``, 0.27-0.71 CPU-s
-    and +9.3% at nice +10 (``bench/lightning_bench.py --nice``).
+    trainer the save then takes idle cycles and a small share instead of slowing the training step.
+    Measured on the 2-core MiniLM fine-tune (``bench/lightning_bench.py --runs
+    none,coral-all@10,coral-all@19,coral-all@idle --repeat 4``): wall time +4.7% / +1.4% / +4.1%
+    against no checkpointing (all within this VM's run-to-run noise), stall per checkpoint
+    0.024 / 0.062 / 0.100 s: at nice 19 (the default) a save mostly finishes within the epoch, under
+    ``SCHED_IDLE`` it often runs into the next checkpoint, which then waits.
     """
 
-    def __init__(self, nice: Union[int, str] = "idle") -> None:
+    def __init__(self, nice: Union[int, str] = 19) -> None:
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix="coral-save", initializer=_lower_thread_priority, initargs=(nice,)
         )

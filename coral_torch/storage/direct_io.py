@@ -110,6 +110,7 @@ class PayloadWriter:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
             except OSError as exc:  # EINVAL: this file system does not do direct I/O
                 log.debug("O_DIRECT unavailable for %s (%s); writing through the page cache", self.path, exc)
+        self._direct_ok = self._direct_fd is not None
         self.direct_bytes = 0
         self.buffered_bytes = 0
         self._count_lock = threading.Lock()
@@ -117,7 +118,7 @@ class PayloadWriter:
     @property
     def direct(self) -> bool:
         """Whether payloads can still go around the page cache."""
-        return self._direct_fd is not None
+        return self._direct_ok
 
     def write(self, segments: Sequence[memoryview], offset: int) -> None:
         """Write the segments back to back at ``offset``."""
@@ -125,7 +126,7 @@ class PayloadWriter:
         total = sum(len(s) for s in segments)
         direct_len = total // PAGE * PAGE if (total >= MIN_DIRECT_BYTES and offset % PAGE == 0) else 0
         fd = self._direct_fd
-        if fd is not None and direct_len:
+        if fd is not None and self._direct_ok and direct_len:
             try:
                 self._write_direct(fd, segments, offset, direct_len)
             except OSError as exc:
@@ -134,7 +135,7 @@ class PayloadWriter:
                 # refused after all (alignment rules stricter than a page, say): stop trying and
                 # write the whole payload buffered, over whatever part went out directly
                 log.debug("O_DIRECT write refused for %s (%s); writing through the page cache", self.path, exc)
-                self._disable_direct()
+                self._direct_ok = False  # the descriptor stays open until close(): other threads may use it
                 direct_len = 0
         else:
             direct_len = 0
@@ -155,13 +156,12 @@ class PayloadWriter:
                 _pwrite_all(fd, memoryview(stage)[:n], offset + done)
                 done += n
 
-    def _disable_direct(self) -> None:
-        fd, self._direct_fd = self._direct_fd, None
-        if fd is not None:
-            os.close(fd)
-
     def close(self) -> None:
-        self._disable_direct()
+        """Close the descriptors (after every write has returned)."""
+        self._direct_ok = False
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None  # type: ignore[assignment]
