@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     all_runs: dict[str, list] = {}
     for rep in range(args.repeat):
         for kind in args.runs.split(","):
+            # start every run with no dirty pages: ModelCheckpoint's torch.save does not fsync, and
+            # the kernel would write its 1.4 GB back ~30 s later, during the next run
+            os.sync()
             r = run(kind, batches, args.epochs, root)
             all_runs.setdefault(kind, []).append(r)
             print(f"  {kind:<14} done in {r['wall_s']:.1f}s" + (f" (round {rep + 1})" if args.repeat > 1 else ""),

@@ -439,10 +439,15 @@ class Repository:
                 row.offset, row.length = prep.location
             return row
 
+        # Each worker encodes and writes its own tensors, largest first (see run_parallel), so the
+        # threads finish together. A lone low-priority worker that a waiting thread may join later
+        # goes smallest first instead: the many small objects are mostly Python and HDF5 calls under
+        # the GIL, one thread's work anyway; the large ones (zstd, pwrite, GIL released) are what
+        # two threads can share once the helper arrives.
+        smallest_first = workers <= 1 and board is not None
         try:
-            # each worker encodes and writes its own tensors, largest first (see run_parallel)
-            rows = run_parallel(encode_and_write, list(todo.values()), workers,
-                                cost=lambda it: it[0].weight.nbytes, name="coral-encode", board=board)
+            rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
+                                cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
             store.close()
             _fsync(tmp)
             os.replace(tmp, packs / name)
