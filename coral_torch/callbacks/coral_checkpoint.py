@@ -96,7 +96,7 @@ class CoralCheckpoint(Checkpoint):
         log_stats: log bytes/ratio/stall per commit through the trainer's logger.
         install_checkpoint_io: install :class:`CoralCheckpointIO` so ``ckpt_path="coral://..."`` works.
         background_nice: how much to lower the background save's CPU priority: a Linux nice
-            increment (default 19, the lowest; 0 keeps it equal to training) or ``"idle"`` for
+            increment (default 15; 0 keeps it equal to training) or ``"idle"`` for
             ``SCHED_IDLE`` (only cores nothing else wants; on a CPU-saturated trainer a save then
             often runs into the next checkpoint). A save that has not finished when the next
             checkpoint or the end of training comes is finished by the training thread itself, at
@@ -129,7 +129,7 @@ class CoralCheckpoint(Checkpoint):
         delta_config: Optional[DeltaConfig] = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
-        background_nice: Union[int, str] = 19,
+        background_nice: Union[int, str] = 15,
         background_workers: Optional[int] = None,
     ):
         super().__init__()

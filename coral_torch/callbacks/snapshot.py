@@ -115,14 +115,14 @@ class BackgroundCommitter:
 
     ``nice`` lowers the background thread's (and its encoder threads') CPU priority: on a CPU-bound
     trainer the save then takes idle cycles and a small share instead of slowing the training step.
-    Measured on the 2-core MiniLM fine-tune (``bench/lightning_bench.py --runs
-    none,coral-all@10,coral-all@19,coral-all@idle --repeat 4``): wall time +4.7% / +1.4% / +4.1%
-    against no checkpointing (all within this VM's run-to-run noise), stall per checkpoint
-    0.024 / 0.062 / 0.100 s: at nice 19 (the default) a save mostly finishes within the epoch, under
-    ``SCHED_IDLE`` it often runs into the next checkpoint, which then waits.
+    Measured on the 2-core MiniLM fine-tune with 10-second epochs (``bench/lightning_bench.py
+    --runs none,coral-all@10,coral-all@19,coral-all@idle --repeat 4`` and ``coral-all@15``): nice
+    10 finishes a save in 3-5 s and costs the most wall time (+4.7% over 4 rounds); at nice 19 and
+    under ``SCHED_IDLE`` saves run into the next checkpoint, which then waits (0.19-0.29 s); nice 15,
+    the default, finished every save but one within the epoch (stall 0.05 s, +2.9% wall time).
     """
 
-    def __init__(self, nice: Union[int, str] = 19) -> None:
+    def __init__(self, nice: Union[int, str] = 15) -> None:
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix="coral-save", initializer=_lower_thread_priority, initargs=(nice,)
         )
