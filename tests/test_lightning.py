@@ -521,6 +521,9 @@ def test_waiting_training_thread_helps_finish_the_save(tmp_path, monkeypatch):
         return real_encode(*args, **kw)
 
     monkeypatch.setattr(repo, "_encode_one", slow_in_background)
+    real_commit = repo.commit
+    commit_kw: list[dict] = []
+    monkeypatch.setattr(repo, "commit", lambda *a, **kw: commit_kw.append(kw) or real_commit(*a, **kw))
     cb = CoralCheckpoint(repo=repo, run="help")
     pl.seed_everything(1, verbose=False)
     model = TinyModel()
@@ -528,6 +531,7 @@ def test_waiting_training_thread_helps_finish_the_save(tmp_path, monkeypatch):
     trainer.fit(model, *tiny_loaders())
     assert "MainThread" in threads and any(t.startswith("coral-save") for t in threads)
     assert cb.history[-1]["helped_items"] == threads.count("MainThread") > 0
+    assert all(kw["direct_io"] for kw in commit_kw)  # background saves write around the page cache
     assert fresh(tmp_path / ".coral").verify().ok
     loaded = coral_torch.load(cb.last_commit, repo=tmp_path / ".coral")
     for k, v in model.state_dict().items():

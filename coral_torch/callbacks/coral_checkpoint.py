@@ -379,6 +379,7 @@ class CoralCheckpoint(Checkpoint):
             message=f"epoch {epoch} step {step}",
             workers=self._commit_workers if stall is not None else None,
             help_board=self._help if stall is not None else None,
+            direct_io=stall is not None,  # a background save: CPU time matters, not latency
         )
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)

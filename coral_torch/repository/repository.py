@@ -184,6 +184,7 @@ class Repository:
         no_delta_prefixes: Sequence[str] = (),
         workers: Optional[int] = None,
         help_board: Optional[HelpBoard] = None,
+        direct_io: bool = False,
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
@@ -197,6 +198,8 @@ class Repository:
         ``workers`` overrides the repository's encoder thread count for this commit (a background
         save on a CPU-bound trainer uses one, so it takes one core at most). ``help_board`` posts
         the encode-and-write work there, so a thread waiting for this commit can join in.
+        ``direct_io`` writes the pack's large payloads around the page cache (see
+        :class:`~coral_torch.storage.HDF5Store`): for background saves, where CPU time is what counts.
         """
         t0 = time.perf_counter()
         flat = adapters.flatten(obj)
@@ -233,7 +236,7 @@ class Repository:
                         base_row = row
                 todo[h] = (s, base_row)
 
-            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers, help_board)
+            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers, help_board, direct_io)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "skeleton": flat.skeleton,
@@ -422,14 +425,14 @@ class Repository:
 
     def _write_pack(
         self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int,
-        board: Optional[HelpBoard] = None,
+        board: Optional[HelpBoard] = None, direct_io: bool = False,
     ) -> tuple[Optional[str], list[ObjectRow], dict[str, str]]:
         if not todo:
             return None, [], {}
         packs = self.path / PACKS_DIR
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
         tmp = packs / f".tmp-{name}"
-        store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level)
+        store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
 
         def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow]]) -> ObjectRow:
             prep, row = self._encode_one(store, *item)
