@@ -359,6 +359,7 @@ class CoralCheckpoint(Checkpoint):
         repo = self.repo
         assert repo is not None
         t0 = time.perf_counter()
+        background = stall is not None  # else a synchronous save: the caller waits for it
         cpu0 = time.thread_time()  # with one encoder thread (CPU trainers) all the work is here
         helped0 = self._help.items_helped
         # After a resume the loaded commit is the parent: its tensors are the cached delta bases.
@@ -377,9 +378,9 @@ class CoralCheckpoint(Checkpoint):
             private_tensors=private,
             no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
             message=f"epoch {epoch} step {step}",
-            workers=self._commit_workers if stall is not None else None,
-            help_board=self._help if stall is not None else None,
-            direct_io=stall is not None,  # a background save: CPU time matters, not latency
+            workers=self._commit_workers if background else None,
+            help_board=self._help if background else None,
+            direct_io=background,  # CPU time matters there, not latency
         )
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)
