@@ -104,17 +104,17 @@ def test_refused_direct_write_falls_back_for_good(tmp_path: Path, monkeypatch: p
         probe.close()
         pytest.skip(f"{tmp_path} refuses O_DIRECT at open")
     direct_fd = probe._direct_fd
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
     calls = {"n": 0}
 
-    def pwrite(fd, data, offset):
+    def pwritev(fd, buffers, offset):
         if fd == direct_fd:
             calls["n"] += 1
             if calls["n"] == 2:  # the second staging buffer: part of the payload already went out
                 raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
+    monkeypatch.setattr(direct_io.os, "pwritev", pwritev)
     payload = np.random.default_rng(3).integers(0, 256, 2 * STAGE_BYTES + 77, dtype=np.uint8)
     expect = _file_with_sentinel(path, 2 * PAGE + payload.size + PAGE)
     expect[2 * PAGE : 2 * PAGE + payload.size] = payload
@@ -134,7 +134,6 @@ def test_other_write_errors_propagate(tmp_path: Path, monkeypatch: pytest.Monkey
     def full_disk(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(direct_io.os, "pwrite", full_disk)
     monkeypatch.setattr(direct_io.os, "pwritev", full_disk)
     with pytest.raises(OSError) as info:
         w.write([memoryview(np.zeros(MIN_DIRECT_BYTES, np.uint8))], 0)

@@ -72,15 +72,6 @@ def pwritev_all(fd: int, segments: Sequence[memoryview], offset: int) -> None:
             segs[0] = segs[0][done:]
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        done = os.pwrite(fd, data, offset)
-        if done <= 0:
-            raise OSError(errno.EIO, f"pwrite wrote {done} bytes at offset {offset}")
-        offset += done
-        data = data[done:]
-
-
 def _chunks(segments: Sequence[memoryview], start: int, stop: int) -> Iterator[memoryview]:
     """The bytes ``[start, stop)`` of the segments laid end to end, as slices of the segments."""
     pos = 0
@@ -153,7 +144,7 @@ class PayloadWriter:
                 for piece in _chunks(segments, done, done + n):
                     stage[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                     pos += len(piece)
-                _pwrite_all(fd, memoryview(stage)[:n], offset + done)
+                pwritev_all(fd, [memoryview(stage)[:n]], offset + done)
                 done += n
 
     def close(self) -> None:
