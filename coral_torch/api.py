@@ -51,10 +51,15 @@ def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config:
 
 
 def _pointer_ref_name(pointer: Path, repo: Repository) -> str:
+    """``files/<path relative to the repository's parent>``, or ``files/abs/<absolute path>`` for a
+    pointer outside that directory (a ref name never has a ``..`` segment)."""
+    target = os.path.abspath(pointer)
     try:
-        rel = os.path.relpath(pointer.absolute(), repo.path.parent)
+        rel = os.path.relpath(target, repo.path.parent)
     except ValueError:
-        rel = str(pointer.absolute())
+        rel = os.pardir
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return "files/abs" + target.replace(os.sep, "/")
     return "files/" + rel.replace(os.sep, "/")
 
 

@@ -66,6 +66,10 @@ class NotARepositoryError(RepositoryError, FileNotFoundError):
     """The path holds no coral-torch repository."""
 
 
+class InvalidRefNameError(RepositoryError, ValueError):
+    """A ref, tag or run name is malformed or reserved (see :mod:`coral_torch.refnames`)."""
+
+
 class RepositoryLockedError(RepositoryError):
     """Another process holds the repository's write lock."""
 

@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..storage.hdf5_store import HDF5Store, PreparedObject, delta_object
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, ObjectRow
 from .lock import RepositoryLock
 
@@ -209,7 +210,7 @@ class Repository:
             epoch = obj["epoch"]
         if step is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
             step = obj["global_step"]
-        _validate_ref_component(run, "run")
+        validate_component(run, "run")
         for w in (s.weight for s in slots):
             w.compute_hash()
         with self.lock:
@@ -280,8 +281,8 @@ class Repository:
                 ref_names = [f"runs/{run}/latest"] if head else []
                 if keep:
                     ref_names.append(f"keep/{cid}")
-                ref_names += [f"tags/{_validate_ref_component(t, 'tag')}" for t in tags]
-                ref_names += list(refs)
+                ref_names += [f"tags/{validate_component(t, 'tag')}" for t in tags]
+                ref_names += [validate_ref_name(r) for r in refs]
                 c.executemany(
                     "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
                     [(n, cid, now) for n in ref_names],
@@ -699,12 +700,13 @@ class Repository:
         )
 
     def tag(self, name: str, ref: str) -> str:
-        _validate_ref_component(name, "tag")
+        validate_component(name, "tag")
         cid = self.resolve(ref)
         self.set_ref(f"tags/{name}", cid)
         return cid
 
     def set_ref(self, name: str, commit_id: str) -> None:
+        validate_ref_name(name)
         with self.lock, self.catalog.transaction() as c:
             if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
                 raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}")
@@ -998,14 +1000,6 @@ def _entry_nbytes(entry: list) -> int:
     from .. import dtypes
 
     return int(np.prod(entry[3], dtype=np.int64)) * dtypes.itemsize(entry[2])
-
-
-def _validate_ref_component(name: str, what: str) -> str:
-    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name or any(
-        ch in name for ch in "\n\r\t\0 "
-    ) or "/" in name:
-        raise RepositoryError(f"invalid {what} name {name!r}: use letters, digits, '-', '_', '.' and no '/'")
-    return name
 
 
 def _jsonable_metric(v: Any) -> Any:
