@@ -19,22 +19,23 @@ gets the same id. Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``,
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import threading
 import time
+import types
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 import xxhash
 
-from .. import adapters, codec, dtypes
+from .. import codec, dtypes
 from ..dedup import Deduplicator
 from ..parallel import HelpBoard, run_parallel
 from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
@@ -54,6 +55,20 @@ from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, ObjectRow
 from .lock import RepositoryLock
+
+if TYPE_CHECKING:
+    from .. import adapters
+else:
+
+    class _LazyModule(types.ModuleType):
+        """Stand-in that imports the named module on first attribute use (thread-safe: the import
+        system locks it). ``adapters`` imports torch, seconds that catalog-only readers such as
+        ``coral-torch log`` must not pay."""
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self.__name__), attr)
+
+    adapters = _LazyModule("coral_torch.adapters")
 
 log = logging.getLogger(__name__)
 
@@ -1003,6 +1018,8 @@ def _entry_nbytes(entry: list) -> int:
 
 
 def _jsonable_metric(v: Any) -> Any:
+    import torch  # already loaded by a commit (adapters); not at module level: catalog readers skip it
+
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
         v = v.item() if v.numel() == 1 else v.tolist()
