@@ -2,36 +2,61 @@
 
 Three ways in: the Lightning callback (:mod:`coral_torch.callbacks`), :func:`save`/:func:`load` as
 drop-ins for ``torch.save``/``torch.load``, and resume by hash (``ckpt_path="coral://<hash>"``).
+
+The names below load on first use (PEP 562), so ``import coral_torch`` is cheap: torch loads with
+the first save or load, boto3 with the first :class:`S3Store`.
 """
 
-from ._version import __version__
-from .api import load, open_repository, save
-from .dedup import DeduplicationResult, Deduplicator
-from .delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
-from .errors import CoralError
-from .repository import CommitStats, Repository, VerifyReport
-from .storage import HDF5Store, S3Config, S3Store, WeightStore
-from .weight_tensor import WeightMetadata, WeightTensor
+from __future__ import annotations
 
-__all__ = [
-    "__version__",
-    "save",
-    "load",
-    "open_repository",
-    "Repository",
-    "CommitStats",
-    "VerifyReport",
-    "CoralError",
-    "WeightTensor",
-    "WeightMetadata",
-    "WeightStore",
-    "HDF5Store",
-    "S3Store",
-    "S3Config",
-    "Deduplicator",
-    "DeduplicationResult",
-    "Delta",
-    "DeltaConfig",
-    "DeltaEncoder",
-    "DeltaType",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .api import load, open_repository, save
+    from .dedup import DeduplicationResult, Deduplicator
+    from .delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
+    from .errors import CoralError
+    from .repository import CommitStats, Repository, VerifyReport
+    from .storage import HDF5Store, S3Config, S3Store, WeightStore
+    from .weight_tensor import WeightMetadata, WeightTensor
+
+#: public name -> module (relative to this package) that defines it
+_LAZY = {
+    "save": ".api",
+    "load": ".api",
+    "open_repository": ".api",
+    "Repository": ".repository",
+    "CommitStats": ".repository",
+    "VerifyReport": ".repository",
+    "CoralError": ".errors",
+    "WeightTensor": ".weight_tensor",
+    "WeightMetadata": ".weight_tensor",
+    "WeightStore": ".storage",
+    "HDF5Store": ".storage",
+    "S3Store": ".storage",
+    "S3Config": ".storage",
+    "Deduplicator": ".dedup",
+    "DeduplicationResult": ".dedup",
+    "Delta": ".delta",
+    "DeltaConfig": ".delta",
+    "DeltaEncoder": ".delta",
+    "DeltaType": ".delta",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,38 @@
-"""Storage backends: the `WeightStore` contract, the local `HDF5Store` and the `S3Store` remote."""
+"""Storage backends: the `WeightStore` contract, the local `HDF5Store` and the `S3Store` remote.
 
-from .hdf5_store import HDF5Store
-from .s3_store import S3Config, S3Store
-from .weight_store import WeightStore
+The names load on first use (PEP 562): h5py with :class:`HDF5Store`, boto3 with :class:`S3Store` or
+:class:`S3Config`.
+"""
 
-__all__ = ["WeightStore", "HDF5Store", "S3Store", "S3Config"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .hdf5_store import HDF5Store
+    from .s3_store import S3Config, S3Store
+    from .weight_store import WeightStore
+
+#: public name -> submodule that defines it
+_LAZY = {
+    "WeightStore": ".weight_store",
+    "HDF5Store": ".hdf5_store",
+    "S3Store": ".s3_store",
+    "S3Config": ".s3_store",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
