@@ -2,6 +2,9 @@
 
 Errors are one line on stderr with a non-zero exit code (1: the operation failed, 2: bad usage);
 ``--debug`` shows the traceback.
+
+Start-up is kept cheap: commands that only read the catalog (``log``, ``show``, ``tag``, ``gc``
+dry run, ``stats``) never import torch, Lightning or boto3; the others import what they need.
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ import logging
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
 from ._version import __version__
+from .errors import CoralError, NotARepositoryError, RefNotFoundError
+from .inspect import tensor_change, tensor_index, tensors_of
+
+if TYPE_CHECKING:
+    from .repository import Repository
+    from .storage.s3_store import S3Config
 
 log = logging.getLogger("coral_torch.cli")
 
@@ -41,11 +51,19 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _open_repo(args: argparse.Namespace, *, create: bool = False):
+def _open_repo(args: argparse.Namespace, *, create: bool = False) -> Repository:
     from .repository import Repository
 
     path = args.repo or os.environ.get("CORAL_REPO", ".coral")
-    return Repository(path, create=create)
+    try:
+        return Repository(path, create=create)
+    except NotARepositoryError as exc:
+        if create:
+            raise
+        raise CliError(
+            f"{Path(path).absolute()} is not a coral-torch repository (no catalog.sqlite); point --repo or "
+            "$CORAL_REPO at one (e.g. --repo ckpts/.coral), or create one with `coral-torch import FILE.ckpt`"
+        ) from exc
 
 
 def _short_metrics(metrics: dict[str, Any], limit: int = 2) -> str:
@@ -53,7 +71,7 @@ def _short_metrics(metrics: dict[str, Any], limit: int = 2) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys[:limit])
 
 
-def _remote(args: argparse.Namespace):
+def _remote(args: argparse.Namespace) -> S3Config:
     from .storage.s3_store import S3Config
 
     url = args.remote
@@ -102,7 +120,10 @@ def _pretty_ref(name: str) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     row = repo.get_commit(args.ref)
-    parent = repo._tensor_index(row.parent) if row.parent else {}
+    try:
+        parent = tensor_index(repo, row.parent) if row.parent else {}
+    except RefNotFoundError:  # the parent was garbage-collected
+        parent = {}
     hows = {n: how for n, _, how in repo.catalog.commit_objects(row.id)}
     out = []
     for name, h, dtype, shape, device, _ in row.manifest["tensors"]:
@@ -131,44 +152,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def tensor_change(a, b) -> tuple[float, float]:
-    """(fraction of elements that differ, relative L2 change ||b-a|| / ||a||)."""
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return 1.0, float("nan")
-    if a.numel() == 0:
-        return 0.0, 0.0
-    ua = a.reshape(-1).view(torch.uint8).reshape(a.numel(), -1)
-    ub = b.reshape(-1).view(torch.uint8).reshape(b.numel(), -1)
-    changed = float((ua != ub).any(dim=1).float().mean())
-    if a.is_floating_point() or a.is_complex():
-        fa, fb = a.double(), b.double()
-        denom = float(torch.linalg.vector_norm(fa))
-        rel = float(torch.linalg.vector_norm(fb - fa)) / denom if denom > 0 else float(changed > 0)
-    else:
-        rel = changed
-    return changed, rel
-
-
-def _tensors_of(repo, cid: str) -> dict[str, Any]:
-    row = repo.catalog.get_commit(cid)
-    entries = row.manifest["tensors"]
-    raws = repo.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])
-    from .weight_tensor import WeightMetadata, WeightTensor
-
-    out = {}
-    for name, h, dtype, shape, *_ in entries:
-        out[name] = WeightTensor.from_raw(raws[h], WeightMetadata(name=name, shape=tuple(shape), dtype=dtype)).to_torch()
-    return out
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     a_id, b_id = repo.resolve(args.ref_a), repo.resolve(args.ref_b)
-    a_idx, b_idx = repo._tensor_index(a_id), repo._tensor_index(b_id)
-    ta = _tensors_of(repo, a_id)
-    tb = _tensors_of(repo, b_id)
+    a_idx, b_idx = tensor_index(repo, a_id), tensor_index(repo, b_id)
+    differ = [n for n in a_idx if n in b_idx and a_idx[n][0] != b_idx[n][0]]
+    ta = tensors_of(repo, a_id, names=differ)
+    tb = tensors_of(repo, b_id, names=differ)
     rows = []
     for name in list(dict.fromkeys(list(a_idx) + list(b_idx))):
         if name not in a_idx:
@@ -194,14 +184,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     repo = _open_repo(args)
     out = Path(args.output)
     suffix = out.suffix.lower()
+    if out.is_dir():
+        raise CliError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
     if suffix not in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"):
         raise CliError(f"output must end in .pt, .pth, .ckpt, .bin or .safetensors, not {out.name!r}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise CliError(f"cannot write {out}: directory {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {out}: no write permission in directory {parent}")
     cid = repo.resolve(args.ref)
+    import torch
+
     obj = repo.load(cid, map_location="cpu", weights_only=not args.trust)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -248,10 +245,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.files]
     # validate every file before changing anything
     for p in paths:
+        if p.is_dir():
+            raise CliError(f"{p} is a directory; pass the checkpoint files in it (e.g. {p / '*.ckpt'})")
         if not p.is_file():
             raise CliError(f"cannot read {p}: no such file")
+        kind = _torch_file_kind(p)
+        if kind is None:
+            raise CliError(f"{p} is not a torch checkpoint file; import takes files written by torch.save "
+                           "or Lightning (.pt, .pth, .ckpt)")
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=not args.trust, mmap=True)
+            obj = torch.load(p, map_location="cpu", weights_only=not args.trust, mmap=kind == "zip")
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = " (if you trust it, retry with --trust)" if "weights_only" in str(exc).lower() or "Unsupported global" in str(exc) else ""
@@ -274,6 +277,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {len(ids)} file(s): {_human(before)} as files -> {_human(after)} in the repository "
           f"({after / before if before else 0:.3f}x)")
     return 0
+
+
+def _torch_file_kind(path: Path) -> Optional[str]:
+    """``"zip"`` for a torch.save file (the format since torch 1.6; Lightning .ckpt too),
+    ``"legacy"`` for the older pickle-based torch.save format, None for anything else."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+        return "legacy"
+    return None
 
 
 def _has_tensors(obj: Any, depth: int = 0) -> bool:
@@ -378,8 +393,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"coral-torch: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``coral-torch`` argument parser; each subcommand sets ``func`` to its handler."""
+    parser = _Parser(
         prog="coral-torch",
         description="Deduplicating, delta-encoding, bit-exact checkpoints for PyTorch and Lightning.",
     )
@@ -446,25 +469,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(exc: BaseException) -> str:
+    """One line for an error: our own errors say what to do; anything else gets its type and a
+    pointer to ``--debug``."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, (CliError, CoralError)):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first} (run with --debug for the traceback)" if first else \
+        f"{type(exc).__name__} (run with --debug for the traceback)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``coral-torch`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0
+    ok, 1 failed (one ``coral-torch: error: ...`` line on stderr; ``--debug`` raises instead), 2 bad
+    usage (argparse exits), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .errors import CoralError
-
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("coral-torch: interrupted", file=sys.stderr)
         return 130
-    except (CliError, CoralError, OSError, ValueError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --debug
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"coral-torch: error: {msg}", file=sys.stderr)
+        print(f"coral-torch: error: {_error_line(exc)}", file=sys.stderr)
         return 1
 
 

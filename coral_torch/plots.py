@@ -6,22 +6,26 @@ Needs matplotlib (``pip install coral-torch[plot]``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .errors import CoralError
+from .inspect import tensor_change, tensors_of
+
+if TYPE_CHECKING:
+    from .repository import CommitRow, Repository
 
 
-def change_matrix(repo, commits: list) -> tuple[list[str], np.ndarray]:
-    """Relative L2 change of each model tensor between consecutive commits (rows: tensors)."""
-    from .cli import _tensors_of, tensor_change
-
+def change_matrix(repo: Repository, commits: Sequence[CommitRow]) -> tuple[list[str], np.ndarray]:
+    """Relative L2 change of each model tensor between consecutive commits: a ``(tensors,
+    len(commits) - 1)`` matrix and the tensor names of its rows (at most 60 float tensors, the
+    optimizer, callback and loop state left out)."""
     names: list[str] = []
     cols = []
     prev = None
     for row in commits:
-        cur = _tensors_of(repo, row.id)
+        cur = tensors_of(repo, row.id)
         if prev is not None:
             if not names:
                 names = [n for n in cur if n in prev and not n.startswith(("optimizer_states", "callbacks", "loops"))
@@ -31,7 +35,10 @@ def change_matrix(repo, commits: list) -> tuple[list[str], np.ndarray]:
     return names, np.array(cols, dtype=float).T if cols else np.zeros((0, 0))
 
 
-def plot_repository(repo, out: Path, run: Optional[str] = None) -> None:
+def plot_repository(repo: Repository, out: Path, run: Optional[str] = None) -> None:
+    """Write a PNG to ``out``: bytes per commit (logical vs stored) next to a heatmap of the
+    per-tensor change between consecutive commits of ``run`` (default: the latest commit's run).
+    Raises :class:`~coral_torch.errors.CoralError` without matplotlib or without commits."""
     try:
         import matplotlib
 

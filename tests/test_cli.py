@@ -243,3 +243,75 @@ def test_console_script_runs_as_a_subprocess(repo_path):
     assert res.returncode == 0 and "exp" in res.stdout
     res = subprocess.run(cmd + ["--repo", str(repo_path), "show", "zzzz"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["export", "best", "/nonexistent/dir/x.pt"], 1, "directory /nonexistent/dir does not exist"),
+    (["export", "e0", "TMP"], 1, "is a directory"),
+    (["import", str(README)], 1, "is not a torch checkpoint file"),
+    (["--repo", "missing", "log"], 1, "not a coral-torch repository"),
+    (["show", "nosuchref"], 1, "no commit matches 'nosuchref'"),
+    (["tag", "latest", "HASH"], 1, "'latest' is reserved"),
+    (["tag", "best", "HASH"], 1, "'best' is reserved"),
+    (["tag", "HEAD", "HASH"], 1, "'HEAD' is reserved"),
+    (["nosuchcommand"], 2, "invalid choice: 'nosuchcommand'"),
+    (["log", "-n", "many"], 2, "invalid int value: 'many'"),
+    (["show"], 2, "the following arguments are required: ref"),
+])
+def test_each_bad_input_gets_one_clear_line(capsys, monkeypatch, repo_path, tmp_path, argv, code, says):
+    monkeypatch.chdir(tmp_path)  # a relative --repo resolves here
+    cid = Repository(repo_path, create=False).resolve("e0")
+    args = [{"HASH": cid, "TMP": str(tmp_path)}.get(a, a) for a in argv]
+    if args[0] != "--repo":
+        args = ["--repo", str(repo_path), *args]
+    before = snapshot(repo_path)
+    try:
+        got = main(args)
+    except SystemExit as e:  # argparse: bad usage
+        got = e.code
+    out, err = capsys.readouterr()
+    assert got == code, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coral-torch: error: "), err
+    assert says in lines[0] and "Traceback" not in err and out == ""
+    assert snapshot(repo_path) == before
+    assert not (tmp_path / "missing").exists()
+    if code == 1:  # --debug shows the real exception (and its traceback) instead
+        with pytest.raises(Exception):
+            main(["--debug", *args])
+
+
+def test_missing_repository_says_how_to_point_at_or_make_one(capsys, tmp_path):
+    code, _, err = run(capsys, "--repo", str(tmp_path / "nope"), "log")
+    assert code == 1 and "--repo" in err and "$CORAL_REPO" in err and "coral-torch import" in err
+
+
+def test_unexpected_exception_is_one_line_with_its_type(capsys, monkeypatch, repo_path):
+    def boom(self, run=None):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(Repository, "log", boom)
+    code, out, err = run(capsys, "--repo", str(repo_path), "log")
+    assert code == 1 and out == ""
+    assert err.splitlines() == ["coral-torch: error: RuntimeError: disk on fire (run with --debug for the traceback)"]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["--repo", str(repo_path), "--debug", "log"])
+
+
+def test_diff_decodes_only_tensors_that_differ(capsys, monkeypatch, repo_path):
+    from coral_torch import inspect
+
+    seen: list[list[str]] = []
+    real = inspect.tensors_of
+
+    def spy(repo, cid, names=None):
+        seen.append(sorted(names) if names is not None else None)
+        return real(repo, cid, names=names)
+
+    monkeypatch.setattr("coral_torch.cli.tensors_of", spy)
+    code, out, _ = run(capsys, "--repo", str(repo_path), "diff", "e0", "e2", "--json")
+    assert code == 0 and seen == [["state_dict/b", "state_dict/w"]] * 2
+    assert {t["tensor"]: t["status"] for t in json.loads(out)["tensors"]}["state_dict/frozen"] == "unchanged"
