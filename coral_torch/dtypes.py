@@ -8,7 +8,7 @@ item size: the real numpy dtype where numpy has one, else an unsigned integer of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -46,13 +46,14 @@ _NUMPY_TO_CANONICAL = {np.dtype(spec).str: name for name, (_, spec, real) in _TA
 
 
 def canonical_dtype(dtype: Any) -> str:
-    """Return the canonical name of a numpy dtype, torch dtype or dtype name.
+    """Return the canonical name of a numpy dtype, torch dtype or dtype name (a plain ``str``;
+    see :class:`DTypeName` for the name that also compares equal to those dtypes).
 
     Raises:
         UnsupportedTensorError: the dtype has no lossless representation here.
     """
     if isinstance(dtype, str) and dtype in _TABLE:
-        return dtype
+        return str(dtype)
     try:
         import torch
 
@@ -79,6 +80,62 @@ def canonical_dtype(dtype: Any) -> str:
             f"numpy dtype {np_dtype} is not supported; supported: {', '.join(sorted(_TABLE))}"
         )
     return _NUMPY_TO_CANONICAL[key]
+
+
+def _canonical_or_none(dtype: Any) -> Optional[str]:
+    """The canonical name of a numpy dtype, numpy scalar type or torch dtype; ``None`` for any
+    other object (never guessed from ``None``, Python types or strings) or an unsupported dtype."""
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        pass
+    else:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            return None
+        if not isinstance(dtype, torch.dtype):
+            return None
+    try:
+        return canonical_dtype(dtype)
+    except UnsupportedTensorError:
+        return None
+
+
+class DTypeName(str):
+    """A canonical dtype name (``"float32"``, ``"bfloat16"``...) that also compares equal to the
+    numpy dtypes, numpy scalar types and torch dtypes it names.
+
+    It *is* the plain string: it hashes like it (dict and set lookups by name keep working), JSON
+    writes it as the plain string, ``np.dtype(name)`` works wherever numpy has the type, and
+    ``str(name)`` gives a plain ``str``. Comparisons::
+
+        DTypeName("float32") == "float32" == np.float32 == np.dtype("float32") == torch.float32
+
+    Strings compare exactly (``"f4"`` is not ``"float32"``), so equal strings always hash alike.
+    A numpy/torch dtype on the other side is canonicalised first; any other object is not equal.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, dtype: Any) -> "DTypeName":
+        """Raises :class:`UnsupportedTensorError` for dtypes without a lossless representation."""
+        return super().__new__(cls, canonical_dtype(dtype))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return str.__eq__(self, other)
+        name = _canonical_or_none(other)
+        if name is None:
+            return NotImplemented
+        return str.__eq__(self, name)
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = str.__hash__
+
+    def __getnewargs__(self) -> tuple[str]:
+        return (str(self),)
 
 
 def itemsize(name: str) -> int:

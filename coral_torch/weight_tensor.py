@@ -24,8 +24,14 @@ def content_hash(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
 
 @dataclass
 class WeightMetadata:
-    """Description of a stored tensor. ``dtype`` is a canonical name (see :mod:`coral_torch.dtypes`);
-    numpy and torch dtypes are accepted and normalised."""
+    """Description of a stored tensor.
+
+    ``dtype`` accepts a numpy dtype or scalar type, a torch dtype or a canonical name, and is kept
+    as a :class:`~coral_torch.dtypes.DTypeName`: the canonical name (a ``str``: JSON writes it as
+    the plain string, dict/set lookups by name work) that also compares equal to the numpy and
+    torch dtypes it names, so ``WeightMetadata(..., dtype=np.float32).dtype == np.float32`` and
+    ``np.dtype(meta.dtype)`` works wherever numpy has the type (not for bfloat16/float8).
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -37,7 +43,7 @@ class WeightMetadata:
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
-        self.dtype = dtypes.canonical_dtype(self.dtype)
+        self.dtype = dtypes.DTypeName(self.dtype)
 
     @property
     def numel(self) -> int:
@@ -106,6 +112,15 @@ class WeightTensor:
     __slots__ = ("_raw", "_metadata", "_owner", "_hash")
 
     def __init__(self, data: Any, metadata: Optional[WeightMetadata] = None, *, name: str = ""):
+        if metadata is not None and not isinstance(metadata, WeightMetadata):
+            raise UnsupportedTensorError(
+                f"metadata must be a WeightMetadata or None, not {type(metadata).__name__}; "
+                "build one with WeightMetadata(name=..., shape=..., dtype=...)"
+            )
+        if isinstance(data, WeightTensor):
+            raise UnsupportedTensorError(
+                "data is already a WeightTensor; pass weight.data or weight.to_torch() to wrap its values"
+            )
         owner = None
         override = metadata.dtype if metadata is not None else None
         if _is_torch_tensor(data):
@@ -154,7 +169,8 @@ class WeightTensor:
         return self._metadata.shape
 
     @property
-    def dtype(self) -> str:
+    def dtype(self) -> dtypes.DTypeName:
+        """The canonical dtype name (compares equal to the numpy/torch dtype too)."""
         return self._metadata.dtype
 
     @property

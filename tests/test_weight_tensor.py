@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +127,53 @@ def test_metadata_normalises_and_describes():
     w = WeightTensor(np.zeros((3, 4), np.float32), m)
     assert w.metadata is m and w.size == 12 and w.nbytes == 48
     assert "fc.weight" in repr(w)
+
+
+@pytest.mark.parametrize("name", DTYPE_NAMES)
+def test_metadata_dtype_equals_numpy_torch_and_name(name):
+    """WeightMetadata(dtype=np.float32).dtype == np.float32, == torch.float32, == "float32"."""
+    tdt = getattr(torch, name)
+    for given in [name, tdt] + ([np.dtype(dtypes.storage_numpy_dtype(name))] if dtypes.has_numpy_dtype(name) else []):
+        d = WeightMetadata(name="x", shape=(2,), dtype=given).dtype
+        assert isinstance(d, str) and str(d) == name and type(str(d)) is str
+        assert d == name and name == d and not (d != name)
+        assert d == tdt and tdt == d and not (d != tdt)
+        assert hash(d) == hash(name) and {name: 1}[d] == 1 and d in {name} and name in {d}
+        if dtypes.has_numpy_dtype(name):
+            npdt = dtypes.storage_numpy_dtype(name)
+            assert d == npdt and npdt == d and d == npdt.type and npdt.type == d
+            assert np.dtype(d) == npdt
+        else:  # bfloat16/float8: no numpy dtype; the raw unsigned storage dtype is not them
+            assert d != dtypes.storage_numpy_dtype(name) and dtypes.storage_numpy_dtype(name) != d
+        assert repr(d) == repr(name)
+        assert json.loads(json.dumps({"dtype": d})) == {"dtype": name}
+        assert type(json.loads(json.dumps(d))) is str
+        back = pickle.loads(pickle.dumps(d))
+        assert back == d and back == tdt and type(back) is type(d)
+
+
+def test_metadata_dtype_inequalities():
+    d = WeightMetadata(name="x", shape=(2,), dtype=np.float32).dtype
+    assert d != np.float64 and d != torch.float16 and d != "float64" and d != np.dtype("int32")
+    # strings compare exactly (equal strings hash alike); other objects are never a dtype
+    assert d != "f4" and d != "<f4" and d != "Float32"
+    assert d != None and d != float and d != 4 and d != object()  # noqa: E711
+    assert not (d == None)  # noqa: E711 - np.dtype(None) would be float64
+    m = WeightMetadata(name="x", shape=(2,), dtype=np.float32)
+    assert m == WeightMetadata(name="x", shape=(2,), dtype="float32") == WeightMetadata(name="x", shape=(2,), dtype=torch.float32)
+    assert dataclasses.asdict(m)["dtype"] == "float32"
+    assert json.loads(json.dumps(dataclasses.asdict(m)))["dtype"] == "float32"
+    w = WeightTensor(np.zeros(2, np.float32), m)
+    assert w.dtype == np.float32 and w.dtype == torch.float32 and w.dtype == "float32"
+
+
+def test_metadata_of_the_wrong_type_is_refused():
+    for bad in (..., {"name": "x"}, "float32"):
+        with pytest.raises(UnsupportedTensorError, match="WeightMetadata"):
+            WeightTensor(np.zeros(2, np.float32), bad)
+    w = WeightTensor(np.zeros(2, np.float32))
+    with pytest.raises(UnsupportedTensorError, match="already a WeightTensor"):
+        WeightTensor(w)
 
 
 # ------------------------------------------------------------------------------------ refusals
