@@ -10,13 +10,18 @@ for correctness, since every delta is verified by hash when rebuilt.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
 
-from .delta import Delta, DeltaConfig, DeltaEncoder
+from .delta import Delta, DeltaConfig, DeltaEncoder, stored_nbytes
+from .errors import DeltaError
 from .weight_tensor import WeightTensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .storage.weight_store import WeightStore
 
 FINGERPRINT_SIZE = 256
 
@@ -35,8 +40,12 @@ def fingerprint(weight: WeightTensor) -> Optional[np.ndarray]:
 
 
 @dataclass
-class DeduplicationResult:
+class DeduplicationResult(Mapping[str, WeightTensor]):
     """Outcome of :meth:`Deduplicator.deduplicate`.
+
+    As a mapping it is ``unique``: name -> tensor that must be stored in full, so
+    ``store.store_batch(result)`` stores exactly the new full tensors; store each of ``deltas`` with
+    ``store.store_delta(delta, target_hash)``.
 
     Attributes:
         unique: name -> tensor that must be stored in full.
@@ -50,16 +59,32 @@ class DeduplicationResult:
     deltas: Dict[str, Delta] = field(default_factory=dict)
     name_to_hash: Dict[str, str] = field(default_factory=dict)
 
+    def __getitem__(self, name: str) -> WeightTensor:
+        return self.unique[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.unique)
+
+    def __len__(self) -> int:
+        return len(self.unique)
+
 
 class Deduplicator:
     """Exact dedup plus delta-reference choice.
 
     Args:
-        similarity_threshold: cosine similarity of fingerprints above which a same-shaped tensor
-            is tried as a delta reference when no same-name parent exists (``None`` disables the search).
+        similarity_threshold: cosine similarity (-1..1) of fingerprints at or above which a
+            same-shaped tensor is tried as a delta reference when no same-name parent exists
+            (``None`` disables the search).
         delta_config: delta policy; lossless XOR by default.
         enable_delta_encoding: try deltas at all.
-        exists: optional callback telling whether a hash is already stored (e.g. ``store.exists``).
+        exists: optional callback telling whether a hash is already stored (e.g. ``store.exists``);
+            tensors it knows are reported as duplicates.
+        storage: a store whose tensors count as known (shorthand for ``exists=storage.exists``).
+
+    Raises:
+        DeltaError: ``similarity_threshold`` is not a number in -1..1 or ``None``, or both
+            ``exists`` and ``storage`` are given.
     """
 
     def __init__(
@@ -68,11 +93,25 @@ class Deduplicator:
         delta_config: Optional[DeltaConfig] = None,
         enable_delta_encoding: bool = True,
         exists: Optional[Callable[[str], bool]] = None,
+        *,
+        storage: Optional["WeightStore"] = None,
     ):
-        self.similarity_threshold = similarity_threshold
+        if similarity_threshold is not None and (
+            isinstance(similarity_threshold, bool)
+            or not isinstance(similarity_threshold, (int, float, np.floating, np.integer))
+            or not -1.0 <= float(similarity_threshold) <= 1.0
+        ):
+            raise DeltaError(
+                f"similarity_threshold must be a cosine similarity in -1..1 (e.g. 0.98) or None, "
+                f"not {similarity_threshold!r}"
+            )
+        if exists is not None and storage is not None:
+            raise DeltaError("give Deduplicator either exists= or storage=, not both")
+        self.similarity_threshold = None if similarity_threshold is None else float(similarity_threshold)
         self.encoder = DeltaEncoder(delta_config)
         self.enable_delta_encoding = enable_delta_encoding
-        self.exists = exists
+        self.storage = storage
+        self.exists = storage.exists if storage is not None else exists
         self._known: Dict[str, WeightTensor] = {}
         self._by_signature: Dict[tuple, list[tuple[np.ndarray, str]]] = {}
         self.stats = {"seen": 0, "duplicates": 0, "deltas": 0, "unique": 0}
@@ -113,7 +152,9 @@ class Deduplicator:
         self, weights: Dict[str, WeightTensor], parent: Optional[Dict[str, WeightTensor]] = None
     ) -> DeduplicationResult:
         """Classify ``weights``: duplicates of known tensors, deltas against ``parent`` (same name)
-        or similar known tensors when smaller than the tensor's own encoding, else unique."""
+        or similar known tensors when lossless and smaller than the tensor's own encoding, else
+        unique. Tensors seen by earlier calls (and, with ``storage``/``exists``, stored ones) are
+        known."""
         from . import codec, dtypes
 
         result = DeduplicationResult()
@@ -135,9 +176,10 @@ class Deduplicator:
                     rh = self.similar_reference(w)
                     ref = self._known.get(rh) if rh else None
             if ref is not None:
+                level = self.encoder.config.codec_level
                 delta = self.encoder.encode(w, ref)
-                own = len(codec.encode(w.raw, dtypes.itemsize(w.dtype)))
-                if delta.nbytes < own and delta.lossless:
+                own = len(codec.encode(w.raw, dtypes.itemsize(w.dtype), level))
+                if delta.lossless and stored_nbytes(delta, level) < own:
                     result.deltas[h] = delta
                     self.stats["deltas"] += 1
                     self._register(h, w)
