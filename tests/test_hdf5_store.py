@@ -16,7 +16,7 @@ import xxhash
 from conftest import make_tensor, raw_bytes, tensor_cases
 
 from coral_torch import codec
-from coral_torch.delta import DeltaConfig, DeltaEncoder
+from coral_torch.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType, stored_nbytes
 from coral_torch.errors import (
     CompressionUnavailableError,
     CorruptObjectError,
@@ -319,16 +319,49 @@ def _meta(ds) -> dict:
 
 # ------------------------------------------------------------------------------------- opening
 @pytest.mark.parametrize("mode", ["a", "r", "w", "x"])
-@pytest.mark.parametrize("content", [b"not an hdf5 file\nkeep me\n", b""], ids=["text", "empty"])
+@pytest.mark.parametrize("content", [b"not an hdf5 file\nkeep me\n", b"\0", b"\x89HDF\r\n\x1a\n"],
+                         ids=["text", "one-byte", "hdf5-signature-only"])
 def test_non_hdf5_file_is_refused_and_untouched(tmp_path, mode, content):
     path = tmp_path / "notes.h5"
     path.write_bytes(content)
     before = os.stat(path).st_mtime_ns
     time.sleep(0.01)
-    with pytest.raises(NotAStoreError if mode != "x" else StoreError):
+    with pytest.raises((NotAStoreError if mode != "x" else StoreError)):
         HDF5Store(path, mode=mode)
     assert path.read_bytes() == content
     assert os.stat(path).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("mode", ["a", "w"])
+def test_empty_file_becomes_a_store(tmp_path, mode):
+    """A 0-byte file (touch, mkstemp) holds nothing: 'a' and 'w' initialise it, like h5py's 'a'."""
+    path = tmp_path / "empty.h5"
+    path.touch()
+    w = WeightTensor(torch.arange(6, dtype=torch.float32))
+    with HDF5Store(path, mode=mode) as store:
+        h = store.store(w)
+    assert path.stat().st_size > 0
+    with HDF5Store(path, mode="r") as store:
+        assert store.load(h) == w
+
+
+def test_empty_file_read_only_or_exclusive_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "empty.h5"
+    path.touch()
+    with pytest.raises(StoreNotFoundError, match="empty"):
+        HDF5Store(path, mode="r")
+    with pytest.raises(StoreError, match="already exists"):
+        HDF5Store(path, mode="x")
+    assert path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("mode", ["a", "w", "x"])
+def test_creating_makes_missing_parent_directories(tmp_path, mode):
+    path = tmp_path / "repo" / ".coral" / "objects" / "weights.h5"
+    with HDF5Store(path, mode=mode, compression="gzip", compression_opts=4) as store:
+        h = store.store(WeightTensor(torch.ones(2, 3)))
+    with HDF5Store(path, mode="r") as store:
+        assert store.exists(h)
 
 
 @pytest.mark.parametrize("mode", ["a", "r", "w"])
@@ -590,6 +623,81 @@ def test_delta_contract(tmp_path, lossy):
         assert store.delete_delta(dh) is True
         assert store.delete_delta(dh) is False
         assert store.list_deltas() == [] and not store.delta_exists(dh)
+
+
+def _float32_delta(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ref_t = torch.randn(32, 40, generator=g) * 0.02
+    tgt_t = ref_t * (1 + 1e-3 * torch.randn(32, 40, generator=g))
+    return WeightTensor(ref_t), WeightTensor(tgt_t)
+
+
+@pytest.mark.parametrize("compression", ["coral", None, "gzip"])
+def test_ndarray_delta_data_round_trips_as_ndarray(tmp_path, compression):
+    """An ndarray payload comes back as an ndarray of the same dtype, shape and bits; bytes stay bytes."""
+    ref, tgt = _float32_delta()
+    enc = DeltaEncoder(DeltaConfig(delta_type=DeltaType.FLOAT32_RAW))
+    raw_delta = enc.encode(tgt, ref)
+    assert raw_delta.delta_type is DeltaType.FLOAT32_RAW and isinstance(raw_delta.data, np.ndarray)
+    xor_delta = DeltaEncoder().encode(tgt, ref)
+    odd = np.arange(24, dtype=">i2").reshape(2, 3, 4)[:, ::2]  # big-endian, non-contiguous
+    hand = Delta("xor", odd, (2,), "float32", "f" * 32, compression_ratio=0.95, extra={"note": "kept"})
+    path = tmp_path / "d.h5"
+    with HDF5Store(path, compression=compression) as store:
+        store.store_delta(raw_delta, "raw")
+        store.store_delta(xor_delta, "xor")
+        store.store_delta(hand, "hand")
+    with HDF5Store(path, mode="r") as store:
+        back = store.load_delta("raw")
+        assert isinstance(back.data, np.ndarray)
+        assert back.data.dtype == np.float32 and back.data.shape == (32, 40)
+        assert back.data.tobytes() == raw_delta.data.tobytes()
+        assert back == raw_delta and back.extra == {"target_hash": tgt.compute_hash()}
+        rebuilt = enc.reconstruct(back, ref)
+        assert rebuilt == tgt and rebuilt.compute_hash() == tgt.compute_hash()
+        assert type(store.load_delta("xor").data) is bytes and store.load_delta("xor") == xor_delta
+        h = store.load_delta("hand")
+        assert h.data.dtype == np.dtype(">i2") and h.data.shape == (2, 2, 4)
+        assert np.array_equal(h.data, odd) and h.extra == {"note": "kept"} and h.compression_ratio == 0.95
+        # an ndarray is stored codec-encoded (what stored_nbytes reports), bytes as they are
+        sizes = {k: int(store.file["deltas"][k].id.get_storage_size()) for k in ("raw", "xor", "hand")}
+        assert sizes == {"raw": stored_nbytes(raw_delta), "xor": xor_delta.nbytes, "hand": stored_nbytes(hand)}
+        assert sizes["raw"] < raw_delta.nbytes  # the float32 difference compresses
+        assert store.get_delta_storage_info()["total_delta_bytes"] == sum(sizes.values())
+
+
+def test_hand_built_float32_raw_delta_stores_and_reconstructs(tmp_path):
+    """As in the storage chapter: Delta(FLOAT32_RAW, data=<float32 array>, original_dtype=np.float32, ...)."""
+    rng = np.random.default_rng(0)
+    ref_arr = rng.standard_normal((16, 16)).astype(np.float32)
+    delta_array = (rng.standard_normal((16, 16)) * 1e-3).astype(np.float32)
+    ref = WeightTensor(ref_arr)
+    delta = Delta(delta_type=DeltaType.FLOAT32_RAW, data=delta_array, original_shape=(16, 16),
+                  original_dtype=np.float32, reference_hash=ref.compute_hash(), compression_ratio=0.95)
+    with HDF5Store(tmp_path / "h.h5") as store:
+        href = store.store(ref)
+        assert store.store_delta(delta, "d1") == "d1" and store.delta_exists("d1")
+        loaded = store.load_delta("d1")
+        assert loaded.original_dtype == np.float32 and loaded == delta
+        out = DeltaEncoder().reconstruct(loaded, store.load(href).data)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert out.tobytes() == np.add(ref_arr, delta_array, dtype=np.float32).tobytes()
+
+
+def test_damaged_ndarray_layout_is_refused(tmp_path):
+    ref, tgt = _float32_delta(1)
+    delta = DeltaEncoder(DeltaConfig(delta_type="float32_raw")).encode(tgt, ref)
+    path = tmp_path / "d.h5"
+    with HDF5Store(path) as store:
+        store.store_delta(delta, "k")
+    with h5py.File(path, "a") as f:
+        ds = f["deltas"]["k"]
+        meta = _meta(ds)
+        meta["extra_coral_data_array"]["shape"] = [32, 41]
+        del ds.attrs[META_ATTR]
+        ds.attrs[META_ATTR] = json.dumps(meta)
+    with HDF5Store(path, mode="r") as store, pytest.raises(CorruptObjectError, match="layout"):
+        store.load_delta("k")
 
 
 # ------------------------------------------------------------------------- real weights

@@ -32,8 +32,9 @@ import xxhash
 
 from .. import codec, dtypes
 from ..parallel import run_parallel
-from ..delta import Delta, DeltaType
+from ..delta import ARRAY_LAYOUT_KEY, Delta, DeltaType, restore_payload, storage_payload
 from ..errors import (
+    CoralError,
     CompressionUnavailableError,
     CorruptObjectError,
     HashMismatchError,
@@ -142,8 +143,10 @@ class HDF5Store(WeightStore):
         compression_opts: zstd level for ``"coral"`` (default 1), 0-9 for ``"gzip"`` (default 4),
             an ``(options_mask, pixels_per_block)`` tuple for ``"szip"``.
         mode: ``"a"`` open or create (default), ``"r"`` read-only, ``"w"`` create or truncate an
-            existing *store*, ``"x"`` create, failing if the file exists. A file that exists but is
-            not a coral-torch store is never modified.
+            existing *store*, ``"x"`` create, failing if the file exists. Creating makes missing
+            parent directories. An existing empty (0-byte) file counts as no store yet: ``"a"`` and
+            ``"w"`` initialise it (as h5py's mode ``"a"`` does), ``"r"`` finds no store in it. Any
+            other file that exists but is not a coral-torch store is never modified.
         workers: threads used by the batch operations to hash and encode.
         direct_io: write large encoded payloads around the page cache (``O_DIRECT``) where the
             file system supports it (see :mod:`coral_torch.storage.direct_io`): far less CPU per
@@ -206,6 +209,14 @@ class HDF5Store(WeightStore):
             raise StoreNotFoundError(f"no store at {path}: the file does not exist (mode 'r' creates nothing)")
         if mode == "x" and exists:
             raise StoreError(f"{path} already exists; open it with mode='a' or choose another path")
+        if exists and path.is_file() and path.stat().st_size == 0:
+            # an empty file (touch, mkstemp, NamedTemporaryFile) holds nothing to protect
+            if mode == "r":
+                raise StoreNotFoundError(
+                    f"no store at {path}: the file is empty (mode 'r' creates nothing); "
+                    "open it with mode='a' to create a store in it"
+                )
+            exists = False
         if exists:
             if path.is_dir():
                 raise NotAStoreError(f"{path} is a directory, not an HDF5 store file")
@@ -292,7 +303,18 @@ class HDF5Store(WeightStore):
         return PreparedObject(hash_key or digest, "weights", payload, attrs, weight.nbytes)
 
     def prepare_delta(self, delta: Delta, delta_hash: str) -> PreparedObject:
-        return delta_object(delta, delta_hash, np.frombuffer(delta.data, dtype=np.uint8))
+        """Encode ``delta`` for writing under ``delta_hash``. Bytes payloads are written as they
+        are; an ndarray payload is codec-encoded and its dtype/shape recorded, so that
+        :meth:`load_delta` gives the same ndarray back."""
+        level = self.compression_opts if self.compression == CODEC_COMPRESSION else codec.DEFAULT_LEVEL
+        payload, layout = storage_payload(delta, level)
+        obj = delta_object(delta, delta_hash, payload)
+        if layout is not None:
+            # an extra_ attribute: it travels with the object wherever extras go (S3 sync)
+            obj.attrs[f"extra_{ARRAY_LAYOUT_KEY}"] = layout
+        else:
+            obj.attrs.pop(f"extra_{ARRAY_LAYOUT_KEY}", None)
+        return obj
 
     # ------------------------------------------------------------------------------- write
     def write_prepared(self, obj: PreparedObject) -> bool:
@@ -546,6 +568,9 @@ class HDF5Store(WeightStore):
 
     # ------------------------------------------------------------------------------ deltas
     def store_delta(self, delta: Delta, delta_hash: str) -> str:
+        """Store a delta under ``delta_hash`` (normally the hash of the tensor it rebuilds;
+        idempotent) and return the key. ``delta.data`` may be bytes or an ndarray; either comes
+        back as it went in from :meth:`load_delta`."""
         self._writable()
         if delta_hash not in self.file["deltas"]:
             self.write_prepared(self.prepare_delta(delta, delta_hash))
@@ -553,6 +578,12 @@ class HDF5Store(WeightStore):
         return delta_hash
 
     def load_delta(self, delta_hash: str) -> Optional[Delta]:
+        """Load and checksum-verify a delta; ``None`` if absent. ``data`` has the type it was
+        stored with: ``bytes``, or an ndarray of the stored dtype and shape.
+
+        Raises:
+            CorruptObjectError: the payload or its description is damaged.
+        """
         group = self._readable()["deltas"]
         if delta_hash not in group:
             return None
@@ -560,17 +591,19 @@ class HDF5Store(WeightStore):
         a = _read_attrs(ds, delta_hash)
         payload = self._read_payload(ds, delta_hash, a)
         extra = {k[len("extra_") :]: _py(v) for k, v in a.items() if k.startswith("extra_")}
+        layout = extra.pop(ARRAY_LAYOUT_KEY, None)
+        data = restore_payload(payload.reshape(-1).view(np.uint8), layout, key=delta_hash)
         try:
             return Delta(
                 delta_type=DeltaType(_str(a["delta_type"])),
-                data=payload.tobytes(),
+                data=data,
                 original_shape=tuple(int(x) for x in a["original_shape"]),
                 original_dtype=_str(a["original_dtype"]),
                 reference_hash=_str(a["reference_hash"]),
                 compression_ratio=float(a.get("compression_ratio", 1.0)),
                 extra=extra,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, CoralError) as exc:
             raise CorruptObjectError(f"delta {delta_hash} metadata is damaged: {exc}", hash_key=delta_hash) from exc
 
     def delta_exists(self, delta_hash: str) -> bool:
@@ -588,8 +621,17 @@ class HDF5Store(WeightStore):
 
     # ------------------------------------------------------------------------------- stats
     def get_storage_info(self) -> Dict[str, Any]:
-        """Keys: filepath, file_size, compression (for new writes), compressions_found, total_weights, total_bytes (logical),
-        compressed_bytes (on disk), compression_ratio (compressed/total), total_deltas, delta_bytes."""
+        """Statistics of the store's weights (full tensors; deltas are counted apart).
+
+        Keys: ``filepath``; ``file_size`` (bytes of the .h5 file, HDF5 overhead and deltas
+        included); ``compression`` (used for new writes); ``compressions_found``;
+        ``total_weights``; ``total_bytes`` (logical size of the weights); ``compressed_bytes``
+        (their datasets' bytes on disk); ``compression_ratio``: ``compressed_bytes / total_bytes``,
+        the *fraction of the original size that is stored* (0.40 means the weights take 40% of
+        their size, 60% saved; smaller is better; 1.0 for an empty store). It is not the "fraction
+        saved" that some Coral documentation calls compression ratio. ``total_deltas`` and
+        ``delta_bytes`` (see :meth:`get_delta_storage_info`).
+        """
         f = self._readable()
         total = compressed = 0
         found: set[str] = set()
@@ -620,6 +662,10 @@ class HDF5Store(WeightStore):
         }
 
     def get_delta_storage_info(self) -> Dict[str, Any]:
+        """Keys: ``total_deltas``; ``total_delta_bytes`` (their datasets' bytes on disk);
+        ``total_original_bytes`` (size of the tensors they rebuild); ``average_ratio``:
+        ``total_delta_bytes / total_original_bytes`` (stored/original, smaller is better; 1.0
+        when there are none)."""
         group = self._readable()["deltas"]
         n = size = original = 0
         for key in group:
