@@ -12,7 +12,9 @@ class WeightStore(ABC):
     """Abstract content-addressed store of :class:`WeightTensor` objects.
 
     Keys are content hashes (:meth:`WeightTensor.compute_hash`). ``store`` is idempotent, ``load``
-    returns ``None`` for an unknown key and verifies the bytes it returns against their hash.
+    returns ``None`` for an unknown key and verifies the bytes it returns against their hash;
+    ``load_batch`` leaves unknown keys out of its result. Stores are context managers (``with``
+    closes them).
     """
 
     @abstractmethod
@@ -49,7 +51,12 @@ class WeightStore(ABC):
 
     @abstractmethod
     def get_storage_info(self) -> Dict[str, Any]:
-        """Statistics about the store (see each backend for the keys)."""
+        """Statistics about the store (see each backend for the keys).
+
+        Where a backend reports ``compression_ratio`` it is ``compressed_bytes / total_bytes``:
+        the fraction of the logical size that is stored (smaller is better; 0.4 means 60% saved),
+        not the "fraction saved" some Coral documentation calls compression ratio.
+        """
 
     def close(self) -> None:
         """Release resources. Default: nothing to do."""
