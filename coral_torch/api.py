@@ -1,27 +1,42 @@
 """`coral_torch.save` / `coral_torch.load`: drop-in replacements for `torch.save` / `torch.load`.
 
 ``save(obj, "ckpts/epoch3.pt")`` stores ``obj`` in the repository ``ckpts/.coral/`` and writes a
-small JSON pointer file at ``ckpts/epoch3.pt`` naming the commit (like a Git LFS pointer).
-``load("ckpts/epoch3.pt")`` follows the pointer; ``load("<hash-prefix|tag|latest|best>", repo=...)``
-loads by ref; a plain ``torch.save`` file given to ``load`` is read with ``torch.load``.
+small JSON pointer file at ``ckpts/epoch3.pt`` naming the commit (see :mod:`coral_torch.pointers`).
+Saving to the same path again replaces the file's commit, and what only the old commit used is
+reclaimed at once, as an overwritten file's space would be. ``load("ckpts/epoch3.pt")`` follows
+the pointer; ``load("<hash-prefix|tag|latest|best>", repo=...)`` loads by ref; a plain
+``torch.save`` file or stream given to ``load`` is read with ``torch.load``.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .delta import DeltaConfig, DeltaEncoder
-from .errors import CoralError, NotARepositoryError
+from .errors import (
+    CheckpointNotFoundError,
+    CoralError,
+    NotACheckpointError,
+    NotARepositoryError,
+    RefNotFoundError,
+    UnsafeCheckpointError,
+)
+from .pointers import (
+    MAX_POINTER_BYTES,
+    Pointer,
+    looks_like_pointer,
+    parse_pointer,
+    pointer_bytes,
+    pointer_ref_name,
+    read_pointer_file,
+    write_pointer,
+)
 from .repository import Repository
-
-POINTER_KEY = "coral_torch_pointer"
-POINTER_VERSION = 1
-_MAX_POINTER_BYTES = 4096
 
 RepoLike = Union[str, os.PathLike, Repository, None]
 
@@ -50,22 +65,17 @@ def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config:
         return r
 
 
-def _pointer_ref_name(pointer: Path, repo: Repository) -> str:
-    """``files/<path relative to the repository's parent>``, or ``files/abs/<absolute path>`` for a
-    pointer outside that directory (a ref name never has a ``..`` segment)."""
-    target = os.path.abspath(pointer)
-    try:
-        rel = os.path.relpath(target, repo.path.parent)
-    except ValueError:
-        rel = os.pardir
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return "files/abs" + target.replace(os.sep, "/")
-    return "files/" + rel.replace(os.sep, "/")
+_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl", ".safetensors")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def save(
     obj: Any,
     f: Union[str, os.PathLike, io.IOBase, None] = None,
+    pickle_module: Any = None,
+    pickle_protocol: Optional[int] = None,
+    _use_new_zipfile_serialization: bool = True,
+    _disable_byteorder_record: bool = False,
     *,
     repo: RepoLike = None,
     tag: Optional[str] = None,
@@ -76,86 +86,186 @@ def save(
 ) -> str:
     """Store ``obj`` (anything ``torch.save`` takes in practice) and return the commit id.
 
-    With a path ``f``, the repository defaults to ``<dir of f>/.coral`` and a pointer file is
-    written at ``f`` (atomically). Without ``f``, the commit is kept by a ``keep/<id>`` ref.
+    ``f`` is a path, a writable binary file object or ``None``. With a path, the repository
+    defaults to ``<dir of f>/.coral`` and a pointer file is written at ``f`` (atomically); saving
+    to the same path again replaces it, and the previous commit is removed at once unless another
+    ref (a tag, a run's ``best``, another file) still keeps it. With a file object, the pointer is
+    written into it and the commit is kept by a ``keep/<id>`` ref; ``load`` of the same bytes
+    returns ``obj``. Without ``f``, the commit is kept by a ``keep/<id>`` ref.
+
+    ``pickle_module``, ``pickle_protocol``, ``_use_new_zipfile_serialization`` and
+    ``_disable_byteorder_record`` are accepted so that calls written for ``torch.save`` work
+    unchanged; they do not affect what is stored (tensors are stored in coral's own format, other
+    values as JSON or as ``torch.save`` blobs with torch's defaults). The repository options
+    (``repo``, ``tag``/``tags``, ``message``, ``run``, ``metrics``) are keyword-only.
     """
+    if pickle_protocol is not None and (type(pickle_protocol) is not int or pickle_protocol < 0):
+        raise CoralError(f"pickle_protocol must be a non-negative int, not {pickle_protocol!r}")
     tags = list(tags) + ([tag] if tag else [])
     if f is None:
         r = open_repository(repo)
         return r.commit(obj, run=run, tags=tags, message=message, metrics=metrics, keep=True).commit_id
     if isinstance(f, (str, os.PathLike)):
-        pointer = Path(f)
+        pointer = Path(os.fsdecode(f))
+        if pointer.is_dir():
+            raise CoralError(f"cannot save to {pointer}: it is a directory; give a file path such as {pointer / 'last.pt'}")
         r = open_repository(repo if repo is not None else pointer.parent / ".coral")
         stats = r.commit(
             obj, run=run, tags=tags, message=message, metrics=metrics, keep=False,
-            refs=[_pointer_ref_name(pointer, r)],
+            refs=[pointer_ref_name(pointer, r.path)],
         )
         write_pointer(pointer, stats.commit_id, r.path)
         return stats.commit_id
     if hasattr(f, "write"):
         r = open_repository(repo)
         cid = r.commit(obj, run=run, tags=tags, message=message, metrics=metrics, keep=True).commit_id
-        f.write(_pointer_bytes(cid, str(r.path)))
+        f.write(pointer_bytes(cid, str(r.path)))
         return cid
-    raise CoralError(f"f must be a path, a writable file object or None, not {type(f).__name__}")
-
-
-def _pointer_bytes(commit_id: str, repo_path: str) -> bytes:
-    return (json.dumps({POINTER_KEY: POINTER_VERSION, "commit": commit_id, "repo": repo_path}, indent=1) + "\n").encode()
-
-
-def write_pointer(path: Path, commit_id: str, repo_path: Path) -> None:
-    """Write the pointer file atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(repo_path, path.absolute().parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(_pointer_bytes(commit_id, rel))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    raise CoralError(f"f must be a path, a writable binary file object or None, not {type(f).__name__}")
 
 
 def read_pointer(path: Union[str, os.PathLike]) -> Optional[tuple[str, Path]]:
-    """``(commit id, repository path)`` if ``path`` is a coral-torch pointer file, else ``None``."""
-    p = Path(path)
-    try:
-        if p.stat().st_size > _MAX_POINTER_BYTES:
-            return None
-        data = json.loads(p.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get(POINTER_KEY) != POINTER_VERSION:
-        return None
-    repo = Path(data["repo"])
-    if not repo.is_absolute():
-        repo = p.absolute().parent / repo
-    return str(data["commit"]), repo
+    """``(commit id, repository path)`` if ``path`` is a coral-torch pointer file, ``None`` if it is
+    another kind of file. A damaged pointer raises :class:`~coral_torch.errors.MalformedPointerError`."""
+    p = read_pointer_file(path)
+    return (p.commit, p.repo) if p is not None else None
 
 
 def load(
-    ref: Union[str, os.PathLike],
-    *,
-    repo: RepoLike = None,
+    f: Union[str, os.PathLike, io.IOBase],
     map_location: Any = None,
-    weights_only: bool = True,
+    pickle_module: Any = None,
+    *,
+    weights_only: Optional[bool] = True,
+    mmap: Optional[bool] = None,
+    repo: RepoLike = None,
+    **pickle_load_args: Any,
 ) -> Any:
-    """Load a checkpoint by pointer file, ``coral://`` ref, hash prefix, tag, ``latest`` or ``best``.
+    """Load what :func:`save` (or ``torch.save``) stored. Takes what ``torch.load`` takes.
 
-    ``map_location`` and ``weights_only`` behave like ``torch.load``'s; with the default
-    ``weights_only=True`` nothing stored can execute code on load.
+    ``f`` is a path or ``PathLike`` of a pointer file or a plain ``torch.save`` file; a readable
+    binary file object (``io.BytesIO``, ``open(p, "rb")``) holding either; or a ref: a
+    ``coral://`` URL, hash prefix (4+ characters), tag, run name, ``latest`` or ``best``, looked up
+    in ``repo`` (default ``$CORAL_REPO`` or ``./.coral``). A path that exists is always read as a
+    file.
+
+    ``map_location`` and ``weights_only`` behave like ``torch.load``'s (``None`` means torch's
+    default, ``True``); with ``weights_only=True`` nothing stored can execute code on load.
+    ``pickle_module``, ``mmap`` and ``pickle_load_args`` are passed to ``torch.load`` for plain
+    torch files; for coral commits ``mmap`` does not apply (tensors are rebuilt in memory) and
+    ``pickle_module``/``pickle_load_args`` are used for values stored as ``torch.save`` blobs.
     """
-    if isinstance(ref, (str, os.PathLike)) and not str(ref).startswith("coral://") and Path(ref).is_file():
-        pointer = read_pointer(ref)
-        if pointer is not None:
-            cid, repo_path = pointer
-            r = open_repository(repo if repo is not None else repo_path, create=False)
-            return r.load(cid, map_location=map_location, weights_only=weights_only)
-        import torch
+    wo = True if weights_only is None else bool(weights_only)
+    torch_args: dict[str, Any] = dict(pickle_load_args)
+    if pickle_module is not None:
+        torch_args["pickle_module"] = pickle_module
+    if isinstance(f, (str, os.PathLike)):
+        text = os.fsdecode(f)
+        if text.startswith("coral://"):
+            return _load_ref(text, repo, map_location, wo)
+        p = Path(text)
+        if p.is_file():
+            return _load_path(p, repo, map_location, wo, mmap, torch_args)
+        if p.is_dir():
+            hint = f"; it holds a repository: pass a ref and repo={text!r}" if (p / "catalog.sqlite").exists() else ""
+            raise NotACheckpointError(f"{p} is a directory, not a checkpoint file{hint}")
+        if not isinstance(f, str) or p.suffix.lower() in _FILE_SUFFIXES:
+            raise CheckpointNotFoundError(f"no such checkpoint file: {p}")
+        return _load_ref(text, repo, map_location, wo)
+    if hasattr(f, "read"):
+        return _load_stream(f, repo, map_location, wo, torch_args)
+    raise CoralError(
+        f"load takes a path, a binary file object or a ref string, not {type(f).__name__}"
+    )
 
-        return torch.load(ref, map_location=map_location, weights_only=weights_only)
-    if not isinstance(ref, str):
-        raise NotARepositoryError(f"{ref} is not a file, and only strings name refs")
-    r = open_repository(repo, create=False)
-    return r.load(ref, map_location=map_location, weights_only=weights_only)
+
+def _load_ref(ref: str, repo: RepoLike, map_location: Any, weights_only: bool) -> Any:
+    try:
+        r = open_repository(repo, create=False)
+    except NotARepositoryError as exc:
+        if ref.startswith("coral://"):
+            raise
+        raise CheckpointNotFoundError(
+            f"{ref!r} is neither a file nor a ref: there is no file of that name, and {exc}"
+        ) from None
+    try:
+        return r.load(ref, map_location=map_location, weights_only=weights_only)
+    except RefNotFoundError as exc:
+        if ref.startswith("coral://"):
+            raise
+        raise CheckpointNotFoundError(f"{ref!r} is neither a file nor a ref: no such file, and {exc}") from None
+
+
+def _load_pointer(pointer: Pointer, origin: str, repo: RepoLike, map_location: Any, weights_only: bool) -> Any:
+    try:
+        r = open_repository(repo if repo is not None else pointer.repo, create=False)
+    except NotARepositoryError:
+        if repo is not None:
+            raise
+        raise NotARepositoryError(
+            f"{origin} points to the repository {pointer.repo}, which does not exist (moved or deleted?); "
+            "pass repo=... to say where it is now"
+        ) from None
+    return r.load(pointer.commit, map_location=map_location, weights_only=weights_only)
+
+
+def _load_path(p: Path, repo: RepoLike, map_location: Any, weights_only: bool, mmap: Optional[bool],
+               torch_args: dict[str, Any]) -> Any:
+    with open(p, "rb") as fh:
+        head = fh.read(MAX_POINTER_BYTES + 1)
+    if not head:
+        raise NotACheckpointError(f"{p} is empty (0 bytes): not a checkpoint; was its save interrupted?")
+    if looks_like_pointer(head[:64]):
+        pointer = parse_pointer(head, origin=str(p), base_dir=p.absolute().parent)
+        return _load_pointer(pointer, str(p), repo, map_location, weights_only)
+    if mmap:
+        torch_args = dict(torch_args, mmap=True)
+    return _torch_load(str(p), str(p), map_location, weights_only, torch_args)
+
+
+def _load_stream(fh: Any, repo: RepoLike, map_location: Any, weights_only: bool, torch_args: dict[str, Any]) -> Any:
+    origin = getattr(fh, "name", None) or type(fh).__name__
+    origin = str(origin)
+    seekable = bool(getattr(fh, "seekable", lambda: False)())
+    if seekable:
+        start = fh.tell()
+        head = fh.read(64)
+        fh.seek(start)
+        stream = fh
+    else:
+        data = fh.read()
+        head = data[:64]
+        stream = io.BytesIO(data)
+    if not isinstance(head, (bytes, bytearray)):
+        raise NotACheckpointError(f"{origin} is opened in text mode: open it with 'rb'")
+    if not head:
+        raise NotACheckpointError(f"{origin} is empty: not a checkpoint")
+    if looks_like_pointer(head):
+        data = stream.read(MAX_POINTER_BYTES + 1)
+        pointer = parse_pointer(data, origin=origin)
+        return _load_pointer(pointer, origin, repo, map_location, weights_only)
+    return _torch_load(stream, origin, map_location, weights_only, torch_args)
+
+
+def _torch_load(f: Any, origin: str, map_location: Any, weights_only: bool, torch_args: dict[str, Any]) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(f, map_location=map_location, weights_only=weights_only, **torch_args)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError,
+            AttributeError, UnicodeDecodeError, OverflowError) as exc:
+        text = _ANSI.sub("", str(exc))
+        if weights_only and "weights only load failed" in text.lower():
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{origin} holds pickled objects{what} that would run code on load; pass weights_only=False "
+                "only if you trust the file"
+            ) from exc
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise NotACheckpointError(
+            f"{origin} is neither a coral-torch pointer nor a readable torch.save file "
+            f"({type(exc).__name__}: {first[:160]})"
+        ) from exc

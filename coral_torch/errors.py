@@ -5,6 +5,8 @@ Messages say what went wrong and what to do about it.
 
 from __future__ import annotations
 
+import pickle
+
 
 class CoralError(Exception):
     """Base class of every error raised by coral-torch."""
@@ -54,8 +56,21 @@ class DeltaError(CoralError):
     """A delta cannot be encoded or applied (wrong reference, shape or dtype mismatch)."""
 
 
-class UnsafeCheckpointError(CoralError):
-    """Loading a value would execute pickled code; refused unless the caller opts in."""
+class UnsafeCheckpointError(CoralError, pickle.UnpicklingError):
+    """Loading a value would execute pickled code; refused unless the caller opts in. Also a
+    ``pickle.UnpicklingError``, as ``torch.load(weights_only=True)`` raises in the same case."""
+
+
+class NotACheckpointError(CoralError, ValueError):
+    """A file is neither a coral-torch pointer nor a ``torch.save`` file (empty, text, foreign)."""
+
+
+class MalformedPointerError(NotACheckpointError):
+    """A file looks like a coral-torch pointer but cannot be used (truncated, edited, newer version)."""
+
+
+class CheckpointNotFoundError(CoralError, FileNotFoundError):
+    """``load(f)``: ``f`` is no file, and no ref of that name exists in the repository."""
 
 
 class RepositoryError(CoralError):

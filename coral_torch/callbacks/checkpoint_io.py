@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .. import api
 from ..errors import CoralError
+from ..pointers import pointer_ref_name, read_pointer_file, write_pointer
 from ..repository import Repository
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,10 @@ class CoralCheckpointIO(CheckpointIO):
             checkpoint,
             run=self.run or run_name_from_path(path),
             keep=False,
-            refs=[api._pointer_ref_name(path, repo)],
+            refs=[pointer_ref_name(path, repo.path)],
             message=f"checkpoint {path.name}",
         )
-        api.write_pointer(path, stats.commit_id, repo.path)
+        write_pointer(path, stats.commit_id, repo.path)
         log.info("saved %s as coral commit %s (%.1f MB written of %.1f MB)", path, stats.commit_id[:10],
                  stats.written_bytes / 1e6, stats.logical_bytes / 1e6)
 
@@ -94,23 +95,20 @@ class CoralCheckpointIO(CheckpointIO):
             raise FileNotFoundError(
                 f"checkpoint {text} not found; to resume from the repository use ckpt_path='coral://<ref>'"
             )
-        pointer = api.read_pointer(text)
-        if pointer is not None:
-            cid, repo_path = pointer
-            repo = api.open_repository(self._repo_arg if self._repo_arg is not None else repo_path, create=False)
-            return repo.load(cid, map_location=map_location, weights_only=wo)
-        import torch
-
-        return torch.load(text, map_location=map_location, weights_only=wo)
+        return api.load(text, map_location=map_location, weights_only=wo, repo=self._repo_arg)
 
     def remove_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Remove the pointer file and its ref; the commit becomes garbage-collectable."""
         path = Path(path)
-        pointer = api.read_pointer(path) if path.exists() else None
+        try:
+            pointer = read_pointer_file(path) if path.is_file() else None
+        except CoralError as exc:  # a damaged pointer: remove the file all the same
+            log.warning("%s", exc)
+            pointer = None
         if pointer is not None:
             try:
-                repo = api.open_repository(self._repo_arg if self._repo_arg is not None else pointer[1], create=False)
-                repo.delete_ref(api._pointer_ref_name(path, repo))
+                repo = api.open_repository(self._repo_arg if self._repo_arg is not None else pointer.repo, create=False)
+                repo.delete_ref(pointer_ref_name(path, repo.path))
             except CoralError as exc:
                 log.warning("could not drop the ref of %s: %s", path, exc)
         path.unlink(missing_ok=True)
