@@ -17,6 +17,7 @@ import base64
 import collections
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -246,17 +247,24 @@ def _load_blob(node: dict, weights_only: bool) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=weights_only, map_location="cpu")
     except Exception as exc:
-        if weights_only and "weights only" in str(exc).lower():
+        first = _first_line(exc)
+        if weights_only and "weights only" in first.lower() + str(exc).lower():
             raise UnsafeCheckpointError(
-                f"a stored value of type {node.get('type')} can only be rebuilt by running pickled code, "
-                "which coral-torch refuses by default. If you trust this checkpoint, load it with "
-                "weights_only=False, or allow the type with torch.serialization.add_safe_globals. "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                f"a stored value of type {node.get('type')} can only be rebuilt by running pickled code: "
+                "load with weights_only=False if you trust this checkpoint"
             ) from exc
         raise CoralError(
-            f"a stored value of type {node.get('type')} cannot be rebuilt: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            f"a stored value of type {node.get('type')} cannot be rebuilt ({type(exc).__name__}: {first[:160]})"
         ) from exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes."""
+    text = _ANSI.sub("", str(exc))
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
 def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) -> torch.Tensor:
@@ -286,19 +294,54 @@ def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) ->
     return t.to(target)
 
 
-def prune_top_level(skeleton: Any, drop_keys: Any) -> tuple[Any, Optional[list[int]]]:
-    """Remove top-level dict entries ``drop_keys`` from a skeleton and renumber its tensor slots.
+def prune(skeleton: Any, paths: Any) -> tuple[Any, Optional[list[int]]]:
+    """Empty the containers at ``paths`` in a skeleton and renumber its tensor slots.
 
+    Each path is a tuple of keys from the top (``"*"`` matches any key or list index), e.g.
+    ``("optimizer_states", "*", "state")``: the per-parameter optimizer state of every optimizer,
+    leaving its ``param_groups``. A matched dict/list/tuple keeps its type and becomes empty.
     Returns ``(new skeleton, old slot index for each new slot)``, or ``(skeleton, None)`` when
-    nothing was dropped.
+    nothing matched a non-empty container.
     """
-    if not isinstance(skeleton, dict) or skeleton.get("t") not in ("dict", "odict", "attrdict"):
+    patterns = [tuple(str(k) for k in p) for p in paths]
+    changed = False
+
+    def key_of(k: Any) -> Optional[str]:
+        return k if isinstance(k, str) else None
+
+    def empty(n: Any) -> Any:
+        nonlocal changed
+        t = n.get("t") if isinstance(n, dict) else None
+        if t in ("dict", "odict", "attrdict") and n["k"]:
+            changed = True
+            return dict(n, k=[], v=[])
+        if t in ("list", "tuple") and n["v"]:
+            changed = True
+            return dict(n, v=[])
+        return n
+
+    def walk(n: Any, depth_patterns: list[tuple[str, ...]]) -> Any:
+        if any(len(p) == 0 for p in depth_patterns):
+            return empty(n)
+        t = n.get("t") if isinstance(n, dict) else None
+        if t in ("dict", "odict", "attrdict"):
+            vals = []
+            for k, v in zip(n["k"], n["v"]):
+                name = key_of(k)
+                sub = [p[1:] for p in depth_patterns if p[0] == "*" or (name is not None and p[0] == name)]
+                vals.append(walk(v, sub) if sub else v)
+            return dict(n, v=vals)
+        if t in ("list", "tuple"):
+            vals = []
+            for i, v in enumerate(n["v"]):
+                sub = [p[1:] for p in depth_patterns if p[0] in ("*", str(i))]
+                vals.append(walk(v, sub) if sub else v)
+            return dict(n, v=vals)
+        return n
+
+    pruned = walk(skeleton, patterns) if patterns else skeleton
+    if not changed:
         return skeleton, None
-    drop = set(drop_keys)
-    pairs = [(k, v) for k, v in zip(skeleton["k"], skeleton["v"]) if not (isinstance(k, str) and k in drop)]
-    if len(pairs) == len(skeleton["k"]):
-        return skeleton, None
-    pruned = dict(skeleton, k=[k for k, _ in pairs], v=[v for _, v in pairs])
     order: list[int] = []
     remap: dict[int, int] = {}
 

@@ -12,7 +12,7 @@ import torch
 import coral_torch
 from coral_torch import Repository
 from coral_torch.api import read_pointer
-from coral_torch.errors import NotARepositoryError, RefNotFoundError
+from coral_torch.errors import CheckpointNotFoundError, RefNotFoundError
 from conftest import assert_same  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def test_load_uses_coral_repo_env(tmp_path, monkeypatch):
     assert_same(sd, coral_torch.load(cid[:7]))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CORAL_REPO")
-    with pytest.raises(NotARepositoryError):
+    with pytest.raises(CheckpointNotFoundError, match="neither a file nor a ref"):
         coral_torch.load("abcd1234")  # ./.coral does not exist: clear error, nothing created
     assert not (tmp_path / ".coral").exists()
 
@@ -93,7 +93,7 @@ def test_save_to_file_object_writes_a_pointer(tmp_path):
     assert_same(sd, coral_torch.load(cid, repo=tmp_path / "repo"))
 
 
-def test_overwriting_a_pointer_then_gc_removes_the_first_commits_unique_objects(tmp_path):
+def test_overwriting_a_pointer_reclaims_the_replaced_commit_at_once(tmp_path):
     path = tmp_path / "ckpts" / "last.pt"
     gen = torch.Generator().manual_seed(5)
     first = {"w": torch.randn(256, 256, generator=gen), "only_in_first": torch.randn(512, 512, generator=gen)}
@@ -101,23 +101,32 @@ def test_overwriting_a_pointer_then_gc_removes_the_first_commits_unique_objects(
     c1 = coral_torch.save(first, path)
     r = coral_torch.open_repository(tmp_path / "ckpts" / ".coral")
     unique_first = r.catalog.commit_objects(c1)
+    packs_dir = r.path / "packs"
+    first_packs = {p.name for p in packs_dir.iterdir()}
+    before = sum(p.stat().st_size for p in packs_dir.iterdir())
     c2 = coral_torch.save(second, path)
     assert c1 != c2
     assert read_pointer(path)[0] == c2
-    assert r.catalog.get_commit(c1) is not None  # still there until gc
-    packs_dir = r.path / "packs"
-    before = sum(p.stat().st_size for p in packs_dir.iterdir())
-    stats = r.gc()
+    assert not first_packs & {p.name for p in packs_dir.iterdir()}  # nothing of the first is live
     after = sum(p.stat().st_size for p in packs_dir.iterdir())
-    assert stats["commits_removed"] == 1
-    assert r.catalog.get_commit(c1) is None
+    assert r.catalog.get_commit(c1) is None  # no manual gc: the overwrite released it
     only = [h for n, h, _ in unique_first if n == "only_in_first"][0]
     assert r.catalog.get_object(only) is None
-    assert after < before - 512 * 512 * 4 * 0.9  # the big unique tensor's bytes are gone from disk
+    assert after < before - 512 * 512 * 4 * 0.9 + 256 * 256 * 4  # the big unique tensor's bytes are gone
     with pytest.raises(RefNotFoundError):
         r.load(c1)
     assert_same(second, coral_torch.load(path))
+    assert r.gc(dry_run=True)["commits_removed"] == 0
     assert r.verify().ok
+
+
+def test_a_tagged_commit_survives_overwriting_its_file(tmp_path):
+    path = tmp_path / "last.pt"
+    first = {"w": torch.randn(64, 64)}
+    c1 = coral_torch.save(first, path, tag="keepme")
+    coral_torch.save({"w": torch.randn(64, 64)}, path)
+    assert_same(first, coral_torch.load("keepme", repo=tmp_path / ".coral"))
+    assert_same(first, coral_torch.load(c1[:8], repo=tmp_path / ".coral"))
 
 
 def test_load_plain_torch_save_file_falls_back_to_torch_load(tmp_path):

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS objects (
     length INTEGER                   -- payload's length: loads read it with pread, no HDF5 call
 );
 CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack);
+CREATE INDEX IF NOT EXISTS objects_base ON objects(base);
 CREATE TABLE IF NOT EXISTS commits (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT UNIQUE NOT NULL,
@@ -132,6 +133,10 @@ class Catalog:
             c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             _set_wal(c)
             c.execute("PRAGMA synchronous=FULL")
+            # keep the WAL small: a repository of small checkpoints would otherwise carry up to 4 MB
+            # of log (SQLite's default checkpoint interval), more than its packs
+            c.execute("PRAGMA wal_autocheckpoint=256")
+            c.execute("PRAGMA journal_size_limit=1048576")
             c.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = c
         return c
@@ -187,6 +192,45 @@ class Catalog:
         else:
             rows = self.conn.execute("SELECT * FROM commits WHERE run=? ORDER BY seq DESC", (run,)).fetchall()
         return [self._commit(r) for r in rows]
+
+    def newest_commit(self) -> Optional[tuple[str, str]]:
+        """``(id, run)`` of the newest checkpoint: the latest ``time`` (when its data was saved;
+        a rewritten commit keeps its original's), newest insertion on ties."""
+        r = self.conn.execute("SELECT id, run FROM commits ORDER BY time DESC, seq DESC LIMIT 1").fetchone()
+        return (r[0], r[1]) if r else None
+
+    def ref_targets(self, names: Iterable[str]) -> dict[str, str]:
+        """``name -> commit id`` for those of ``names`` that exist."""
+        out: dict[str, str] = {}
+        names = list(names)
+        for i in range(0, len(names), 500):
+            chunk = names[i : i + 500]
+            q = f"SELECT name, commit_id FROM refs WHERE name IN ({','.join('?' * len(chunk))})"
+            out.update(self.conn.execute(q, chunk))
+        return out
+
+    def unreferenced(self, commit_ids: Iterable[str]) -> list[str]:
+        """Those of ``commit_ids`` that exist and that no ref names."""
+        return [c for c in dict.fromkeys(commit_ids)
+                if self.conn.execute("SELECT 1 FROM commits WHERE id=?", (c,)).fetchone() is not None
+                and self.conn.execute("SELECT 1 FROM refs WHERE commit_id=? LIMIT 1", (c,)).fetchone() is None]
+
+    def used_by_other_commits(self, h: str, excluding: Iterable[str]) -> bool:
+        """True if a commit outside ``excluding`` lists object ``h``."""
+        ex = list(excluding)
+        q = (f"SELECT 1 FROM commit_objects WHERE hash=? AND commit_id NOT IN ({','.join('?' * len(ex))}) LIMIT 1"
+             if ex else "SELECT 1 FROM commit_objects WHERE hash=? LIMIT 1")
+        return self.conn.execute(q, (h, *ex)).fetchone() is not None
+
+    def delta_children(self, h: str) -> list[str]:
+        """Objects stored as deltas against ``h``."""
+        return [r[0] for r in self.conn.execute("SELECT hash FROM objects WHERE base=?", (h,))]
+
+    def objects_in_packs(self, packs: Iterable[str]) -> list[ObjectRow]:
+        out: list[ObjectRow] = []
+        for p in dict.fromkeys(packs):
+            out += [_object(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
+        return out
 
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
         return [r[0] for r in self.conn.execute(

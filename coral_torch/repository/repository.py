@@ -116,7 +116,16 @@ class VerifyReport:
         return not (self.damaged_objects or self.damaged_commits or self.missing_packs)
 
 
-def _fsync(path: Path) -> None:
+def new_pack_name() -> str:
+    """A unique, sortable pack file name: creation time plus 48 random bits."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+
+
+def _fsync(path: Path) -> None:  # the old name; remote.py still imports it
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
     """Flush a file's data, or a directory's entries (after a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -298,6 +307,7 @@ class Repository:
                     ref_names.append(f"keep/{cid}")
                 ref_names += [f"tags/{validate_component(t, 'tag')}" for t in tags]
                 ref_names += [validate_ref_name(r) for r in refs]
+                replaced = set(self.catalog.ref_targets(ref_names).values()) - {cid}
                 c.executemany(
                     "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
                     [(n, cid, now) for n in ref_names],
@@ -305,6 +315,7 @@ class Repository:
                 if monitor is not None and monitor in metrics and metrics[monitor] is not None:
                     self._update_best(c, run, cid, monitor, metrics[monitor], mode, now)
             self._remember_bases(slots, hashes, copy=not private_tensors)
+            self._reclaim_released(replaced)
         stats.seconds = time.perf_counter() - t0
         log.info(
             "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
@@ -313,19 +324,21 @@ class Repository:
         )
         return stats
 
-    def strip_commit(self, ref: str, drop_keys: Sequence[str] = ("optimizer_states",)) -> str:
-        """Replace a commit by one without the given top-level keys (e.g. optimizer state).
+    def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
+        """Replace a commit by one whose containers at the ``empty`` paths are emptied (by
+        default: the per-parameter optimizer state, keeping ``param_groups``, so the commit still
+        resumes, with fresh optimizer moments). Paths are as in :func:`coral_torch.adapters.prune`.
 
-        The new commit keeps the old one's run, parent, epoch, step and metrics and takes over all
-        its refs; the old commit is left without refs, so :meth:`gc` can reclaim what only it used.
-        Returns the new commit id (the same id if nothing was dropped).
+        The new commit keeps the old one's run, parent, epoch, step, time and metrics and takes over
+        all its refs; the old commit is then removed, with what only it used. Returns the new
+        commit id (the same id if nothing was emptied).
         """
         cid = self.resolve(ref)
         with self.lock:
             row = self.catalog.get_commit(cid)
             if row is None:
                 raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
-            skeleton, kept = adapters.prune_top_level(row.manifest["skeleton"], drop_keys)
+            skeleton, kept = adapters.prune(row.manifest["skeleton"], empty)
             if kept is None:
                 return cid
             entries = [row.manifest["tensors"][i] for i in kept]
@@ -333,7 +346,7 @@ class Repository:
             manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
             new_id = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
             now = time.time()
-            info = dict(row.info, derived_from=cid, dropped=list(drop_keys))
+            info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
             hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
             with self.catalog.transaction() as c:
                 if c.execute("SELECT 1 FROM commits WHERE id=?", (new_id,)).fetchone() is None:
@@ -349,6 +362,8 @@ class Repository:
                     ))
                 c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (new_id, now, cid))
                 c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{new_id}", f"keep/{cid}"))
+            if new_id != cid:
+                self._reclaim_released([cid])
             return new_id
 
     def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
@@ -446,7 +461,7 @@ class Repository:
         if not todo:
             return None, [], {}
         packs = self.path / PACKS_DIR
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+        name = new_pack_name()
         tmp = packs / f".tmp-{name}"
         store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
 
@@ -468,9 +483,9 @@ class Repository:
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
                                 cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
             store.close()
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, packs / name)
-            _fsync(packs)
+            fsync_path(packs)
         except BaseException:
             store.close()
             tmp.unlink(missing_ok=True)
@@ -678,13 +693,15 @@ class Repository:
         ref = ref.removeprefix("coral://").strip()
         cat = self.catalog
         if ref in ("latest", "HEAD"):
-            rows = cat.conn.execute("SELECT id FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
-            if rows is None:
+            # the newest checkpoint by when it was saved: a commit that retention rewrote later
+            # (e.g. keep_optimizer="last" stripping an older epoch) keeps its original's time
+            newest = cat.newest_commit()
+            if newest is None:
                 raise RefNotFoundError(f"repository {self.path} has no commits yet")
-            return rows[0]
+            return newest[0]
         if ref == "best":
-            latest_run = cat.conn.execute("SELECT run FROM commits ORDER BY seq DESC LIMIT 1").fetchone()
-            cid = cat.get_ref("best") or (cat.get_ref(f"runs/{latest_run[0]}/best") if latest_run else None)
+            newest = cat.newest_commit()
+            cid = cat.get_ref("best") or (cat.get_ref(f"runs/{newest[1]}/best") if newest else None)
             if cid is None:
                 raise RefNotFoundError(
                     f"no 'best' commit in {self.path}: save with a monitored metric (monitor=...) first"
@@ -721,16 +738,30 @@ class Repository:
         return cid
 
     def set_ref(self, name: str, commit_id: str) -> None:
+        """Point ref ``name`` at ``commit_id``. A commit the ref named before and that no other
+        ref keeps is removed at once, with what only it used (see :meth:`delete_ref`)."""
         validate_ref_name(name)
-        with self.lock, self.catalog.transaction() as c:
-            if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
-                raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}")
-            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                      (name, commit_id, time.time()))
+        with self.lock:
+            with self.catalog.transaction() as c:
+                if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
+                    raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}")
+                before = self.catalog.get_ref(name)
+                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                          (name, commit_id, time.time()))
+            if before is not None and before != commit_id:
+                self._reclaim_released([before])
 
     def delete_ref(self, name: str) -> bool:
-        with self.lock, self.catalog.transaction() as c:
-            return c.execute("DELETE FROM refs WHERE name=?", (name,)).rowcount > 0
+        """Remove ref ``name``. If no other ref keeps its commit, the commit is removed too, with
+        every object no remaining commit needs, and its disk space is reclaimed: dropping the last
+        ref of a checkpoint is like deleting a file. Returns False if there was no such ref."""
+        with self.lock:
+            with self.catalog.transaction() as c:
+                before = self.catalog.get_ref(name)
+                deleted = c.execute("DELETE FROM refs WHERE name=?", (name,)).rowcount > 0
+            if before is not None:
+                self._reclaim_released([before])
+            return deleted
 
     def refs(self, prefix: str = "") -> dict[str, str]:
         return self.catalog.refs(prefix)
@@ -852,11 +883,15 @@ class Repository:
     # ================================================================================= gc
     def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3) -> dict[str, Any]:
         """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
-        deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead)."""
+        deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
+
+        Moving or deleting refs already does this for the commits it releases (see
+        :meth:`delete_ref`); ``gc`` sweeps the whole repository: what older versions or interrupted
+        runs left, and files in ``packs/`` the catalog does not know."""
         with self.lock:
             cat = self.catalog
             live_commits = set(cat.refs().values())
-            all_commits = {r[0] for r in cat.conn.execute("SELECT id FROM commits")}
+            all_commits = {r.id for r in cat.commits()}
             dead_commits = all_commits - live_commits
             rows = {r.hash: r for r in cat.all_objects()}
             live: set[str] = set()
@@ -867,39 +902,103 @@ class Repository:
                         r = rows.get(h)
                         h = r.base if r is not None and r.kind == "delta" else None
             dead_objects = set(rows) - live
-            packs = cat.packs()
             packs_dir = self.path / PACKS_DIR
-            per_pack: dict[str, list[ObjectRow]] = {}
-            for r in rows.values():
-                per_pack.setdefault(r.pack, []).append(r)
-            remove_packs, rewrite_packs = [], []
-            for p in packs:
-                objs = per_pack.get(p, [])
-                dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
-                total = sum(o.stored_bytes for o in objs) or 1
-                if all(o.hash in dead_objects for o in objs):
-                    remove_packs.append(p)
-                elif dead / total >= repack_threshold:
-                    rewrite_packs.append(p)
-            orphans = [f for f in packs_dir.iterdir() if f.name not in packs] if packs_dir.exists() else []
+            known = cat.packs()
+            orphans = [f for f in packs_dir.iterdir() if f.name not in known] if packs_dir.exists() else []
             before = sum(f.stat().st_size for f in packs_dir.iterdir()) if packs_dir.exists() else 0
-            stats = {
-                "dry_run": dry_run,
-                "commits_removed": len(dead_commits),
-                "objects_removed": len(dead_objects),
-                "packs_removed": len(remove_packs),
-                "packs_rewritten": len(rewrite_packs),
-                "orphan_files_removed": len(orphans),
-                "bytes_before": before,
-                "bytes_reclaimable": sum(rows[h].stored_bytes for h in dead_objects) + sum(f.stat().st_size for f in orphans),
-            }
+            stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
+                                  dry_run=dry_run, repack_threshold=repack_threshold)
+            stats.update(
+                orphan_files_removed=len(orphans),
+                bytes_before=before,
+                bytes_reclaimable=stats["bytes_reclaimable"] + sum(f.stat().st_size for f in orphans),
+            )
             if dry_run:
                 return stats
-            moved: dict[str, str] = {}
-            new_pack_rows = []
+            for f in orphans:
+                f.unlink(missing_ok=True)
+            cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            after = sum(f.stat().st_size for f in packs_dir.iterdir())
+            stats["bytes_after"] = after
+            stats["bytes_reclaimed"] = before - after
+            return stats
+
+    def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3) -> Optional[dict[str, Any]]:
+        """Remove those of ``candidates`` (commits a ref just moved away from) that no ref keeps now,
+        the objects only they needed, and the pack space those held. Bounded by what was released:
+        only these commits' objects and their delta bases are examined, and only their packs are
+        rewritten. Called with the write lock held, after the transaction that moved the refs: a
+        crash in between leaves unreferenced commits for :meth:`gc`, never a missing object."""
+        cat = self.catalog
+        dead_commits = cat.unreferenced(candidates)
+        if not dead_commits:
+            return None
+        work = list(dict.fromkeys(h for c in dead_commits for _, h, _ in cat.commit_objects(c)))
+        dead: set[str] = set()
+        rows: dict[str, ObjectRow] = {}
+        while work:
+            h = work.pop()
+            if h in dead:
+                continue
+            row = cat.get_object(h)
+            if row is None:
+                continue
+            # live while a remaining commit lists it or a live delta is stored against it
+            if cat.used_by_other_commits(h, dead_commits):
+                continue
+            if any(child not in dead for child in cat.delta_children(h)):
+                continue
+            dead.add(h)
+            rows[h] = row
+            if row.kind == "delta" and row.base:
+                work.append(row.base)  # its base may have been kept alive by this delta only
+        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()], None,
+                              dry_run=False, repack_threshold=repack_threshold)
+        log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
+                 stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
+        return stats
+
+    def _reclaim(self, dead_commits: set[str], dead_objects: set[str], packs: Iterable[str],
+                 rows: Optional[dict[str, ObjectRow]], *, dry_run: bool, repack_threshold: float) -> dict[str, Any]:
+        """Delete ``dead_commits`` and ``dead_objects`` from the catalog and reclaim the space of
+        ``packs``: a pack with nothing live is deleted, one with >= ``repack_threshold`` of its
+        bytes dead is rewritten (temp -> fsync -> rename) with its live objects. ``rows``: every
+        object row of those packs when the caller has them already."""
+        cat = self.catalog
+        packs = list(dict.fromkeys(packs))
+        per_pack: dict[str, list[ObjectRow]] = {p: [] for p in packs}
+        for r in (rows.values() if rows is not None else cat.objects_in_packs(packs)):
+            if r.pack in per_pack:
+                per_pack[r.pack].append(r)
+        remove_packs, rewrite_packs = [], []
+        reclaimable = 0
+        for p in packs:
+            objs = per_pack[p]
+            dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
+            reclaimable += dead
+            total = sum(o.stored_bytes for o in objs) or 1
+            if all(o.hash in dead_objects for o in objs):
+                remove_packs.append(p)
+            elif dead / total >= repack_threshold:
+                rewrite_packs.append(p)
+        stats = {
+            "dry_run": dry_run,
+            "commits_removed": len(dead_commits),
+            "objects_removed": len(dead_objects),
+            "packs_removed": len(remove_packs),
+            "packs_rewritten": len(rewrite_packs),
+            "bytes_reclaimable": reclaimable,
+        }
+        if dry_run:
+            return stats
+        packs_dir = self.path / PACKS_DIR
+        moved: dict[str, tuple] = {}
+        new_pack_rows = []
+        written: list[Path] = []
+        try:
             for p in rewrite_packs:
                 keep = [o for o in per_pack[p] if o.hash not in dead_objects]
-                name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+                name = new_pack_name()
                 tmp = packs_dir / f".tmp-{name}"
                 src = self._pack(p)
                 dst = HDF5Store(tmp, mode="x")
@@ -911,14 +1010,15 @@ class Repository:
                         dst.write_prepared(prep)
                         moved[o.hash] = (name, *(prep.location or (None, None)))
                     dst.close()
-                    _fsync(tmp)
+                    fsync_path(tmp)
                     os.replace(tmp, packs_dir / name)
+                    written.append(packs_dir / name)
                 except BaseException:
                     dst.close()
                     tmp.unlink(missing_ok=True)
                     raise
                 new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
-            _fsync(packs_dir)
+            fsync_path(packs_dir)
             with cat.transaction() as c:
                 c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_pack_rows)
                 c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
@@ -927,21 +1027,19 @@ class Repository:
                 c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
                 c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
                 c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in remove_packs + rewrite_packs])
-            for p in remove_packs + rewrite_packs:
-                s = self._packs.pop(p, None)
-                if s is not None:
-                    s.close()
-                fd = self._fds.pop(p, None)
-                if fd is not None:
-                    os.close(fd)
-                (packs_dir / p).unlink(missing_ok=True)
-            for f in orphans:
+        except BaseException:
+            for f in written:  # not published: the old packs still hold everything
                 f.unlink(missing_ok=True)
-            cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            after = sum(f.stat().st_size for f in packs_dir.iterdir())
-            stats["bytes_after"] = after
-            stats["bytes_reclaimed"] = before - after
-            return stats
+            raise
+        for p in remove_packs + rewrite_packs:
+            s = self._packs.pop(p, None)
+            if s is not None:
+                s.close()
+            fd = self._fds.pop(p, None)
+            if fd is not None:
+                os.close(fd)
+            (packs_dir / p).unlink(missing_ok=True)
+        return stats
 
 
 class _PackGone(IntegrityError):
