@@ -310,8 +310,8 @@ def test_commit_made_during_a_push_is_not_half_pushed(server, bucket, tmp_path, 
     made: list[str] = []
     real_sync = S3Store.sync_from_local
 
-    def sync_while_training(self, local, progress=None):
-        out = real_sync(self, local, progress=progress)
+    def sync_while_training(self, local, progress=None, **kw):
+        out = real_sync(self, local, progress=progress, **kw)
         if not made:
             t.train()
             made.append(trainer_side.commit(t.checkpoint(), run="live", tags=["mid"]).commit_id)
@@ -724,6 +724,10 @@ def test_corrupted_object_detected_on_pull(server, bucket, tmp_path, group, open
 
 
 def test_tampered_commit_document_is_refused(server, bucket, tmp_path):
+    """A commit document changed on the remote is refused by its checksum; one changed and re-sealed
+    with a fresh checksum (forged) still does not hash to its id. Nothing is pulled either time."""
+    from coral_torch.storage.s3_store import encode_document
+
     cfg = make_config(server, bucket, prefix="forged")
     A, _ = build_repo(tmp_path / "a")
     A.push(cfg)
@@ -732,11 +736,19 @@ def test_tampered_commit_document_is_refused(server, bucket, tmp_path):
     key = f"forged/commits/{cid}.json"
     doc = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     doc["manifest"]["tensors"][0][1] = doc["manifest"]["tensors"][1][1]  # point a tensor at other bytes
-    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode())
     B = Repository(tmp_path / "b", workers=2)
-    with pytest.raises(CorruptObjectError, match="does not hash to its id"):
-        B.pull(cfg)
-    assert B.log() == [] and B.refs() == {}
+    for body, match in ((json.dumps(doc).encode(), "document checksum mismatch"),
+                        (encode_document(doc), "does not hash to its id")):
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        with pytest.raises(CorruptObjectError, match=match) as ei:
+            B.pull(cfg)
+        assert cid in str(ei.value) and "Nothing was pulled" in str(ei.value)
+        assert B.log() == [] and B.refs() == {}
+        assert_consistent(B)
+    # the source's next push sees the damaged document (its ETag is not the expected one) and rewrites it
+    assert A.push(cfg)["commits_repaired"] == 1
+    B.pull(cfg)
+    assert B.refs() == A.refs()
     assert_consistent(B)
 
 

@@ -415,8 +415,9 @@ def test_corrupted_object_detected_on_load_and_sync(server, bucket, store, tmp_p
 
 
 def test_tampered_payload_with_matching_checksum_fails_content_hash(server, bucket, store):
-    """Bytes changed and the recorded checksum updated to match: the content hash still catches it."""
-    from coral_torch.storage.s3_store import _payload_hash
+    """Bytes changed and the recorded checksums updated to match (the document re-sealed): the content
+    hash still catches it."""
+    from coral_torch.storage.s3_store import _payload_hash, encode_document
 
     w = WeightTensor(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8), name="raw")
     h = store.store(w)
@@ -424,7 +425,7 @@ def test_tampered_payload_with_matching_checksum_fails_content_hash(server, buck
     c = server.client()
     doc = json.loads(c.get_object(Bucket=bucket, Key=f"metadata/{h}.json")["Body"].read())
     doc["payload_xxh3"] = _payload_hash(data)
-    c.put_object(Bucket=bucket, Key=f"metadata/{h}.json", Body=json.dumps(doc).encode())
+    c.put_object(Bucket=bucket, Key=f"metadata/{h}.json", Body=encode_document(doc))
     with pytest.raises(HashMismatchError) as ei:
         store.load(h)
     assert ei.value.hash_key == h and h in str(ei.value)

@@ -15,18 +15,27 @@ Weight metadata (``metadata/<key>.json``)::
     {"format": "coral-torch-s3", "format_version": 1, "kind": "weight", "key": <key>,
      "name": str, "shape": [int, ...], "dtype": <canonical dtype>, "layer_type": str,
      "model_name": str, "hash": <content hash>, "nbytes": <logical bytes>, "encoding": "czp1",
-     "payload_xxh3": <xxh3-64 hex of the payload object>, "payload_bytes": <payload size>}
+     "payload_xxh3": <xxh3-64 hex of the payload object>, "payload_bytes": <payload size>,
+     "payload_md5": <MD5 hex of the payload>, "payload_etag": <the ETag the server gave it>,
+     "doc_xxh3": <checksum of this document>}
 
 Delta metadata (``metadata/<key>.delta.json``)::
 
     {"format": "coral-torch-s3", "format_version": 1, "kind": "delta", "key": <key>,
      "delta_type": str, "reference_hash": str, "original_shape": [int, ...],
      "original_dtype": str, "compression_ratio": float, "lossless": bool, "extra": {...},
-     "payload_xxh3": str, "payload_bytes": int}
+     "payload_xxh3": str, "payload_bytes": int, "payload_md5": str, "payload_etag": str,
+     "doc_xxh3": str}
 
 These are the same attributes :class:`~coral_torch.storage.hdf5_store.HDF5Store` keeps on its
 datasets, so objects move between the two without re-encoding (:meth:`S3Store.sync_from_local`,
 :meth:`S3Store.sync_to_local`).
+
+Documents: every JSON object this module writes (the metadata above, and the documents
+:mod:`coral_torch.repository.remote` stores with :meth:`S3Store.put_document`) is written in one
+canonical form (:func:`encode_document`: sorted keys, no spaces) and carries ``doc_xxh3``, the
+xxh3-128 of that form without the ``doc_xxh3`` field. A document whose checksum is missing or
+wrong is damaged and never used (:func:`decode_document`).
 
 Visibility: an object exists only when its metadata object exists. The payload is uploaded first and
 the metadata last, so an interrupted upload leaves at most a payload without metadata: invisible
@@ -34,11 +43,29 @@ the metadata last, so an interrupted upload leaves at most a payload without met
 ``get_storage_info()["orphaned_payloads"]`` and overwritten by the next upload of that key.
 ``delete`` removes the metadata first.
 
-Verification: every download is checked against ``payload_bytes`` and ``payload_xxh3``; a weight is
-also decoded and its bytes hashed against its content hash. Damaged objects raise
+Verification, uploads: every single-part upload sends ``Content-MD5`` (servers that check it
+refuse a body damaged on the way with ``BadDigest``), and botocore adds its flexible checksum
+(CRC32) where ``request_checksum_calculation="when_supported"``. The ETag the server answers is
+compared with the MD5 of what was sent (for a multipart upload: the whole object's MD5 or the MD5
+of the parts' MD5s, ``<hex>-<parts>``); on a mismatch the object is read back, and sent again if
+the server holds other bytes (up to ``max_attempts`` times). A server whose ETags turn out not to
+be MD5s (SSE-KMS, some S3-compatible servers) is recognised by that read-back; from then on
+documents are read back after every upload and payloads rely on the server's own ``Content-MD5``
+and checksum checks, unless ``upload_verification="read-back"`` asks for every upload to be read
+back. The metadata of an object is written only after its payload was verified.
+:meth:`S3Store.sync_from_local` (``verify=``) also checks objects already on the remote (their
+metadata's checksum, the payload's size and ETag in the listing against what the metadata
+recorded) and uploads damaged ones again.
+
+Verification, downloads: every document is checked against its ``doc_xxh3``, every payload
+against ``payload_bytes`` and ``payload_xxh3``; a weight is also decoded and its bytes hashed
+against its content hash. A download that fails a check is fetched again (up to
+``max_attempts`` times: bytes damaged on the way), then reported as damaged:
 :class:`~coral_torch.errors.CorruptObjectError` / :class:`~coral_torch.errors.HashMismatchError`
-naming the key; bad bytes are never returned. Uploads from a local store are verified the same way
-before they are sent.
+naming the key; bad bytes are never returned. botocore's own response checksum validation is off
+by default (``response_checksum_validation="when_required"``): these checks cover every byte, and
+some servers (``rclone serve s3``) send the whole object's checksum with a ranged GET, which
+botocore would reject. Uploads from a local store are verified the same way before they are sent.
 
 Transfers use boto3's managed transfers (one shared ``TransferManager`` per store, configured by
 :class:`S3Config`): objects above ``multipart_threshold`` go up and down in ``multipart_chunksize``
@@ -52,15 +79,19 @@ retries exhausted), :class:`~coral_torch.errors.RemoteError` for anything else t
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import logging
+import math
 import re
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import boto3
 import numpy as np
@@ -79,8 +110,10 @@ from botocore.exceptions import (
     ProfileNotFound,
     SSLError,
 )
+from botocore.parsers import ResponseParserError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ChunksizeAdjuster
 from tqdm.auto import tqdm
 
 from .. import codec, dtypes
@@ -99,6 +132,7 @@ from ..errors import (
     StoreError,
     SyncIncompleteError,
 )
+from ..refnames import validate_ref_name
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from .hdf5_store import (
     ENCODING_CODEC,
@@ -112,7 +146,7 @@ from .weight_store import WeightStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["S3Config", "S3Store"]
+__all__ = ["S3Config", "S3Store", "RemoteEntry", "encode_document", "decode_document"]
 
 MiB = 1 << 20
 FORMAT_NAME = "coral-torch-s3"
@@ -123,6 +157,14 @@ _INFLIGHT_BYTES = 1 << 30  # sync_from_local: payload bytes read ahead of the up
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:=+-]{0,254}$")
 _ADDRESSING = ("auto", "path", "virtual")
+_CHECKSUM_WHEN = ("when_supported", "when_required")
+_UPLOAD_VERIFICATION = ("auto", "read-back")
+DOC_CHECKSUM = "doc_xxh3"  # the field of every document that holds its checksum
+_DIGEST_CODES = frozenset(  # the server says the body it got does not match the checksum sent with it
+    {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidChecksum", "BadChecksum", "IncompleteBody"}
+)
+_ANY_EXC = (ClientError, BotoCoreError, RetriesExceededError, ResponseParserError, OSError)
+_READ_BACK_MAX = 1 * MiB  # uploads up to this size are read back where ETags are not MD5s
 
 _AUTH_CODES = frozenset(
     {
@@ -173,6 +215,19 @@ class S3Config:
         codec_level: zstd level of the codec used for uploads that are not already encoded.
         check_bucket: check on opening that the bucket exists and the credentials work.
         progress: default for progress bars: ``None`` shows them when stderr is a terminal.
+        request_checksum_calculation: botocore's setting of that name: ``"when_supported"`` (the
+            default) sends a CRC32 checksum with every upload for servers that check it, besides
+            the ``Content-MD5`` coral-torch always sends; ``"when_required"`` only where an
+            operation needs one.
+        response_checksum_validation: botocore's setting of that name. ``"when_required"`` (the
+            default) leaves download checks to coral-torch, which verifies every byte itself
+            (documents, payload checksums, content hashes); ``"when_supported"`` also has botocore
+            check the checksums servers send. Keep the default for ``rclone serve s3``, which sends
+            the whole object's checksum with a ranged GET (every multipart download would fail).
+        upload_verification: ``"auto"``: an upload is verified by comparing the server's ETag with
+            the MD5 of what was sent, and read back where they differ (see the module docstring);
+            ``"read-back"``: every upload is read back and compared byte for byte (twice the
+            traffic; for servers that neither check ``Content-MD5`` nor answer MD5 ETags).
     """
 
     bucket: str
@@ -194,6 +249,9 @@ class S3Config:
     codec_level: int = codec.DEFAULT_LEVEL
     check_bucket: bool = True
     progress: Optional[bool] = None
+    request_checksum_calculation: str = "when_supported"
+    response_checksum_validation: str = "when_required"
+    upload_verification: str = "auto"
 
     def __post_init__(self) -> None:
         b = self.bucket
@@ -238,6 +296,13 @@ class S3Config:
             raise RemoteConfigError("connect_timeout and read_timeout must be positive")
         if not -7 <= int(self.codec_level) <= 22:
             raise RemoteConfigError(f"codec_level must be a zstd level in -7..22, not {self.codec_level!r}")
+        for name in ("request_checksum_calculation", "response_checksum_validation"):
+            if getattr(self, name) not in _CHECKSUM_WHEN:
+                raise RemoteConfigError(f"{name} must be one of {_CHECKSUM_WHEN}, not {getattr(self, name)!r}")
+        if self.upload_verification not in _UPLOAD_VERIFICATION:
+            raise RemoteConfigError(
+                f"upload_verification must be one of {_UPLOAD_VERIFICATION}, not {self.upload_verification!r}"
+            )
 
     @property
     def url(self) -> str:
@@ -252,6 +317,102 @@ def _payload_hash(buf: Any) -> str:
     else:
         view = memoryview(buf).cast("B")
     return xxhash.xxh3_64(view).hexdigest()
+
+
+def _byte_view(buf: Any) -> memoryview:
+    """A flat byte view of a payload (ndarray or buffer), without copying it."""
+    if isinstance(buf, np.ndarray):
+        return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
+    return memoryview(buf).cast("B")
+
+
+def _md5() -> "hashlib._Hash":
+    return hashlib.md5(usedforsecurity=False)  # an integrity check, not security (FIPS builds allow it)
+
+
+def _norm_etag(etag: Any) -> str:
+    """An ETag as compared here: without quotes or a weak-validator prefix, lower case."""
+    e = str(etag or "").strip()
+    if e.startswith("W/"):
+        e = e[2:]
+    return e.strip('"').lower()
+
+
+def _canonical(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode_document(doc: Mapping[str, Any]) -> bytes:
+    """The exact bytes :class:`S3Store` writes for a JSON document: ``doc`` with ``format``,
+    ``format_version`` and its checksum ``doc_xxh3`` (the xxh3-128 of the canonical JSON of the
+    rest), in canonical JSON (sorted keys, no spaces). The same ``doc`` always gives the same bytes,
+    so their MD5 tells whether a listed object's ETag is the document expected."""
+    body: Dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    body.update((k, v) for k, v in doc.items() if k != DOC_CHECKSUM)
+    body[DOC_CHECKSUM] = xxhash.xxh3_128(_canonical(body)).hexdigest()
+    return _canonical(body)
+
+
+def document_md5(doc: Mapping[str, Any]) -> str:
+    """MD5 hex of :func:`encode_document` (``doc``): the ETag a server gives that document."""
+    h = _md5()
+    h.update(encode_document(doc))
+    return h.hexdigest()
+
+
+def decode_document(data: bytes, what: str, where: str, key: Optional[str] = None) -> Dict[str, Any]:
+    """Parse and verify a document :func:`encode_document` wrote.
+
+    Args:
+        data: the bytes read.
+        what: what it is, for messages ("metadata of object <key>", "commit document <id>").
+        where: where it was read (a URL), for messages.
+        key: the object key the error names (``hash_key``).
+
+    Raises:
+        CorruptObjectError: not JSON, not a coral-torch document, no checksum or a wrong one.
+        StoreError: written by a newer coral-torch (format version).
+    """
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptObjectError(f"{what} at {where} is damaged ({exc}); it was not used", hash_key=key) from None
+    if doc.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise CorruptObjectError(f"{what} at {where} is not a coral-torch document; it was not used", hash_key=key)
+    try:
+        version = int(doc.get("format_version", 1))
+    except (TypeError, ValueError):
+        version = -1
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{what} at {where} has format version {doc.get('format_version')}, newer than this coral-torch "
+            f"understands ({FORMAT_VERSION}); upgrade coral-torch"
+        )
+    recorded = doc.pop(DOC_CHECKSUM, None)
+    if recorded is None:
+        raise CorruptObjectError(
+            f"{what} at {where} has no checksum (damaged, or written by an older coral-torch); it was not "
+            "used. Push it again from a repository that holds it to rewrite it", hash_key=key,
+        )
+    actual = xxhash.xxh3_128(_canonical(doc)).hexdigest()
+    if actual != recorded:
+        raise CorruptObjectError(
+            f"{what} at {where} is damaged (document checksum mismatch); it was not used", hash_key=key
+        )
+    return doc
+
+
+class RemoteEntry(NamedTuple):
+    """One listed object: its size and ETag (normalised: no quotes, lower case)."""
+
+    size: int
+    etag: str
+
+
+class _Rejected(Exception):
+    """An upload the server refused as damaged (BadDigest ...) or stored other bytes for."""
 
 
 def _s(v: Any) -> str:
@@ -347,6 +508,9 @@ class S3Store(WeightStore):
             raise RemoteConfigError(f"S3Store needs an S3Config, not {type(config).__name__}")
         self.config = config
         self._closed = False
+        # whether this server's ETags are the MD5s of what it stores: None until an upload tells
+        self._etag_md5: Optional[bool] = None
+        self._etag_lock = threading.Lock()
         c = config
         try:
             session = boto3.session.Session(
@@ -367,6 +531,8 @@ class S3Store(WeightStore):
             # worker threads (metadata requests) + the transfer manager's threads (payloads)
             max_pool_connections=2 * c.max_concurrency + 4,
             user_agent_extra="coral-torch",
+            request_checksum_calculation=c.request_checksum_calculation,
+            response_checksum_validation=c.response_checksum_validation,
         )
         try:
             self._client = session.client(
@@ -434,10 +600,11 @@ class S3Store(WeightStore):
             msg = f"{type(inner).__name__}: {inner}"
         else:
             msg = f"{type(exc).__name__}: {exc}"
+        msg = " ".join(msg.split())[:600]  # messages stay on one line
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {}) or {}
             code = str(err.get("Code", ""))
-            text = err.get("Message") or ""
+            text = " ".join(str(err.get("Message") or "").split())
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket" or (code in ("404", "NotFound") and key is None):
                 return BucketNotFoundError(
@@ -484,12 +651,17 @@ class S3Store(WeightStore):
             )
         if isinstance(exc, BotoCoreError):
             return RemoteError(f"S3 request to {self.endpoint} failed while {doing} {where}: {msg}")
+        if isinstance(exc, ResponseParserError):
+            return RemoteError(
+                f"S3 at {self.endpoint} sent a garbled answer while {doing} {where} ({msg.splitlines()[0]}); "
+                "try again (a proxy or the network may be damaging responses)"
+            )
         return RemoteError(f"unexpected error while {doing} {where}: {msg}")
 
     def _call(self, doing: str, key: Optional[str], fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
-        except (ClientError, BotoCoreError, RetriesExceededError, OSError) as exc:
+        except _ANY_EXC as exc:
             err = self._translate(exc, doing, key)
         raise err
 
@@ -532,59 +704,235 @@ class S3Store(WeightStore):
             err = self._translate(exc, "checking", obj)
         raise err
 
-    def _get_json(self, obj: str, key: str, kind: str) -> Optional[Dict[str, Any]]:
-        try:
-            resp = self._client.get_object(Bucket=self.config.bucket, Key=obj)
-            body = resp["Body"].read()
-        except ClientError as exc:
-            if self._is_missing(exc) and (exc.response.get("Error", {}) or {}).get("Code") != "NoSuchBucket":
-                return None
-            err = self._translate(exc, "reading", obj)
-            raise err from None
-        except (BotoCoreError, OSError) as exc:
-            err = self._translate(exc, "reading", obj)
-            raise err from None
-        try:
-            doc = json.loads(body)
-            if not isinstance(doc, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptObjectError(
-                f"metadata of {kind} {key} at {self.url} is damaged ({exc}); it was not used", hash_key=key
-            ) from None
-        if doc.get("format", FORMAT_NAME) != FORMAT_NAME:
-            raise CorruptObjectError(
-                f"metadata object for {key} at {self.url} is not coral-torch metadata", hash_key=key
-            )
-        if int(doc.get("format_version", 1)) > FORMAT_VERSION:
-            raise StoreError(
-                f"object {key} at {self.url} has format version {doc.get('format_version')}, newer than this "
-                f"coral-torch understands ({FORMAT_VERSION}); upgrade coral-torch"
-            )
-        return doc
+    def _read_doc(self, obj: str, what: str, key: Optional[str] = None,
+                  attempts: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """GET and verify one document (:func:`decode_document`); ``None`` if there is none.
 
-    def _put_json(self, obj: str, doc: Dict[str, Any]) -> int:
-        body = json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **doc}, sort_keys=True).encode()
-        self._call(
-            "writing", obj, self._client.put_object,
-            Bucket=self.config.bucket, Key=obj, Body=body, ContentType="application/json",
-        )
+        A body that arrives cut or damaged is read again, ``attempts`` (default ``max_attempts``)
+        times in all, before the damage is reported."""
+        n = attempts or self.config.max_attempts
+        where = f"s3://{self.config.bucket}/{obj}"
+        for attempt in range(1, n + 1):
+            try:
+                resp = self._client.get_object(Bucket=self.config.bucket, Key=obj)
+                body = resp["Body"].read()
+            except ClientError as exc:
+                if self._is_missing(exc) and (exc.response.get("Error", {}) or {}).get("Code") != "NoSuchBucket":
+                    return None
+                raise self._translate(exc, "reading", obj) from None
+            except _ANY_EXC as exc:
+                if attempt < n and isinstance(exc, _CONNECTION_ERRORS):
+                    log.warning("reading %s was cut (%s); reading it again (attempt %d of %d)", where,
+                                type(exc).__name__, attempt + 1, n)
+                    continue
+                raise self._translate(exc, "reading", obj) from None
+            try:
+                return decode_document(body, what, where, key)
+            except CorruptObjectError as exc:
+                if attempt == n:
+                    raise
+                log.warning("%s; reading it again (attempt %d of %d)", exc, attempt + 1, n)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rel(self, rel_key: str) -> str:
+        """``<prefix><rel_key>`` for a document key, after checking it cannot leave the prefix."""
+        try:
+            validate_ref_name(rel_key)
+        except CoralError as exc:
+            raise StoreError(f"invalid document key for {self.url}: {exc}") from None
+        return self.config.prefix + rel_key
+
+    def get_document(self, rel_key: str, what: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """Read the JSON document at ``<prefix><rel_key>`` (written by :meth:`put_document`), verified
+        against its checksum; ``None`` if there is none. ``what`` names it in messages.
+
+        Raises:
+            CorruptObjectError: damaged (still damaged after ``max_attempts`` reads).
+            StoreError: ``rel_key`` could leave the prefix (``..``, control characters), or the
+                document is of a newer format.
+            RemoteError and subclasses: the server cannot be reached or refuses.
+        """
+        self._live()
+        return self._read_doc(self._rel(rel_key), what or f"document {rel_key}", rel_key)
+
+    def get_documents(self, rel_keys: Iterable[str], what: Optional[Callable[[str], str]] = None
+                      ) -> Dict[str, Optional[Dict[str, Any]]]:
+        """:meth:`get_document` for many keys, ``max_concurrency`` at a time: ``{rel_key: document or
+        None}``. ``what(rel_key)`` names a document in messages. The first error is raised."""
+        self._live()
+        keys = list(dict.fromkeys(rel_keys))
+        if not keys:
+            return {}
+        name = what or (lambda k: f"document {k}")
+        with ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="coral-s3") as pool:
+            return self._run_all(
+                pool, [(k, lambda k=k: self._read_doc(self._rel(k), name(k), k)) for k in keys],
+                desc="documents", progress=False,
+            )
+
+    def put_document(self, rel_key: str, doc: Mapping[str, Any]) -> int:
+        """Write ``doc`` as the JSON document at ``<prefix><rel_key>`` (:func:`encode_document`: adds
+        the format fields and the checksum) and verify what the server stored (see the module
+        docstring). Returns the bytes sent.
+
+        Raises:
+            StoreError: ``rel_key`` could leave the prefix.
+            RemoteError and subclasses: refused, unreachable, or the server kept storing damaged bytes.
+        """
+        self._live()
+        obj = self._rel(rel_key)
+        body = encode_document(doc)
+        self._put_verified(obj, body, f"document {rel_key}", "application/json")
         return len(body)
 
-    def _upload(self, obj: str, payload: Any) -> int:
-        reader = _BufferReader(payload)
-        size = len(reader._mv)
+    def list_entries(self, sub: str = "") -> Dict[str, RemoteEntry]:
+        """Every object under ``<prefix><sub>``: ``{key relative to <prefix><sub>: RemoteEntry}`` from one
+        paginated listing. A listing that contradicts itself (a key twice, a key outside the prefix,
+        an answer that does not parse: damaged on the way) is made again, ``max_attempts`` times in all.
+
+        Raises:
+            RemoteError and subclasses: the listing failed or stayed inconsistent.
+        """
+        self._live()
+        base = self.config.prefix + sub
+        n = self.config.max_attempts
+        bad = ""
+        for attempt in range(1, n + 1):
+            out: Dict[str, RemoteEntry] = {}
+            bad = ""
+            try:
+                for o in self._list_raw(sub):
+                    k = str(o.get("Key", ""))
+                    rel = k[len(base):]
+                    if not k.startswith(base) or rel in out:
+                        bad = f"key {k!r} " + ("listed twice" if rel in out else f"is not under {base!r}")
+                        break
+                    out[rel] = RemoteEntry(int(o.get("Size", 0) or 0), _norm_etag(o.get("ETag")))
+            except ResponseParserError as exc:
+                bad = f"the answer does not parse: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            except _ANY_EXC as exc:
+                raise self._translate(exc, "listing", None) from None
+            if not bad:
+                return out
+            if attempt < n:
+                log.warning("listing s3://%s/%s was damaged on the way (%s); listing again (attempt %d of %d)",
+                            self.config.bucket, base, bad, attempt + 1, n)
+        raise RemoteError(
+            f"listing s3://{self.config.bucket}/{base} at {self.endpoint} kept coming back damaged ({bad}) after "
+            f"{n} attempts; try again (a proxy or the network may be damaging responses)"
+        )
+
+    # ------------------------------------------------------------------------ verified uploads
+    def _md5s(self, view: memoryview, multipart: bool) -> Tuple[str, Optional[str]]:
+        """(MD5 hex of the bytes, the ETag S3 gives a multipart upload of them in our part size)."""
+        whole = _md5()
+        if not multipart:
+            whole.update(view)
+            return whole.hexdigest(), None
+        chunk = ChunksizeAdjuster().adjust_chunksize(self.config.multipart_chunksize, len(view))
+        parts = []
+        for i in range(0, len(view), chunk):
+            part = view[i : i + chunk]
+            whole.update(part)
+            parts.append(_md5())
+            parts[-1].update(part)
+        both = _md5()
+        for p in parts:
+            both.update(p.digest())
+        return whole.hexdigest(), f"{both.hexdigest()}-{len(parts)}"
+
+    def _send(self, obj: str, view: memoryview, md5: str, multipart: bool, content_type: str) -> str:
+        """One upload (Content-MD5 on single-part uploads); returns the server's ETag (normalised).
+        Raises _Rejected when the server refuses the body as damaged or holds another size."""
+        b = self.config.bucket
         try:
+            if not multipart:
+                resp = self._client.put_object(
+                    Bucket=b, Key=obj, Body=_BufferReader(view), ContentLength=len(view),
+                    ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(), ContentType=content_type,
+                )
+                return _norm_etag(resp.get("ETag"))
             fut = self._transfer.upload(
-                reader, self.config.bucket, obj,
-                extra_args={"ContentType": "application/octet-stream"},
-                subscribers=[_ProvideSize(size)],
+                _BufferReader(view), b, obj, extra_args={"ContentType": content_type},
+                subscribers=[_ProvideSize(len(view))],
             )
             fut.result()
-        except (ClientError, BotoCoreError, RetriesExceededError, OSError) as exc:
-            err = self._translate(exc, "uploading", obj)
-            raise err from None
-        return size
+            head = self._client.head_object(Bucket=b, Key=obj)
+        except ClientError as exc:
+            code = str((exc.response.get("Error", {}) or {}).get("Code", ""))
+            if code in _DIGEST_CODES:
+                raise _Rejected(f"the server refused the body it received as damaged ({code})") from None
+            raise self._translate(exc, "uploading", obj) from None
+        except _ANY_EXC as exc:
+            raise self._translate(exc, "uploading", obj) from None
+        stored = int(head.get("ContentLength", -1))
+        if stored != len(view):
+            raise _Rejected(f"the server holds {stored} bytes, {len(view)} were sent")
+        return _norm_etag(head.get("ETag"))
+
+    def _read_back(self, obj: str, view: memoryview) -> Optional[str]:
+        """None if the server holds exactly ``view`` at ``obj``, else what is wrong."""
+        try:
+            got = self._download(obj, obj, len(view), "uploaded object")
+        except IntegrityError as exc:
+            return f"reading it back failed: {exc}"
+        if xxhash.xxh3_64(_byte_view(got)).hexdigest() != xxhash.xxh3_64(view).hexdigest():
+            return "the server holds other bytes than were sent"
+        return None
+
+    def _note_etags(self, md5: bool) -> None:
+        with self._etag_lock:
+            if self._etag_md5 is not None:
+                return
+            self._etag_md5 = md5
+        if not md5:
+            log.info(
+                "S3 at %s answers ETags that are not the MD5 of the data (encryption, or its own scheme): "
+                "documents are read back after each upload, payloads rely on the server's Content-MD5 and "
+                "checksum checks (upload_verification='read-back' reads them back too)", self.endpoint,
+            )
+
+    def _put_verified(self, obj: str, payload: Any, what: str, content_type: str) -> Tuple[str, str]:
+        """Upload ``payload`` to ``obj`` and make sure the server holds exactly those bytes (see the
+        module docstring); sent again when it does not. Returns (ETag, MD5 hex).
+
+        Raises:
+            RemoteError: the server kept refusing or damaging the bytes (``max_attempts`` uploads).
+            RemoteError subclasses: refused, unreachable (as translated).
+        """
+        view = _byte_view(payload)
+        size = len(view)
+        multipart = size >= self.config.multipart_threshold
+        md5, composite = self._md5s(view, multipart)
+        accepted = {md5} if composite is None else {md5, composite}
+        read_back_all = self.config.upload_verification == "read-back"
+        n = self.config.max_attempts
+        problem = ""
+        for attempt in range(1, n + 1):
+            try:
+                etag = self._send(obj, view, md5, multipart, content_type)
+            except _Rejected as exc:
+                problem = str(exc)
+            else:
+                if etag in accepted and not read_back_all:
+                    self._note_etags(True)
+                    return etag, md5
+                if not read_back_all and self._etag_md5 is False and size > _READ_BACK_MAX:
+                    return etag, md5  # not an MD5 ETag server: its own Content-MD5/checksum checks stand
+                problem = self._read_back(obj, view) or ""
+                if not problem:
+                    if etag not in accepted:
+                        self._note_etags(False)
+                    return etag, md5
+                problem += f" (ETag {etag or '-'}, MD5 of the data {md5})"
+            if attempt < n:
+                log.warning("upload of %s to %s arrived damaged: %s; sending it again (attempt %d of %d)",
+                            what, self.url, problem, attempt + 1, n)
+        raise RemoteError(
+            f"could not upload {what} to s3://{self.config.bucket}/{obj} intact after {n} attempts: {problem}. "
+            f"Something between here and {self.endpoint} damages data (a proxy, the network, the server); "
+            "fix it and run the push again"
+        )
 
     def _download(self, obj: str, key: str, size: Optional[int], kind: str) -> np.ndarray:
         """The payload's bytes as a uint8 array; size-checked (content checks are the caller's)."""
@@ -690,9 +1038,14 @@ class S3Store(WeightStore):
         return key, self._put_object_pair("weights", key, payload, doc)
 
     def _put_object_pair(self, group: str, key: str, payload: Any, doc: Dict[str, Any]) -> int:
-        """Upload payload, then metadata (which makes the object visible). Returns bytes sent."""
-        sent = self._upload(self._obj(group, key), payload)
-        sent += self._put_json(self._obj("wmeta" if group == "weights" else "dmeta", key), {"key": key, **doc})
+        """Upload the payload (verified), then its metadata, which makes the object visible. The
+        metadata records the payload's MD5 and the ETag the server gave it. Returns bytes sent."""
+        kind = "object" if group == "weights" else "delta"
+        etag, md5 = self._put_verified(self._obj(group, key), payload, f"{kind} {key}", "application/octet-stream")
+        body = encode_document({"key": key, **doc, "payload_md5": md5, "payload_etag": etag})
+        self._put_verified(self._obj("wmeta" if group == "weights" else "dmeta", key), body,
+                           f"metadata of {kind} {key}", "application/json")
+        sent = len(_byte_view(payload)) + len(body)
         log.debug("uploaded %s/%s (%d bytes)", group, key, sent)
         return sent
 
@@ -773,13 +1126,31 @@ class S3Store(WeightStore):
         """
         self._live()
         key = self._check_key(hash_key)
-        doc = self._get_json(self._obj("wmeta", key), key, "object")
-        if doc is None:
-            return None
-        size = _opt_int(doc.get("payload_bytes"))
-        payload = self._download(self._obj("weights", key), key, size, "object")
-        self._check_payload(payload, doc, key, "object")
-        return self._decode_verified(payload, doc, key)
+
+        def once() -> Optional[WeightTensor]:
+            doc = self._read_doc(self._obj("wmeta", key), f"metadata of object {key}", key, attempts=1)
+            if doc is None:
+                return None
+            self._check_doc_names(doc, key, "weight")
+            size = _opt_int(doc.get("payload_bytes"))
+            payload = self._download(self._obj("weights", key), key, size, "object")
+            self._check_payload(payload, doc, key, "object")
+            return self._decode_verified(payload, doc, key)
+
+        return self._again_if_damaged(once)
+
+    def _again_if_damaged(self, fn: Callable[[], Any]) -> Any:
+        """Run a download that verifies what it got; bytes damaged on the way are fetched again
+        (``max_attempts`` times in all) before the damage is reported."""
+        n = self.config.max_attempts
+        for attempt in range(1, n + 1):
+            try:
+                return fn()
+            except IntegrityError as exc:
+                if attempt == n:
+                    raise
+                log.warning("%s; downloading it again (attempt %d of %d)", exc, attempt + 1, n)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def load_batch(self, hash_keys: List[str], progress: Optional[bool] = None) -> Dict[str, WeightTensor]:
         """Load many tensors, ``max_concurrency`` at a time; ``{hash: WeightTensor}`` for those present."""
@@ -795,10 +1166,10 @@ class S3Store(WeightStore):
         """Metadata of a tensor (or, like HDF5Store, of a delta) without downloading its payload."""
         self._live()
         key = self._check_key(hash_key)
-        doc = self._get_json(self._obj("wmeta", key), key, "object")
+        doc = self._read_doc(self._obj("wmeta", key), f"metadata of object {key}", key)
         if doc is not None:
             return self._metadata_from_doc(doc, key)
-        doc = self._get_json(self._obj("dmeta", key), key, "delta")
+        doc = self._read_doc(self._obj("dmeta", key), f"metadata of delta {key}", key)
         if doc is None:
             return None
         try:
@@ -812,14 +1183,17 @@ class S3Store(WeightStore):
         except (KeyError, ValueError, TypeError, CoralError) as exc:
             raise CorruptObjectError(f"metadata of delta {key} at {self.url} is damaged: {exc}", hash_key=key) from None
 
-    def _list(self, sub: str) -> Iterable[Dict[str, Any]]:
-        """All objects under ``<prefix><sub>`` (paginated)."""
+    def _list_raw(self, sub: str) -> Iterable[Dict[str, Any]]:
+        """All objects under ``<prefix><sub>`` (paginated); botocore's exceptions as they come."""
         paginator = self._client.get_paginator("list_objects_v2")
-        prefix = self.config.prefix + sub
+        for page in paginator.paginate(Bucket=self.config.bucket, Prefix=self.config.prefix + sub):
+            yield from page.get("Contents", []) or []
+
+    def _list(self, sub: str) -> Iterable[Dict[str, Any]]:
+        """All objects under ``<prefix><sub>`` (paginated); errors translated."""
         try:
-            for page in paginator.paginate(Bucket=self.config.bucket, Prefix=prefix):
-                yield from page.get("Contents", []) or []
-        except (ClientError, BotoCoreError, OSError) as exc:
+            yield from self._list_raw(sub)
+        except _ANY_EXC as exc:
             err = self._translate(exc, "listing", None)
             raise err from None
 
@@ -870,12 +1244,17 @@ class S3Store(WeightStore):
         """Download and checksum-verify a delta; ``None`` if absent."""
         self._live()
         key = self._check_key(delta_hash)
-        doc = self._get_json(self._obj("dmeta", key), key, "delta")
-        if doc is None:
-            return None
-        payload = self._download(self._obj("deltas", key), key, _opt_int(doc.get("payload_bytes")), "delta")
-        self._check_payload(payload, doc, key, "delta")
-        return self._delta_from_doc(doc, payload.tobytes(), key)
+
+        def once() -> Optional[Delta]:
+            doc = self._read_doc(self._obj("dmeta", key), f"metadata of delta {key}", key, attempts=1)
+            if doc is None:
+                return None
+            self._check_doc_names(doc, key, "delta")
+            payload = self._download(self._obj("deltas", key), key, _opt_int(doc.get("payload_bytes")), "delta")
+            self._check_payload(payload, doc, key, "delta")
+            return self._delta_from_doc(doc, payload.tobytes(), key)
+
+        return self._again_if_damaged(once)
 
     def _delta_from_doc(self, doc: Dict[str, Any], data: bytes, key: str) -> Delta:
         try:
@@ -939,7 +1318,7 @@ class S3Store(WeightStore):
         total = 0
         if logical_sizes and wkeys:
             with ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="coral-s3") as pool:
-                for doc in pool.map(lambda k: self._get_json(self._obj("wmeta", k), k, "object"), wkeys):
+                for doc in pool.map(lambda k: self._read_doc(self._obj("wmeta", k), f"metadata of object {k}", k), wkeys):
                     if doc is not None:
                         total += int(doc.get("nbytes", 0))
         return {
@@ -1026,17 +1405,24 @@ class S3Store(WeightStore):
 
         return _Job(group, key, int(weight.nbytes), run_values)
 
-    def sync_from_local(self, local: HDF5Store, progress: Optional[bool] = None) -> Dict[str, Any]:
-        """Upload every weight and delta of ``local`` that the remote lacks.
+    def sync_from_local(self, local: HDF5Store, progress: Optional[bool] = None, *,
+                        verify: Union[bool, Collection[str]] = False) -> Dict[str, Any]:
+        """Upload every weight and delta of ``local`` that the remote lacks or holds damaged.
 
         Incremental (the remote is listed once; present objects are skipped), parallel
         (``max_concurrency`` uploads), resumable (re-running after an interruption sends only what is
         still missing). Codec-encoded objects are uploaded as stored, without re-encoding (after
-        checking they decode to their content hash); others are loaded and encoded.
+        checking they decode to their content hash); others are loaded and encoded. Every upload is
+        verified (see the module docstring).
+
+        An object counts as present when the listing shows both its metadata and its payload. Those
+        in ``verify`` (``True``: all of them) are also checked (:meth:`check_remote_object`: one small
+        GET each) and uploaded again if damaged.
 
         Returns stats: ``uploaded`` (weights), ``deltas_uploaded``, ``skipped`` (already remote),
-        ``failed``, ``bytes_transferred`` (payload + metadata bytes sent), ``downloaded`` and
-        ``deltas_downloaded`` (0), ``seconds``.
+        ``verified`` (present objects checked and found intact), ``repaired`` (present but damaged:
+        uploaded again), ``failed``, ``bytes_transferred`` (payload + metadata bytes sent),
+        ``downloaded`` and ``deltas_downloaded`` (0), ``seconds``.
 
         Raises:
             SyncIncompleteError: some objects were not uploaded (``.failures`` says which and why,
@@ -1046,13 +1432,26 @@ class S3Store(WeightStore):
         self._live()
         t0 = time.monotonic()
         stats = _new_stats()
-        remote_w, remote_d = (set(x) for x in self._list_metadata())
+        meta = self.list_entries("metadata/")
+        payloads = {"weights": self.list_entries("weights/"), "deltas": self.list_entries("deltas/")}
         local_w, local_d = local.list_weights(), local.list_deltas()
-        todo = [("weights", k) for k in local_w if k not in remote_w]
-        todo += [("deltas", k) for k in local_d if k not in remote_d]
+        todo: List[Tuple[str, str]] = []
+        present: List[Tuple[str, str]] = []
+        for group, keys in (("weights", local_w), ("deltas", local_d)):
+            suffix = ".json" if group == "weights" else ".delta.json"
+            for k in keys:
+                there = f"{k}{suffix}" in meta and k in payloads[group]
+                (present if there else todo).append((group, k))
+        wanted = set() if verify is False else None if verify is True else set(verify)
+        check = [(g, k) for g, k in present if wanted is None or k in wanted]
+        damaged = self._check_present(check, payloads)
+        stats["verified"] = len(check) - len(damaged)
+        stats["repaired"] = len(damaged)
+        todo += [(g, k) for g, k in check if k in damaged]
         stats["skipped"] = len(local_w) + len(local_d) - len(todo)
-        log.info("sync %s -> %s: %d objects to upload, %d already there", local.filepath, self.url,
-                 len(todo), stats["skipped"])
+        log.info("sync %s -> %s: %d objects to upload (%d of them damaged on the remote), %d already there "
+                 "(%d of them checked)", local.filepath, self.url, len(todo), len(damaged), stats["skipped"],
+                 stats["verified"])
 
         def done(job: _Job, sent: int) -> None:
             stats["uploaded" if job.group == "weights" else "deltas_uploaded"] += 1
@@ -1067,38 +1466,110 @@ class S3Store(WeightStore):
                           "uploaded", len(todo))
         return stats
 
+    def _check_present(self, check: List[Tuple[str, str]],
+                       payloads: Dict[str, Dict[str, RemoteEntry]]) -> Dict[str, str]:
+        """{key: what is wrong} for the listed objects of ``check`` that are damaged (parallel)."""
+        if not check:
+            return {}
+
+        def one(item: Tuple[str, str]) -> Tuple[str, Optional[str]]:
+            group, key = item
+            return key, self.check_remote_object(group, key, payloads[group].get(key))
+
+        damaged: Dict[str, str] = {}
+        with ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="coral-s3") as pool:
+            for key, problem in pool.map(one, check):
+                if problem is not None:
+                    damaged[key] = problem
+                    log.warning("%s at %s is damaged (%s): uploading it again", key, self.url, problem)
+        return damaged
+
+    def check_remote_object(self, group: str, key: str, payload: Optional[RemoteEntry] = None) -> Optional[str]:
+        """Check one object on the remote without downloading its payload: its metadata (read and
+        verified against its checksum) must describe it, and the payload's listed size and ETag
+        (``payload``; listed here when not given) must be what the metadata recorded. Returns
+        ``None`` if intact, else what is wrong. ``group``: ``"weights"`` or ``"deltas"``.
+
+        Raises:
+            RemoteError and subclasses: the server cannot be reached or refuses.
+        """
+        self._live()
+        key = self._check_key(key)
+        kind = "weight" if group == "weights" else "delta"
+        if payload is None:
+            payload = self.list_entries(f"{group}/").get(key)
+            if payload is None:
+                return "its payload is missing"
+        try:
+            doc = self._read_doc(self._obj("wmeta" if kind == "weight" else "dmeta", key),
+                                 f"metadata of {kind} {key}", key)
+        except CorruptObjectError as exc:
+            return str(exc)
+        if doc is None:
+            return "its metadata is missing"
+        if doc.get("key") != key or doc.get("kind", kind) != kind:
+            return f"its metadata describes {doc.get('kind')} {doc.get('key')}"
+        if _opt_int(doc.get("payload_bytes")) != payload.size:
+            return f"its payload has {payload.size} bytes, its metadata says {doc.get('payload_bytes')}"
+        recorded = {_norm_etag(doc.get(f)) for f in ("payload_etag", "payload_md5") if doc.get(f)}
+        if not recorded:
+            return "its metadata records no payload checksum (written by an older coral-torch)"
+        if payload.etag not in recorded:
+            return f"its payload's ETag {payload.etag} is not the {'/'.join(sorted(recorded))} recorded"
+        return None
+
+    def _fetch_once(self, group: str, key: str) -> Optional[Tuple[PreparedObject, int]]:
+        """Download and verify one remote object into a PreparedObject (None: no such object)."""
+        if group == "weights":
+            doc = self._read_doc(self._obj("wmeta", key), f"metadata of object {key}", key, attempts=1)
+            if doc is None:  # deleted since the listing
+                return None
+            self._check_doc_names(doc, key, "weight")
+            size = _opt_int(doc.get("payload_bytes"))
+            payload = self._download(self._obj("weights", key), key, size, "object")
+            self._check_payload(payload, doc, key, "object")
+            weight = self._decode_verified(payload, doc, key)
+            meta = weight.metadata
+            del weight
+            attrs = weight_attrs(meta, meta.hash or key, meta.nbytes, str(doc.get("encoding", ENCODING_CODEC)),
+                                 payload)
+            if attrs["encoding"] != ENCODING_CODEC:
+                raise CorruptObjectError(
+                    f"object {key} at {self.url} has encoding {attrs['encoding']!r}, which cannot be "
+                    "copied as is", hash_key=key,
+                )
+            obj = PreparedObject(key, "weights", payload, attrs, meta.nbytes)
+        else:
+            doc = self._read_doc(self._obj("dmeta", key), f"metadata of delta {key}", key, attempts=1)
+            if doc is None:
+                return None
+            self._check_doc_names(doc, key, "delta")
+            payload = self._download(self._obj("deltas", key), key, _opt_int(doc.get("payload_bytes")), "delta")
+            self._check_payload(payload, doc, key, "delta")
+            delta = self._delta_from_doc(doc, b"", key)
+            try:
+                self._check_key(delta.reference_hash)
+            except StoreError:
+                raise CorruptObjectError(
+                    f"metadata of delta {key} at {self.url} names an invalid base {delta.reference_hash!r}",
+                    hash_key=key,
+                ) from None
+            obj = delta_object(delta, key, payload)
+        return obj, int(payload.nbytes) + len(encode_document(doc))
+
+    def _check_doc_names(self, doc: Dict[str, Any], key: str, kind: str) -> None:
+        if doc.get("key", key) != key or doc.get("kind", kind) != kind:
+            raise CorruptObjectError(
+                f"metadata of {kind} {key} at {self.url} describes {doc.get('kind')} {doc.get('key')}; "
+                "it was not used", hash_key=key,
+            )
+
     def _fetch_job(self, group: str, key: str) -> _Job:
-        """A worker job that downloads and verifies one remote object into a PreparedObject."""
+        """A worker job that downloads and verifies one remote object into a PreparedObject; bytes
+        that fail a check are downloaded again (``max_attempts`` times in all) before the object is
+        reported damaged."""
 
-        def run() -> Optional[Tuple[PreparedObject, int]]:
-            if group == "weights":
-                doc = self._get_json(self._obj("wmeta", key), key, "object")
-                if doc is None:  # deleted since the listing
-                    return None
-                size = _opt_int(doc.get("payload_bytes"))
-                payload = self._download(self._obj("weights", key), key, size, "object")
-                self._check_payload(payload, doc, key, "object")
-                weight = self._decode_verified(payload, doc, key)
-                meta = weight.metadata
-                del weight
-                attrs = weight_attrs(meta, meta.hash or key, meta.nbytes, str(doc.get("encoding", ENCODING_CODEC)),
-                                     payload)
-                if attrs["encoding"] != ENCODING_CODEC:
-                    raise CorruptObjectError(
-                        f"object {key} at {self.url} has encoding {attrs['encoding']!r}, which cannot be "
-                        "copied as is", hash_key=key,
-                    )
-                obj = PreparedObject(key, "weights", payload, attrs, meta.nbytes)
-            else:
-                doc = self._get_json(self._obj("dmeta", key), key, "delta")
-                if doc is None:
-                    return None
-                payload = self._download(self._obj("deltas", key), key, _opt_int(doc.get("payload_bytes")), "delta")
-                self._check_payload(payload, doc, key, "delta")
-                obj = delta_object(self._delta_from_doc(doc, b"", key), key, payload)
-            return obj, int(payload.nbytes) + len(json.dumps(doc))
-
-        return _Job(group, key, 0, run)
+        return _Job(group, key, 0, lambda: self._again_if_damaged(lambda: self._fetch_once(group, key)))
 
     def sync_to_local(self, local: HDF5Store, progress: Optional[bool] = None) -> Dict[str, Any]:
         """Download every weight and delta the remote has and ``local`` lacks.
@@ -1292,6 +1763,8 @@ def _new_stats() -> Dict[str, Any]:
         "downloaded": 0,
         "deltas_downloaded": 0,
         "skipped": 0,
+        "verified": 0,
+        "repaired": 0,
         "failed": 0,
         "bytes_transferred": 0,
         "seconds": 0.0,
