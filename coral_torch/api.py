@@ -150,12 +150,14 @@ def load(
     file.
 
     ``map_location`` and ``weights_only`` behave like ``torch.load``'s (``None`` means torch's
-    default, ``True``); with ``weights_only=True`` nothing stored can execute code on load.
+    default: ``True`` unless ``pickle_module`` is given); with ``weights_only=True`` nothing stored
+    can execute code on load.
     ``pickle_module``, ``mmap`` and ``pickle_load_args`` are passed to ``torch.load`` for plain
     torch files; for coral commits ``mmap`` does not apply (tensors are rebuilt in memory) and
     ``pickle_module``/``pickle_load_args`` are used for values stored as ``torch.save`` blobs.
     """
-    wo = True if weights_only is None else bool(weights_only)
+    # torch's default: weights_only unless a pickle_module is given
+    wo = (pickle_module is None) if weights_only is None else bool(weights_only)
     torch_args: dict[str, Any] = dict(pickle_load_args)
     if pickle_module is not None:
         torch_args["pickle_module"] = pickle_module
@@ -257,15 +259,17 @@ def _torch_load(f: Any, origin: str, map_location: Any, weights_only: bool, torc
     except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError,
             AttributeError, UnicodeDecodeError, OverflowError) as exc:
         text = _ANSI.sub("", str(exc))
-        if weights_only and "weights only load failed" in text.lower():
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
+        # torch's weights-only unpickler says "Weights only load failed" for any refusal: a class
+        # it will not import ("Unsupported global") is a real pickle; other refusals are garbage
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if weights_only and found:
             raise UnsafeCheckpointError(
-                f"{origin} holds pickled objects{what} that would run code on load; pass weights_only=False "
-                "only if you trust the file"
+                f"{origin} holds pickled objects ({found.group(1)}) that would run code on load; pass "
+                "weights_only=False only if you trust the file"
             ) from exc
-        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((x for x in lines if x.startswith("Unsupported")), lines[0] if lines else type(exc).__name__)
         raise NotACheckpointError(
-            f"{origin} is neither a coral-torch pointer nor a readable torch.save file "
-            f"({type(exc).__name__}: {first[:160]})"
+            f"{origin} is neither a coral-torch pointer nor a torch.save file torch.load can read "
+            f"({type(exc).__name__}: {detail[:160]})"
         ) from exc

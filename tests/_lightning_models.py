@@ -27,7 +27,7 @@ class TinyModel(pl.LightningModule):
     validation loss by fixed values per epoch (to test top-k ranking independently of training)."""
 
     def __init__(self, lr: float = 1e-2, hidden: int = 32, val_schedule: Optional[Sequence[float]] = None,
-                 compile_net: bool = False):
+                 compile_net: bool = False, optimizer: str = "adamw"):
         super().__init__()
         self.save_hyperparameters()
         net = nn.Sequential(nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.1),
@@ -52,7 +52,10 @@ class TinyModel(pl.LightningModule):
         self.log("val_loss", loss)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        if self.hparams.optimizer == "sgd":  # stateless: no per-parameter optimizer state
+            opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
 
 
@@ -72,11 +75,14 @@ class BigModel(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def tiny_loaders(n: int = 256, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
+def tiny_loaders(n: int = 256, batch_size: int = 32, generator_seed: Optional[int] = None) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders. ``generator_seed``: the train loader shuffles with its own
+    ``torch.Generator`` (as users write for reproducible data order) instead of the global RNG."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 8, generator=g)
     y = x.sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
-    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    own = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=own)
     val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=batch_size)
     return train, val
 

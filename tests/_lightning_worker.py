@@ -31,8 +31,8 @@ from coral_torch.callbacks import CoralCheckpoint  # noqa: E402
 def mode_resume(a: dict) -> None:
     pl.seed_everything(1, verbose=False)
     model = TinyModel(**a.get("model", {}))
-    train, val = tiny_loaders()
-    cb = CoralCheckpoint(repo=a["repo"], monitor="val_loss", run=a.get("run"))
+    train, val = tiny_loaders(generator_seed=a.get("loader_seed"))
+    cb = CoralCheckpoint(repo=a["repo"], monitor="val_loss", run=a.get("run"), **a.get("callback", {}))
     trainer = pl.Trainer(max_epochs=a["max_epochs"], callbacks=[cb], default_root_dir=a["root"], **TRAINER_DEFAULTS)
     trainer.fit(model, train, val, ckpt_path=a.get("ckpt"))
     torch.save(train_state(model, trainer), a["out"])

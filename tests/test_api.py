@@ -246,3 +246,61 @@ def test_deleted_and_recreated_repository_directory_is_reopened(tmp_path):
     assert repo is not old and not repo.stale
     assert [c.id for c in repo.log()] == [second] and second != first
     assert torch.equal(coral_torch.load(tmp_path / "ckpts" / "a.pt")["w"], torch.arange(10.0) + 1)
+
+
+# ------------------------------------------------------------------------ torch.load parity
+def test_load_takes_what_torch_load_takes(tmp_path, monkeypatch):
+    import io
+    import pickle
+
+    sd = model_state(7)
+    monkeypatch.chdir(tmp_path)
+    # a buffer coral_torch.save wrote: it holds a pointer, and load follows it
+    buf = io.BytesIO()
+    cid = coral_torch.save(sd, buf, pickle.DEFAULT_PROTOCOL)  # torch.save's positional pickle_module slot
+    buf.seek(0)
+    assert_same(sd, coral_torch.load(buf))
+    # a plain torch.save stream in a buffer, and a plain file opened "rb"
+    plain = io.BytesIO()
+    torch.save(sd, plain)
+    plain.seek(0)
+    assert_same(sd, coral_torch.load(plain, "cpu"))  # positional map_location
+    torch.save(sd, tmp_path / "plain.pt")
+    with open(tmp_path / "plain.pt", "rb") as fh:
+        assert_same(sd, coral_torch.load(fh, map_location="cpu", weights_only=True))
+    assert_same(sd, coral_torch.load(tmp_path / "plain.pt", None, pickle, mmap=True, weights_only=None))
+    assert_same(sd, coral_torch.load(str(tmp_path / "plain.pt"), map_location=lambda s, loc: s))
+    # a coral pointer file opened "rb", and torch.save's extra parameters accepted by save
+    coral_torch.save(sd, tmp_path / "c.pt", pickle, 2, _use_new_zipfile_serialization=False)
+    with open(tmp_path / "c.pt", "rb") as fh:
+        assert_same(sd, coral_torch.load(fh, map_location=torch.device("cpu")))
+    assert_same(sd, coral_torch.load(tmp_path / "c.pt", mmap=True))  # mmap: no effect on commits
+    # refs stay keyword-free strings; the repository is a keyword
+    assert_same(sd, coral_torch.load(cid[:8]))
+
+
+@pytest.mark.slow
+def test_overwriting_last_pt_ten_epochs_costs_at_most_3x_one_torch_save_file(tmp_path):
+    """A small CNN with Adam saved to the same file every epoch: the repository (packs, catalog,
+    WAL) stays within ~3x one torch.save file, with no manual gc."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(32 * 24 * 24, 10))
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    repo_dir = tmp_path / ".coral"
+    ratios = []
+    for epoch in range(10):
+        for _ in range(5):
+            loss = m(torch.randn(16, 1, 28, 28)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ck = {"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}
+        torch.save(ck, tmp_path / "plain.pt")
+        coral_torch.save(ck, tmp_path / "last.pt")
+        disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
+        ratios.append(disk / (tmp_path / "plain.pt").stat().st_size)
+    assert max(ratios) <= 3.0, ratios
+    repo = coral_torch.open_repository(repo_dir)
+    assert len(repo.log()) == 1 and repo.gc(dry_run=True)["commits_removed"] == 0
+    assert_same(ck, coral_torch.load(tmp_path / "last.pt"))

@@ -88,7 +88,10 @@ class CoralCheckpoint(Checkpoint):
         every_n_epochs, every_n_train_steps: when to commit (epochs by default).
         save_weights_only: commit the model weights only (no optimizer, loops, ...).
         keep_optimizer: ``"all"`` keep optimizer state in every commit; ``"last"`` only in the
-            newest (older commits are rewritten as weights-only); ``"none"`` never.
+            newest commit and in the run's best (older commits are rewritten without the
+            per-parameter optimizer state, keeping ``param_groups``); ``"none"`` never store the
+            per-parameter state. A commit without it still resumes: the optimizer starts its
+            moments afresh (exact for stateless optimizers such as plain SGD).
         tags: tags put on the last commit at the end of training.
         async_save: snapshot on the training thread and write in the background (default).
         s3: an :class:`~coral_torch.S3Config` (or S3Store) to push to at the end of training.
@@ -181,6 +184,9 @@ class CoralCheckpoint(Checkpoint):
         self._committer: Optional[BackgroundCommitter] = None
         self._pending_stats: list[dict[str, Any]] = []
         self._last_step_saved = -1
+        self._trainer: Any = None
+        self._at_epoch_end = False
+        self._loader_rng_to_restore: Optional[list[Any]] = None
 
     # ------------------------------------------------------------------------------ set-up
     @property
@@ -197,6 +203,7 @@ class CoralCheckpoint(Checkpoint):
         return f"coral://{self.last_commit}" if self.last_commit else ""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
         name = type(trainer.strategy).__name__
         if name in _SHARDED:
             raise CoralError(
@@ -253,7 +260,14 @@ class CoralCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
-            self._save(trainer, pl_module)
+            # the loaders' generators have drawn this epoch's numbers: their state is the next
+            # epoch's start (mid-epoch saves do not record it: a mid-epoch resume of a plain
+            # DataLoader restarts the epoch's data in Lightning anyway)
+            self._at_epoch_end = True
+            try:
+                self._save(trainer, pl_module)
+            finally:
+                self._at_epoch_end = False
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._sync_barrier(trainer, wait=True)
@@ -290,6 +304,10 @@ class CoralCheckpoint(Checkpoint):
             "recent": list(self.recent),
             "full_commit": self._full_commit,
             "rng": capture_rng_state(),
+            # the train loaders' own generators (DataLoader(generator=...), samplers): Lightning
+            # does not save them, so a resumed run would reshuffle from their initial state
+            "loader_rng": [g.get_state() for g in _loader_generators(self._train_loaders())]
+            if self._at_epoch_end else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -300,6 +318,35 @@ class CoralCheckpoint(Checkpoint):
         self._full_commit = state_dict.get("full_commit")
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
+        # the train loaders may not exist yet: applied when the next epoch starts
+        self._loader_rng_to_restore = state_dict.get("loader_rng") or None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        pending, self._loader_rng_to_restore = self._loader_rng_to_restore, None
+        if pending is None:
+            return
+        gens = _loader_generators(self._train_loaders())
+        if len(gens) != len(pending):
+            log.warning(
+                "the checkpoint has %d train-loader generator state(s), this run's loaders have %d: "
+                "not restoring them (the data order will differ from the uninterrupted run)",
+                len(pending), len(gens),
+            )
+            return
+        for g, state in zip(gens, pending):
+            g.set_state(state.cpu() if hasattr(state, "cpu") else state)
+        # Lightning created this epoch's iterator before this hook (in FitLoop.setup_data; at later
+        # epochs it does so after the hook), so it already drew its worker seed from the fresh
+        # generator: create it again, as Lightning does at every later epoch, so that it draws
+        # from the restored state. Stateful loaders restore themselves (Lightning saves them).
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None and not any(hasattr(dl, "state_dict") for dl in self._train_loaders()):
+            iter(fetcher)
+
+    def _train_loaders(self) -> list[Any]:
+        trainer = self._trainer
+        loaders = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        return _flatten_loaders(loaders)
 
     # ------------------------------------------------------------------------------ save
     def _surface_errors(self, trainer: Any) -> None:
@@ -338,8 +385,8 @@ class CoralCheckpoint(Checkpoint):
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=self.save_weights_only)
         if not trainer.is_global_zero:
             return
-        if self.keep_optimizer == "none":
-            checkpoint.pop(OPTIMIZER_KEY, None)
+        if self.keep_optimizer == "none" and OPTIMIZER_KEY in checkpoint:
+            checkpoint[OPTIMIZER_KEY] = [_without_param_state(s) for s in checkpoint[OPTIMIZER_KEY]]
         metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
         metrics = {k: v for k, v in metrics.items() if v is not None}
         epoch, step = trainer.current_epoch, trainer.global_step
@@ -385,12 +432,8 @@ class CoralCheckpoint(Checkpoint):
         cid = stats.commit_id
         self._retain(repo, run, cid, metrics)
         if self.keep_optimizer == "last" and OPTIMIZER_KEY in checkpoint:
-            # first commit after a resume: the commit we resumed from is the one to strip
-            prev = self._full_commit if self.last_commit else (repo.last_loaded or self._full_commit)
             self._full_commit = cid
-            if prev is not None and prev != cid:
-                new = repo.strip_commit(prev, (OPTIMIZER_KEY,))
-                self._rename_commit(repo, run, prev, new)
+            self._strip_older(repo, run, cid)
         self.last_commit = cid
         background = time.perf_counter() - t0
         self._pending_stats.append({
@@ -404,13 +447,25 @@ class CoralCheckpoint(Checkpoint):
         })
         return stats
 
+    def _strip_older(self, repo: Repository, run: str, cid: str) -> None:
+        """``keep_optimizer="last"``: rewrite every commit of the run that still holds per-parameter
+        optimizer state, except the newest (``cid``) and the run's best, without it. The repository
+        says which commits those are, so a resumed run (a fresh process) strips the same ones."""
+        best = repo.refs(f"runs/{run}/best").get(f"runs/{run}/best")
+        for row in repo.log(run):
+            if row.id in (cid, best) or not _holds_param_state(row.manifest):
+                continue
+            new = repo.strip_commit(row.id, ((OPTIMIZER_KEY, "*", "state"),))
+            self._rename_commit(repo, run, row.id, new)
+
     def _rename_commit(self, repo: Repository, run: str, old: str, new: str) -> None:
         if old == new:
             return
         for prefix in (f"runs/{run}/keep/", f"runs/{run}/top/"):
             if repo.refs(prefix + old):
-                repo.delete_ref(prefix + old)
+                # add the new name first: a commit whose last ref goes is removed at once
                 repo.set_ref(prefix + new, new)
+                repo.delete_ref(prefix + old)
         if old in self.best_k:
             self.best_k[new] = self.best_k.pop(old)
         self.recent = [new if c == old else c for c in self.recent]
@@ -499,3 +554,39 @@ def _scalar(v: Any) -> Optional[float]:
         f = float(v)
         return f if np.isfinite(f) else None
     return None
+
+
+def _without_param_state(opt_state: Any) -> Any:
+    """An optimizer ``state_dict`` without its per-parameter state (``param_groups`` kept)."""
+    return dict(opt_state, state={}) if isinstance(opt_state, dict) and "state" in opt_state else opt_state
+
+
+def _holds_param_state(manifest: dict[str, Any]) -> bool:
+    prefix = OPTIMIZER_KEY + "/"
+    return any(e[0].startswith(prefix) and "/state/" in e[0] for e in manifest["tensors"])
+
+
+def _flatten_loaders(loaders: Any) -> list[Any]:
+    """The loaders of Lightning's ``trainer.train_dataloader`` (one, or a list/dict of them), in order."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return [x for k in loaders for x in _flatten_loaders(loaders[k])]
+    if isinstance(loaders, (list, tuple)):
+        return [x for v in loaders for x in _flatten_loaders(v)]
+    return [loaders]
+
+
+def _loader_generators(loaders: list[Any]) -> list[torch.Generator]:
+    """Every distinct ``torch.Generator`` a loader draws from: its own (worker seeds), its
+    sampler's and its batch sampler's (shuffling), in a fixed discovery order."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for g in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
+                  getattr(batch_sampler, "generator", None),
+                  getattr(getattr(batch_sampler, "sampler", None), "generator", None)):
+            if isinstance(g, torch.Generator) and all(g is not x for x in found):
+                found.append(g)
+    return found
