@@ -116,12 +116,16 @@ def test_tag_gc_verify(capsys, repo_path):
     first = repo.resolve("e0")
     for name in [n for n, c in repo.refs().items() if c == first]:
         repo.delete_ref(name)
+    assert repo.catalog.get_commit(first) is None  # its last ref went: removed with it
+    # a commit no ref ever named (as an interrupted run can leave) is what gc finds
+    stray = repo.commit({"w": torch.randn(64, 64)}, run="stray", keep=False, head=False).commit_id
     before = snapshot(repo_path)
     code, out, _ = run(capsys, "--repo", str(repo_path), "gc")  # dry run
     assert code == 0 and "would remove 1 commit" in out
     assert snapshot(repo_path) == before
     code, out, _ = run(capsys, "--repo", str(repo_path), "gc", "--yes")
     assert code == 0 and "removed 1 commit" in out
+    assert repo.catalog.get_commit(stray) is None
     code, out, _ = run(capsys, "--repo", str(repo_path), "verify")
     assert code == 0 and out.strip().endswith("ok")
 

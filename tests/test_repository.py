@@ -911,3 +911,14 @@ def test_sampled_probe_skips_deltas_that_cannot_pay_and_keeps_those_that_do(tmp_
     assert object_of(repo, cid, "w").kind == "delta"
     assert attempts == [n * 4]  # only w was delta-encoded in full
     assert_same({"m": moment2, "w": weight2}, repo.load(cid))
+
+
+def test_parent_refs(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    ids = [repo.commit({"w": torch.full((4,), float(i))}, run="r", tags=[f"e{i}"]).commit_id for i in range(4)]
+    assert repo.resolve("latest") == ids[3]
+    assert repo.resolve("latest~1") == repo.resolve("latest^") == repo.resolve("r/latest~") == ids[2]
+    assert repo.resolve("latest~3") == repo.resolve("e2~2") == repo.resolve("latest^^~1") == ids[0]
+    assert repo.resolve(f"coral://{ids[3][:8]}~0") == ids[3]
+    with pytest.raises(RefNotFoundError, match="only 3 ancestor"):
+        repo.resolve("latest~4")

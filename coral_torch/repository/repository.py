@@ -50,7 +50,6 @@ from ..errors import (
     RefNotFoundError,
     RepositoryError,
 )
-from ..storage.hdf5_store import HDF5Store, PreparedObject, delta_object
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, ObjectRow
@@ -58,6 +57,8 @@ from .lock import RepositoryLock
 
 if TYPE_CHECKING:
     from .. import adapters
+    from ..storage import hdf5_store
+    from ..storage.hdf5_store import HDF5Store, PreparedObject
 else:
 
     class _LazyModule(types.ModuleType):
@@ -69,6 +70,7 @@ else:
             return getattr(importlib.import_module(self.__name__), attr)
 
     adapters = _LazyModule("coral_torch.adapters")
+    hdf5_store = _LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +427,7 @@ class Repository:
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
                 delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
                               compression_ratio=blob.nbytes / max(w.nbytes, 1))
-                prep = delta_object(delta, h, blob)
+                prep = hdf5_store.delta_object(delta, h, blob)
                 prep.attrs["name"] = slot.name
                 row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
                                 w.nbytes, prep.stored_bytes, estimate, True)
@@ -463,7 +465,7 @@ class Repository:
         packs = self.path / PACKS_DIR
         name = new_pack_name()
         tmp = packs / f".tmp-{name}"
-        store = HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
+        store = hdf5_store.HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
 
         def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow]]) -> ObjectRow:
             prep, row = self._encode_one(store, *item)
@@ -653,7 +655,7 @@ class Repository:
                 if name not in self.catalog.packs():
                     raise _PackGone(f"pack {name} was removed by gc")
                 raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
-            store = HDF5Store(path, mode="r")
+            store = hdf5_store.HDF5Store(path, mode="r")
             self._packs[name] = store
             while len(self._packs) > 64:
                 _, old = self._packs.popitem(last=False)
@@ -687,10 +689,24 @@ class Repository:
     # ================================================================================ refs
     def resolve(self, ref: str) -> str:
         """Full commit id for a hash prefix (>= 4 chars), tag, ``latest``, ``best``, ``<run>``,
-        ``<run>/latest``, ``<run>/best`` or a full ref name. Accepts a ``coral://`` prefix."""
+        ``<run>/latest``, ``<run>/best`` or a full ref name. Accepts a ``coral://`` prefix. As in
+        git, ``<ref>~N`` names the N-th parent of ``<ref>`` and ``<ref>^`` its parent."""
         if not isinstance(ref, str) or not ref:
             raise RefNotFoundError(f"a ref must be a non-empty string, not {ref!r}")
         ref = ref.removeprefix("coral://").strip()
+        base, ups = _split_ancestry(ref)
+        if ups:
+            cid = self.resolve(base)
+            for i in range(ups):
+                row = self.catalog.get_commit(cid)
+                if row is None or row.parent is None or self.catalog.get_commit(row.parent) is None:
+                    raise RefNotFoundError(
+                        f"{ref!r}: {base} has only {i} ancestor(s) in {self.path}"
+                        + (" (older commits were removed)" if row is not None and row.parent else "")
+                    )
+                cid = row.parent
+            return cid
+        ref = base
         cat = self.catalog
         if ref in ("latest", "HEAD"):
             # the newest checkpoint by when it was saved: a commit that retention rewrote later
@@ -1001,7 +1017,7 @@ class Repository:
                 name = new_pack_name()
                 tmp = packs_dir / f".tmp-{name}"
                 src = self._pack(p)
-                dst = HDF5Store(tmp, mode="x")
+                dst = hdf5_store.HDF5Store(tmp, mode="x")
                 try:
                     for o in keep:
                         prep = src.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
@@ -1113,6 +1129,20 @@ def _entry_nbytes(entry: list) -> int:
     from .. import dtypes
 
     return int(np.prod(entry[3], dtype=np.int64)) * dtypes.itemsize(entry[2])
+
+
+def _split_ancestry(ref: str) -> tuple[str, int]:
+    """``"latest~2^"`` -> ``("latest", 3)``: the ref and how many parents up from it."""
+    ups = 0
+    while True:
+        if ref.endswith("^") and len(ref) > 1:
+            ref, ups = ref[:-1], ups + 1
+            continue
+        head, sep, num = ref.rpartition("~")
+        if sep and head and (num == "" or num.isdigit()):
+            ref, ups = head, ups + (int(num) if num else 1)
+            continue
+        return ref, ups
 
 
 def _jsonable_metric(v: Any) -> Any:
