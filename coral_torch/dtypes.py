@@ -8,6 +8,7 @@ item size: the real numpy dtype where numpy has one, else an unsigned integer of
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -54,18 +55,13 @@ def canonical_dtype(dtype: Any) -> str:
     """
     if isinstance(dtype, str) and dtype in _TABLE:
         return str(dtype)
-    try:
-        import torch
-
-        if isinstance(dtype, torch.dtype):
-            name = str(dtype).removeprefix("torch.")
-            if name in _TABLE:
-                return name
-            raise UnsupportedTensorError(
-                f"torch dtype {dtype} is not supported; supported: {', '.join(sorted(_TABLE))}"
-            )
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    if _is_torch_dtype(dtype):
+        name = str(dtype).removeprefix("torch.")
+        if name in _TABLE:
+            return name
+        raise UnsupportedTensorError(
+            f"torch dtype {dtype} is not supported; supported: {', '.join(sorted(_TABLE))}"
+        )
     try:
         np_dtype = np.dtype(dtype)
     except TypeError as exc:
@@ -82,18 +78,20 @@ def canonical_dtype(dtype: Any) -> str:
     return _NUMPY_TO_CANONICAL[key]
 
 
+def _is_torch_dtype(obj: Any) -> bool:
+    """Whether ``obj`` is a torch dtype, without importing torch (if torch is not loaded, nothing
+    can be one)."""
+    torch = sys.modules.get("torch")
+    dtype_type = getattr(torch, "dtype", None) if torch is not None else None
+    return isinstance(dtype_type, type) and isinstance(obj, dtype_type)
+
+
 def _canonical_or_none(dtype: Any) -> Optional[str]:
     """The canonical name of a numpy dtype, numpy scalar type or torch dtype; ``None`` for any
     other object (never guessed from ``None``, Python types or strings) or an unsupported dtype."""
-    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
-        pass
-    else:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            return None
-        if not isinstance(dtype, torch.dtype):
-            return None
+    is_numpy = isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic))
+    if not (is_numpy or _is_torch_dtype(dtype)):
+        return None
     try:
         return canonical_dtype(dtype)
     except UnsupportedTensorError:

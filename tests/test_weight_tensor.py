@@ -300,3 +300,21 @@ def test_to_torch_of_read_only_buffer_is_a_writable_copy():
     t = w.to_torch()
     t.add_(0)  # would fail on a read-only buffer
     assert raw_bytes(t) == raw.tobytes()
+
+
+def test_dtype_names_need_no_torch():
+    """Comparing and canonicalising numpy dtypes never imports torch (catalog readers stay light)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from coral_torch.dtypes import canonical_dtype\n"
+        "from coral_torch.weight_tensor import WeightMetadata\n"
+        "m = WeightMetadata(name='x', shape=(2,), dtype=np.float32)\n"
+        "assert m.dtype == np.float32 and m.dtype != 5 and m.dtype != None and m.dtype == 'float32'\n"
+        "assert canonical_dtype(np.dtype('<i8')) == 'int64' and WeightMetadata('y', (1,), 'bfloat16').nbytes == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
