@@ -267,6 +267,44 @@ def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
+_LEAVES = frozenset({"float", "npscalar", "size", "dtype", "device", "complex", "bytes", "blob"})
+_CONTAINERS = frozenset({"list", "tuple", "set", "frozenset", "slice"})
+
+
+def check_skeleton(skeleton: Any, n_tensors: int) -> None:
+    """Check a stored skeleton's structure without building anything (no tensors, no blobs
+    loaded): known node types, well-formed containers, tensor indices within ``n_tensors``.
+    Raises :class:`~coral_torch.errors.CoralError` naming the first problem."""
+    stack = [skeleton]
+    while stack:
+        n = stack.pop()
+        if n is None or isinstance(n, (bool, str, int, float)):
+            continue
+        if isinstance(n, list):
+            stack.extend(n)
+            continue
+        if not isinstance(n, dict) or not isinstance(n.get("t"), str):
+            raise CoralError(f"malformed skeleton node {str(n)[:60]!r}")
+        t = n["t"]
+        if t in ("tensor", "ndarray"):
+            i = n.get("i")
+            if type(i) is not int or not 0 <= i < n_tensors:
+                raise CoralError(f"skeleton names tensor {i!r} of {n_tensors}")
+        elif t in ("dict", "odict", "attrdict"):
+            if not isinstance(n.get("k"), list) or not isinstance(n.get("v"), list) or len(n["k"]) != len(n["v"]):
+                raise CoralError("malformed dict node in skeleton")
+            stack.extend(n["k"])
+            stack.extend(n["v"])
+            if "meta" in n:
+                stack.append(n["meta"])
+        elif t in _CONTAINERS:
+            if not isinstance(n.get("v"), list):
+                raise CoralError(f"malformed {t} node in skeleton")
+            stack.extend(n["v"])
+        elif t not in _LEAVES:
+            raise CoralError(f"unknown skeleton node type {t!r}")
+
+
 def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) -> torch.Tensor:
     """Move a freshly loaded CPU tensor where ``torch.load(map_location=...)`` would put it."""
     if map_location is None:

@@ -69,6 +69,16 @@ _FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl", ".safetensors"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+def close_repositories() -> None:
+    """Close every repository :func:`open_repository` keeps open in this process (file handles,
+    caches); the next use reopens them. For long-lived processes and tests."""
+    with _open_lock:
+        repos = list(_open.values())
+        _open.clear()
+    for r in repos:
+        r.close()
+
+
 def save(
     obj: Any,
     f: Union[str, os.PathLike, io.IOBase, None] = None,

@@ -338,15 +338,23 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     report = repo.verify()
-    print(f"checked {report.objects_checked} object(s)")
+    print(f"checked {report.objects_checked} object(s), {report.commits_checked} commit(s)")
     for p in report.missing_packs:
         print(f"missing pack: {p}")
+    for p, why in report.unreadable_packs.items():
+        print(f"unreadable pack {p}: {why}")
     for h, why in report.damaged_objects.items():
         print(f"damaged object {h[:12]}: {why}")
     for cid, names in report.damaged_commits.items():
         print(f"damaged checkpoint {cid[:10]}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    for cid, why in report.damaged_manifests.items():
+        print(f"damaged checkpoint {cid[:10]} (catalog): {why}")
+    for name, cid in report.dangling_refs.items():
+        print(f"ref {name} names commit {cid[:10]}, which does not exist")
     if report.orphan_files:
         print(f"{len(report.orphan_files)} orphan file(s) (left by interrupted saves; `coral-torch gc --yes` removes them)")
+    if not report.ok:
+        print(report.RECOVERY)
     print("ok" if report.ok else "DAMAGED")
     return 0 if report.ok else 1
 

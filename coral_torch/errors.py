@@ -81,6 +81,39 @@ class NotARepositoryError(RepositoryError, FileNotFoundError):
     """The path holds no coral-torch repository."""
 
 
+class CatalogDamagedError(IntegrityError):
+    """The repository's catalog cannot be trusted: it is not a readable SQLite file, or a commit's
+    manifest no longer hashes to the commit's id. Objects in packs are not affected; restore the
+    catalog from a backup or pull the commits again from a remote."""
+
+
+class DiskFullError(RepositoryError, OSError):
+    """A save ran out of disk space (ENOSPC). Nothing of it was published and what it wrote was
+    removed; earlier commits are intact. ``needed`` is roughly how many bytes the save needed."""
+
+    def __init__(self, message: str, *, path: str = "", needed: int | None = None):
+        RepositoryError.__init__(self, message)
+        self.errno = 28  # ENOSPC
+        self.strerror = message
+        self.filename = path or None
+        self.path = path
+        self.needed = needed
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class ReadOnlyRepositoryError(RepositoryError, PermissionError):
+    """The repository can be read but not written (read-only mount, or no write permission)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedFormatError(RepositoryError):
+    """The repository, a pack or a manifest was written by a newer coral-torch: upgrade to read it."""
+
+
 class InvalidRefNameError(RepositoryError, ValueError):
     """A ref, tag or run name is malformed or reserved (see :mod:`coral_torch.refnames`)."""
 

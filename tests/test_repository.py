@@ -24,6 +24,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+import xxhash
 from torch import nn
 
 import coral_torch
@@ -831,13 +832,16 @@ def test_crafted_manifest_with_malicious_blob_is_refused(tmp_path, fmt, exploit)
                      "v": [1, {"t": "blob", "type": "builtins.dict", "v": base64.b64encode(data).decode()}]},
         "tensors": [],
     }
-    evil_id = "de" * 16
+    # a crafted catalog can carry a correct commit id (xxh3 is no signature): the blob must still
+    # never run; a wrong id is refused even earlier (CatalogDamagedError, see the fuzz tests)
+    manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    evil_id = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
     con = sqlite3.connect(repo.path / "catalog.sqlite")
     with con:
         con.execute(
             "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
             " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (evil_id, None, "default", None, None, time.time(), "", "{}", json.dumps(manifest), 0, 0, 0, "{}"),
+            (evil_id, None, "default", None, None, time.time(), "", "{}", manifest_json, 0, 0, 0, "{}"),
         )
         con.execute("INSERT INTO refs(name, commit_id, updated) VALUES (?,?,?)", ("tags/evil", evil_id, time.time()))
     con.close()

@@ -7,13 +7,26 @@ killed at any instant leaves either all of it or none of it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from ..errors import (
+    CatalogDamagedError,
+    CoralError,
+    DiskFullError,
+    ReadOnlyRepositoryError,
+    RepositoryLockedError,
+    UnsupportedFormatError,
+)
 
 SCHEMA_VERSION = 2
 
@@ -106,6 +119,7 @@ class CommitRow:
     new_bytes: int
     info: dict[str, Any] = field(default_factory=dict)
     refs: list[str] = field(default_factory=list)
+    manifest_json: str = ""  #: the manifest exactly as stored: the commit id is its hash
 
     @property
     def short_id(self) -> str:
@@ -113,30 +127,81 @@ class CommitRow:
 
 
 class Catalog:
-    """Thin typed layer over the SQLite catalog. One connection per thread."""
+    """Thin typed layer over the SQLite catalog. One connection per thread.
 
-    def __init__(self, path: Path, *, create: bool):
+    ``writable=False`` opens it read-only: for a repository on a read-only mount or without
+    write permission. A leftover write-ahead log there is read through a private copy (SQLite
+    cannot replay it in place without writing), so committed data in it is not missed.
+    """
+
+    def __init__(self, path: Path, *, create: bool, writable: bool = True):
         self.path = Path(path)
+        self.writable = writable
         self._local = threading.local()
-        if create:
-            # executescript commits on its own; the script is one transaction
-            self.conn.executescript(
-                "BEGIN IMMEDIATE;" + _SCHEMA
-                + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
-            )
+        self._snapshot: Optional[Path] = None
+        if not writable:
+            wal = Path(str(self.path) + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                tmp = Path(tempfile.mkdtemp(prefix="coral-catalog-"))
+                shutil.copyfile(self.path, tmp / self.path.name)
+                shutil.copyfile(wal, tmp / wal.name)
+                self._snapshot = tmp
+        try:
+            version = self._schema_version()
+            if version is None and create and writable:
+                # executescript commits on its own; the script is one transaction
+                self.conn.executescript(
+                    "BEGIN IMMEDIATE;" + _SCHEMA
+                    + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
+                )
+            elif version is not None and version > SCHEMA_VERSION:
+                raise UnsupportedFormatError(
+                    f"{self.path} was written by a newer coral-torch (catalog schema {version}, this one "
+                    f"reads up to {SCHEMA_VERSION}): upgrade coral-torch to use this repository"
+                )
+            elif version is not None and writable:
+                self.conn.executescript(_INDEXES)  # indexes added since schema 2 (idempotent)
+            elif version is None:
+                raise CatalogDamagedError(f"{self.path} holds no coral-torch catalog (no schema table)")
+        except sqlite3.Error as exc:
+            self.close()
+            raise catalog_error(exc, self.path) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _schema_version(self) -> Optional[int]:
+        row = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        if row is None:
+            return None
+        got = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        try:
+            return int(got[0]) if got else None
+        except (TypeError, ValueError):
+            raise CatalogDamagedError(f"{self.path}: schema version {got[0]!r} is not a number") from None
 
     # -- connections ----------------------------------------------------------------------
     @property
     def conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None:
-            c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            _set_wal(c)
-            c.execute("PRAGMA synchronous=FULL")
-            # keep the WAL small: a repository of small checkpoints would otherwise carry up to 4 MB
-            # of log (SQLite's default checkpoint interval), more than its packs
-            c.execute("PRAGMA wal_autocheckpoint=256")
-            c.execute("PRAGMA journal_size_limit=1048576")
+            if not self.writable and self._snapshot is not None:
+                c = sqlite3.connect(f"file:{self._snapshot / self.path.name}?mode=ro", uri=True, timeout=60.0,
+                                    isolation_level=None, check_same_thread=False)
+            elif not self.writable:
+                # immutable: no -shm to create, no lock to take; there is no WAL to miss
+                c = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=60.0,
+                                    isolation_level=None, check_same_thread=False)
+            else:
+                c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+                _set_wal(c)
+                c.execute("PRAGMA synchronous=FULL")
+                # keep the WAL small: a repository of small checkpoints would otherwise carry up to
+                # 4 MB of log (SQLite's default checkpoint interval), more than its packs
+                c.execute("PRAGMA wal_autocheckpoint=256")
+                c.execute("PRAGMA journal_size_limit=1048576")
             c.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = c
         return c
@@ -146,6 +211,9 @@ class Catalog:
         if c is not None:
             c.close()
             self._local.conn = None
+        if self._snapshot is not None:
+            shutil.rmtree(self._snapshot, ignore_errors=True)
+            self._snapshot = None
 
     class _Txn:
         def __init__(self, conn: sqlite3.Connection):
@@ -158,10 +226,18 @@ class Catalog:
         def __exit__(self, exc_type, exc, tb) -> None:
             if exc_type is None:
                 self.conn.execute("COMMIT")
-            else:
-                self.conn.execute("ROLLBACK")
+            elif self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:  # keep the original error; SQLite rolls back on close anyway
+                    pass
 
     def transaction(self) -> "_Txn":
+        if not self.writable:
+            raise ReadOnlyRepositoryError(
+                f"{self.path.parent} is read-only (read-only mount or no write permission): it can be "
+                "loaded, listed and verified, not changed; copy or pull it somewhere writable"
+            )
         return Catalog._Txn(self.conn)
 
     # -- objects ---------------------------------------------------------------------------
@@ -251,12 +327,22 @@ class Catalog:
         cols = [d[0] for d in self.conn.execute("SELECT * FROM commits LIMIT 0").description]
         d = dict(zip(cols, r))
         refs = [x[0] for x in self.conn.execute("SELECT name FROM refs WHERE commit_id=? ORDER BY name", (d["id"],))]
-        return CommitRow(
-            id=d["id"], seq=d["seq"], parent=d["parent"], run=d["run"], epoch=d["epoch"], step=d["step"],
-            time=d["time"], message=d["message"], metrics=json.loads(d["metrics"]),
-            manifest=json.loads(d["manifest"]), lossy=bool(d["lossy"]), logical_bytes=d["logical_bytes"],
-            new_bytes=d["new_bytes"], info=json.loads(d["info"]), refs=refs,
-        )
+        try:
+            manifest = json.loads(d["manifest"])
+            metrics, info = json.loads(d["metrics"]), json.loads(d["info"])
+            if not isinstance(manifest, dict) or not isinstance(metrics, dict) or not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            return CommitRow(
+                id=d["id"], seq=d["seq"], parent=d["parent"], run=d["run"], epoch=d["epoch"], step=d["step"],
+                time=d["time"], message=d["message"], metrics=metrics, manifest=manifest, lossy=bool(d["lossy"]),
+                logical_bytes=d["logical_bytes"], new_bytes=d["new_bytes"], info=info, refs=refs,
+                manifest_json=d["manifest"],
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CatalogDamagedError(
+                f"commit {str(d.get('id'))[:12]} in {self.path} is damaged ({exc}); restore the catalog or "
+                "pull the commit again from a remote"
+            ) from None
 
     # -- refs ------------------------------------------------------------------------------
     def get_ref(self, name: str) -> Optional[str]:
@@ -270,6 +356,33 @@ class Catalog:
 
     def packs(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT name, size FROM packs"))
+
+
+def catalog_error(exc: BaseException, path: Path) -> CoralError:
+    """The :class:`CoralError` for an sqlite3 (or OS) failure on the catalog at ``path``."""
+    msg = str(exc)
+    low = msg.lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "database or disk is full" in low:
+        return DiskFullError(
+            f"the disk holding {path.parent} is full (catalog update failed); free some space and save again",
+            path=str(path),
+        )
+    if "readonly" in low or "read-only" in low or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
+        return ReadOnlyRepositoryError(
+            f"{path.parent} is read-only (read-only mount or no write permission): it can be loaded, "
+            "listed and verified, not changed"
+        )
+    if "locked" in low or "busy" in low:
+        return RepositoryLockedError(f"the catalog {path} is locked by another process ({msg}); try again")
+    if "unable to open" in low:
+        return CatalogDamagedError(f"the catalog {path} cannot be opened ({msg})")
+    return CatalogDamagedError(
+        f"the catalog {path} is damaged ({msg}); restore it from a backup, or pull the repository "
+        "again from its remote (coral-torch pull)"
+    )
+
+
+_INDEXES = "CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
 
 
 def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
@@ -290,5 +403,11 @@ def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
 
 def _object(r: tuple) -> ObjectRow:
     h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
-    return ObjectRow(h, pack, kind, base, depth, dtype, tuple(json.loads(shape)), nbytes, stored, full,
-                     bool(lossless), offset, length)
+    try:
+        dims = json.loads(shape)
+        if not isinstance(dims, list):
+            raise ValueError("shape is not a list")
+        return ObjectRow(h, pack, kind, base, depth, dtype, tuple(dims), nbytes, stored, full,
+                         bool(lossless), offset, length)
+    except (ValueError, TypeError) as exc:
+        raise CatalogDamagedError(f"the catalog row of object {str(h)[:12]} is damaged ({exc})") from None

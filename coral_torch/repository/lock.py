@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..errors import RepositoryLockedError
+import errno
+
+from ..errors import ReadOnlyRepositoryError, RepositoryLockedError
 
 
 class RepositoryLock:
@@ -52,7 +54,15 @@ class RepositoryLock:
             raise
 
     def _acquire_file(self, deadline: float, timeout: float) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise ReadOnlyRepositoryError(
+                    f"{self.path.parent} is read-only ({exc.strerror}): it can be loaded, listed and "
+                    "verified, not changed; copy or pull it somewhere writable"
+                ) from None
+            raise
         delay = 0.005
         while True:
             try:
@@ -70,8 +80,13 @@ class RepositoryLock:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # The PID is only a hint for error messages: failing to write it (a full disk) must not
+        # leave the flock held by a descriptor nobody will release.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         self._depth = 1
         self._owner = threading.get_ident()
@@ -86,6 +101,8 @@ class RepositoryLock:
         fd, self._fd, self._owner = self._fd, None, None
         try:
             os.ftruncate(fd, 0)
+        except OSError:
+            pass
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -19,10 +19,14 @@ gets the same id. Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``,
 
 from __future__ import annotations
 
+import errno
+import functools
 import importlib
 import json
 import logging
 import os
+import shutil
+import sqlite3
 import threading
 import time
 import types
@@ -41,18 +45,22 @@ from ..parallel import HelpBoard, run_parallel
 from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from ..errors import (
     AmbiguousRefError,
+    CatalogDamagedError,
     CheckpointDamagedError,
     CoralError,
     CorruptObjectError,
+    DiskFullError,
     HashMismatchError,
     IntegrityError,
     NotARepositoryError,
+    ReadOnlyRepositoryError,
     RefNotFoundError,
     RepositoryError,
+    UnsupportedFormatError,
 )
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..refnames import validate_component, validate_ref_name
-from .catalog import Catalog, CommitRow, ObjectRow
+from .catalog import Catalog, CommitRow, ObjectRow, catalog_error
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
@@ -97,6 +105,7 @@ class CommitStats:
     deduplicated: int = 0
     seconds: float = 0.0
     existed: bool = False
+    replaced: set = field(default_factory=set, repr=False)  #: commits the new refs moved away from
 
     @property
     def ratio(self) -> float:
@@ -108,14 +117,25 @@ class VerifyReport:
     """Result of :meth:`Repository.verify`. ``ok`` is True when nothing is damaged or missing."""
 
     objects_checked: int = 0
+    commits_checked: int = 0
     damaged_objects: dict[str, str] = field(default_factory=dict)
     damaged_commits: dict[str, list[str]] = field(default_factory=dict)
     missing_packs: list[str] = field(default_factory=list)
     orphan_files: list[str] = field(default_factory=list)
+    #: commit id -> why its catalog row cannot be trusted (manifest hash, format, structure)
+    damaged_manifests: dict[str, str] = field(default_factory=dict)
+    #: ref name -> the commit it names, which does not exist
+    dangling_refs: dict[str, str] = field(default_factory=dict)
+    #: pack -> why HDF5 (push, gc) cannot read it although its payloads may be intact
+    unreadable_packs: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged_objects or self.damaged_commits or self.missing_packs)
+        return not (self.damaged_objects or self.damaged_commits or self.missing_packs or self.damaged_manifests
+                    or self.dangling_refs or self.unreadable_packs)
+
+    RECOVERY = ("to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
+                "s3://...), or restore the repository from a backup; undamaged commits load as they are")
 
 
 def new_pack_name() -> str:
@@ -134,6 +154,57 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _named_errors(fn):
+    """Public repository methods raise only :class:`CoralError`: a damaged or read-only catalog,
+    a full disk or an unreadable pack is named, never an sqlite3/h5py/OS error."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Repository", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except CoralError:
+            raise
+        except sqlite3.Error as exc:
+            raise catalog_error(exc, self.path / CATALOG_NAME) from exc
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise DiskFullError(
+                    f"the disk holding {self.path} is full ({exc.strerror or exc}); free some space and retry",
+                    path=str(self.path),
+                ) from exc
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise ReadOnlyRepositoryError(
+                    f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
+                    "no write permission"
+                ) from exc
+            raise
+
+    return wrapper
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` or what caused it is ENOSPC (h5py and SQLite wrap it in their own errors)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if "no space left" in text or "disk is full" in text or "disk quota" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def _max_tensor_bytes() -> int:
+    """The largest tensor a load will allocate: this machine's physical memory. A catalog row or
+    pack that claims more is refused before any allocation."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return 1 << 40
 
 
 class Repository:
@@ -171,8 +242,19 @@ class Repository:
                 raise NotARepositoryError(
                     f"{self.path} exists and is not a coral-torch repository; refusing to write into it"
                 )
-            (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(catalog_path, create=True)
+            try:
+                (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ReadOnlyRepositoryError(
+                    f"cannot create a repository at {self.path}: {exc.strerror}"
+                ) from exc
+        writable = os.access(self.path, os.W_OK) and os.access(catalog_path, os.W_OK) if catalog_path.exists() \
+            else os.access(self.path, os.W_OK)
+        try:
+            self.catalog = Catalog(catalog_path, create=True, writable=writable)
+        except sqlite3.Error as exc:
+            raise catalog_error(exc, catalog_path) from exc
+        self.writable = writable
         self._identity = _file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.delta_config = delta_config or DeltaConfig()
@@ -190,6 +272,7 @@ class Repository:
         return f"Repository({str(self.path)!r})"
 
     # ============================================================================== commit
+    @_named_errors
     def commit(
         self,
         obj: Any,
@@ -237,6 +320,9 @@ class Repository:
         if step is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
             step = obj["global_step"]
         validate_component(run, "run")
+        # every ref name is checked before anything is written
+        ref_names = ([f"runs/{run}/latest"] if head else []) + [f"tags/{validate_component(t, 'tag')}" for t in tags]
+        ref_names += [validate_ref_name(r) for r in refs]
         for w in (s.weight for s in slots):
             w.compute_hash()
         with self.lock:
@@ -283,41 +369,22 @@ class Repository:
                 deduplicated=len(slots) - len(new_rows),
             )
             now = time.time()
-            with self.catalog.transaction() as c:
+            ref_names += [f"keep/{cid}"] if keep else []
+            object_rows = _commit_object_rows(
+                cid, [(s.name, h) for s, h in zip(slots, hashes)], lambda n, h: hows.get(h, "dedup")
+            )
+            try:
+                self._publish(pack_name=pack_name, new_rows=new_rows, cid=cid, parent_id=parent_id, run=run,
+                              epoch=epoch, step=step, now=now, message=message, metrics=metrics,
+                              manifest_json=manifest_json, info=info, object_rows=object_rows, ref_names=ref_names,
+                              monitor=monitor, mode=mode, stats=stats)
+            except BaseException:
+                # nothing of it is visible: the pack would only be an orphan taking space
                 if pack_name is not None:
-                    size = (self.path / PACKS_DIR / pack_name).stat().st_size
-                    c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack_name, size, now))
-                    c.executemany(
-                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        [r.values() for r in new_rows],
-                    )
-                exists = c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None
-                stats.existed = exists
-                if not exists:
-                    c.execute(
-                        "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
-                        " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (cid, parent_id, run, epoch, step, now, message, json.dumps(metrics), manifest_json,
-                         int(any(not r.lossless for r in new_rows)), logical, written, json.dumps(info or {})),
-                    )
-                    rows = _commit_object_rows(
-                        cid, [(s.name, h) for s, h in zip(slots, hashes)], lambda n, h: hows.get(h, "dedup")
-                    )
-                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", rows)
-                ref_names = [f"runs/{run}/latest"] if head else []
-                if keep:
-                    ref_names.append(f"keep/{cid}")
-                ref_names += [f"tags/{validate_component(t, 'tag')}" for t in tags]
-                ref_names += [validate_ref_name(r) for r in refs]
-                replaced = set(self.catalog.ref_targets(ref_names).values()) - {cid}
-                c.executemany(
-                    "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                    [(n, cid, now) for n in ref_names],
-                )
-                if monitor is not None and monitor in metrics and metrics[monitor] is not None:
-                    self._update_best(c, run, cid, monitor, metrics[monitor], mode, now)
+                    (self.path / PACKS_DIR / pack_name).unlink(missing_ok=True)
+                raise
             self._remember_bases(slots, hashes, copy=not private_tensors)
-            self._reclaim_released(replaced)
+            self._reclaim_released(stats.replaced)
         stats.seconds = time.perf_counter() - t0
         log.info(
             "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
@@ -326,6 +393,41 @@ class Repository:
         )
         return stats
 
+    def _publish(self, *, pack_name: Optional[str], new_rows: list[ObjectRow], cid: str, parent_id: Optional[str],
+                 run: str, epoch: Optional[int], step: Optional[int], now: float, message: str,
+                 metrics: dict[str, Any], manifest_json: str, info: Optional[dict[str, Any]],
+                 object_rows: list[tuple[str, str, str, str]], ref_names: list[str], monitor: Optional[str],
+                 mode: str, stats: CommitStats) -> None:
+        """The one transaction that makes a commit visible: its pack and objects, the commit, refs."""
+        with self.catalog.transaction() as c:
+            if pack_name is not None:
+                size = (self.path / PACKS_DIR / pack_name).stat().st_size
+                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack_name, size, now))
+                c.executemany(
+                    "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [r.values() for r in new_rows],
+                )
+            exists = c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None
+            stats.existed = exists
+            if not exists:
+                c.execute(
+                    "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
+                    " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (cid, parent_id, run, epoch, step, now, message, json.dumps(metrics), manifest_json,
+                     int(any(not r.lossless for r in new_rows)), stats.logical_bytes, stats.written_bytes,
+                     json.dumps(info or {})),
+                )
+                c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", object_rows)
+            replaced = set(self.catalog.ref_targets(ref_names).values()) - {cid}
+            c.executemany(
+                "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                [(n, cid, now) for n in ref_names],
+            )
+            if monitor is not None and monitor in metrics and metrics[monitor] is not None:
+                self._update_best(c, run, cid, monitor, metrics[monitor], mode, now)
+            stats.replaced = replaced
+
+    @_named_errors
     def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
         """Replace a commit by one whose containers at the ``empty`` paths are emptied (by
         default: the per-parameter optimizer state, keeping ``param_groups``, so the commit still
@@ -337,7 +439,7 @@ class Repository:
         """
         cid = self.resolve(ref)
         with self.lock:
-            row = self.catalog.get_commit(cid)
+            row = self._commit_row(cid)
             if row is None:
                 raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
             skeleton, kept = adapters.prune(row.manifest["skeleton"], empty)
@@ -368,9 +470,37 @@ class Repository:
                 self._reclaim_released([cid])
             return new_id
 
+    def _commit_row(self, cid: str) -> Optional[CommitRow]:
+        """The catalog row of commit ``cid``, verified: its manifest must hash to its id (the
+        catalog is not content-addressed on disk, so an edited or damaged row must not load), be of
+        a format this version reads, and be well-formed."""
+        row = self.catalog.get_commit(cid)
+        if row is None:
+            return None
+        actual = xxhash.xxh3_128(row.manifest_json.encode()).hexdigest()
+        if actual != cid:
+            raise CatalogDamagedError(
+                f"commit {cid[:12]} in {self.path / CATALOG_NAME} is damaged: its manifest hashes to "
+                f"{actual[:12]}; restore the catalog from a backup or pull the commit again from a remote"
+            )
+        fmt = row.manifest.get("format")
+        if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
+            raise UnsupportedFormatError(
+                f"commit {cid[:12]} was written by a newer coral-torch (manifest format {fmt!r}, this one "
+                f"reads {MANIFEST_FORMAT}): upgrade coral-torch to load it"
+            )
+        tensors = row.manifest.get("tensors")
+        if not isinstance(tensors, list) or not all(
+            isinstance(e, list) and len(e) == 6 and isinstance(e[0], str) and isinstance(e[1], str)
+            and isinstance(e[2], str) and isinstance(e[3], list) and all(type(d) is int and d >= 0 for d in e[3])
+            for e in tensors
+        ) or "skeleton" not in row.manifest:
+            raise CatalogDamagedError(f"commit {cid[:12]} in {self.path} has a malformed manifest")
+        return row
+
     def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
         """name -> (hash, dtype, shape) of a commit's tensors."""
-        row = self.catalog.get_commit(cid)
+        row = self._commit_row(cid)
         if row is None:
             return {}
         return {e[0]: (e[1], e[2], tuple(e[3])) for e in row.manifest["tensors"]}
@@ -465,7 +595,7 @@ class Repository:
         packs = self.path / PACKS_DIR
         name = new_pack_name()
         tmp = packs / f".tmp-{name}"
-        store = hdf5_store.HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
+        store = None
 
         def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow]]) -> ObjectRow:
             prep, row = self._encode_one(store, *item)
@@ -482,23 +612,38 @@ class Repository:
         # two threads can share once the helper arrives.
         smallest_first = workers <= 1 and board is not None
         try:
+            store = hdf5_store.HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
                                 cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
             store.close()
             fsync_path(tmp)
             os.replace(tmp, packs / name)
             fsync_path(packs)
-        except BaseException:
-            store.close()
+        except BaseException as exc:
+            if store is not None:
+                try:  # closing a half-written file can fail again (ENOSPC): keep the first error
+                    store.close()
+                except Exception:  # noqa: BLE001
+                    pass
             tmp.unlink(missing_ok=True)
+            if _is_disk_full(exc):
+                needed = sum(slot.weight.nbytes for slot, _ in todo.values())
+                free = shutil.disk_usage(packs).free
+                raise DiskFullError(
+                    f"no space left on the disk holding {packs}: this save needs up to {needed / 1e6:.1f} MB "
+                    f"({free / 1e6:.1f} MB free); nothing was saved and earlier checkpoints are intact. "
+                    "Free space (e.g. coral-torch gc --yes) and save again",
+                    path=str(packs), needed=needed,
+                ) from exc
             raise
         return name, rows, {r.hash: r.kind for r in rows}
 
     # ================================================================================ load
+    @_named_errors
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
         """The checkpoint ``ref`` names, rebuilt exactly as saved (tensors verified by hash)."""
         cid = self.resolve(ref)
-        row = self.catalog.get_commit(cid)
+        row = self._commit_row(cid)
         if row is None:  # removed by a concurrent gc
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         entries = row.manifest["tensors"]
@@ -510,15 +655,29 @@ class Repository:
             # as separate tensors: only slots that were the same tensor (tied) share memory.
             raw = raws[h].copy() if h in handed_out else raws[h]
             handed_out.add(h)
-            w = WeightTensor.from_raw(raw, WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
+            try:
+                w = WeightTensor.from_raw(raw, WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
+            except CoralError as exc:  # the manifest entry disagrees with the object it names
+                raise CheckpointDamagedError(
+                    f"checkpoint {cid[:10]} in {self.path} is damaged: tensor {name} ({exc})",
+                    commit=cid, tensors=[name],
+                ) from exc
             tensors.append(adapters.apply_map_location(w.to_torch(), device, map_location))
-        obj = adapters.unflatten(row.manifest["skeleton"], tensors, weights_only=weights_only)
+        try:
+            obj = adapters.unflatten(row.manifest["skeleton"], tensors, weights_only=weights_only)
+        except CoralError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise CatalogDamagedError(
+                f"checkpoint {cid[:10]} in {self.path} has a malformed skeleton ({type(exc).__name__}: {exc})"
+            ) from exc
         # The loaded bytes are the best delta bases for a resumed run. Tensors handed out may be
         # modified by the caller; the hash check before use protects against that.
         self._base_cache = {h: raws[h] for h in raws}
         self.last_loaded = cid
         return obj
 
+    @_named_errors
     def materialize(
         self, hashes: Sequence[str], *, commit: Optional[str] = None, names: Optional[Sequence[str]] = None
     ) -> dict[str, np.ndarray]:
@@ -542,8 +701,9 @@ class Repository:
                 except _PackGone:
                     # a concurrent gc moved the object to a new pack after we read its rows
                     return self._build(self._chain(h))
-            except (IntegrityError, CoralError, OSError, KeyError) as exc:
-                errors[h] = str(exc)
+            except (CoralError, OSError, KeyError, ValueError, RuntimeError, TypeError, MemoryError) as exc:
+                # whatever a damaged object makes the readers raise, it is damage to report
+                errors[h] = str(exc) if isinstance(exc, CoralError) else f"{type(exc).__name__}: {exc}"
                 return None
 
         built = run_parallel(one, todo, self.workers, cost=lambda h: sum(r.nbytes for r in chains[h]),
@@ -610,14 +770,27 @@ class Repository:
         """Read one object straight from its pack with ``pread`` (no HDF5 call, no GIL held while
         reading) into this thread's reusable buffer, decode it (a delta: XORed into ``base`` in
         place), and check the content hash."""
+        self._check_row(row)
         fd = self._pack_fd(row.pack)
+        size = os.fstat(fd).st_size
+        if row.offset < 0 or row.length <= 0 or row.offset + row.length > size:
+            raise CorruptObjectError(
+                f"object {row.hash} claims bytes {row.offset}..{row.offset + row.length} of pack {row.pack}, "
+                f"which has {size}: the catalog row or the pack is damaged", hash_key=row.hash,
+            )
         blob = _read_exact(fd, row.length, row.offset)
         if blob is None:
             raise CorruptObjectError(
                 f"object {row.hash} is cut short in pack {row.pack} (file truncated?)", hash_key=row.hash
             )
+        declared = codec.decoded_size(blob)
+        if declared is not None and declared != row.nbytes:
+            raise CorruptObjectError(
+                f"object {row.hash} in pack {row.pack} decodes to {declared} bytes, its catalog row says "
+                f"{row.nbytes}: the pack or the catalog is damaged", hash_key=row.hash,
+            )
         if row.kind == "delta":
-            if base is None or codec.decoded_size(blob) not in (None, base.size):
+            if base is None or base.size != row.nbytes:
                 raise IntegrityError(f"delta {row.hash} does not fit its base {row.base}", hash_key=row.hash)
             raw = codec.decode(blob, hash_key=row.hash, out=base, xor=True)
         else:
@@ -630,6 +803,31 @@ class Repository:
                 hash_key=row.hash,
             )
         return raw
+
+    def _check_row(self, row: ObjectRow) -> None:
+        """Refuse an object row whose claims cannot be true before anything is allocated for it."""
+        try:
+            itemsize = dtypes.itemsize(row.dtype)
+        except CoralError as exc:
+            raise CorruptObjectError(f"object {row.hash}: {exc}", hash_key=row.hash) from exc
+        if not all(type(d) is int and d >= 0 for d in row.shape):
+            raise CorruptObjectError(f"object {row.hash} has a malformed shape {row.shape}", hash_key=row.hash)
+        n = 1
+        for d in row.shape:
+            n *= d
+        if row.nbytes != n * itemsize:
+            raise CorruptObjectError(
+                f"object {row.hash}: catalog says {row.nbytes} bytes for {row.dtype}{list(row.shape)} "
+                f"({n * itemsize}): the catalog is damaged", hash_key=row.hash,
+            )
+        if row.nbytes > _max_tensor_bytes():
+            raise CorruptObjectError(
+                f"object {row.hash} claims {row.nbytes / 2**30:.1f} GiB, more than this machine's memory: "
+                "refused before allocating (a damaged or crafted catalog?)", hash_key=row.hash,
+            )
+        if row.kind not in ("full", "delta") or (row.kind == "delta") != bool(row.base):
+            raise CorruptObjectError(f"object {row.hash} has a malformed kind/base ({row.kind}, {row.base})",
+                                     hash_key=row.hash)
 
     def _pack_fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -655,7 +853,12 @@ class Repository:
                 if name not in self.catalog.packs():
                     raise _PackGone(f"pack {name} was removed by gc")
                 raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
-            store = hdf5_store.HDF5Store(path, mode="r")
+            try:
+                store = hdf5_store.HDF5Store(path, mode="r")
+            except CoralError:
+                raise
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                raise CorruptObjectError(f"pack {name} cannot be opened as HDF5 ({exc}): it is damaged") from exc
             self._packs[name] = store
             while len(self._packs) > 64:
                 _, old = self._packs.popitem(last=False)
@@ -687,6 +890,7 @@ class Repository:
         self.close()
 
     # ================================================================================ refs
+    @_named_errors
     def resolve(self, ref: str) -> str:
         """Full commit id for a hash prefix (>= 4 chars), tag, ``latest``, ``best``, ``<run>``,
         ``<run>/latest``, ``<run>/best`` or a full ref name. Accepts a ``coral://`` prefix. As in
@@ -747,12 +951,14 @@ class Repository:
             + ". Use a hash prefix of at least 4 characters, a tag, a run name, 'latest' or 'best'."
         )
 
+    @_named_errors
     def tag(self, name: str, ref: str) -> str:
         validate_component(name, "tag")
         cid = self.resolve(ref)
         self.set_ref(f"tags/{name}", cid)
         return cid
 
+    @_named_errors
     def set_ref(self, name: str, commit_id: str) -> None:
         """Point ref ``name`` at ``commit_id``. A commit the ref named before and that no other
         ref keeps is removed at once, with what only it used (see :meth:`delete_ref`)."""
@@ -767,6 +973,7 @@ class Repository:
             if before is not None and before != commit_id:
                 self._reclaim_released([before])
 
+    @_named_errors
     def delete_ref(self, name: str) -> bool:
         """Remove ref ``name``. If no other ref keeps its commit, the commit is removed too, with
         every object no remaining commit needs, and its disk space is reclaimed: dropping the last
@@ -779,19 +986,26 @@ class Repository:
                 self._reclaim_released([before])
             return deleted
 
+    @_named_errors
     def refs(self, prefix: str = "") -> dict[str, str]:
         return self.catalog.refs(prefix)
 
     # ================================================================================ info
+    @_named_errors
     def log(self, run: Optional[str] = None) -> list[CommitRow]:
         """Commits, newest first (of one run, or of all runs)."""
         return self.catalog.commits(run)
 
+    @_named_errors
     def get_commit(self, ref: str) -> CommitRow:
-        row = self.catalog.get_commit(self.resolve(ref))
-        assert row is not None
+        """The verified catalog row of the commit ``ref`` names."""
+        cid = self.resolve(ref)
+        row = self._commit_row(cid)
+        if row is None:
+            raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         return row
 
+    @_named_errors
     def stats(self) -> dict[str, Any]:
         c = self.catalog.conn
         logical = c.execute("SELECT COALESCE(SUM(logical_bytes),0), COUNT(*) FROM commits").fetchone()
@@ -809,6 +1023,7 @@ class Repository:
         }
 
     # ============================================================================= remote
+    @_named_errors
     def push(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
         """Send commits that refs name, the objects they need, then the refs, to an S3 remote
         (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume."""
@@ -816,6 +1031,7 @@ class Repository:
 
         return push(self, remote, progress=progress)
 
+    @_named_errors
     def pull(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
         """Fetch every commit the remote has and this repository lacks, with its objects and refs."""
         from .remote import pull
@@ -823,6 +1039,7 @@ class Repository:
         return pull(self, remote, progress=progress)
 
     # ============================================================================= verify
+    @_named_errors
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-read and re-hash every object; report damaged objects and the commits they break."""
         report = VerifyReport()
@@ -886,6 +1103,33 @@ class Repository:
                     mark_damaged(r, f"its delta base {r.base} is missing")
                     continue
                 walk(r)
+        # what push and gc read: every object through HDF5, where the catalog says it is
+        for p in sorted(known_packs - set(report.missing_packs)):
+            in_pack = [r for r in rows if r.pack == p]
+            why, bad = self._check_pack_structure(p, in_pack)
+            if why is not None:
+                report.unreadable_packs[p] = why
+                bad = {r.hash: why for r in in_pack}
+            for r in in_pack:
+                if r.hash in bad:
+                    mark_damaged(r, bad[r.hash])
+        # every commit's catalog row: manifest hash = id, format, structure, entries vs objects
+        for cid in [c for (c,) in self.catalog.conn.execute("SELECT id FROM commits")]:
+            report.commits_checked += 1
+            try:
+                row = self._commit_row(cid)
+                if row is None:
+                    continue
+                for name, h, dtype, shape, _device, _kind in row.manifest["tensors"]:
+                    o = by_hash.get(h)
+                    if o is not None and (o.dtype != dtype or list(o.shape) != list(shape)):
+                        raise CatalogDamagedError(f"tensor {name}: manifest says {dtype}{shape}, object row {o.dtype}{list(o.shape)}")
+                adapters.check_skeleton(row.manifest["skeleton"], len(row.manifest["tensors"]))
+            except CoralError as exc:
+                report.damaged_manifests[cid] = str(exc)
+        for name, cid in self.catalog.refs().items():
+            if self.catalog.get_commit(cid) is None:
+                report.dangling_refs[name] = cid
         for cid, names in self.catalog.commits_using(report.damaged_objects).items():
             report.damaged_commits[cid] = sorted(names)
         # commits whose objects are missing from the catalog
@@ -896,7 +1140,31 @@ class Repository:
             report.damaged_commits.setdefault(cid, []).extend(missing)
         return report
 
+    def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[Optional[str], dict[str, str]]:
+        """What push and gc would meet reading the pack through HDF5: ``(why the pack cannot be
+        opened, or None; {object hash: why HDF5 cannot give it back as the catalog records it}``).
+        Payload damage (a checksum mismatch) is left to the payload check."""
+        try:
+            store = self._pack(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to open the pack is what we report
+            return f"pack {name} cannot be opened through HDF5 ({type(exc).__name__}: {exc})", {}
+        bad: dict[str, str] = {}
+        for o in objects:
+            try:
+                prep = store.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
+            except IntegrityError:
+                continue  # its payload is damaged: the payload check names it
+            except Exception as exc:  # noqa: BLE001
+                bad[o.hash] = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
+                continue
+            if prep is None:
+                bad[o.hash] = f"missing from the HDF5 index of pack {name}"
+            elif o.offset is not None and prep.location is not None and tuple(prep.location) != (o.offset, o.length):
+                bad[o.hash] = f"at {tuple(prep.location)} in pack {name}, the catalog says {(o.offset, o.length)}"
+        return None, bad
+
     # ================================================================================= gc
+    @_named_errors
     def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3) -> dict[str, Any]:
         """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
         deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
