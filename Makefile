@@ -14,7 +14,8 @@ $(VENV)/.ready: pyproject.toml setup.py coral_torch/_planes.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	@# setuptools warns about every editable install (BuildBackendWarning); that is not ours to fix
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
 setup: $(VENV)/.ready

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
-import sys
+# Lightning 2.6 with torch >= 2.10 warns about its own use of torch's pytree API on every fit
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 import lightning.pytorch as pl
 import torch
