@@ -926,3 +926,31 @@ def test_parent_refs(tmp_path):
     assert repo.resolve(f"coral://{ids[3][:8]}~0") == ids[3]
     with pytest.raises(RefNotFoundError, match="only 3 ancestor"):
         repo.resolve("latest~4")
+
+
+@pytest.mark.parametrize("edit", ["huge shape", "huge length", "offset past end", "nbytes lies"])
+def test_crafted_sizes_are_refused_before_allocating(tmp_path, edit):
+    from coral_torch.errors import CheckpointDamagedError, CoralError
+
+    repo = Repository(tmp_path / "repo")
+    cid = repo.commit({"w": torch.randn(64, 64)}, run="r").commit_id
+    h = repo.catalog.get_commit(cid).manifest["tensors"][0][1]
+    repo.close()
+    con = sqlite3.connect(tmp_path / "repo" / "catalog.sqlite")
+    with con:
+        if edit == "huge shape":  # 10^12 float32 elements: 3.6 TiB
+            con.execute("UPDATE objects SET shape=?, nbytes=? WHERE hash=?", (json.dumps([10**12]), 4 * 10**12, h))
+        elif edit == "huge length":  # a 16 GiB blob in a small pack
+            con.execute("UPDATE objects SET length=? WHERE hash=?", (16 << 30, h))
+        elif edit == "offset past end":
+            con.execute("UPDATE objects SET offset=offset+1000000 WHERE hash=?", (h,))
+        else:
+            con.execute("UPDATE objects SET nbytes=nbytes*2 WHERE hash=?", (h,))
+    con.close()
+    repo = Repository(tmp_path / "repo", create=False)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointDamagedError) as info:
+        repo.load(cid)
+    assert time.perf_counter() - t0 < 1.0  # refused, not attempted
+    assert isinstance(info.value, CoralError) and "\n" not in str(info.value)
+    assert not repo.verify().ok
