@@ -533,8 +533,8 @@ def _listed_documents(store: "S3Store", sub: str, skip: Any) -> dict[str, dict[s
 
 def _refused(store: "S3Store", exc: CoralError) -> CoralError:
     """The error a pull raises for a document it refuses: the same kind, saying nothing was pulled."""
-    msg = (f"pull from {store.url} refused: {exc}. Nothing was pulled; push again from a repository that "
-           "holds it to rewrite it")
+    msg = (f"pull from {store.url} refused: {exc}. Nothing was pulled. Run the pull again; if it persists, "
+           "push again from a repository that holds it to rewrite it")
     if isinstance(exc, IntegrityError):
         return type(exc)(msg, hash_key=exc.hash_key) if type(exc) in (CorruptObjectError, IntegrityError) \
             else CorruptObjectError(msg, hash_key=exc.hash_key)
@@ -543,8 +543,9 @@ def _refused(store: "S3Store", exc: CoralError) -> CoralError:
     return RemoteError(msg)
 
 
-def _damaged_local_objects(repo: "Repository") -> set[str]:
-    """Objects whose pack is missing or changed size since it was written: a pull fetches them again."""
+def _damaged_local_objects(repo: "Repository") -> tuple[set[str], set[str]]:
+    """(objects, packs): packs that are missing or changed size since they were written, and the
+    objects in them. A pull fetches those objects again."""
     bad = set()
     for name, size in repo.catalog.packs().items():
         try:
@@ -555,8 +556,8 @@ def _damaged_local_objects(repo: "Repository") -> set[str]:
         if size is not None and actual != size:
             bad.add(name)
     if not bad:
-        return set()
-    return {r.hash for r in repo.catalog.all_objects() if r.pack in bad}
+        return set(), set()
+    return {r.hash for r in repo.catalog.all_objects() if r.pack in bad}, bad
 
 
 def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None) -> dict[str, Any]:
@@ -634,7 +635,7 @@ def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool],
     # Insert oldest first: the catalog's insertion order is what `log()` lists and what
     # `resolve("latest")` picks, so it must follow the commits' own times, not key order.
     docs.sort(key=lambda d: (float(d[0].get("time") or 0.0), d[0]["id"]))
-    replace = _damaged_local_objects(repo)
+    replace, bad_packs = _damaged_local_objects(repo)
     if replace:
         log.warning("%d object(s) of %s are in missing or damaged packs: fetching them again from %s",
                     len(replace), repo.path, store.url)
@@ -656,6 +657,8 @@ def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool],
     except BaseException:
         _abandon(repo, writer)
         raise
+    if bad_packs:
+        _drop_emptied_packs(repo, bad_packs)
     left = replace - {r.hash for r in writer.rows}
     if left:
         log.warning("%d damaged object(s) of %s are not on %s either; `coral-torch verify` lists the commits "
@@ -671,6 +674,20 @@ def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool],
     }
     log.info("pulled %s into %s: %s", store.url, repo.path, stats)
     return stats
+
+
+def _drop_emptied_packs(repo: "Repository", packs: set[str]) -> None:
+    """Forget damaged packs whose objects were all replaced (and remove their files)."""
+    cat = repo.catalog
+    empty = [p for p in packs
+             if cat.conn.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)).fetchone() is None]
+    if not empty:
+        return
+    with cat.transaction() as c:
+        c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in empty])
+    for p in empty:
+        (repo.path / PACKS / p).unlink(missing_ok=True)
+    log.info("removed %d damaged pack(s) of %s whose objects were all fetched again", len(empty), repo.path)
 
 
 def _missing_objects(repo: "Repository", writer: _PackWriter, docs: list[tuple[dict, str]],
@@ -721,10 +738,11 @@ def _pull_stopped(repo: "Repository", store: "S3Store", writer: _PackWriter,
     first_key, first = next(iter(exc.failures.items()), ("?", exc))
     damaged = [k for k, e in exc.failures.items() if isinstance(e, IntegrityError)]
     if damaged and len(damaged) == len(exc.failures):
-        msg = (f"pull from {store.url} into {repo.path} refused: {len(damaged)} object(s) on the remote are "
-               f"damaged (first: {first_key}: {first}). No commit or ref was pulled. Repair the remote from "
-               "an intact copy: push again with verification from a repository that holds them (or delete "
-               "the damaged objects' metadata/<hash>[.delta].json there and push again)")
+        msg = (f"pull from {store.url} into {repo.path} refused: {len(damaged)} object(s) arrived damaged, "
+               f"every read of them (first: {first_key}: {first}). No commit or ref was pulled. Run the pull "
+               "again; if they stay damaged, they are damaged on the remote: repair it from an intact copy "
+               "(push again with verification from a repository that holds them, or delete the damaged "
+               "objects' metadata/<hash>[.delta].json there and push again)")
     else:
         msg = (f"pull from {store.url} into {repo.path} stopped: {len(exc.failures)} object(s) not downloaded "
                f"(first: {first_key}: {first}). No commit or ref was pulled yet; run the pull again to "
@@ -793,13 +811,17 @@ def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[Object
     def depth(h: str, seen: int = 0) -> int:
         r = new.get(h) or known.get(h)
         if r is None:
-            raise CorruptObjectError(f"object {h} is needed as a delta base but is on neither side", hash_key=h)
+            raise CorruptObjectError(
+                f"object {h} is needed as a delta base but is neither here nor on the remote: the remote is "
+                "incomplete; nothing was pulled. Push again from the repository that made it", hash_key=h,
+            )
         if r.kind == "full":
             return 0
         if r.depth >= 0:
             return r.depth
         if seen > 10_000:
-            raise CorruptObjectError(f"delta chain of {h} loops", hash_key=h)
+            raise CorruptObjectError(f"the delta chain of object {h} on the remote loops: it is damaged; "
+                                     "nothing was pulled", hash_key=h)
         r.depth = depth(r.base or "", seen + 1) + 1
         return r.depth
 
@@ -811,7 +833,7 @@ def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[Object
         if missing:
             raise CorruptObjectError(
                 f"commit {doc['id'][:10]} needs {len(missing)} object(s) the remote does not have (first: "
-                f"{missing[0]}); the remote is incomplete (a push was interrupted?): push again from its source",
+                f"{missing[0]}): the remote is incomplete; nothing was pulled. Push again from its source",
                 hash_key=missing[0],
             )
     now = time.time()

@@ -708,11 +708,13 @@ class S3Store(WeightStore):
                   attempts: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """GET and verify one document (:func:`decode_document`); ``None`` if there is none.
 
-        A body that arrives cut or damaged is read again, ``attempts`` (default ``max_attempts``)
-        times in all, before the damage is reported."""
-        n = attempts or self.config.max_attempts
+        A body that arrives damaged is read again, ``attempts`` (default ``max_attempts``) reads in
+        all, before the damage is reported; one cut part-way is read again ``max_attempts`` times."""
+        n_damaged = attempts or self.config.max_attempts
+        n_cut = self.config.max_attempts
         where = f"s3://{self.config.bucket}/{obj}"
-        for attempt in range(1, n + 1):
+        damaged = cut = 0
+        while True:
             try:
                 resp = self._client.get_object(Bucket=self.config.bucket, Key=obj)
                 body = resp["Body"].read()
@@ -721,18 +723,19 @@ class S3Store(WeightStore):
                     return None
                 raise self._translate(exc, "reading", obj) from None
             except _ANY_EXC as exc:
-                if attempt < n and isinstance(exc, _CONNECTION_ERRORS):
+                cut += 1
+                if cut < n_cut and isinstance(exc, _CONNECTION_ERRORS):
                     log.warning("reading %s was cut (%s); reading it again (attempt %d of %d)", where,
-                                type(exc).__name__, attempt + 1, n)
+                                type(exc).__name__, cut + 1, n_cut)
                     continue
                 raise self._translate(exc, "reading", obj) from None
             try:
                 return decode_document(body, what, where, key)
             except CorruptObjectError as exc:
-                if attempt == n:
+                damaged += 1
+                if damaged >= n_damaged:
                     raise
-                log.warning("%s; reading it again (attempt %d of %d)", exc, attempt + 1, n)
-        raise AssertionError("unreachable")  # pragma: no cover
+                log.warning("%s; reading it again (attempt %d of %d)", exc, damaged + 1, n_damaged)
 
     def _rel(self, rel_key: str) -> str:
         """``<prefix><rel_key>`` for a document key, after checking it cannot leave the prefix."""
