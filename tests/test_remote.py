@@ -40,6 +40,7 @@ from coral_torch.errors import (  # noqa: E402
     BucketNotFoundError,
     CorruptObjectError,
     IntegrityError,
+    InvalidRefNameError,
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
@@ -933,3 +934,115 @@ def test_cli_errors_are_one_line(server, bucket, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("coral-torch: error:"), (url, err)
     # pull of a missing bucket left no repository half-made behind with content
     assert not list((tmp_path / "b" / "packs").glob("*")) if (tmp_path / "b").exists() else True
+
+
+# ==================================================================== 8. names, late failures
+@pytest.mark.parametrize("bad", ["tags/new\nline", "tags/nul\x00byte", "tags/../../escape"])
+def test_push_refuses_a_bad_local_ref_name_before_sending_anything(server, bucket, tmp_path, bad):
+    """A ref name that could break a key or leave the prefix (written into the catalog by an older
+    version or by hand) stops the push up front: nothing at all reaches the remote."""
+    A, _ = build_repo(tmp_path / "a")
+    with A.catalog.transaction() as c:
+        c.execute("INSERT INTO refs(name, commit_id, updated) VALUES (?,?,?)", (bad, A.resolve("r1"), time.time()))
+    with pytest.raises(InvalidRefNameError) as ei:
+        A.push(make_config(server, bucket, prefix="names"))
+    msg = str(ei.value)
+    assert "before anything was sent" in msg and "\n" not in msg and repr(bad) in msg
+    assert remote_keys(server.client(), bucket) == []
+
+
+def _sealed_ref(server, bucket: str, prefix: str, name: str, cid: str) -> None:
+    from coral_torch.storage.s3_store import encode_document
+
+    body = encode_document({"kind": "ref", "name": name, "commit": cid, "updated": time.time()})
+    server.client().put_object(Bucket=bucket, Key=f"{prefix}/refs/{name}.json", Body=body)
+
+
+@pytest.mark.parametrize("bad", ["tags/x\ty", "tags/..x/../.."])
+def test_pull_refuses_a_bad_remote_ref_name(server, bucket, tmp_path, bad, open_store):
+    """A ref on the remote whose name is not valid (a well-formed document: only its name is wrong)
+    is refused, and nothing is pulled."""
+    cfg = open_store(make_config(server, bucket, prefix="rn"))
+    A, _ = build_repo(tmp_path / "a")
+    A.push(cfg)
+    _sealed_ref(server, bucket, "rn", bad, A.resolve("r1"))
+    B = Repository(tmp_path / "b", workers=2)
+    with pytest.raises(InvalidRefNameError) as ei:
+        B.pull(cfg)
+    assert "Nothing was pulled" in str(ei.value) and "\n" not in str(ei.value)
+    assert B.log() == [] and B.refs() == {} and not B.catalog.all_objects()
+
+
+def test_pull_refuses_a_damaged_ref_then_a_push_repairs_it(server, bucket, tmp_path, open_store):
+    """A ref document damaged on the remote is not skipped (a ref silently missing): the pull
+    refuses; the source's next push sees the ETag differ, reads it, and writes it again."""
+    cfg = open_store(make_config(server, bucket, prefix="badref"))
+    A, _ = build_repo(tmp_path / "a")
+    A.push(cfg)
+    key = "badref/refs/tags/r1-e0.json"
+    client = server.client()
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    B = Repository(tmp_path / "b", workers=2)
+    with pytest.raises(CorruptObjectError, match="tags/r1-e0.*damaged"):
+        B.pull(cfg)
+    assert B.log() == [] and B.refs() == {}
+    assert A.push(cfg)["refs_updated"] == 1
+    B.pull(cfg)
+    assert B.refs() == A.refs()
+    assert_consistent(B)
+
+
+def test_pull_failing_late_leaves_no_pack_behind(server, bucket, tmp_path, open_store):
+    """The objects sync finished but the pull cannot publish (an object a commit needs is gone from
+    the remote): no commit or ref is pulled, the verified objects that arrived are catalogued (no
+    stray pack in packs/), and the next pull fetches only what was missing."""
+    cfg = open_store(make_config(server, bucket, prefix="late"))
+    A, saved = build_repo(tmp_path / "a")
+    total = A.push(cfg)["objects_uploaded"]
+    client = server.client()
+    victim = next(h for _, h, how in A.catalog.commit_objects(A.resolve("r2-e0")) if how == "full")
+    for key in (f"late/metadata/{victim}.json", f"late/weights/{victim}"):
+        client.delete_object(Bucket=bucket, Key=key)
+    B = Repository(tmp_path / "b", workers=2)
+    with pytest.raises(CorruptObjectError, match="the remote is incomplete"):
+        B.pull(cfg)
+    assert B.log() == [] and B.refs() == {}
+    report = B.verify()
+    assert report.ok and report.orphan_files == [], report.orphan_files
+    assert not list((B.path / "packs").glob(".tmp-*"))
+    kept = len(B.catalog.all_objects())
+    assert kept > 0
+    assert A.push(cfg)["objects_uploaded"] == 1  # the missing object is sent again
+    got = B.pull(cfg)  # the missing object, and the deltas built on it that could not be kept
+    assert got["objects_downloaded"] == total - kept and got["objects_skipped"] == kept
+    for cid, ck in saved.items():
+        assert same_checkpoint(B.load(cid), ck) == []
+    assert_consistent(B)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_repull_replaces_objects_of_a_damaged_local_pack(server, bucket, tmp_path, damage, open_store):
+    """A pack of a pulled repository is cut short or lost: the next pull fetches its objects again
+    and the repository is whole again (the damaged pack is forgotten)."""
+    cfg = open_store(make_config(server, bucket, prefix="local"))
+    A, saved = build_repo(tmp_path / "a")
+    A.push(cfg)
+    B = Repository(tmp_path / "b", workers=2)
+    B.pull(cfg)
+    pack = next((B.path / "packs").glob("*.h5"))
+    if damage == "truncated":
+        with open(pack, "r+b") as f:
+            f.truncate(pack.stat().st_size // 2)
+    else:
+        pack.unlink()
+    B.close()
+    B = Repository(tmp_path / "b", workers=2)
+    assert not B.verify().ok
+    got = B.pull(cfg)
+    assert got["objects_replaced"] == got["objects_downloaded"] > 0
+    for cid, ck in saved.items():
+        assert same_checkpoint(B.load(cid), ck) == []
+    assert_consistent(B)
+    assert pack.name not in B.catalog.packs()
