@@ -14,6 +14,10 @@ request and response whole, which lets it damage one of them on purpose, as arme
   the server sees the same headers, so ``Content-MD5`` no longer matches);
 - ``corrupt_response``: flip one bit of the response body at ``at`` (a download damaged on the way).
 
+With ``opaque_etags=True`` the proxy also replaces every ETag it passes on (the ``ETag`` header and
+the ``<ETag>`` of listings) by another string of the same length derived from it, the way servers
+with encryption (AWS SSE-KMS) or their own schemes answer ETags that are not the data's MD5.
+
 A fault hits the ``times`` requests from the ``nth`` (0-based) one whose ``"METHOD target"`` line
 matches the regular expression ``match``, counted from :meth:`FaultProxy.arm`. What it hit is in
 :attr:`FaultProxy.fired`; every request is in :attr:`FaultProxy.requests`.
@@ -25,6 +29,7 @@ resets new connections), every socket operation times out after ``io_timeout`` s
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import struct
@@ -36,6 +41,14 @@ from typing import Optional
 FAULT_KINDS = ("cut_request", "cut_response", "delay", "corrupt_request", "corrupt_response")
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "expect", "transfer-encoding", "te", "upgrade"}
 _MAX_HEAD = 64 * 1024
+_XML_ETAG = re.compile(rb"<ETag>(&quot;|&#34;|\")?([^<&\"]+)(&quot;|&#34;|\")?</ETag>")
+
+
+def opaque_etag(etag: str) -> str:
+    """The stand-in :class:`FaultProxy` gives an ETag (``opaque_etags=True``): same length, not an MD5."""
+    inner = etag.strip().strip('"')
+    digest = hashlib.sha256(inner.encode()).hexdigest()
+    return "z" + digest[: max(0, len(inner) - 1)]
 
 
 @dataclass(frozen=True)
@@ -176,8 +189,9 @@ class FaultProxy:
     """The proxy (see the module docstring). Use as a context manager, or :meth:`start` / :meth:`stop`."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", *, max_requests: int = 5000,
-                 max_seconds: float = 300.0, io_timeout: float = 30.0):
+                 max_seconds: float = 300.0, io_timeout: float = 30.0, opaque_etags: bool = False):
         self.upstream = (upstream_host, upstream_port)
+        self.opaque_etags = opaque_etags
         self.max_requests = max_requests
         self.max_seconds = max_seconds
         self.io_timeout = io_timeout
@@ -319,6 +333,11 @@ class FaultProxy:
             status = code
             bodiless = method == "HEAD" or code in (204, 304)
             ubody = _read_body(ureader, uheaders, response=True, no_body=bodiless)
+            if self.opaque_etags:
+                uheaders = [(k, f'"{opaque_etag(v)}"' if k.lower() == "etag" else v) for k, v in uheaders]
+                ubody = _XML_ETAG.sub(
+                    lambda m: b"<ETag>" + (m.group(1) or b"") + opaque_etag(m.group(2).decode()).encode()
+                    + (m.group(3) or b"") + b"</ETag>", ubody)
             response = _Message(ustart, uheaders, ubody, bodiless=bodiless)
             out = response.encode()
             if fault is not None and fault.kind == "delay":

@@ -137,6 +137,12 @@ def test_config_validation_and_normalisation():
         S3Config(bucket="abc", addressing_style="dns")
     with pytest.raises(RemoteConfigError, match="endpoint_url"):
         S3Config(bucket="abc", endpoint_url="localhost:9000")
+    for knob in ("request_checksum_calculation", "response_checksum_validation", "upload_verification"):
+        with pytest.raises(RemoteConfigError, match=knob):
+            S3Config(bucket="abc", **{knob: "always"})
+    cfg = S3Config(bucket="abc")
+    assert (cfg.request_checksum_calculation, cfg.response_checksum_validation, cfg.upload_verification) == \
+        ("when_supported", "when_required", "auto")
     cfg = S3Config(bucket="abc", access_key="AKIAEXAMPLE", secret_key="very-secret", session_token="tok")
     assert "very-secret" not in repr(cfg) and "tok" not in repr(cfg)
     assert isinstance(RemoteConfigError("x"), ValueError)
@@ -653,3 +659,89 @@ def test_sync_to_local_interrupted_then_resumed(server, bucket, tmp_path):
         assert same(local.load(h), weights[name])
     local.close()
     direct.close()
+
+
+# ------------------------------------------------------------------------- verified transfers
+def _proxy_imports():
+    try:
+        from .s3_proxy import Fault, FaultProxy
+    except ImportError:  # tests/ is not a package
+        from s3_proxy import Fault, FaultProxy
+    return Fault, FaultProxy
+
+
+def test_document_checksum_round_trip_and_damage(store):
+    """put_document/get_document: canonical bytes, checksum verified; a key that could leave the
+    prefix is refused before any request."""
+    from coral_torch.storage.s3_store import decode_document, document_md5, encode_document
+
+    doc = {"kind": "ref", "name": "tags/x", "commit": "0" * 32, "updated": 1.5, "nested": {"b": [1, 2.0]}}
+    assert encode_document(doc) == encode_document(dict(reversed(list(doc.items()))))  # key order free
+    sent = store.put_document("refs/tags/x.json", doc)
+    assert sent == len(encode_document(doc))
+    assert store.list_entries("refs/")["tags/x.json"].etag == document_md5(doc)
+    assert {k: v for k, v in store.get_document("refs/tags/x.json").items() if k in doc} == doc
+    assert store.get_document("refs/none.json") is None
+    body = bytearray(encode_document(doc))
+    body[body.index(b"1.5")] = ord("2")  # one character: valid JSON, wrong checksum
+    with pytest.raises(CorruptObjectError, match="checksum mismatch"):
+        decode_document(bytes(body), "ref document tags/x", "here")
+    with pytest.raises(CorruptObjectError, match="no checksum"):
+        decode_document(json.dumps(doc).encode(), "ref document tags/x", "here")
+    for bad in ("refs/../x.json", "refs/a\nb.json", "/refs/x.json"):
+        with pytest.raises(StoreError, match="invalid document key"):
+            store.put_document(bad, doc)
+
+
+def test_upload_damaged_on_the_way_is_sent_again(server, bucket, tmp_path, caplog):
+    """moto checks neither Content-MD5 nor CRC32: a bit flipped in an upload is stored. The ETag
+    gives it away; the object is read back and sent again, and only then is its metadata written."""
+    Fault, FaultProxy = _proxy_imports()
+    w = random_weights(1, 50_000, seed=21)["w0"]
+    with FaultProxy(server.port) as proxy:
+        s = S3Store(make_config(server, bucket, endpoint_url=proxy.endpoint))
+        for what in (r"/weights/", r"/metadata/"):
+            proxy.arm(Fault("corrupt_request", rf"^PUT [^?]*{what}"))
+            with caplog.at_level("WARNING", logger="coral_torch"):
+                h = s.store(w)
+            assert proxy.fired and any("arrived damaged" in r.getMessage() for r in caplog.records)
+            caplog.clear()
+            assert same(s.load(h), w)
+            assert s.check_remote_object("weights", h) is None
+            s.delete(h)
+        # every attempt damaged: refused, and the object stays invisible (no metadata)
+        proxy.arm(Fault("corrupt_request", r"^PUT [^?]*/weights/", times=10))
+        with pytest.raises(RemoteError, match="intact after 2 attempts") as ei:
+            s.store(w)
+        assert "\n" not in str(ei.value)
+        assert not s.exists(w.compute_hash())
+        s.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "read-back"])
+def test_server_whose_etags_are_not_md5s(server, bucket, tmp_path, caplog, mode):
+    """A server that answers opaque ETags (like SSE-KMS) is recognised by one read-back; documents
+    are then read back after each upload, payloads up to 1 MiB too. upload_verification="read-back"
+    reads back everything: a payload damaged on the way is caught there as well."""
+    Fault, FaultProxy = _proxy_imports()
+    small = random_weights(1, 20_000, seed=22)["w0"]
+    big = random_weights(1, 1_500_000, seed=23)["w0"]  # over the read-back limit of "auto"
+    with FaultProxy(server.port, opaque_etags=True) as proxy:
+        s = S3Store(make_config(server, bucket, prefix=f"opaque-{mode}", endpoint_url=proxy.endpoint,
+                                upload_verification=mode))
+        with caplog.at_level("INFO", logger="coral_torch"):
+            h = s.store(small)
+        assert s._etag_md5 is False and any("not the MD5" in r.getMessage() for r in caplog.records)
+        assert same(s.load(h), small) and s.check_remote_object("weights", h) is None
+        proxy.arm(Fault("corrupt_request", r"^PUT [^?]*/metadata/"))
+        hd = s.store_delta(DeltaEncoder().encode(WeightTensor(small.data ^ 1, name="t"), small), "d" * 32)
+        assert proxy.fired and s.load_delta(hd) is not None  # the damaged document was read back, sent again
+        proxy.arm(Fault("corrupt_request", r"^PUT [^?]*/weights/"))
+        hb = s.store(big)
+        assert proxy.fired
+        if mode == "read-back":
+            assert same(s.load(hb), big)
+        else:  # trusted to the server's own Content-MD5 check, which moto does not make: found on load
+            with pytest.raises(IntegrityError):
+                s.load(hb)
+        s.close()

@@ -84,7 +84,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 import sys
 import threading
@@ -146,7 +145,7 @@ from .weight_store import WeightStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["S3Config", "S3Store", "RemoteEntry", "encode_document", "decode_document"]
+__all__ = ["S3Config", "S3Store", "RemoteEntry", "encode_document", "decode_document", "document_md5"]
 
 MiB = 1 << 20
 FORMAT_NAME = "coral-torch-s3"
@@ -757,21 +756,6 @@ class S3Store(WeightStore):
         """
         self._live()
         return self._read_doc(self._rel(rel_key), what or f"document {rel_key}", rel_key)
-
-    def get_documents(self, rel_keys: Iterable[str], what: Optional[Callable[[str], str]] = None
-                      ) -> Dict[str, Optional[Dict[str, Any]]]:
-        """:meth:`get_document` for many keys, ``max_concurrency`` at a time: ``{rel_key: document or
-        None}``. ``what(rel_key)`` names a document in messages. The first error is raised."""
-        self._live()
-        keys = list(dict.fromkeys(rel_keys))
-        if not keys:
-            return {}
-        name = what or (lambda k: f"document {k}")
-        with ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="coral-s3") as pool:
-            return self._run_all(
-                pool, [(k, lambda k=k: self._read_doc(self._rel(k), name(k), k)) for k in keys],
-                desc="documents", progress=False,
-            )
 
     def put_document(self, rel_key: str, doc: Mapping[str, Any]) -> int:
         """Write ``doc`` as the JSON document at ``<prefix><rel_key>`` (:func:`encode_document`: adds
