@@ -256,14 +256,23 @@ def test_loaded_tensors_are_writable_and_independent(repo):
 
 
 # -------------------------------------------------------------------------------- map_location
-def _set_saved_device(repo: Repository, cid: str, device: str) -> None:
-    """Rewrite the manifest so its tensors claim to have been saved on ``device`` (as a checkpoint
-    written on a GPU machine would)."""
+def _set_saved_device(repo: Repository, cid: str, device: str) -> str:
+    """The id of a copy of commit ``cid`` whose tensors claim to have been saved on ``device`` (as
+    a checkpoint written on a GPU machine would). A new id: the id is the manifest's hash."""
+    import xxhash
+
     c = repo.catalog.conn
     manifest = json.loads(c.execute("SELECT manifest FROM commits WHERE id=?", (cid,)).fetchone()[0])
     for e in manifest["tensors"]:
         e[4] = device
-    c.execute("UPDATE commits SET manifest=? WHERE id=?", (json.dumps(manifest), cid))
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    new = xxhash.xxh3_128(text.encode()).hexdigest()
+    c.execute("INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
+              " logical_bytes, new_bytes, info) SELECT ?, parent, run, epoch, step, time, message, metrics, ?,"
+              " lossy, logical_bytes, new_bytes, info FROM commits WHERE id=?", (new, text, cid))
+    c.execute("INSERT INTO commit_objects SELECT ?, name, hash, how FROM commit_objects WHERE commit_id=?", (new, cid))
+    c.execute("INSERT INTO refs(name, commit_id, updated) VALUES (?, ?, 0)", (f"keep/{new}", new))
+    return new
 
 
 @pytest.mark.parametrize(
@@ -274,8 +283,7 @@ def _set_saved_device(repo: Repository, cid: str, device: str) -> None:
 )
 def test_map_location_like_torch_load(repo, map_location):
     obj = {"w": torch.randn(4, 4), "n": 3}
-    cid = repo.commit(obj).commit_id
-    _set_saved_device(repo, cid, "cuda:0")
+    cid = _set_saved_device(repo, repo.commit(obj).commit_id, "cuda:0")
     back = repo.load(cid, map_location=map_location)
     assert back["w"].device.type == "cpu"
     assert torch.equal(back["w"], obj["w"])
@@ -292,8 +300,7 @@ def test_map_location_none_on_cpu_checkpoint_and_api(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
 def test_cuda_checkpoint_without_cuda_says_what_to_do(repo):
-    cid = repo.commit({"w": torch.randn(2)}).commit_id
-    _set_saved_device(repo, cid, "cuda:0")
+    cid = _set_saved_device(repo, repo.commit({"w": torch.randn(2)}).commit_id, "cuda:0")
     with pytest.raises(CoralError, match="map_location='cpu'"):
         repo.load(cid)
     with pytest.raises(CoralError, match="map_location"):

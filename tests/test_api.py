@@ -300,6 +300,7 @@ def test_overwriting_last_pt_ten_epochs_costs_at_most_3x_one_torch_save_file(tmp
         coral_torch.save(ck, tmp_path / "last.pt")
         disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
         ratios.append(disk / (tmp_path / "plain.pt").stat().st_size)
+    print("repository / one torch.save file, per epoch:", " ".join(f"{r:.2f}" for r in ratios))
     assert max(ratios) <= 3.0, ratios
     repo = coral_torch.open_repository(repo_dir)
     assert len(repo.log()) == 1 and repo.gc(dry_run=True)["commits_removed"] == 0
