@@ -195,10 +195,17 @@ LISTING = r"^GET /[^/?]+/?\?list-type=2"
 PUSH_TRIALS = [(t, k, 1) for t in PUSH_TARGETS for k in ("cut_request", "cut_response", "delay", "corrupt_request")]
 PUSH_TRIALS += [(t, "corrupt_request", 2) for t in PUSH_TARGETS]  # retries run out
 PUSH_TRIALS += [(t, "cut_request", 2) for t in ("payload", "ref")]
-PUSH_TRIALS += [("listing", k, 1) for k in ("cut_response", "delay", "corrupt_response")]
-PULL_TRIALS = [(t, k, 1) for t in PULL_TARGETS for k in ("cut_response", "delay", "corrupt_response")]
+PUSH_TRIALS += [("listing", k, 1) for k in ("cut_response", "corrupt_response")]
+REPAIR_TARGETS = {  # what a push reads when it finds damaged documents on the remote
+    "commit": (rf"^GET {KEY}commits/", 0),
+    "ref": (rf"^GET {KEY}refs/", 0),
+    "metadata": (rf"^GET {KEY}metadata/", 1),
+}
+REPAIR_TRIALS = [(t, k, 1) for t in REPAIR_TARGETS for k in ("cut_response", "corrupt_response")]
+PULL_TRIALS = [(t, k, 1) for t in PULL_TARGETS for k in ("cut_response", "delay", "corrupt_response")
+               if (t, k) != ("weight-metadata", "delay")]
 PULL_TRIALS += [(t, "corrupt_response", 2) for t in ("payload", "delta-metadata", "commit", "ref")]
-PULL_TRIALS += [("payload", "cut_request", 1), ("listing", "cut_response", 1), ("listing", "delay", 1)]
+PULL_TRIALS += [("payload", "cut_request", 1), ("listing", "cut_response", 1)]
 PULL_TRIALS += [("listing", "corrupt_response", 1)]
 
 
@@ -232,6 +239,40 @@ def test_push_fault(server, fault_bucket, source, target, kind, times):
     finally:
         A.close()
     OUTCOMES[f"push {kind}"]["absorbed" if outcome == "ok" else "refused"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,kind,times", REPAIR_TRIALS, ids=[f"{t}-{k}" for t, k, _ in REPAIR_TRIALS])
+def test_repairing_push_fault(server, fault_bucket, source, target, kind, times):
+    """A push that finds a damaged commit document and a damaged ref (it reads them, rewrites them,
+    and checks every object of that commit), with a fault on those reads."""
+    prefix = f"repair-{target}-{kind}"
+    client = raw_client(server)
+    A = source.open()
+    try:
+        A.push(config(server.endpoint, fault_bucket, prefix, read_timeout=15))
+        head = A.resolve("s2")
+        for key in (f"commits/{head}.json", "refs/tags/s1.json"):
+            body = bytearray(client.get_object(Bucket=fault_bucket, Key=f"{prefix}/{key}")["Body"].read())
+            body[len(body) // 2] ^= 0x01
+            client.put_object(Bucket=fault_bucket, Key=f"{prefix}/{key}", Body=bytes(body))
+        with FaultProxy(server.port, max_requests=400, max_seconds=60) as proxy:
+            proxy.arm(make_fault(REPAIR_TARGETS, target, kind, times))
+            outcome, msg = run(lambda: A.push(config(proxy.endpoint, fault_bucket, prefix)))
+            assert proxy.fired, f"the fault never fired: {proxy.requests}"
+        problems, refs, damaged = remote_problems(client, fault_bucket, prefix + "/")
+        assert problems == [], (outcome, msg, problems)
+        if outcome == "ok":
+            assert refs == source.refs and damaged == 0, f"silently wrong: push claimed success ({refs}, {damaged})"
+        A.push(config(server.endpoint, fault_bucket, prefix, read_timeout=15))
+        problems, refs, damaged = remote_problems(client, fault_bucket, prefix + "/")
+        assert problems == [] and refs == source.refs and damaged == 0, ("not repaired", problems, refs, damaged)
+    except AssertionError:
+        OUTCOMES[f"push (repairing) {kind}"]["silently wrong"] += 1
+        raise
+    finally:
+        A.close()
+    OUTCOMES[f"push (repairing) {kind}"]["absorbed" if outcome == "ok" else "refused"] += 1
 
 
 @pytest.mark.slow

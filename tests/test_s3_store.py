@@ -137,6 +137,9 @@ def test_config_validation_and_normalisation():
         S3Config(bucket="abc", addressing_style="dns")
     with pytest.raises(RemoteConfigError, match="endpoint_url"):
         S3Config(bucket="abc", endpoint_url="localhost:9000")
+    for bad in ("a/../b", "..", "x/./y", "a\\b", "a\x7fb"):
+        with pytest.raises(RemoteConfigError, match="invalid prefix"):
+            S3Config(bucket="abc", prefix=bad)
     for knob in ("request_checksum_calculation", "response_checksum_validation", "upload_verification"):
         with pytest.raises(RemoteConfigError, match=knob):
             S3Config(bucket="abc", **{knob: "always"})

@@ -263,8 +263,11 @@ class S3Config:
         prefix = (self.prefix or "").lstrip("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        if "//" in prefix or any(ord(c) < 32 for c in prefix):
-            raise RemoteConfigError(f"invalid prefix {self.prefix!r}: no empty path segments or control characters")
+        if "//" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix) or "\\" in prefix \
+                or any(seg in (".", "..") for seg in prefix.split("/")):
+            raise RemoteConfigError(
+                f"invalid prefix {self.prefix!r}: no empty, '.' or '..' path segments, backslashes or control characters"
+            )
         self.prefix = prefix
         if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise RemoteConfigError(
@@ -681,7 +684,7 @@ class S3Store(WeightStore):
                 err = self._translate(exc, "checking bucket")
             else:
                 err = None
-        except (BotoCoreError, OSError) as exc:
+        except (BotoCoreError, ResponseParserError, OSError) as exc:
             err = self._translate(exc, "checking bucket")
         if err is not None:
             raise err
@@ -699,7 +702,7 @@ class S3Store(WeightStore):
             if self._is_missing(exc):
                 return False
             err = self._translate(exc, "checking", obj)
-        except (BotoCoreError, OSError) as exc:
+        except (BotoCoreError, ResponseParserError, OSError) as exc:
             err = self._translate(exc, "checking", obj)
         raise err
 
@@ -944,7 +947,7 @@ class S3Store(WeightStore):
                 ) from None
             err = self._translate(exc, "downloading", obj)
             raise err from None
-        except (BotoCoreError, RetriesExceededError, OSError) as exc:
+        except (BotoCoreError, RetriesExceededError, ResponseParserError, OSError) as exc:
             err = self._translate(exc, "downloading", obj)
             raise err from None
         payload = np.frombuffer(sink.getbuffer(), dtype=np.uint8)
