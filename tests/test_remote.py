@@ -685,7 +685,9 @@ def test_corrupted_object_detected_on_pull(server, bucket, tmp_path, group, open
         t.train()
     new = A.commit(t.checkpoint(), run="r1", tags=["new"]).commit_id
     t.train()
-    newer = A.commit(t.checkpoint(), run="r1", tags=["newer"]).commit_id
+    ck = t.checkpoint()
+    ck["state_dict"]["head.weight"] = random_bits(4096, seed=77)  # a new tensor: stored in full, whatever
+    newer = A.commit(ck, run="r1", tags=["newer"]).commit_id      # the delta policy does with the rest
     incoming = A.push(cfg)["objects_uploaded"]
     assert incoming >= 3
     client = server.client()
