@@ -47,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import xxhash
 
@@ -493,7 +493,8 @@ def push(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
 
 
 # ===================================================================================== pull
-def _listed_documents(store: "S3Store", sub: str, skip: Any) -> dict[str, dict[str, Any]]:
+def _listed_documents(store: "S3Store", sub: str,
+                      skip: Callable[[str, "RemoteEntry"], bool]) -> dict[str, dict[str, Any]]:
     """``{name: document}`` for the ``<sub><name>.json`` documents listed (``skip(name, entry)``
     True: not read). A listed document that is then missing means the listing was damaged on the
     way or the remote changed: the listing is made again (``max_attempts`` times in all).

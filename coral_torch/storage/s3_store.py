@@ -50,9 +50,9 @@ compared with the MD5 of what was sent (for a multipart upload: the whole object
 of the parts' MD5s, ``<hex>-<parts>``); on a mismatch the object is read back, and sent again if
 the server holds other bytes (up to ``max_attempts`` times). A server whose ETags turn out not to
 be MD5s (SSE-KMS, some S3-compatible servers) is recognised by that read-back; from then on
-documents are read back after every upload and payloads rely on the server's own ``Content-MD5``
-and checksum checks, unless ``upload_verification="read-back"`` asks for every upload to be read
-back. The metadata of an object is written only after its payload was verified.
+uploads up to 1 MiB (documents, small payloads) are read back after each upload and larger
+payloads rely on the server's own ``Content-MD5`` and checksum checks, unless
+``upload_verification="read-back"`` asks for every upload to be read back. The metadata of an object is written only after its payload was verified.
 :meth:`S3Store.sync_from_local` (``verify=``) also checks objects already on the remote (their
 metadata's checksum, the payload's size and ETag in the listing against what the metadata
 recorded) and uploads damaged ones again.
@@ -224,7 +224,8 @@ class S3Config:
             check the checksums servers send. Keep the default for ``rclone serve s3``, which sends
             the whole object's checksum with a ranged GET (every multipart download would fail).
         upload_verification: ``"auto"``: an upload is verified by comparing the server's ETag with
-            the MD5 of what was sent, and read back where they differ (see the module docstring);
+            the MD5 of what was sent, and read back where they differ (on servers whose ETags are not
+            MD5s: uploads up to 1 MiB read back, larger ones left to the server's own checks);
             ``"read-back"``: every upload is read back and compared byte for byte (twice the
             traffic; for servers that neither check ``Content-MD5`` nor answer MD5 ETags).
     """
