@@ -52,8 +52,8 @@ the server holds other bytes (up to ``max_attempts`` times). A server whose ETag
 be MD5s (SSE-KMS, some S3-compatible servers) is recognised by that read-back; from then on
 uploads up to 1 MiB (documents, small payloads) are read back after each upload and larger
 payloads rely on the server's own ``Content-MD5`` and checksum checks, unless
-``upload_verification="read-back"`` asks for every upload to be read back. The metadata of an object is written only after its payload was verified.
-:meth:`S3Store.sync_from_local` (``verify=``) also checks objects already on the remote (their
+``upload_verification="read-back"`` asks for every upload to be read back. The metadata of an
+object is written only after its payload was verified. :meth:`S3Store.sync_from_local` (``verify=``) also checks objects already on the remote (their
 metadata's checksum, the payload's size and ETag in the listing against what the metadata
 recorded) and uploads damaged ones again.
 
