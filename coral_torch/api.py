@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .delta import DeltaConfig, DeltaEncoder
+from .delta import DeltaConfig
 from .errors import (
     CheckpointNotFoundError,
     CoralError,
@@ -45,9 +45,11 @@ _open_lock = threading.Lock()
 
 
 def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config: Optional[DeltaConfig] = None) -> Repository:
-    """The process-wide :class:`Repository` for a path (kept open so consecutive saves delta
-    against each other; reopened if the directory was deleted or replaced). ``None`` means ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given
-    here applies to the shared instance from now on."""
+    """The process-wide :class:`Repository` for a path: a cache of open handles (catalog
+    connections, pack descriptors), reopened if the directory was deleted or replaced. What a save
+    stores never depends on it: delta bases are read back from the repository. ``None`` means
+    ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given here applies to the shared instance
+    from now on."""
     if isinstance(repo, Repository):
         return repo
     path = Path(repo if repo is not None else os.environ.get("CORAL_REPO", ".coral")).absolute()
@@ -61,7 +63,6 @@ def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config:
             _open[path] = r
         elif delta_config is not None:
             r.delta_config = delta_config
-            r.encoder = DeltaEncoder(delta_config)
         return r
 
 

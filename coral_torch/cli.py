@@ -130,7 +130,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         how = hows.get(name, "dedup")
         if how == "dedup" and parent.get(name, (None,))[0] == h:
             how = "same as parent"
-        elif how == "full":
+        elif how.startswith("full"):  # "full/skipN": stored whole while its delta kept losing
             how = "new"
         obj = repo.catalog.get_object(h)
         out.append({"name": name, "dtype": dtype, "shape": shape, "stored": how, "hash": h,

@@ -394,14 +394,14 @@ class CoralCheckpoint(Checkpoint):
             snap = self._buffers.snapshot(checkpoint)
             del checkpoint
             stall = time.perf_counter() - t0
-            self._committer.submit(lambda: self._commit(snap, run, epoch, step, metrics, stall, private=True))
+            self._committer.submit(lambda: self._commit(snap, run, epoch, step, metrics, stall))
         else:
             stall_start = t0
-            self._commit(checkpoint, run, epoch, step, metrics, None, private=False)
+            self._commit(checkpoint, run, epoch, step, metrics, None)
             self._pending_stats[-1]["stall_s"] = time.perf_counter() - stall_start
 
     def _commit(self, checkpoint: dict, run: str, epoch: int, step: int, metrics: dict[str, float],
-                stall: Optional[float], *, private: bool) -> CommitStats:
+                stall: Optional[float]) -> CommitStats:
         """Runs on the background thread (or inline when synchronous)."""
         repo = self.repo
         assert repo is not None
@@ -422,7 +422,6 @@ class CoralCheckpoint(Checkpoint):
             head=self.save_last,
             monitor=self.monitor,
             mode=self.mode,
-            private_tensors=private,
             no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
             message=f"epoch {epoch} step {step}",
             workers=self._commit_workers if background else None,

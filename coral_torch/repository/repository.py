@@ -262,10 +262,7 @@ class Repository:
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.compression_level = compression_level
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
-        # hash -> raw bytes of recently saved/loaded tensors: delta bases for the next commit.
-        self._base_cache: dict[str, np.ndarray] = {}
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
-        self._delta_skip: dict[str, int] = {}  # tensor name -> commits to skip delta attempts
         self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
 
     def __repr__(self) -> str:
@@ -289,7 +286,6 @@ class Repository:
         monitor: Optional[str] = None,
         mode: str = "min",
         info: Optional[dict[str, Any]] = None,
-        private_tensors: bool = False,
         head: bool = True,
         no_delta_prefixes: Sequence[str] = (),
         workers: Optional[int] = None,
@@ -301,8 +297,8 @@ class Repository:
         ``parent`` defaults to the run's latest commit; deltas are taken against it. ``keep``
         adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; ``tags`` and ``refs`` add
         more. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
-        ``private_tensors`` promises that the caller will not modify the tensors afterwards, which
-        lets the repository keep them as delta bases without a copy. ``head=False`` leaves
+        Tensors are read while this call runs and never kept: delta bases are read back from the
+        parent's packs, one tensor at a time. ``head=False`` leaves
         ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
         never delta-encoded (so older versions of them can be garbage-collected independently).
         ``workers`` overrides the repository's encoder thread count for this commit (a background
@@ -330,9 +326,11 @@ class Repository:
             if parent_id is not None and self.catalog.get_commit(parent_id) is None:
                 parent_id = None
             parent_objs = self._tensor_index(parent_id) if parent_id else {}
+            # how the parent stored each tensor: "full/skipN" says its delta lost N commits ago
+            parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent_id)} if parent_id else {}
             hashes = [s.weight.compute_hash() for s in slots]
             known = self.catalog.known_hashes(hashes)
-            todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]] = {}
+            todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow], int]] = {}
             for s, h in zip(slots, hashes):
                 if h in known or h in todo:
                     continue
@@ -340,14 +338,16 @@ class Repository:
                 bh = None
                 if not (no_delta_prefixes and s.name.startswith(tuple(no_delta_prefixes))):
                     bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
-                if bh is not None and self._delta_skip.get(s.name, 0) > 0:
-                    self._delta_skip[s.name] -= 1  # deltas did not pay for this tensor lately
-                    bh = None
-                if bh is not None and self.delta_config.max_chain_length > 0 and bh in self._base_cache:
+                skip = _skip_left(parent_hows.get(s.name))
+                if bh is not None and skip > 0:
+                    bh = None  # its delta did not pay lately: stored whole, the countdown goes on
+                if bh is not None and self.delta_config.max_chain_length > 0:
+                    # the base is read back from the repository when this tensor is encoded: what is
+                    # stored never depends on what this process happens to hold in memory
                     row = self.catalog.get_object(bh)
                     if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
                         base_row = row
-                todo[h] = (s, base_row)
+                todo[h] = (s, base_row, max(0, skip - 1))
 
             pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers, help_board, direct_io)
             manifest = {
@@ -383,7 +383,6 @@ class Repository:
                 if pack_name is not None:
                     (self.path / PACKS_DIR / pack_name).unlink(missing_ok=True)
                 raise
-            self._remember_bases(slots, hashes, copy=not private_tensors)
             self._reclaim_released(stats.replaced)
         stats.seconds = time.perf_counter() - t0
         log.info(
@@ -519,33 +518,20 @@ class Repository:
             c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
                       (f"runs/{run}/best", cid, now))
 
-    def _remember_bases(self, slots: list, hashes: list[str], *, copy: bool) -> None:
-        cache: dict[str, np.ndarray] = {}
-        for s, h in zip(slots, hashes):
-            if h in cache:
-                continue
-            if not copy:
-                cache[h] = s.weight.raw
-            else:
-                old = self._base_cache.get(h)
-                cache[h] = old if old is not None else s.weight.raw.copy()
-        self._base_cache = cache
-
     def _encode_one(
-        self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow]
-    ) -> tuple[PreparedObject, ObjectRow]:
-        """Encode one tensor as an XOR delta against its base (when that pays) or whole. The
-        payload is a segmented blob over this call's buffers: the caller writes it right away."""
+        self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow], skip_left: int
+    ) -> tuple[PreparedObject, ObjectRow, str]:
+        """Encode one tensor as an XOR delta against its base (when that pays) or whole; returns
+        the prepared object, its catalog row and how the commit stored it (``commit_objects.how``).
+        The payload is a segmented blob over this call's buffers: the caller writes it right away."""
         w = slot.weight
         h = w.compute_hash()
         level = self.delta_config.codec_level
-        base_raw = self._base_cache.get(base_row.hash) if base_row is not None else None
-        if base_raw is not None and content_hash(base_raw, base_row.dtype, base_row.shape) != base_row.hash:
-            base_raw = None  # the cached base changed under us: never delta against unknown bytes
+        base_raw = self._read_base(base_row) if base_row is not None else None
         full: Optional[PreparedObject] = None
+        lost = False
         if base_raw is not None and not self._delta_may_pay(w, base_raw):
-            self._delta_skip[slot.name] = _DELTA_RETRY_AFTER
-            base_raw = None
+            base_raw, lost = None, True
         if base_raw is not None:
             if not self.delta_config.delta_type.lossless:
                 raise CoralError("lossy delta types are not supported by Repository.commit yet")
@@ -553,7 +539,6 @@ class Repository:
             if blob.nbytes > self.delta_config.min_saving * base_row.full_estimate:
                 full = store._prepare(_renamed(w, slot.name), None, segmented=True)
             if full is None or blob.nbytes < full.stored_bytes:
-                self._delta_skip.pop(slot.name, None)
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
                 delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
                               compression_ratio=blob.nbytes / max(w.nbytes, 1))
@@ -561,14 +546,25 @@ class Repository:
                 prep.attrs["name"] = slot.name
                 row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
                                 w.nbytes, prep.stored_bytes, estimate, True)
-                return prep, row
-            # the delta lost: skip trying for this tensor for a few commits (AdamW's first moment,
-            # for one, changes completely every epoch; trying costs a second encode each time)
-            self._delta_skip[slot.name] = _DELTA_RETRY_AFTER
+                return prep, row, "delta"
+            lost = True
+        del base_raw
         if full is None:
             full = store._prepare(_renamed(w, slot.name), None, segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
-        return full, row
+        # a lost delta is not tried again for a few commits (AdamW's first moment, for one, changes
+        # completely every epoch; trying costs a base read and a second encode each time)
+        skip = _DELTA_RETRY_AFTER if lost else skip_left
+        return full, row, f"full/skip{skip}" if skip else "full"
+
+    def _read_base(self, row: ObjectRow) -> Optional[np.ndarray]:
+        """The bytes of a delta base, read back from its pack(s) and verified; None (store the
+        tensor whole) if they cannot be read. One tensor at a time: no copy of a checkpoint is kept."""
+        try:
+            return self._build(self._chain(row.hash))
+        except (CoralError, OSError) as exc:
+            log.warning("delta base %s is unreadable (%s); storing the tensor whole", row.hash[:12], exc)
+            return None
 
     def _delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray) -> bool:
         """Encode three small slices both ways before paying for a whole delta and, when it
@@ -597,12 +593,15 @@ class Repository:
         tmp = packs / f".tmp-{name}"
         store = None
 
-        def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow]]) -> ObjectRow:
-            prep, row = self._encode_one(store, *item)
+        hows: dict[str, str] = {}
+
+        def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow], int]) -> ObjectRow:
+            prep, row, how = self._encode_one(store, *item)
             store.write_prepared(prep)
             row.pack = name
             if prep.location is not None:
                 row.offset, row.length = prep.location
+            hows[row.hash] = how
             return row
 
         # Each worker encodes and writes its own tensors, largest first (see run_parallel), so the
@@ -636,7 +635,7 @@ class Repository:
                     path=str(packs), needed=needed,
                 ) from exc
             raise
-        return name, rows, {r.hash: r.kind for r in rows}
+        return name, rows, hows
 
     # ================================================================================ load
     @_named_errors
@@ -671,9 +670,6 @@ class Repository:
             raise CatalogDamagedError(
                 f"checkpoint {cid[:10]} in {self.path} has a malformed skeleton ({type(exc).__name__}: {exc})"
             ) from exc
-        # The loaded bytes are the best delta bases for a resumed run. Tensors handed out may be
-        # modified by the caller; the hash check before use protects against that.
-        self._base_cache = {h: raws[h] for h in raws}
         self.last_loaded = cid
         return obj
 
@@ -880,7 +876,6 @@ class Repository:
         for s in self._packs.values():
             s.close()
         self._packs.clear()
-        self._base_cache = {}
         self.catalog.close()
 
     def __enter__(self) -> "Repository":
@@ -1397,6 +1392,16 @@ def _entry_nbytes(entry: list) -> int:
     from .. import dtypes
 
     return int(np.prod(entry[3], dtype=np.int64)) * dtypes.itemsize(entry[2])
+
+
+def _skip_left(how: Optional[str]) -> int:
+    """Commits still to store a tensor whole after its delta lost: ``"full/skipN"`` -> N."""
+    if how and how.startswith("full/skip"):
+        try:
+            return max(0, int(how[9:]))
+        except ValueError:
+            return 0
+    return 0
 
 
 def _split_ancestry(ref: str) -> tuple[str, int]:
