@@ -126,8 +126,37 @@ class CommitRow:
         return self.id[:10]
 
 
+@dataclass
+class NewCommit:
+    """A commit row to insert (see :meth:`Catalog.publish_commit`)."""
+
+    id: str
+    parent: Optional[str]
+    run: str
+    epoch: Optional[int]
+    step: Optional[int]
+    time: float
+    message: str
+    metrics: dict[str, Any]
+    manifest_json: str
+    lossy: bool
+    logical_bytes: int
+    new_bytes: int
+    info: dict[str, Any]
+
+    def values(self) -> tuple:
+        return (self.id, self.parent, self.run, self.epoch, self.step, self.time, self.message,
+                json.dumps(self.metrics), self.manifest_json, int(self.lossy), self.logical_bytes,
+                self.new_bytes, json.dumps(self.info))
+
+
+_INSERT_COMMIT = ("INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
+                  " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
 class Catalog:
-    """Thin typed layer over the SQLite catalog. One connection per thread.
+    """Thin typed layer over the SQLite catalog, and the only place that speaks SQL. One
+    connection per thread.
 
     ``writable=False`` opens it read-only: for a repository on a read-only mount or without
     write permission. A leftover write-ahead log there is read through a private copy (SQLite
@@ -239,6 +268,110 @@ class Catalog:
                 "loaded, listed and verified, not changed; copy or pull it somewhere writable"
             )
         return Catalog._Txn(self.conn)
+
+    # -- changes: each one transaction -----------------------------------------------------
+    def publish_commit(
+        self, *, pack: Optional[tuple[str, int]], objects: list[ObjectRow], commit: NewCommit,
+        commit_objects: list[tuple[str, str, str, str]], refs: list[str],
+        best: Optional[tuple[str, str, float, str]] = None,
+    ) -> tuple[bool, set[str]]:
+        """Make a commit visible in one transaction: its pack and new objects, the commit row and
+        its ``commit_objects``, the refs (``refs`` now name it) and, with ``best`` = ``(ref,
+        metric, value, mode)``, the best ref when the commit beats the one it names. Returns
+        ``(the commit existed already, commits the moved refs named before)``."""
+        with self.transaction() as c:
+            if pack is not None:
+                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack[0], pack[1], commit.time))
+                c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              [r.values() for r in objects])
+            existed = c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is not None
+            if not existed:
+                c.execute(_INSERT_COMMIT, commit.values())
+                c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
+            replaced = set(self.ref_targets(refs).values()) - {commit.id}
+            c.executemany("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                          [(n, commit.id, commit.time) for n in refs])
+            if best is not None:
+                name, metric, value, mode = best
+                current = c.execute("SELECT commit_id FROM refs WHERE name=?", (name,)).fetchone()
+                better = True
+                if current is not None:
+                    row = c.execute("SELECT metrics FROM commits WHERE id=?", (current[0],)).fetchone()
+                    old = json.loads(row[0]).get(metric) if row else None
+                    if old is not None:
+                        better = value < old if mode == "min" else value > old
+                if better:
+                    replaced |= {current[0]} - {commit.id} if current is not None else set()
+                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                              (name, commit.id, commit.time))
+        return existed, replaced
+
+    def add_derived_commit(self, commit: NewCommit, commit_objects: list[tuple[str, str, str, str]],
+                           replaces: str, now: float) -> None:
+        """Insert ``commit`` (if new) and move every ref of commit ``replaces`` onto it, in one
+        transaction (``keep/<old>`` becomes ``keep/<new>``)."""
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is None:
+                c.execute(_INSERT_COMMIT, commit.values())
+                c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
+            c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (commit.id, now, replaces))
+            c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{commit.id}", f"keep/{replaces}"))
+
+    def set_ref(self, name: str, commit_id: str, now: float) -> Optional[str]:
+        """Point ``name`` at ``commit_id`` (which must exist); returns the commit it named before."""
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
+                raise KeyError(commit_id)
+            before = self.get_ref(name)
+            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, commit_id, now))
+        return before
+
+    def delete_ref(self, name: str) -> Optional[str]:
+        """Remove ref ``name``; returns the commit it named, or None if there was no such ref."""
+        with self.transaction() as c:
+            before = self.get_ref(name)
+            c.execute("DELETE FROM refs WHERE name=?", (name,))
+        return before
+
+    def apply_reclaim(self, *, new_packs: list[tuple[str, int, float]], moved: dict[str, tuple],
+                      dead_objects: Iterable[str], dead_commits: Iterable[str], dropped_packs: Iterable[str]) -> None:
+        """gc's one transaction: register rewritten packs, move their objects, delete what died."""
+        with self.transaction() as c:
+            c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_packs)
+            c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
+                          [(n, off, ln, h) for h, (n, off, ln) in moved.items()])
+            c.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in dead_objects])
+            dead_commits = list(dead_commits)
+            c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
+            c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
+            c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in dropped_packs])
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database file and truncate it."""
+        if self.writable:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- totals ----------------------------------------------------------------------------
+    def totals(self) -> dict[str, int]:
+        """Commit count and logical bytes; object count, stored bytes and delta objects."""
+        logical, commits = self.conn.execute("SELECT COALESCE(SUM(logical_bytes),0), COUNT(*) FROM commits").fetchone()
+        objects, stored, deltas = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(stored_bytes),0), COALESCE(SUM(kind='delta'),0) FROM objects").fetchone()
+        return {"commits": commits, "logical_bytes": logical, "objects": objects, "stored_bytes": stored,
+                "delta_objects": deltas}
+
+    def commit_ids(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM commits ORDER BY seq")]
+
+    def commits_missing_objects(self) -> dict[str, list[str]]:
+        """commit id -> names of its tensors whose objects the catalog does not have."""
+        out: dict[str, list[str]] = {}
+        for cid, name in self.conn.execute(
+            "SELECT co.commit_id, co.name FROM commit_objects co LEFT JOIN objects o ON co.hash=o.hash"
+            " WHERE o.hash IS NULL"
+        ):
+            out.setdefault(cid, []).append(name)
+        return out
 
     # -- objects ---------------------------------------------------------------------------
     def get_object(self, h: str) -> Optional[ObjectRow]:

@@ -60,7 +60,7 @@ from ..errors import (
 )
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..refnames import validate_component, validate_ref_name
-from .catalog import Catalog, CommitRow, ObjectRow, catalog_error
+from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
@@ -398,33 +398,17 @@ class Repository:
                  object_rows: list[tuple[str, str, str, str]], ref_names: list[str], monitor: Optional[str],
                  mode: str, stats: CommitStats) -> None:
         """The one transaction that makes a commit visible: its pack and objects, the commit, refs."""
-        with self.catalog.transaction() as c:
-            if pack_name is not None:
-                size = (self.path / PACKS_DIR / pack_name).stat().st_size
-                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack_name, size, now))
-                c.executemany(
-                    "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [r.values() for r in new_rows],
-                )
-            exists = c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None
-            stats.existed = exists
-            if not exists:
-                c.execute(
-                    "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
-                    " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (cid, parent_id, run, epoch, step, now, message, json.dumps(metrics), manifest_json,
-                     int(any(not r.lossless for r in new_rows)), stats.logical_bytes, stats.written_bytes,
-                     json.dumps(info or {})),
-                )
-                c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", object_rows)
-            replaced = set(self.catalog.ref_targets(ref_names).values()) - {cid}
-            c.executemany(
-                "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                [(n, cid, now) for n in ref_names],
-            )
-            if monitor is not None and monitor in metrics and metrics[monitor] is not None:
-                self._update_best(c, run, cid, monitor, metrics[monitor], mode, now)
-            stats.replaced = replaced
+        if mode not in ("min", "max"):
+            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
+        best = None
+        if monitor is not None and metrics.get(monitor) is not None:
+            best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
+        commit = NewCommit(cid, parent_id, run, epoch, step, now, message, metrics, manifest_json,
+                           any(not r.lossless for r in new_rows), stats.logical_bytes, stats.written_bytes, info or {})
+        pack = (pack_name, (self.path / PACKS_DIR / pack_name).stat().st_size) if pack_name is not None else None
+        stats.existed, stats.replaced = self.catalog.publish_commit(
+            pack=pack, objects=new_rows, commit=commit, commit_objects=object_rows, refs=ref_names, best=best,
+        )
 
     @_named_errors
     def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
@@ -451,20 +435,11 @@ class Repository:
             now = time.time()
             info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
             hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
-            with self.catalog.transaction() as c:
-                if c.execute("SELECT 1 FROM commits WHERE id=?", (new_id,)).fetchone() is None:
-                    c.execute(
-                        "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
-                        " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message,
-                         json.dumps(row.metrics), manifest_json, int(row.lossy),
-                         sum(_entry_nbytes(e) for e in entries), 0, json.dumps(info)),
-                    )
-                    c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", _commit_object_rows(
-                        new_id, [(e[0], e[1]) for e in entries], lambda n, h: hows.get(n, "dedup")
-                    ))
-                c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (new_id, now, cid))
-                c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{new_id}", f"keep/{cid}"))
+            commit = NewCommit(new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message, row.metrics,
+                               manifest_json, row.lossy, sum(_entry_nbytes(e) for e in entries), 0, info)
+            self.catalog.add_derived_commit(commit, _commit_object_rows(
+                new_id, [(e[0], e[1]) for e in entries], lambda n, h: hows.get(n, "dedup")
+            ), replaces=cid, now=now)
             if new_id != cid:
                 self._reclaim_released([cid])
             return new_id
@@ -503,20 +478,6 @@ class Repository:
         if row is None:
             return {}
         return {e[0]: (e[1], e[2], tuple(e[3])) for e in row.manifest["tensors"]}
-
-    def _update_best(self, c, run: str, cid: str, monitor: str, value: float, mode: str, now: float) -> None:
-        if mode not in ("min", "max"):
-            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
-        current = c.execute("SELECT commit_id FROM refs WHERE name=?", (f"runs/{run}/best",)).fetchone()
-        better = True
-        if current is not None:
-            row = c.execute("SELECT metrics FROM commits WHERE id=?", (current[0],)).fetchone()
-            old = json.loads(row[0]).get(monitor) if row else None
-            if old is not None:
-                better = value < old if mode == "min" else value > old
-        if better:
-            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                      (f"runs/{run}/best", cid, now))
 
     def _encode_one(
         self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow], skip_left: int
@@ -626,7 +587,7 @@ class Repository:
                     pass
             tmp.unlink(missing_ok=True)
             if _is_disk_full(exc):
-                needed = sum(slot.weight.nbytes for slot, _ in todo.values())
+                needed = sum(item[0].weight.nbytes for item in todo.values())
                 free = shutil.disk_usage(packs).free
                 raise DiskFullError(
                     f"no space left on the disk holding {packs}: this save needs up to {needed / 1e6:.1f} MB "
@@ -959,12 +920,10 @@ class Repository:
         ref keeps is removed at once, with what only it used (see :meth:`delete_ref`)."""
         validate_ref_name(name)
         with self.lock:
-            with self.catalog.transaction() as c:
-                if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
-                    raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}")
-                before = self.catalog.get_ref(name)
-                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                          (name, commit_id, time.time()))
+            try:
+                before = self.catalog.set_ref(name, commit_id, time.time())
+            except KeyError:
+                raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}") from None
             if before is not None and before != commit_id:
                 self._reclaim_released([before])
 
@@ -974,12 +933,10 @@ class Repository:
         every object no remaining commit needs, and its disk space is reclaimed: dropping the last
         ref of a checkpoint is like deleting a file. Returns False if there was no such ref."""
         with self.lock:
-            with self.catalog.transaction() as c:
-                before = self.catalog.get_ref(name)
-                deleted = c.execute("DELETE FROM refs WHERE name=?", (name,)).rowcount > 0
+            before = self.catalog.delete_ref(name)
             if before is not None:
                 self._reclaim_released([before])
-            return deleted
+            return before is not None
 
     @_named_errors
     def refs(self, prefix: str = "") -> dict[str, str]:
@@ -1002,19 +959,17 @@ class Repository:
 
     @_named_errors
     def stats(self) -> dict[str, Any]:
-        c = self.catalog.conn
-        logical = c.execute("SELECT COALESCE(SUM(logical_bytes),0), COUNT(*) FROM commits").fetchone()
-        objs = c.execute("SELECT COUNT(*), COALESCE(SUM(stored_bytes),0), COALESCE(SUM(kind='delta'),0) FROM objects").fetchone()
+        t = self.catalog.totals()
         disk = sum(p.stat().st_size for p in (self.path / PACKS_DIR).glob("*.h5"))
         return {
             "path": str(self.path),
-            "commits": logical[1],
-            "logical_bytes": logical[0],
-            "objects": objs[0],
-            "delta_objects": objs[2],
-            "stored_bytes": objs[1],
+            "commits": t["commits"],
+            "logical_bytes": t["logical_bytes"],
+            "objects": t["objects"],
+            "delta_objects": t["delta_objects"],
+            "stored_bytes": t["stored_bytes"],
             "disk_bytes": disk,
-            "ratio": (disk / logical[0]) if logical[0] else 0.0,
+            "ratio": (disk / t["logical_bytes"]) if t["logical_bytes"] else 0.0,
         }
 
     # ============================================================================= remote
@@ -1109,7 +1064,7 @@ class Repository:
                 if r.hash in bad:
                     mark_damaged(r, bad[r.hash])
         # every commit's catalog row: manifest hash = id, format, structure, entries vs objects
-        for cid in [c for (c,) in self.catalog.conn.execute("SELECT id FROM commits")]:
+        for cid in self.catalog.commit_ids():
             report.commits_checked += 1
             try:
                 row = self._commit_row(cid)
@@ -1128,10 +1083,7 @@ class Repository:
         for cid, names in self.catalog.commits_using(report.damaged_objects).items():
             report.damaged_commits[cid] = sorted(names)
         # commits whose objects are missing from the catalog
-        for cid, in self.catalog.conn.execute(
-            "SELECT DISTINCT commit_id FROM commit_objects co LEFT JOIN objects o ON co.hash=o.hash WHERE o.hash IS NULL"
-        ).fetchall():
-            missing = [n for n, h, _ in self.catalog.commit_objects(cid) if h not in by_hash]
+        for cid, missing in self.catalog.commits_missing_objects().items():
             report.damaged_commits.setdefault(cid, []).extend(missing)
         return report
 
@@ -1196,7 +1148,7 @@ class Repository:
                 return stats
             for f in orphans:
                 f.unlink(missing_ok=True)
-            cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cat.checkpoint()
             after = sum(f.stat().st_size for f in packs_dir.iterdir())
             stats["bytes_after"] = after
             stats["bytes_reclaimed"] = before - after
@@ -1298,14 +1250,8 @@ class Repository:
                     raise
                 new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
             fsync_path(packs_dir)
-            with cat.transaction() as c:
-                c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_pack_rows)
-                c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
-                              [(n, off, ln, h) for h, (n, off, ln) in moved.items()])
-                c.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in dead_objects])
-                c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
-                c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
-                c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in remove_packs + rewrite_packs])
+            cat.apply_reclaim(new_packs=new_pack_rows, moved=moved, dead_objects=dead_objects,
+                              dead_commits=dead_commits, dropped_packs=remove_packs + rewrite_packs)
         except BaseException:
             for f in written:  # not published: the old packs still hold everything
                 f.unlink(missing_ok=True)
