@@ -381,7 +381,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     repo = _open_repo(args)
     with S3Store(_remote(args)) as store:
-        s = repo.push(store, progress=None)
+        s = repo.push(store, progress=None, verify=args.verify)
     print(f"pushed {s['commits_uploaded']} commit(s), {s['objects_uploaded']} object(s) "
           f"({_human(s['object_bytes'])}; {s['objects_skipped']} already there), {s['refs_updated']} ref(s) "
           f"to {store.url} in {s['seconds']:.1f}s")
@@ -473,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("remote", help="s3://bucket[/prefix]")
         p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, ...)")
         p.add_argument("--region")
+        if name == "push":
+            p.add_argument("--verify", action="store_true",
+                           help="also check every object of every pushed commit on the remote; resend damaged ones")
         p.set_defaults(func=fn)
     return parser
 

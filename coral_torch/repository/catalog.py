@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -345,6 +344,54 @@ class Catalog:
             c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
             c.executemany("DELETE FROM commits WHERE id=?", [(x,) for x in dead_commits])
             c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in dropped_packs])
+
+    def add_objects(self, pack: tuple[str, int, float], objects: list[ObjectRow]) -> None:
+        """Record objects of a pack already on disk (replacing rows of the same hashes)."""
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO packs(name, size, created) VALUES (?,?,?)", pack)
+            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          [r.values() for r in objects])
+
+    def publish_pulled(self, *, pack: Optional[tuple[str, int, float]], objects: list[ObjectRow],
+                       replace: set[str], commits: list[tuple[NewCommit, list[tuple[str, str, str, str]]]],
+                       refs: dict[str, tuple[str, float]], now: float) -> None:
+        """A pull's one transaction: its pack and objects (``replace``: hashes whose rows are
+        replaced, e.g. damaged local copies), its commits, the remote's refs where newer than ours
+        and naming a commit we have, and ``keep/<id>`` for a pulled commit no ref names."""
+        with self.transaction() as c:
+            if pack is not None:
+                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", pack)
+                c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              [r.values() for r in objects if r.hash not in replace])
+                c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              [r.values() for r in objects if r.hash in replace])
+            for commit, rows in commits:
+                c.execute(_INSERT_COMMIT.replace("INSERT INTO", "INSERT OR IGNORE INTO"), commit.values())
+                c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)", rows)
+            for name, (cid, updated) in refs.items():
+                if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is None:
+                    continue
+                cur = c.execute("SELECT updated FROM refs WHERE name=?", (name,)).fetchone()
+                if cur is None or cur[0] < updated:
+                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                              (name, cid, updated))
+            for commit, _ in commits:
+                if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (commit.id,)).fetchone() is None:
+                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                              (f"keep/{commit.id}", commit.id, now))
+
+    def drop_empty_packs(self, packs: Iterable[str]) -> list[str]:
+        """Forget those of ``packs`` that hold no object any more; returns them."""
+        empty = [p for p in dict.fromkeys(packs)
+                 if self.conn.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)).fetchone() is None]
+        if empty:
+            with self.transaction() as c:
+                c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in empty])
+        return empty
+
+    def ref_rows(self) -> list[tuple[str, str, float]]:
+        """``(name, commit id, updated)`` of every ref."""
+        return [(str(n), str(c), float(u)) for n, c, u in self.conn.execute("SELECT name, commit_id, updated FROM refs")]
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the database file and truncate it."""

@@ -40,13 +40,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import xxhash
@@ -61,7 +58,8 @@ from ..errors import (
 )
 from ..refnames import validate_component, validate_ref_name
 from ..storage.hdf5_store import HDF5Store, PreparedObject
-from .catalog import ObjectRow
+from .catalog import NewCommit, ObjectRow
+from .packs import PACKS_DIR as PACKS, new_pack_name, publish_file
 
 if TYPE_CHECKING:
     from ..storage.s3_store import RemoteEntry, S3Config, S3Store
@@ -70,7 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RemoteLike = Union["S3Config", "S3Store"]
-PACKS = "packs"
 _CID_RE = re.compile(r"^[0-9a-f]{32}$")
 _OPEN_PACKS = 16  # read-only pack handles a push keeps open at once
 
@@ -83,15 +80,6 @@ def _store(remote: RemoteLike) -> tuple["S3Store", bool]:
     if isinstance(remote, S3Config):
         return S3Store(remote), True
     raise CoralError(f"a remote must be an S3Config or an S3Store, not {type(remote).__name__}")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (after a rename), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _RepositoryObjects:
@@ -150,7 +138,7 @@ class _PackWriter:
         known = [r for r in repo.catalog.all_objects() if r.hash not in skip]
         self._full = {r.hash for r in known if r.kind == "full"}
         self._delta = {r.hash for r in known if r.kind == "delta"}
-        self.name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+        self.name = new_pack_name()
         self.tmp = repo.path / PACKS / f".tmp-{self.name}"
         self.final = repo.path / PACKS / self.name
         self.filepath = self.tmp
@@ -209,10 +197,8 @@ def _publish_pack(writer: _PackWriter) -> Optional[str]:
         return None
     writer.store.close()
     writer.store = None
-    _fsync(writer.tmp)
-    os.replace(writer.tmp, writer.final)
+    publish_file(writer.tmp, writer.final)
     writer.published = True
-    _fsync(writer.final.parent)
     return writer.name
 
 
@@ -234,8 +220,7 @@ def _live_closure(repo: "Repository", live: Optional[set[str]] = None) -> tuple[
 def _local_refs(repo: "Repository") -> dict[str, tuple[str, float]]:
     """``{name: (commit id, updated)}`` of every local ref, every name checked (a bad one stops the
     push before anything is sent)."""
-    refs = {str(name): (str(cid), float(updated)) for name, cid, updated in
-            repo.catalog.conn.execute("SELECT name, commit_id, updated FROM refs")}
+    refs = {name: (cid, updated) for name, cid, updated in repo.catalog.ref_rows()}
     bad = []
     for name in refs:
         try:
@@ -592,8 +577,7 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
 def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool], t0: float) -> dict[str, Any]:
     from ..storage.s3_store import document_md5
 
-    local_refs = {str(n): (str(c), float(u)) for n, c, u in
-                  repo.catalog.conn.execute("SELECT name, commit_id, updated FROM refs")}
+    local_refs = {n: (c, u) for n, c, u in repo.catalog.ref_rows()}
     # refs first: a push writes a ref only after its commit document, so every commit a ref listed
     # now names is in the commit listing made after it
     listed_refs = _json_names(store.list_entries("refs/"))
@@ -610,7 +594,7 @@ def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool],
         mine = local_refs.get(name)
         return mine is not None and entry.etag == document_md5(_ref_doc(name, *mine))
 
-    have = {r[0] for r in repo.catalog.conn.execute("SELECT id FROM commits")}
+    have = set(repo.catalog.commit_ids())
     docs = []
     try:
         remote_refs = {name: _check_ref_doc(doc, name, store.url)
@@ -679,16 +663,11 @@ def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool],
 
 def _drop_emptied_packs(repo: "Repository", packs: set[str]) -> None:
     """Forget damaged packs whose objects were all replaced (and remove their files)."""
-    cat = repo.catalog
-    empty = [p for p in packs
-             if cat.conn.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)).fetchone() is None]
-    if not empty:
-        return
-    with cat.transaction() as c:
-        c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in empty])
+    empty = repo.catalog.drop_empty_packs(packs)
     for p in empty:
         (repo.path / PACKS / p).unlink(missing_ok=True)
-    log.info("removed %d damaged pack(s) of %s whose objects were all fetched again", len(empty), repo.path)
+    if empty:
+        log.info("removed %d damaged pack(s) of %s whose objects were all fetched again", len(empty), repo.path)
 
 
 def _missing_objects(repo: "Repository", writer: _PackWriter, docs: list[tuple[dict, str]],
@@ -789,13 +768,7 @@ def _keep_downloaded(repo: "Repository", writer: _PackWriter) -> int:
     if not rows:
         writer.discard()
         return 0
-    with cat.transaction() as c:
-        c.execute("INSERT OR IGNORE INTO packs(name, size, created) VALUES (?,?,?)",
-                  (name, (packs / str(name)).stat().st_size, time.time()))
-        c.executemany(
-            "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [r.values() for r in rows],
-        )
+    cat.add_objects((str(name), (packs / str(name)).stat().st_size, time.time()), rows)
     writer.rows = []  # catalogued: no longer the writer's to remove
     writer.published = False
     return len(rows)
@@ -838,31 +811,9 @@ def _commit_pull(repo: "Repository", pack_name: Optional[str], rows: list[Object
                 hash_key=missing[0],
             )
     now = time.time()
-    with cat.transaction() as c:
-        if pack_name is not None:
-            c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)",
-                      (pack_name, (repo.path / PACKS / pack_name).stat().st_size, now))
-            c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in rows if r.hash not in replace])
-            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in rows if r.hash in replace])
-        for doc, manifest_json in docs:
-            c.execute(
-                "INSERT OR IGNORE INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest,"
-                " lossy, logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (doc["id"], doc.get("parent"), doc["run"], doc.get("epoch"), doc.get("step"), doc["time"],
-                 doc.get("message", ""), json.dumps(doc.get("metrics", {})), manifest_json, int(doc.get("lossy", 0)),
-                 doc["logical_bytes"], doc["new_bytes"], json.dumps(doc.get("info", {}))),
-            )
-            c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)",
-                          [(doc["id"], n, h, how) for n, h, how in doc["objects"]])
-        for name, (cid, updated) in remote_refs.items():
-            if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is None:
-                continue
-            cur = c.execute("SELECT updated FROM refs WHERE name=?", (name,)).fetchone()
-            if cur is None or cur[0] < updated:
-                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, updated))
-        for doc, _ in docs:  # a pulled commit no ref names is kept, never silently dropped
-            if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (doc["id"],)).fetchone() is None:
-                c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                          (f"keep/{doc['id']}", doc["id"], now))
+    commits = [(NewCommit(doc["id"], doc.get("parent"), doc["run"], doc.get("epoch"), doc.get("step"), doc["time"],
+                          doc.get("message", ""), doc.get("metrics", {}), manifest_json, bool(doc.get("lossy", 0)),
+                          doc["logical_bytes"], doc["new_bytes"], doc.get("info", {})),
+                [(doc["id"], n, h, how) for n, h, how in doc["objects"]]) for doc, manifest_json in docs]
+    pack = (pack_name, (repo.path / PACKS / pack_name).stat().st_size, now) if pack_name is not None else None
+    cat.publish_pulled(pack=pack, objects=rows, replace=replace, commits=commits, refs=remote_refs, now=now)

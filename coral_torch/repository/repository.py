@@ -30,7 +30,6 @@ import sqlite3
 import threading
 import time
 import types
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from ..errors import (
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error
+from .packs import PACKS_DIR, new_pack_name, publish_file
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
@@ -83,7 +83,6 @@ else:
 log = logging.getLogger(__name__)
 
 CATALOG_NAME = "catalog.sqlite"
-PACKS_DIR = "packs"
 MANIFEST_FORMAT = 1
 _MIN_PREFIX = 4
 _DELTA_RETRY_AFTER = 3  # after a delta loses to the full encoding, commits before trying again
@@ -136,24 +135,6 @@ class VerifyReport:
 
     RECOVERY = ("to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
                 "s3://...), or restore the repository from a backup; undamaged commits load as they are")
-
-
-def new_pack_name() -> str:
-    """A unique, sortable pack file name: creation time plus 48 random bits."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
-
-
-def _fsync(path: Path) -> None:  # the old name; remote.py still imports it
-    fsync_path(path)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (after a rename), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _named_errors(fn):
@@ -576,9 +557,7 @@ class Repository:
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
                                 cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
             store.close()
-            fsync_path(tmp)
-            os.replace(tmp, packs / name)
-            fsync_path(packs)
+            publish_file(tmp, packs / name)
         except BaseException as exc:
             if store is not None:
                 try:  # closing a half-written file can fail again (ENOSPC): keep the first error
@@ -974,12 +953,14 @@ class Repository:
 
     # ============================================================================= remote
     @_named_errors
-    def push(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
+    def push(self, remote: Any, progress: Optional[bool] = None, *, verify: bool = False) -> dict[str, Any]:
         """Send commits that refs name, the objects they need, then the refs, to an S3 remote
-        (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume."""
+        (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume.
+        ``verify=True`` also checks every object of every pushed commit on the remote and sends
+        damaged ones again (damage done on the server after an earlier push)."""
         from .remote import push
 
-        return push(self, remote, progress=progress)
+        return push(self, remote, progress=progress, verify=verify)
 
     @_named_errors
     def pull(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
@@ -1241,15 +1222,13 @@ class Repository:
                         dst.write_prepared(prep)
                         moved[o.hash] = (name, *(prep.location or (None, None)))
                     dst.close()
-                    fsync_path(tmp)
-                    os.replace(tmp, packs_dir / name)
+                    publish_file(tmp, packs_dir / name)
                     written.append(packs_dir / name)
                 except BaseException:
                     dst.close()
                     tmp.unlink(missing_ok=True)
                     raise
                 new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
-            fsync_path(packs_dir)
             cat.apply_reclaim(new_packs=new_pack_rows, moved=moved, dead_objects=dead_objects,
                               dead_commits=dead_commits, dropped_packs=remove_packs + rewrite_packs)
         except BaseException:
