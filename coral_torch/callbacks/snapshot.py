@@ -1,10 +1,11 @@
 """Asynchronous saving: snapshot on the training thread, commit on a background thread.
 
 The training thread only copies tensors into reusable host buffers (pinned when the source is on
-CUDA: one device-to-host copy, then a single synchronize). Two buffer sets alternate, so the
-snapshot being committed (and kept by the repository as the delta base for the next one) is never
-overwritten. Hashing, delta encoding, compression and writing run in the background; at most one
-save is in flight, and its error is re-raised on the training thread at the next call.
+CUDA: one device-to-host copy, then a single synchronize). There is one set of buffers, reused by
+every snapshot: at most one save is in flight and the next snapshot is taken only after it finished
+(the repository keeps nothing of it: delta bases are read back from its packs), so an asynchronous
+save holds one copy of the checkpoint, never two. Hashing, delta encoding, compression and writing
+run in the background; its error is re-raised on the training thread at the next call.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ _HELP_POLL_S = 0.005  # how often a waiting thread looks for work it can take ov
 
 
 class SnapshotBuffers:
-    """Two alternating sets of host buffers, keyed by each tensor's path in the checkpoint."""
+    """One set of reusable host buffers, keyed by each tensor's path in the checkpoint. The caller
+    must not take a new snapshot while the previous one is still being read (the callback waits
+    for the in-flight save first)."""
 
     def __init__(self) -> None:
-        self._sets: list[dict[str, torch.Tensor]] = [{}, {}]
-        self._flip = 0
+        self._bufs: dict[str, torch.Tensor] = {}
         self.bytes_copied = 0
 
     def snapshot(self, obj: Any) -> Any:
         """A deep copy of ``obj`` whose tensors live in this object's buffers (CPU)."""
-        bufs = self._sets[self._flip]
-        self._flip ^= 1
+        bufs = self._bufs
         memo: dict[int, torch.Tensor] = {}
         any_cuda = False
         copied = 0
