@@ -447,6 +447,19 @@ def test_keep_optimizer_none(tmp_path):
         assert not _optimizer_hashes(repo, c.id)
 
 
+def _four_vs_two_plus_two(tmp_path: Path, worker_args: dict) -> tuple[dict, dict]:
+    """Train 4 epochs straight in one worker process, and 2 epochs then (a fresh process, resuming
+    from coral://latest) 2 more in another repository; returns both final train states."""
+    runs = {"straight": ("a", 4, None), "first": ("b", 2, None), "resumed": ("b", 4, "coral://latest")}
+    for out, (root, epochs, ckpt) in runs.items():
+        (tmp_path / root).mkdir(exist_ok=True)
+        args = {**worker_args, "root": str(tmp_path / root), "repo": str(tmp_path / root / ".coral"),
+                "max_epochs": epochs, "out": str(tmp_path / f"{out}.pt")}
+        run_worker({**args, "ckpt": ckpt} if ckpt else args)
+    return (torch.load(tmp_path / "straight.pt", weights_only=True),
+            torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep_optimizer, optimizer", [("last", "adamw"), ("none", "sgd")])
 def test_resume_from_latest_after_retention_rewrites_is_exact(tmp_path, keep_optimizer, optimizer):
@@ -454,17 +467,8 @@ def test_resume_from_latest_after_retention_rewrites_is_exact(tmp_path, keep_opt
     "none" keeps no per-parameter state, so only a stateless optimizer (SGD) can resume exactly."""
     model_kw = {"val_schedule": VAL_SCHEDULE, "optimizer": optimizer}
     cb_kw = {"keep_optimizer": keep_optimizer}
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    common = {"mode": "resume", "model": model_kw, "callback": cb_kw, "run": "r"}
-    run_worker({**common, "root": str(tmp_path / "a"), "repo": str(tmp_path / "a" / ".coral"), "max_epochs": 4,
-                "out": str(tmp_path / "straight.pt")})
-    run_worker({**common, "root": str(tmp_path / "b"), "repo": str(tmp_path / "b" / ".coral"), "max_epochs": 2,
-                "out": str(tmp_path / "first.pt")})
-    run_worker({**common, "root": str(tmp_path / "b"), "repo": str(tmp_path / "b" / ".coral"), "max_epochs": 4,
-                "out": str(tmp_path / "resumed.pt"), "ckpt": "coral://latest"})
-    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    straight, resumed = _four_vs_two_plus_two(
+        tmp_path, {"mode": "resume", "model": model_kw, "callback": cb_kw, "run": "r"})
     assert resumed["global_step"] == 4 * STEPS_PER_EPOCH
     assert diff(resumed, straight) == []
 
@@ -473,19 +477,10 @@ def test_resume_from_latest_after_retention_rewrites_is_exact(tmp_path, keep_opt
 def test_resume_restores_the_users_dataloader_generator(tmp_path):
     """DataLoader(shuffle=True, generator=torch.Generator().manual_seed(1)): Lightning does not save
     that generator, so without the callback's help 2+2 epochs would shuffle differently from 4."""
-    common = {"mode": "resume", "model": {"val_schedule": VAL_SCHEDULE}, "loader_seed": 1, "run": "g"}
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    run_worker({**common, "root": str(tmp_path / "a"), "repo": str(tmp_path / "a" / ".coral"), "max_epochs": 4,
-                "out": str(tmp_path / "straight.pt")})
-    run_worker({**common, "root": str(tmp_path / "b"), "repo": str(tmp_path / "b" / ".coral"), "max_epochs": 2,
-                "out": str(tmp_path / "first.pt")})
-    run_worker({**common, "root": str(tmp_path / "b"), "repo": str(tmp_path / "b" / ".coral"), "max_epochs": 4,
-                "out": str(tmp_path / "resumed.pt"), "ckpt": "coral://latest"})
-    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    straight, resumed = _four_vs_two_plus_two(
+        tmp_path, {"mode": "resume", "model": {"val_schedule": VAL_SCHEDULE}, "loader_seed": 1, "run": "g"})
     assert diff(resumed, straight) == []
-    # and the generator state really is what makes the difference: drop it and the runs differ
+    # the loader's generator state is in the checkpoint (Lightning itself does not save it)
     repo = fresh(tmp_path / "b" / ".coral")
     latest = repo.load("g/latest", weights_only=True)
     states = [v for k, v in latest["callbacks"].items() if k.startswith("CoralCheckpoint")]
