@@ -985,3 +985,20 @@ def test_a_fresh_process_stores_what_a_long_lived_one_stores(tmp_path):
     hows = [dict(c) for c in long_lived]
     assert [h["w"] for h in hows] == ["full", "delta", "delta", "full", "delta", "delta"]
     assert hows[1]["noise"] == "full/skip3" and hows[2]["noise"] == "full/skip2"
+
+
+def test_a_damaged_parent_does_not_stop_the_next_save(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    w = torch.randn(128, 128)
+    first = repo.commit({"w": w}, run="r").commit_id
+    repo.close()
+    con = sqlite3.connect(tmp_path / "repo" / "catalog.sqlite")
+    with con:  # the parent's manifest no longer hashes to its id
+        con.execute("UPDATE commits SET manifest=replace(manifest, '\"w\"', '\"v\"') WHERE id=?", (first,))
+    con.close()
+    repo = Repository(tmp_path / "repo", create=False)
+    st = repo.commit({"w": w + 1e-4}, run="r")
+    assert st.new_full == 1 and st.new_delta == 0  # stored whole, not against the damaged parent
+    assert torch.equal(repo.load(st.commit_id)["w"], w + 1e-4)
+    report = repo.verify()
+    assert not report.ok and first in report.damaged_manifests and st.commit_id not in report.damaged_manifests

@@ -297,6 +297,8 @@ class Repository:
         if step is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
             step = obj["global_step"]
         validate_component(run, "run")
+        if mode not in ("min", "max"):
+            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
         # every ref name is checked before anything is written
         ref_names = ([f"runs/{run}/latest"] if head else []) + [f"tags/{validate_component(t, 'tag')}" for t in tags]
         ref_names += [validate_ref_name(r) for r in refs]
@@ -306,7 +308,11 @@ class Repository:
             parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
             if parent_id is not None and self.catalog.get_commit(parent_id) is None:
                 parent_id = None
-            parent_objs = self._tensor_index(parent_id) if parent_id else {}
+            try:
+                parent_objs = self._tensor_index(parent_id) if parent_id else {}
+            except CatalogDamagedError as exc:  # save all the same, just without deltas against it
+                log.warning("not delta-encoding against parent %s: %s", parent_id[:10], exc)
+                parent_objs = {}
             # how the parent stored each tensor: "full/skipN" says its delta lost N commits ago
             parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent_id)} if parent_id else {}
             hashes = [s.weight.compute_hash() for s in slots]
@@ -379,8 +385,6 @@ class Repository:
                  object_rows: list[tuple[str, str, str, str]], ref_names: list[str], monitor: Optional[str],
                  mode: str, stats: CommitStats) -> None:
         """The one transaction that makes a commit visible: its pack and objects, the commit, refs."""
-        if mode not in ("min", "max"):
-            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
         best = None
         if monitor is not None and metrics.get(monitor) is not None:
             best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
