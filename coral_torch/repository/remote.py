@@ -42,9 +42,10 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Union
 
 import xxhash
 
@@ -63,7 +64,16 @@ from .packs import PACKS_DIR as PACKS, new_pack_name, publish_file
 
 if TYPE_CHECKING:
     from ..storage.s3_store import RemoteEntry, S3Config, S3Store
-    from .repository import Repository
+    from .catalog import Catalog
+    from .lock import RepositoryLock
+
+
+class Repository(Protocol):
+    """What push and pull use of a repository (the facade calls into this module, not back)."""
+
+    path: Path
+    catalog: "Catalog"
+    lock: "RepositoryLock"
 
 log = logging.getLogger(__name__)
 
