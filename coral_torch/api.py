@@ -164,8 +164,9 @@ def load(
     default: ``True`` unless ``pickle_module`` is given); with ``weights_only=True`` nothing stored
     can execute code on load.
     ``pickle_module``, ``mmap`` and ``pickle_load_args`` are passed to ``torch.load`` for plain
-    torch files; for coral commits ``mmap`` does not apply (tensors are rebuilt in memory) and
-    ``pickle_module``/``pickle_load_args`` are used for values stored as ``torch.save`` blobs.
+    torch files. They do not apply to coral commits: tensors are rebuilt in memory, and the few
+    values stored as ``torch.save`` blobs are read with torch's own unpickler under the same
+    ``weights_only``.
     """
     # torch's default: weights_only unless a pickle_module is given
     wo = (pickle_module is None) if weights_only is None else bool(weights_only)
