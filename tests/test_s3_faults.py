@@ -1,5 +1,5 @@
 """Push and pull through a fault-injecting proxy (tests/s3_proxy.py) in front of a real S3 server
-(moto's ThreadedMotoServer on 127.0.0.1; no botocore stubs, no mock_aws).
+(moto's ThreadedMotoServer on 127.0.0.1; no in-process mocks or botocore stubs).
 
 Each trial arms one fault (a connection cut part-way through a request or an answer, an answer
 held past the client's read timeout, one bit flipped in an upload or a download) on the n-th
