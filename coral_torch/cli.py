@@ -323,7 +323,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
-    stats = repo.gc(dry_run=not args.yes)
+    stats = repo.gc(dry_run=not args.yes, orphan_grace_s=args.grace)
     verb = "would remove" if not args.yes else "removed"
     print(f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
           f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove commits no ref keeps and reclaim disk (dry run unless --yes)")
     p.add_argument("--yes", action="store_true", help="really delete")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="keep unknown pack files younger than this (written, not yet published; default 3600)")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("verify", help="re-hash every object; exit 1 if anything is damaged")

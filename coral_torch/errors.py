@@ -118,6 +118,15 @@ class InvalidRefNameError(RepositoryError, ValueError):
     """A ref, tag or run name is malformed or reserved (see :mod:`coral_torch.refnames`)."""
 
 
+class ConcurrentChangeError(RepositoryError):
+    """A commit could not be published because what it was planned against changed meanwhile (a
+    concurrent gc removed an object it deduplicated against or a pack it wrote): save it again."""
+
+    def __init__(self, message: str, missing: tuple = ()):
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
 class RepositoryLockedError(RepositoryError):
     """Another process holds the repository's write lock."""
 

@@ -219,7 +219,7 @@ def test_sigkill_at_random_moments_loses_nothing_committed(tmp_path):
     report = repo.verify()
     assert report.ok, (report.damaged_objects, report.damaged_commits, report.missing_packs)
     assert all(f.endswith(".h5") for f in report.orphan_files)  # packs killed before their commit
-    gc_stats = repo.gc()
+    gc_stats = repo.gc(orphan_grace_s=0)  # the killed writers' packs are orphans at once
     assert gc_stats["orphan_files_removed"] == len(report.orphan_files)
     after = repo.verify()
     assert after.ok and after.orphan_files == []

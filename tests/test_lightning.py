@@ -650,7 +650,7 @@ def test_kill_during_async_save_leaves_repository_consistent(tmp_path):
         ck = repo.load(cid)
         assert "optimizer_states" in ck and ck["state_dict"]
     assert all(cid in ids for cid in repo.refs().values())
-    repo.gc()  # removes the killed writer's temporary pack, if it left one
+    repo.gc(orphan_grace_s=0)  # removes the killed writer's temporary pack, if it left one
     assert not [p for p in (repo_path / "packs").iterdir() if p.name.startswith(".tmp")]
     last_epoch = repo.get_commit(committed[-1]).epoch
     repo.close()

@@ -16,10 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from ..errors import (
     CatalogDamagedError,
+    ConcurrentChangeError,
     CoralError,
     DiskFullError,
     ReadOnlyRepositoryError,
@@ -270,19 +271,31 @@ class Catalog:
 
     # -- changes: each one transaction -----------------------------------------------------
     def publish_commit(
-        self, *, pack: Optional[tuple[str, int]], objects: list[ObjectRow], commit: NewCommit,
+        self, *, packs: Sequence[tuple[str, int]], objects: list[ObjectRow], commit: NewCommit,
         commit_objects: list[tuple[str, str, str, str]], refs: list[str],
         best: Optional[tuple[str, str, float, str]] = None,
     ) -> tuple[bool, set[str]]:
-        """Make a commit visible in one transaction: its pack and new objects, the commit row and
+        """Make a commit visible in one transaction: its packs and new objects, the commit row and
         its ``commit_objects``, the refs (``refs`` now name it) and, with ``best`` = ``(ref,
         metric, value, mode)``, the best ref when the commit beats the one it names. Returns
-        ``(the commit existed already, commits the moved refs named before)``."""
+        ``(the commit existed already, commits the moved refs named before)``.
+
+        Objects were planned and written without the write lock, so before anything becomes
+        visible this checks, inside the transaction, that every object the commit lists and every
+        base of a new delta is in the catalog; if one is not (a concurrent gc removed it), it
+        raises :class:`ConcurrentChangeError` and changes nothing."""
         with self.transaction() as c:
-            if pack is not None:
-                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (pack[0], pack[1], commit.time))
-                c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                              [r.values() for r in objects])
+            for name, size in packs:
+                c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (name, size, commit.time))
+            c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          [r.values() for r in objects])
+            needed = {h for _, _, h, _ in commit_objects} | {r.base for r in objects if r.base}
+            missing = needed - self._present(c, needed)
+            if missing:
+                raise ConcurrentChangeError(
+                    f"{len(missing)} object(s) this commit uses were removed while it was written "
+                    "(a concurrent gc?); save it again", missing=tuple(sorted(missing)),
+                )
             existed = c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is not None
             if not existed:
                 c.execute(_INSERT_COMMIT, commit.values())
@@ -304,6 +317,16 @@ class Catalog:
                     c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
                               (name, commit.id, commit.time))
         return existed, replaced
+
+    @staticmethod
+    def _present(c: sqlite3.Connection, hashes: Iterable[str]) -> set[str]:
+        hashes = list(hashes)
+        found: set[str] = set()
+        for i in range(0, len(hashes), 500):
+            part = hashes[i : i + 500]
+            q = f"SELECT hash FROM objects WHERE hash IN ({','.join('?' * len(part))})"
+            found.update(h for h, in c.execute(q, part))
+        return found
 
     def add_derived_commit(self, commit: NewCommit, commit_objects: list[tuple[str, str, str, str]],
                            replaces: str, now: float) -> None:
@@ -426,13 +449,8 @@ class Catalog:
         return _object(r) if r else None
 
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
-        hashes = list(hashes)
-        found: set[str] = set()
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i : i + 500]
-            q = f"SELECT hash FROM objects WHERE hash IN ({','.join('?' * len(chunk))})"
-            found.update(r[0] for r in self.conn.execute(q, chunk))
-        return found
+        """Which of ``hashes`` the catalog holds."""
+        return self._present(self.conn, hashes)
 
     def all_objects(self) -> list[ObjectRow]:
         return [_object(r) for r in self.conn.execute("SELECT * FROM objects")]
@@ -487,6 +505,11 @@ class Catalog:
         for p in dict.fromkeys(packs):
             out += [_object(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
         return out
+
+    def commits_with_info(self, key: str, value: str) -> list[str]:
+        """Ids of the commits whose ``info[key] == value`` (e.g. a sharded save's token)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM commits WHERE json_extract(info, ?) = ?", (f"$.{key}", value))]
 
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
         return [r[0] for r in self.conn.execute(

@@ -9,9 +9,12 @@ random bits), so several writers, threads or processes, need no lock to write pa
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 PACKS_DIR = "packs"
 TMP_PREFIX = ".tmp-"
@@ -36,3 +39,69 @@ def publish_file(tmp: Path, final: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+@dataclass
+class WrittenPack:
+    """A finished pack: durable under its final name, not yet in the catalog. Plain data, so it can
+    travel to the process that publishes it (DCP's coordinator)."""
+
+    name: str
+    size: int
+
+
+class PackWriter:
+    """Writes one new pack; any thread or process may use one without the repository lock.
+
+    Call order: :meth:`write` (thread-safe) any number of times, then :meth:`finish` (fsync,
+    rename to the final name) or :meth:`abort` (remove it). Used as a context manager, an
+    exception aborts it. gc leaves unknown pack files alone until they are older than its grace
+    period (a file being written keeps a fresh mtime), so a pack may wait to be published.
+    """
+
+    def __init__(self, repo_path: Path, *, compression_level: int, direct_io: bool = False):
+        from ..storage.hdf5_store import HDF5Store  # h5py: only pack writers and readers need it
+
+        self.dir = Path(repo_path) / PACKS_DIR
+        self.name = new_pack_name()
+        self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
+        self.objects = 0
+        self._store = HDF5Store(self.tmp, mode="x", compression_opts=compression_level, direct_io=direct_io)
+        self._count = threading.Lock()
+        self.written: Optional[WrittenPack] = None
+
+    @property
+    def store(self):
+        """The pack's :class:`~coral_torch.storage.HDF5Store` (its encoders prepare objects)."""
+        return self._store
+
+    def write(self, prepared) -> tuple[int, int] | None:
+        """Write one prepared object; returns its ``(offset, length)`` in the file if contiguous."""
+        if self._store.write_prepared(prepared):
+            with self._count:
+                self.objects += 1
+        return prepared.location
+
+    def finish(self) -> WrittenPack:
+        """Close, fsync and rename the pack to its final name."""
+        self._store.close()
+        final = self.dir / self.name
+        publish_file(self.tmp, final)
+        self.written = WrittenPack(self.name, final.stat().st_size)
+        return self.written
+
+    def abort(self) -> None:
+        """Remove the pack, written or not (it was never published)."""
+        try:
+            self._store.close()
+        except Exception:  # noqa: BLE001 - closing a half-written file can fail again (ENOSPC)
+            pass
+        self.tmp.unlink(missing_ok=True)
+        (self.dir / self.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> "PackWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

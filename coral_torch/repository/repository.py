@@ -33,7 +33,7 @@ import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import xxhash
@@ -46,6 +46,7 @@ from ..errors import (
     AmbiguousRefError,
     CatalogDamagedError,
     CheckpointDamagedError,
+    ConcurrentChangeError,
     CoralError,
     CorruptObjectError,
     DiskFullError,
@@ -58,13 +59,14 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from ..manifest import Manifest, TensorEntry
 from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error
-from .packs import PACKS_DIR, new_pack_name, publish_file
+from .packs import PACKS_DIR, PackWriter, WrittenPack, new_pack_name, publish_file
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
-    from .. import adapters
+    from .. import adapters, sharded
     from ..storage import hdf5_store
     from ..storage.hdf5_store import HDF5Store, PreparedObject
 else:
@@ -78,12 +80,12 @@ else:
             return getattr(importlib.import_module(self.__name__), attr)
 
     adapters = _LazyModule("coral_torch.adapters")
+    sharded = _LazyModule("coral_torch.sharded")  # torch too
     hdf5_store = _LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
 
 log = logging.getLogger(__name__)
 
 CATALOG_NAME = "catalog.sqlite"
-MANIFEST_FORMAT = 1
 _MIN_PREFIX = 4
 _DELTA_RETRY_AFTER = 3  # after a delta loses to the full encoding, commits before trying again
 _PROBE_MIN_BYTES = 4 << 20  # tensors from this size get a sampled delta-vs-full probe first
@@ -109,6 +111,24 @@ class CommitStats:
     @property
     def ratio(self) -> float:
         return self.written_bytes / self.logical_bytes if self.logical_bytes else 0.0
+
+
+class _Named(NamedTuple):
+    """A tensor to store and the name it has in its checkpoint (delta bases are found by name)."""
+
+    name: str
+    weight: WeightTensor
+
+
+@dataclass
+class WrittenObjects:
+    """What :meth:`Repository.write_objects` stored and :meth:`Repository.publish` makes visible:
+    the new packs, their objects' catalog rows and how each was stored (plain data: it can be
+    pickled to the process that publishes)."""
+
+    packs: list[WrittenPack]
+    rows: list[ObjectRow]
+    hows: dict[str, str]
 
 
 @dataclass
@@ -302,98 +322,159 @@ class Repository:
         # every ref name is checked before anything is written
         ref_names = ([f"runs/{run}/latest"] if head else []) + [f"tags/{validate_component(t, 'tag')}" for t in tags]
         ref_names += [validate_ref_name(r) for r in refs]
-        for w in (s.weight for s in slots):
-            w.compute_hash()
-        with self.lock:
-            parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
-            if parent_id is not None and self.catalog.get_commit(parent_id) is None:
-                parent_id = None
-            try:
-                parent_objs = self._tensor_index(parent_id) if parent_id else {}
-            except CatalogDamagedError as exc:  # save all the same, just without deltas against it
-                log.warning("not delta-encoding against parent %s: %s", parent_id[:10], exc)
-                parent_objs = {}
-            # how the parent stored each tensor: "full/skipN" says its delta lost N commits ago
-            parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent_id)} if parent_id else {}
-            hashes = [s.weight.compute_hash() for s in slots]
-            known = self.catalog.known_hashes(hashes)
-            todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow], int]] = {}
-            for s, h in zip(slots, hashes):
-                if h in known or h in todo:
-                    continue
-                base_row = None
-                bh = None
-                if not (no_delta_prefixes and s.name.startswith(tuple(no_delta_prefixes))):
-                    bh = Deduplicator.same_name_reference(s.name, s.weight, parent_objs)
-                skip = _skip_left(parent_hows.get(s.name))
-                if bh is not None and skip > 0:
-                    bh = None  # its delta did not pay lately: stored whole, the countdown goes on
-                if bh is not None and self.delta_config.max_chain_length > 0:
-                    # the base is read back from the repository when this tensor is encoded: what is
-                    # stored never depends on what this process happens to hold in memory
-                    row = self.catalog.get_object(bh)
-                    if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
-                        base_row = row
-                todo[h] = (s, base_row, max(0, skip - 1))
-
-            pack_name, new_rows, hows = self._write_pack(todo, workers or self.workers, help_board, direct_io)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "skeleton": flat.skeleton,
-                "tensors": [
-                    [s.name, h, s.weight.dtype, list(s.weight.shape), s.device, s.kind]
-                    for s, h in zip(slots, hashes)
-                ],
-            }
-            manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
-            cid = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
-            logical = sum(s.weight.nbytes for s in slots)
-            written = sum(r.stored_bytes for r in new_rows)
-            stats = CommitStats(
-                cid, logical, written, len(slots),
-                new_full=sum(1 for r in new_rows if r.kind == "full"),
-                new_delta=sum(1 for r in new_rows if r.kind == "delta"),
-                deduplicated=len(slots) - len(new_rows),
-            )
-            now = time.time()
-            ref_names += [f"keep/{cid}"] if keep else []
-            object_rows = _commit_object_rows(
-                cid, [(s.name, h) for s, h in zip(slots, hashes)], lambda n, h: hows.get(h, "dedup")
+        hashes = [s.weight.compute_hash() for s in slots]
+        manifest = Manifest(flat.skeleton, [
+            TensorEntry(s.name, h, s.weight.dtype, tuple(s.weight.shape), s.device, s.kind)
+            for s, h in zip(slots, hashes)
+        ])
+        parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
+        # plan and write without the lock (packs are private until published); publishing checks
+        # that what the plan relied on is still there, and a lost race re-plans
+        for attempt in range(3):
+            written = self.write_objects(
+                [(s.name, s.weight) for s in slots], parent=parent_id, no_delta_prefixes=no_delta_prefixes,
+                workers=workers, help_board=help_board, direct_io=direct_io,
             )
             try:
-                self._publish(pack_name=pack_name, new_rows=new_rows, cid=cid, parent_id=parent_id, run=run,
-                              epoch=epoch, step=step, now=now, message=message, metrics=metrics,
-                              manifest_json=manifest_json, info=info, object_rows=object_rows, ref_names=ref_names,
-                              monitor=monitor, mode=mode, stats=stats)
-            except BaseException:
-                # nothing of it is visible: the pack would only be an orphan taking space
-                if pack_name is not None:
-                    (self.path / PACKS_DIR / pack_name).unlink(missing_ok=True)
-                raise
-            self._reclaim_released(stats.replaced)
+                stats = self.publish(manifest, [written], run=run, parent=parent_id, message=message,
+                                     metrics=metrics, epoch=epoch, step=step, refs=ref_names, keep=keep,
+                                     monitor=monitor, mode=mode, info=info)
+                break
+            except ConcurrentChangeError as exc:
+                if attempt == 2:
+                    raise
+                log.warning("commit of run %s raced a concurrent change (%s); planning it again", run, exc)
         stats.seconds = time.perf_counter() - t0
         log.info(
             "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
-            cid[:10], run, stats.tensors, logical / 1e6, written / 1e6, stats.new_full, stats.new_delta,
-            stats.deduplicated, stats.seconds,
+            stats.commit_id[:10], run, stats.tensors, stats.logical_bytes / 1e6, stats.written_bytes / 1e6,
+            stats.new_full, stats.new_delta, stats.deduplicated, stats.seconds,
         )
         return stats
 
-    def _publish(self, *, pack_name: Optional[str], new_rows: list[ObjectRow], cid: str, parent_id: Optional[str],
-                 run: str, epoch: Optional[int], step: Optional[int], now: float, message: str,
-                 metrics: dict[str, Any], manifest_json: str, info: Optional[dict[str, Any]],
-                 object_rows: list[tuple[str, str, str, str]], ref_names: list[str], monitor: Optional[str],
-                 mode: str, stats: CommitStats) -> None:
-        """The one transaction that makes a commit visible: its pack and objects, the commit, refs."""
+    @_named_errors
+    def write_objects(
+        self,
+        tensors: Sequence[tuple[str, WeightTensor]],
+        *,
+        parent: Optional[str] = None,
+        no_delta_prefixes: Sequence[str] = (),
+        workers: Optional[int] = None,
+        help_board: Optional[HelpBoard] = None,
+        direct_io: bool = False,
+    ) -> WrittenObjects:
+        """Plan and write the objects of named tensors that the repository lacks, into one new
+        pack, without the write lock; nothing becomes visible until :meth:`publish`.
+
+        The plan: a tensor whose hash the catalog holds is deduplicated; otherwise, when commit
+        ``parent`` has a tensor of the same name, dtype and shape, it is XOR-delta-encoded against
+        it if that pays (the base is read back from the parent's packs, so the result never depends
+        on what this process holds in memory), else stored whole. Several processes may call this
+        for one commit (each for its own tensors) and hand the results to one :meth:`publish`."""
+        parent_objs: dict[str, tuple[str, str, tuple]] = {}
+        parent_hows: dict[str, str] = {}
+        if parent is not None:
+            try:
+                parent_objs = self._tensor_index(parent)
+                parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent)}
+            except CatalogDamagedError as exc:  # save all the same, just without deltas against it
+                log.warning("not delta-encoding against parent %s: %s", parent[:10], exc)
+        known = self.catalog.known_hashes(w.compute_hash() for _, w in tensors)
+        todo: dict[str, tuple[_Named, Optional[ObjectRow], int]] = {}
+        for name, w in tensors:
+            h = w.compute_hash()
+            if h in known or h in todo:
+                continue
+            base_row = None
+            bh = None
+            if not (no_delta_prefixes and name.startswith(tuple(no_delta_prefixes))):
+                bh = Deduplicator.same_name_reference(name, w, parent_objs)
+            # how the parent stored it: "full/skipN" says its delta lost N commits ago
+            skip = _skip_left(parent_hows.get(name))
+            if bh is not None and skip > 0:
+                bh = None  # its delta did not pay lately: stored whole, the countdown goes on
+            if bh is not None and self.delta_config.max_chain_length > 0:
+                row = self.catalog.get_object(bh)
+                if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
+                    base_row = row
+            todo[h] = (_Named(name, w), base_row, max(0, skip - 1))
+        return self._write_pack(todo, workers or self.workers, help_board, direct_io)
+
+    @_named_errors
+    def publish(
+        self,
+        manifest: Manifest,
+        written: Sequence[WrittenObjects],
+        *,
+        run: str = "default",
+        parent: Optional[str] = None,
+        message: str = "",
+        metrics: Optional[dict[str, Any]] = None,
+        epoch: Optional[int] = None,
+        step: Optional[int] = None,
+        refs: Sequence[str] = (),
+        keep: bool = True,
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        info: Optional[dict[str, Any]] = None,
+    ) -> CommitStats:
+        """Make ``manifest`` a commit, with the objects ``written`` by :meth:`write_objects` (by
+        this process or others), in one short transaction under the write lock; ``refs`` then name
+        it. Every pack must be where its writer left it, at its size, and every object the manifest
+        lists must be in the repository, else :class:`ConcurrentChangeError` and nothing changes
+        (the new packs are removed). Commits the moved refs released are reclaimed."""
+        metrics = {k: _jsonable_metric(v) for k, v in (metrics or {}).items()}
+        validate_component(run, "run")
+        ref_names = [validate_ref_name(r) for r in refs]
+        cid = manifest.commit_id()
+        new_rows = [r for w in written for r in w.rows]
+        hows = {h: how for w in written for h, how in w.hows.items()}
+        packs = [p for w in written for p in w.packs]
+        stats = CommitStats(
+            cid, manifest.nbytes, sum(r.stored_bytes for r in new_rows), len(manifest.tensors),
+            new_full=sum(1 for r in new_rows if r.kind == "full"),
+            new_delta=sum(1 for r in new_rows if r.kind == "delta"),
+            deduplicated=len(manifest.tensors) - len(new_rows),
+        )
+        if keep:
+            ref_names.append(f"keep/{cid}")
         best = None
         if monitor is not None and metrics.get(monitor) is not None:
             best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
-        commit = NewCommit(cid, parent_id, run, epoch, step, now, message, metrics, manifest_json,
-                           any(not r.lossless for r in new_rows), stats.logical_bytes, stats.written_bytes, info or {})
-        pack = (pack_name, (self.path / PACKS_DIR / pack_name).stat().st_size) if pack_name is not None else None
-        stats.existed, stats.replaced = self.catalog.publish_commit(
-            pack=pack, objects=new_rows, commit=commit, commit_objects=object_rows, refs=ref_names, best=best,
+        object_rows = _commit_object_rows(
+            cid, [(e.name, e.hash) for e in manifest.tensors], lambda n, h: hows.get(h, "dedup")
         )
+        try:
+            with self.lock:
+                for p in packs:
+                    path = self.path / PACKS_DIR / p.name
+                    size = path.stat().st_size if path.exists() else None
+                    if size != p.size:
+                        raise ConcurrentChangeError(
+                            f"pack {p.name} written for this commit is {'gone' if size is None else f'{size} bytes'}"
+                            f", not {p.size} (removed by gc or overwritten?); save it again"
+                        )
+                commit = NewCommit(cid, parent, run, epoch, step, time.time(), message, metrics,
+                                   manifest.to_json(), any(not r.lossless for r in new_rows), stats.logical_bytes,
+                                   stats.written_bytes, info or {})
+                stats.existed, stats.replaced = self.catalog.publish_commit(
+                    packs=[(p.name, p.size) for p in packs], objects=new_rows, commit=commit,
+                    commit_objects=object_rows, refs=ref_names, best=best,
+                )
+                self._reclaim_released(stats.replaced)
+        except BaseException:
+            self.discard(written)  # not visible: the packs would only be orphans taking space
+            raise
+        return stats
+
+    def discard(self, written: Sequence[WrittenObjects]) -> None:
+        """Remove packs written by :meth:`write_objects` that will not be published. A pack the
+        catalog already names (published after all) is left alone."""
+        known = self.catalog.packs()
+        for w in written:
+            for p in w.packs:
+                if p.name not in known:
+                    (self.path / PACKS_DIR / p.name).unlink(missing_ok=True)
 
     @_named_errors
     def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
@@ -407,65 +488,52 @@ class Repository:
         """
         cid = self.resolve(ref)
         with self.lock:
-            row = self._commit_row(cid)
-            if row is None:
+            got = self._manifest(cid)
+            if got is None:
                 raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
-            skeleton, kept = adapters.prune(row.manifest["skeleton"], empty)
+            row, manifest = got
+            if manifest.sharded:
+                raise RepositoryError(f"commit {cid[:12]} is sharded (DCP): stripping it is not supported")
+            skeleton, kept = adapters.prune(manifest.skeleton, empty)
             if kept is None:
                 return cid
-            entries = [row.manifest["tensors"][i] for i in kept]
-            manifest = {"format": MANIFEST_FORMAT, "skeleton": skeleton, "tensors": entries}
-            manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
-            new_id = xxhash.xxh3_128(manifest_json.encode()).hexdigest()
+            stripped = manifest.subset(skeleton, kept)
+            new_id = stripped.commit_id()
             now = time.time()
             info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
             hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
             commit = NewCommit(new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message, row.metrics,
-                               manifest_json, row.lossy, sum(_entry_nbytes(e) for e in entries), 0, info)
+                               stripped.to_json(), row.lossy, stripped.nbytes, 0, info)
             self.catalog.add_derived_commit(commit, _commit_object_rows(
-                new_id, [(e[0], e[1]) for e in entries], lambda n, h: hows.get(n, "dedup")
+                new_id, [(e.name, e.hash) for e in stripped.tensors], lambda n, h: hows.get(n, "dedup")
             ), replaces=cid, now=now)
             if new_id != cid:
                 self._reclaim_released([cid])
             return new_id
 
     def _commit_row(self, cid: str) -> Optional[CommitRow]:
-        """The catalog row of commit ``cid``, verified: its manifest must hash to its id (the
-        catalog is not content-addressed on disk, so an edited or damaged row must not load), be of
-        a format this version reads, and be well-formed."""
+        """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
+        got = self._manifest(cid)
+        return got[0] if got is not None else None
+
+    def _manifest(self, cid: str) -> Optional[tuple[CommitRow, Manifest]]:
+        """Commit ``cid``'s catalog row and its manifest, verified: the manifest must hash to the id
+        (the catalog is not content-addressed on disk, so an edited or damaged row must not load),
+        be of a format this version reads, and be well-formed."""
         row = self.catalog.get_commit(cid)
         if row is None:
             return None
-        actual = xxhash.xxh3_128(row.manifest_json.encode()).hexdigest()
-        if actual != cid:
-            raise CatalogDamagedError(
-                f"commit {cid[:12]} in {self.path / CATALOG_NAME} is damaged: its manifest hashes to "
-                f"{actual[:12]}; restore the catalog from a backup or pull the commit again from a remote"
-            )
-        fmt = row.manifest.get("format")
-        if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
-            raise UnsupportedFormatError(
-                f"commit {cid[:12]} was written by a newer coral-torch (manifest format {fmt!r}, this one "
-                f"reads {MANIFEST_FORMAT}): upgrade coral-torch to load it"
-            )
-        tensors = row.manifest.get("tensors")
-        if not isinstance(tensors, list) or not all(
-            isinstance(e, list) and len(e) == 6 and isinstance(e[0], str) and isinstance(e[1], str)
-            and isinstance(e[2], str) and isinstance(e[3], list) and all(type(d) is int and d >= 0 for d in e[3])
-            for e in tensors
-        ) or "skeleton" not in row.manifest:
-            raise CatalogDamagedError(f"commit {cid[:12]} in {self.path} has a malformed manifest")
-        return row
+        return row, Manifest.parse(row.manifest_json, cid, where=f"commit {cid[:12]} in {self.path / CATALOG_NAME}")
 
     def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
         """name -> (hash, dtype, shape) of a commit's tensors."""
-        row = self._commit_row(cid)
-        if row is None:
+        got = self._manifest(cid)
+        if got is None:
             return {}
-        return {e[0]: (e[1], e[2], tuple(e[3])) for e in row.manifest["tensors"]}
+        return {e.name: (e.hash, e.dtype, e.shape) for e in got[1].tensors}
 
     def _encode_one(
-        self, store: HDF5Store, slot: adapters.TensorSlot, base_row: Optional[ObjectRow], skip_left: int
+        self, store: HDF5Store, slot: _Named, base_row: Optional[ObjectRow], skip_left: int
     ) -> tuple[PreparedObject, ObjectRow, str]:
         """Encode one tensor as an XOR delta against its base (when that pays) or whole; returns
         the prepared object, its catalog row and how the commit stored it (``commit_objects.how``).
@@ -483,7 +551,7 @@ class Repository:
                 raise CoralError("lossy delta types are not supported by Repository.commit yet")
             blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), level, base=base_raw)
             if blob.nbytes > self.delta_config.min_saving * base_row.full_estimate:
-                full = store._prepare(_renamed(w, slot.name), None, segmented=True)
+                full = store.prepare(_renamed(w, slot.name), segmented=True)
             if full is None or blob.nbytes < full.stored_bytes:
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
                 delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
@@ -496,7 +564,7 @@ class Repository:
             lost = True
         del base_raw
         if full is None:
-            full = store._prepare(_renamed(w, slot.name), None, segmented=True)
+            full = store.prepare(_renamed(w, slot.name), segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
         # a lost delta is not tried again for a few commits (AdamW's first moment, for one, changes
         # completely every epoch; trying costs a base read and a second encode each time)
@@ -529,24 +597,20 @@ class Repository:
         return xor <= self.delta_config.min_saving * own
 
     def _write_pack(
-        self, todo: dict[str, tuple[adapters.TensorSlot, Optional[ObjectRow]]], workers: int,
+        self, todo: dict[str, tuple[_Named, Optional[ObjectRow], int]], workers: int,
         board: Optional[HelpBoard] = None, direct_io: bool = False,
-    ) -> tuple[Optional[str], list[ObjectRow], dict[str, str]]:
+    ) -> WrittenObjects:
         if not todo:
-            return None, [], {}
-        packs = self.path / PACKS_DIR
-        name = new_pack_name()
-        tmp = packs / f".tmp-{name}"
-        store = None
-
+            return WrittenObjects([], [], {})
         hows: dict[str, str] = {}
+        writer: Optional[PackWriter] = None
 
-        def encode_and_write(item: tuple[adapters.TensorSlot, Optional[ObjectRow], int]) -> ObjectRow:
-            prep, row, how = self._encode_one(store, *item)
-            store.write_prepared(prep)
-            row.pack = name
-            if prep.location is not None:
-                row.offset, row.length = prep.location
+        def encode_and_write(item: tuple[_Named, Optional[ObjectRow], int]) -> ObjectRow:
+            prep, row, how = self._encode_one(writer.store, *item)
+            location = writer.write(prep)
+            row.pack = writer.name
+            if location is not None:
+                row.offset, row.length = location
             hows[row.hash] = how
             return row
 
@@ -557,19 +621,15 @@ class Repository:
         # two threads can share once the helper arrives.
         smallest_first = workers <= 1 and board is not None
         try:
-            store = hdf5_store.HDF5Store(tmp, mode="x", compression_opts=self.compression_level, direct_io=direct_io)
+            writer = PackWriter(self.path, compression_level=self.compression_level, direct_io=direct_io)
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
                                 cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
-            store.close()
-            publish_file(tmp, packs / name)
+            pack = writer.finish()
         except BaseException as exc:
-            if store is not None:
-                try:  # closing a half-written file can fail again (ENOSPC): keep the first error
-                    store.close()
-                except Exception:  # noqa: BLE001
-                    pass
-            tmp.unlink(missing_ok=True)
+            if writer is not None:
+                writer.abort()
             if _is_disk_full(exc):
+                packs = self.path / PACKS_DIR
                 needed = sum(item[0].weight.nbytes for item in todo.values())
                 free = shutil.disk_usage(packs).free
                 raise DiskFullError(
@@ -579,35 +639,41 @@ class Repository:
                     path=str(packs), needed=needed,
                 ) from exc
             raise
-        return name, rows, hows
+        # finished and renamed: gc's grace period for young orphans protects it until publish
+        return WrittenObjects([pack], rows, hows)
 
     # ================================================================================ load
     @_named_errors
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
         """The checkpoint ``ref`` names, rebuilt exactly as saved (tensors verified by hash)."""
         cid = self.resolve(ref)
-        row = self._commit_row(cid)
-        if row is None:  # removed by a concurrent gc
+        got = self._manifest(cid)
+        if got is None:  # removed by a concurrent gc
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
-        entries = row.manifest["tensors"]
-        raws = self.materialize([e[1] for e in entries], commit=cid, names=[e[0] for e in entries])
+        manifest = got[1]
+        entries = manifest.tensors
+        raws = self.materialize([e.hash for e in entries], commit=cid, names=[e.name for e in entries])
         tensors = []
         handed_out: set[str] = set()
-        for name, h, dtype, shape, device, _kind in entries:
+        for e in entries:
             # Equal content in different slots (e.g. every param's `step` counter) must come back
             # as separate tensors: only slots that were the same tensor (tied) share memory.
-            raw = raws[h].copy() if h in handed_out else raws[h]
-            handed_out.add(h)
+            raw = raws[e.hash].copy() if e.hash in handed_out else raws[e.hash]
+            handed_out.add(e.hash)
             try:
-                w = WeightTensor.from_raw(raw, WeightMetadata(name=name, shape=tuple(shape), dtype=dtype))
+                w = WeightTensor.from_raw(raw, WeightMetadata(name=e.name, shape=e.shape, dtype=e.dtype))
             except CoralError as exc:  # the manifest entry disagrees with the object it names
                 raise CheckpointDamagedError(
-                    f"checkpoint {cid[:10]} in {self.path} is damaged: tensor {name} ({exc})",
-                    commit=cid, tensors=[name],
+                    f"checkpoint {cid[:10]} in {self.path} is damaged: tensor {e.name} ({exc})",
+                    commit=cid, tensors=[e.name],
                 ) from exc
-            tensors.append(adapters.apply_map_location(w.to_torch(), device, map_location))
+            tensors.append(adapters.apply_map_location(w.to_torch(), e.device, map_location))
+        del raws
         try:
-            obj = adapters.unflatten(row.manifest["skeleton"], tensors, weights_only=weights_only)
+            if manifest.sharded:  # a DCP commit: its chunks consolidated into one full state dict
+                obj = sharded.consolidate(manifest, tensors, weights_only=weights_only)
+            else:
+                obj = adapters.unflatten(manifest.skeleton, tensors, weights_only=weights_only)
         except CoralError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
@@ -1052,14 +1118,19 @@ class Repository:
         for cid in self.catalog.commit_ids():
             report.commits_checked += 1
             try:
-                row = self._commit_row(cid)
-                if row is None:
+                got = self._manifest(cid)
+                if got is None:
                     continue
-                for name, h, dtype, shape, _device, _kind in row.manifest["tensors"]:
-                    o = by_hash.get(h)
-                    if o is not None and (o.dtype != dtype or list(o.shape) != list(shape)):
-                        raise CatalogDamagedError(f"tensor {name}: manifest says {dtype}{shape}, object row {o.dtype}{list(o.shape)}")
-                adapters.check_skeleton(row.manifest["skeleton"], len(row.manifest["tensors"]))
+                manifest = got[1]
+                for e in manifest.tensors:
+                    o = by_hash.get(e.hash)
+                    if o is not None and (o.dtype != e.dtype or tuple(o.shape) != e.shape):
+                        raise CatalogDamagedError(f"tensor {e.name}: manifest says {e.dtype}{list(e.shape)}, "
+                                                  f"object row {o.dtype}{list(o.shape)}")
+                if manifest.sharded:
+                    sharded.check_layout(manifest)
+                else:
+                    adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
             except CoralError as exc:
                 report.damaged_manifests[cid] = str(exc)
         for name, cid in self.catalog.refs().items():
@@ -1097,13 +1168,17 @@ class Repository:
 
     # ================================================================================= gc
     @_named_errors
-    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3) -> dict[str, Any]:
+    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3,
+           orphan_grace_s: float = 3600.0) -> dict[str, Any]:
         """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
         deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
 
         Moving or deleting refs already does this for the commits it releases (see
         :meth:`delete_ref`); ``gc`` sweeps the whole repository: what older versions or interrupted
-        runs left, and files in ``packs/`` the catalog does not know."""
+        runs left, and files in ``packs/`` the catalog does not know. Packs are written without the
+        lock and published afterwards, so an unknown file is removed only once it was not modified
+        for ``orphan_grace_s`` seconds (a file being written keeps a fresh mtime; a finished one
+        waits for its publish)."""
         with self.lock:
             cat = self.catalog
             live_commits = set(cat.refs().values())
@@ -1120,21 +1195,24 @@ class Repository:
             dead_objects = set(rows) - live
             packs_dir = self.path / PACKS_DIR
             known = cat.packs()
-            orphans = [f for f in packs_dir.iterdir() if f.name not in known] if packs_dir.exists() else []
-            before = sum(f.stat().st_size for f in packs_dir.iterdir()) if packs_dir.exists() else 0
+            unknown = [f for f in packs_dir.iterdir() if f.name not in known] if packs_dir.exists() else []
+            cutoff = time.time() - orphan_grace_s
+            orphans = [f for f in unknown if _mtime(f) <= cutoff]
+            before = _dir_bytes(packs_dir)
             stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
                                   dry_run=dry_run, repack_threshold=repack_threshold)
             stats.update(
                 orphan_files_removed=len(orphans),
+                orphan_files_kept=len(unknown) - len(orphans),
                 bytes_before=before,
-                bytes_reclaimable=stats["bytes_reclaimable"] + sum(f.stat().st_size for f in orphans),
+                bytes_reclaimable=stats["bytes_reclaimable"] + sum(_size(f) for f in orphans),
             )
             if dry_run:
                 return stats
             for f in orphans:
                 f.unlink(missing_ok=True)
             cat.checkpoint()
-            after = sum(f.stat().st_size for f in packs_dir.iterdir())
+            after = _dir_bytes(packs_dir)
             stats["bytes_after"] = after
             stats["bytes_reclaimed"] = before - after
             return stats
@@ -1289,6 +1367,24 @@ def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list
     return rows
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed or removed by a writer meanwhile (packs need no lock)
+        return 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(_size(f) for f in path.iterdir()) if path.exists() else 0
+
+
 def _file_identity(path: Path) -> Optional[tuple[int, int]]:
     try:
         st = path.stat()
@@ -1315,12 +1411,6 @@ def _read_exact(fd: int, length: int, offset: int) -> Optional[memoryview]:
             return None
         done += got
     return view
-
-
-def _entry_nbytes(entry: list) -> int:
-    from .. import dtypes
-
-    return int(np.prod(entry[3], dtype=np.int64)) * dtypes.itemsize(entry[2])
 
 
 def _skip_left(how: Optional[str]) -> int:

@@ -278,9 +278,14 @@ class HDF5Store(WeightStore):
         return self.file
 
     # ------------------------------------------------------------------------- encode (no h5py)
-    def prepare(self, weight: WeightTensor, hash_key: Optional[str] = None) -> PreparedObject:
-        """Hash and encode ``weight`` for writing. Thread-safe; touches no HDF5 state."""
-        return self._prepare(weight, hash_key, segmented=False)
+    def prepare(self, weight: WeightTensor, hash_key: Optional[str] = None, *, segmented: bool = False
+                ) -> PreparedObject:
+        """Hash and encode ``weight`` for writing. Thread-safe; touches no HDF5 state.
+
+        ``segmented``: the payload may be a :class:`codec.Blob` that references the encoder's split
+        buffer and ``weight``'s own bytes (no joining copy); only for callers that write it with
+        :meth:`write_prepared` before ``weight`` changes."""
+        return self._prepare(weight, hash_key, segmented=segmented)
 
     def _prepare(self, weight: WeightTensor, hash_key: Optional[str], segmented: bool) -> PreparedObject:
         """``segmented``: the payload may be a :class:`codec.Blob` that references the split buffer
