@@ -127,6 +127,10 @@ class ConcurrentChangeError(RepositoryError):
         self.missing = tuple(missing)
 
 
+class UnsupportedTorchError(CoralError, ImportError):
+    """The installed torch lacks an API this feature needs (e.g. DCP's storage interface)."""
+
+
 class RepositoryLockedError(RepositoryError):
     """Another process holds the repository's write lock."""
 

@@ -506,11 +506,6 @@ class Catalog:
             out += [_object(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
         return out
 
-    def commits_with_info(self, key: str, value: str) -> list[str]:
-        """Ids of the commits whose ``info[key] == value`` (e.g. a sharded save's token)."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT id FROM commits WHERE json_extract(info, ?) = ?", (f"$.{key}", value))]
-
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")

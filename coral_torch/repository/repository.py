@@ -684,6 +684,15 @@ class Repository:
         return obj
 
     @_named_errors
+    def manifest(self, ref: str) -> Manifest:
+        """The verified :class:`~coral_torch.manifest.Manifest` of the commit ``ref`` names."""
+        cid = self.resolve(ref)
+        got = self._manifest(cid)
+        if got is None:
+            raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
+        return got[1]
+
+    @_named_errors
     def materialize(
         self, hashes: Sequence[str], *, commit: Optional[str] = None, names: Optional[Sequence[str]] = None
     ) -> dict[str, np.ndarray]:

@@ -1,0 +1,94 @@
+"""Sharded checkpoints: a torch.distributed.checkpoint (DCP) storage backend.
+
+``dcp.save(state_dict, storage_writer=CoralStorageWriter(repo))`` and
+``dcp.load(state_dict, storage_reader=CoralStorageReader(repo, "coral://latest"))`` on every rank;
+or the shortcuts :func:`save` and :func:`load` below. A sharded save is one commit like any other
+(``log``, ``verify``, ``gc``, ``push``/``pull``, ``tag``); ``coral_torch.load`` of it returns the
+consolidated, unsharded state dict.
+
+Supported: torch >= 2.4 (the ``StorageWriter``/``StorageReader`` interface with ``storage_meta``
+and keyword set-up arguments); older versions are refused with :class:`UnsupportedTorchError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from ..errors import UnsupportedTorchError
+
+MIN_TORCH = (2, 4)
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):  # pragma: no cover - unusual version strings
+        return (99, 0)
+
+
+if _torch_version() < MIN_TORCH:
+    raise UnsupportedTorchError(
+        f"coral_torch.dcp needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (its checkpoint storage API); "
+        f"this is torch {torch.__version__}: upgrade torch, or save unsharded with coral_torch.save"
+    )
+
+import torch.distributed.checkpoint as _dcp  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+
+from ..errors import CoralError  # noqa: E402
+
+from ..repository import Repository  # noqa: E402
+from .reader import CoralStorageReader  # noqa: E402
+from .writer import CoralStorageWriter  # noqa: E402
+
+__all__ = ["CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
+
+
+def save(state_dict: dict[str, Any], *, repo: Union[str, os.PathLike, Repository] = ".coral", run: str = "default",
+         process_group: Any = None, planner: Any = None, **writer_kwargs: Any) -> str:
+    """``dcp.save`` into ``repo`` on every rank; returns the new commit's id (on every rank)."""
+    writer = CoralStorageWriter(repo, run=run, **writer_kwargs)
+    with _named_failures():
+        _dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+    cid = writer.commit_id
+    assert cid is not None, "dcp.save returned without a published commit"
+    return cid
+
+
+def async_save(state_dict: dict[str, Any], *, repo: Union[str, os.PathLike, Repository] = ".coral",
+               run: str = "default", process_group: Any = None, **writer_kwargs: Any):
+    """``dcp.async_save`` into ``repo``: returns ``(future, writer)``; ``writer.commit_id`` once the
+    future is done."""
+    writer = CoralStorageWriter(repo, run=run, **writer_kwargs)
+    fut = _dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
+    return fut, writer
+
+
+def load(state_dict: dict[str, Any], ref: str = "latest", *, repo: Union[str, os.PathLike, Repository] = ".coral",
+         process_group: Any = None, planner: Any = None, trust_pickles: bool = False) -> Optional[str]:
+    """``dcp.load`` of the commit ``ref`` names into ``state_dict`` (in place, resharded to its
+    current layout) on every rank; returns the commit id."""
+    reader = CoralStorageReader(repo, ref, trust_pickles=trust_pickles)
+    with _named_failures():
+        _dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
+    return reader.commit_id
+
+
+class _named_failures:
+    """DCP wraps every rank's exception in a ``CheckpointException`` (a BaseException); the
+    shortcuts re-raise the first :class:`CoralError` among them, so callers get the named error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, CheckpointException):
+            for failure in exc.failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, CoralError):
+                    raise inner from exc
+        return False

@@ -1,0 +1,206 @@
+"""``CoralStorageWriter``: torch.distributed.checkpoint saves into a coral-torch repository.
+
+DCP calls, in this order (torch's ``storage.py``): ``reset`` and ``set_up_storage_writer`` (all
+ranks), ``prepare_local_plan`` (all), ``prepare_global_plan`` (coordinator), ``write_data`` (all),
+``finish`` (coordinator). Here:
+
+- the coordinator's global plan hands every rank the same save token and parent commit;
+- each rank writes its own items (tensor chunks, pickled values) into its own pack with
+  :meth:`Repository.write_objects`, in parallel and without the repository lock: deduplicated by
+  content hash against everything the repository holds, XOR deltas against the same chunk of the
+  parent commit, every object hashed;
+- the coordinator's ``finish`` builds one manifest (DCP's metadata as JSON plus every rank's
+  entries) and publishes it, with all ranks' packs, in one transaction (:meth:`Repository.publish`).
+  If any rank failed, DCP never calls ``finish``: nothing becomes visible, and the packs the other
+  ranks wrote are orphans gc removes after its grace period.
+
+The writer keeps no state a new process could not rebuild (the repository path and the commit
+options), so ``dcp.async_save`` may pickle it into another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+import uuid
+from torch.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+
+from ..errors import RepositoryError
+from ..manifest import Manifest, TensorEntry
+from ..repository import Repository
+from ..repository.repository import WrittenObjects
+from ..sharded import chunk_name
+from ..weight_tensor import WeightMetadata, WeightTensor
+from .layout import layout_of
+
+#: refs ``saves/<token>`` name each save's commit, so every rank finds it (saving unchanged state
+#: again gives the same commit, so the commit itself cannot carry the token); kept for a day
+SAVE_REFS = "saves/"
+_SAVE_REF_TTL_S = 86400.0
+
+
+@dataclass
+class _Stored:
+    """What one rank tells the coordinator about one item (travels in ``WriteResult.storage_data``)."""
+
+    name: str
+    hash: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    written: Optional[WrittenObjects] = None  # the rank's new packs, on its first result only
+
+
+def _repo_path(repo: Union[str, os.PathLike, Repository]) -> str:
+    return str(repo.path if isinstance(repo, Repository) else Path(repo).absolute())
+
+
+class CoralStorageWriter(StorageWriter):
+    """A DCP ``StorageWriter`` that stores a save as one commit of the repository at ``repo``.
+
+    Use the same arguments on every rank: ``dcp.save(state_dict, storage_writer=CoralStorageWriter(repo))``.
+    After ``dcp.save`` returns, :attr:`commit_id` is the new commit's id on every rank.
+
+    Args:
+        repo: the repository (a path, created if missing, or a :class:`Repository`); every rank must
+            see the same directory (one host, or a shared file system).
+        run: the run this commit continues: its parent is ``runs/<run>/latest``, which then names it.
+        tags, refs: more refs to point at the commit (``tags/<tag>``; full ref names).
+        message, metrics, epoch, step, info: stored with the commit (as :meth:`Repository.commit`).
+        monitor, mode: ``runs/<run>/best`` follows the best value of ``metrics[monitor]``.
+        keep: add ``keep/<id>`` so gc never removes the commit.
+    """
+
+    def __init__(
+        self,
+        repo: Union[str, os.PathLike, Repository] = ".coral",
+        *,
+        run: str = "default",
+        tags: Sequence[str] = (),
+        refs: Sequence[str] = (),
+        message: str = "",
+        metrics: Optional[dict[str, Any]] = None,
+        epoch: Optional[int] = None,
+        step: Optional[int] = None,
+        info: Optional[dict[str, Any]] = None,
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        keep: bool = True,
+    ):
+        super().__init__()
+        self.repo_path = _repo_path(repo)
+        self._repo = repo if isinstance(repo, Repository) else None
+        self.run, self.tags, self.refs = run, tuple(tags), tuple(refs)
+        self.message, self.metrics, self.epoch, self.step = message, dict(metrics or {}), epoch, step
+        self.info, self.monitor, self.mode, self.keep = dict(info or {}), monitor, mode, keep
+        self.is_coordinator = False
+        self._token: Optional[str] = None
+        self._parent: Optional[str] = None
+        self._commit_id: Optional[str] = None
+
+    # -- picklable for dcp.async_save's process executor: the repository is reopened there --------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_repo"] = None
+        return state
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository(self.repo_path)
+        return self._repo
+
+    @property
+    def commit_id(self) -> Optional[str]:
+        """The id of the commit the last save made (None before it finished)."""
+        if self._commit_id is None and self._token is not None:
+            self._commit_id = self.repo.catalog.get_ref(SAVE_REFS + self._token)
+        return self._commit_id
+
+    # -- the StorageWriter interface, in call order ---------------------------------------------
+    def reset(self, checkpoint_id: Union[str, os.PathLike, None] = None) -> None:
+        """A new save begins. ``checkpoint_id`` is not used (the repository is given to the writer)."""
+        self._token = self._parent = self._commit_id = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        if is_coordinator:
+            self.repo  # noqa: B018 - create the repository before any rank writes into it
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        token = uuid.uuid4().hex
+        repo = self.repo
+        stale = time.time() - _SAVE_REF_TTL_S
+        for name, _, updated in repo.catalog.ref_rows():
+            if name.startswith(SAVE_REFS) and updated < stale:
+                repo.delete_ref(name)
+        parent = repo.catalog.get_ref(f"runs/{self.run}/latest")
+        shared = {"token": token, "parent": parent}
+        return [dataclasses.replace(p, storage_data=shared) for p in plans]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        shared = plan.storage_data or {}
+        self._token, self._parent = shared.get("token"), shared.get("parent")
+        named: list[tuple[str, WeightTensor]] = []
+        stored: list[tuple[Any, _Stored, int]] = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
+                t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                name, kind = chunk_name(item.index.fqn, None), "bytes"
+            else:
+                t = data.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                name, kind = chunk_name(item.index.fqn, item.index.offset), "tensor"
+            w = WeightTensor(t, WeightMetadata(name=name, shape=tuple(t.shape), dtype=t.dtype))
+            named.append((name, w))
+            stored.append((item.index, _Stored(name, w.compute_hash(), w.dtype, tuple(w.shape), kind), w.nbytes))
+        written = self.repo.write_objects(named, parent=self._parent) if named else None
+        results = [WriteResult(index=idx, size_in_bytes=n, storage_data=st) for idx, st, n in stored]
+        if results:
+            results[0].storage_data.written = written
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Publish the save as one commit (coordinator only)."""
+        stored = sorted((r.storage_data for rank in results for r in rank), key=lambda s: s.name)
+        names = [s.name for s in stored]
+        if len(set(names)) != len(names):
+            raise RepositoryError("two ranks wrote the same checkpoint item: the save plan is inconsistent")
+        entry_of = {s.name: i for i, s in enumerate(stored)}
+        manifest = Manifest(None, [TensorEntry(s.name, s.hash, s.dtype, s.shape, "cpu", s.kind) for s in stored],
+                            layout_of(metadata, entry_of))
+        written = [s.written for s in stored if s.written is not None]
+        refs = [f"runs/{self.run}/latest", SAVE_REFS + self._token] + [f"tags/{t}" for t in self.tags] + list(self.refs)
+        info = dict(self.info, world_size=len(results))
+        stats = self.repo.publish(
+            manifest, written, run=self.run, parent=self._parent, message=self.message, metrics=self.metrics,
+            epoch=self.epoch, step=self.step, refs=refs, keep=self.keep, monitor=self.monitor, mode=self.mode,
+            info=info,
+        )
+        self._commit_id = stats.commit_id
+        self.last_stats = stats
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Union[str, os.PathLike]) -> bool:
+        return False  # never chosen automatically from a checkpoint_id: pass the writer
+
+    def storage_meta(self) -> Optional[StorageMeta]:
+        return StorageMeta(checkpoint_id=self.repo_path, save_id=self._token)

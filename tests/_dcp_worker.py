@@ -1,0 +1,131 @@
+"""One rank of a multi-process FSDP2 (gloo, CPU) run for tests/test_dcp.py.
+
+    python tests/_dcp_worker.py <scenario> <json args>   (RANK, WORLD_SIZE, MASTER_* in the env)
+
+Scenarios: ``save`` (train, save, save unchanged, train, save, async_save, then load 2->2 into a
+fresh model), ``killed`` (rank 1 dies while writing its pack), ``after_kill`` (one more save).
+Rank 0 writes a JSON report and the full (gathered) tensors it saved, for the test to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import coral_torch.dcp as cdcp  # noqa: E402
+from coral_torch import Repository  # noqa: E402
+
+
+def build(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(64, 32), torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)
+    )
+    for layer in (model[0], model[1], model[3]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(model, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 64, (16,), generator=g)
+        loss = model(x).float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full(sd: dict) -> dict:
+    """Every value gathered into a plain tensor (a collective: all ranks call it)."""
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out[k] = full(v)
+        elif isinstance(v, DTensor):
+            out[k] = v.full_tensor()
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().clone()  # optimizer state is live: later steps change it in place
+        else:
+            out[k] = v
+    return out
+
+
+def state(model, opt) -> dict:
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd, "extra": {"epoch": 1, "note": "hello"}}
+
+
+def main() -> None:
+    scenario, args = sys.argv[1], json.loads(sys.argv[2])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=float(args.get("timeout", 60))))
+    rank = dist.get_rank()
+    repo = args["repo"]
+    report: dict = {}
+    model = build(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 2, seed=1)
+
+    if scenario == "save":
+        sd = state(model, opt)
+        report["first"] = cdcp.save(sd, repo=repo, run="shard", metrics={"loss": 1.0})
+        report["unchanged"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+        train(model, opt, 1, seed=2)
+        sd = state(model, opt)
+        report["third"] = cdcp.save(sd, repo=repo, run="shard")
+        saved = full(sd)
+        train(model, opt, 1, seed=3)
+        fut, writer = cdcp.async_save(state(model, opt), repo=repo, run="shard")
+        fut.result()
+        report["async"] = writer.commit_id
+        async_full = full(state(model, opt))
+        # 2 -> 2: a fresh model (other seed) loads the third commit, resharded as it is now
+        fresh = build(7)
+        fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        train(fresh, fopt, 1, seed=9)  # so its optimizer has state to overwrite
+        target = state(fresh, fopt)
+        report["loaded"] = cdcp.load(target, report["third"], repo=repo)
+        set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        back = full(state(fresh, fopt))
+        if rank == 0:
+            torch.save({"third": saved, "async": async_full, "back": back}, args["out"] + ".pt")
+    elif scenario == "killed":
+        train(model, opt, 1, seed=5)  # new state: each rank has objects to write
+        if rank == 1:
+            real = Repository.write_objects
+
+            def die(self, *a, **k):
+                real(self, *a, **k)  # its pack is written, then the rank dies before reporting
+                os._exit(3)
+
+            Repository.write_objects = die
+        try:
+            cdcp.save(state(model, opt), repo=repo, run="shard")
+            report["saved"] = True
+        except Exception as exc:  # noqa: BLE001 - what the survivor sees is the report
+            report["error"] = type(exc).__name__
+    elif scenario == "after_kill":
+        report["cid"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+    report["rank"] = rank
+    with open(f"{args['out']}.{rank}.json", "w") as f:
+        json.dump(report, f)
+    if scenario != "killed":
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
