@@ -183,3 +183,32 @@ def test_pickled_values_are_not_executed_on_load_unless_trusted(tmp_path):
         cdcp.load(target, cid, repo=tmp_path / ".coral", trust_pickles=True)
     assert target["obj"].v == 3 and target["n"] == 7 and torch.equal(target["w"], sd["w"])
     assert coral_torch.load(cid, repo=tmp_path / ".coral", weights_only=False)["obj"].v == 3
+
+
+MP_WORKER = Path(__file__).with_name("_mp_worker.py")
+
+
+def run_lightning(args: dict, timeout: float = 300) -> dict:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(MP_WORKER), json.dumps(args)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    with open(args["out"] + ".json") as f:
+        return json.load(f)
+
+
+def test_lightning_model_parallel_resume_is_exact_and_model_checkpoint_keeps_working(tmp_path):
+    repo, ckdir = str(tmp_path / ".coral"), str(tmp_path / "ckpts")
+    straight = run_lightning({"repo": str(tmp_path / "straight"), "epochs": 3, "out": str(tmp_path / "s")})
+    first = run_lightning({"repo": repo, "epochs": 2, "out": str(tmp_path / "a"), "model_checkpoint": True,
+                           "ckdir": ckdir})
+    r = Repository(repo)
+    assert r.manifest(first["last"]).sharded and len(r.log("mp")) == 2
+    # ModelCheckpoint's files are pointers to sharded commits; top-1 removed the other epoch's
+    names = sorted(os.listdir(ckdir))
+    assert "last.ckpt" in names and len(names) == 2, names
+    assert coral_torch.load(os.path.join(ckdir, "last.ckpt"))["state_dict"]
+    resumed = run_lightning({"repo": repo, "epochs": 3, "out": str(tmp_path / "b"), "ckpt": "coral://latest"})
+    assert resumed["epoch"] == straight["epoch"] == 3
+    same(torch.load(str(tmp_path / "s.pt")), torch.load(str(tmp_path / "b.pt")))  # 2 + 1 epochs == 3
+    assert Repository(repo).verify().ok

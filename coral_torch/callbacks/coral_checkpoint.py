@@ -7,8 +7,10 @@ background thread hashes, delta-encodes, compresses and writes (see :mod:`.snaps
 
 Under DDP every rank builds the checkpoint (as ``ModelCheckpoint`` does), only global rank 0
 writes, and a writer failure is shared with all ranks at the next save point so none deadlocks.
-Sharded strategies (FSDP, DeepSpeed, ModelParallel) write per-rank shards outside ``CheckpointIO``
-and are refused at set-up.
+With :class:`~coral_torch.callbacks.CoralModelParallelStrategy` (FSDP2 / tensor parallel) every
+rank writes its own shards through torch.distributed.checkpoint into the repository and one commit
+is published (synchronously: the sharded save is a collective). Other sharded strategies (FSDP1,
+DeepSpeed, stock ModelParallel) write per-rank shards outside ``CheckpointIO`` and are refused at set-up.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 OPTIMIZER_KEY = "optimizer_states"
+
+
+def _is_coral_sharded(strategy: Any) -> bool:
+    return callable(getattr(strategy, "commit_sharded", None))
 
 
 class CoralCheckpointError(CoralError):
@@ -183,6 +189,7 @@ class CoralCheckpoint(Checkpoint):
         self._buffers = SnapshotBuffers()
         self._committer: Optional[BackgroundCommitter] = None
         self._pending_stats: list[dict[str, Any]] = []
+        self._sharded = False  # the strategy writes sharded commits (set up in setup())
         self._last_step_saved = -1
         self._trainer: Any = None
         self._at_epoch_end = False
@@ -205,11 +212,18 @@ class CoralCheckpoint(Checkpoint):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
         name = type(trainer.strategy).__name__
-        if name in _SHARDED:
+        self._sharded = _is_coral_sharded(trainer.strategy)
+        if name in _SHARDED and not self._sharded:
             raise CoralError(
-                f"CoralCheckpoint does not support {name}: sharded strategies write per-rank shards "
-                "outside CheckpointIO. Use DDP / single-device, or Lightning's ModelCheckpoint for sharded runs."
+                f"CoralCheckpoint does not support {name}: it writes per-rank shards outside CheckpointIO. "
+                "Use coral_torch.callbacks.CoralModelParallelStrategy (FSDP2), DDP or a single device"
             )
+        if self._sharded:
+            if trainer.strategy.repo is None and self._repo_arg is not None:
+                # one repository for the callback and the strategy
+                trainer.strategy.repo = self._repo_arg.path if isinstance(self._repo_arg, Repository) else self._repo_arg
+            self._repo_arg = trainer.strategy.repo_path
+            self.async_save = False  # a sharded save is a collective of all ranks
         if self.repo is None:
             if isinstance(self._repo_arg, Repository):
                 self.repo = self._repo_arg
@@ -220,7 +234,8 @@ class CoralCheckpoint(Checkpoint):
                     self.repo = api.open_repository(path, delta_config=self.delta_config)
                 else:
                     self._repo_path = path
-        if self.install_checkpoint_io and not isinstance(trainer.strategy.checkpoint_io, CoralCheckpointIO):
+        if self.install_checkpoint_io and not self._sharded and not isinstance(trainer.strategy.checkpoint_io,
+                                                                                 CoralCheckpointIO):
             repo_for_io = self.repo if self.repo is not None else getattr(self, "_repo_path", None)
             trainer.strategy.checkpoint_io = CoralCheckpointIO(repo_for_io)
         if self._committer is None and self.async_save:
@@ -383,6 +398,9 @@ class CoralCheckpoint(Checkpoint):
         self._flush_stats(trainer)
         run = self._run_name(trainer)  # before the dump: our state_dict records it
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=self.save_weights_only)
+        if self._sharded:
+            self._commit_sharded(trainer, checkpoint, run, t0)
+            return
         if not trainer.is_global_zero:
             return
         if self.keep_optimizer == "none" and OPTIMIZER_KEY in checkpoint:
@@ -445,6 +463,19 @@ class CoralCheckpoint(Checkpoint):
             "new_full": stats.new_full, "new_delta": stats.new_delta, "deduplicated": stats.deduplicated,
         })
         return stats
+
+    def _commit_sharded(self, trainer: Any, checkpoint: dict, run: str, t0: float) -> None:
+        """Every rank writes its shards; one commit (see :class:`CoralModelParallelStrategy`)."""
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        epoch, step = trainer.current_epoch, trainer.global_step
+        cid = trainer.strategy.commit_sharded(checkpoint, run=run, metrics=metrics, monitor=self.monitor,
+                                              mode=self.mode, message=f"epoch {epoch} step {step}")
+        self.last_commit = cid
+        if trainer.is_global_zero:
+            self._retain(self.repo, run, cid, metrics)
+            self._pending_stats.append({"commit": cid, "epoch": epoch, "step": step,
+                                        "stall_s": time.perf_counter() - t0})
 
     def _strip_older(self, repo: Repository, run: str, cid: str) -> None:
         """``keep_optimizer="last"``: rewrite every commit of the run that still holds per-parameter
