@@ -27,7 +27,7 @@ from ..repository import Repository
 from ..sharded import load_value
 from ..weight_tensor import WeightMetadata, WeightTensor
 from .layout import metadata_of
-from .writer import _repo_path
+from .writer import repository_path
 
 _BATCH_BYTES = 256 << 20  # objects decoded per batch: a rank's load holds at most this much extra
 
@@ -41,7 +41,7 @@ class CoralStorageReader(StorageReader):
     def __init__(self, repo: Union[str, os.PathLike, Repository] = ".coral", ref: str = "latest", *,
                  trust_pickles: bool = False):
         super().__init__()
-        self.repo_path = _repo_path(repo)
+        self.repo_path = repository_path(repo)
         self._repo = repo if isinstance(repo, Repository) else None
         self.ref = _strip_scheme(ref)
         self.trust_pickles = trust_pickles

@@ -37,8 +37,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from ..errors import RepositoryError
 from ..manifest import Manifest, TensorEntry
-from ..repository import Repository
-from ..repository.repository import WrittenObjects
+from ..repository import Repository, WrittenObjects
 from ..sharded import chunk_name
 from ..weight_tensor import WeightMetadata, WeightTensor
 from .layout import layout_of
@@ -61,7 +60,8 @@ class _Stored:
     written: Optional[WrittenObjects] = None  # the rank's new packs, on its first result only
 
 
-def _repo_path(repo: Union[str, os.PathLike, Repository]) -> str:
+def repository_path(repo: Union[str, os.PathLike, Repository]) -> str:
+    """The absolute repository directory of a path or a :class:`Repository`."""
     return str(repo.path if isinstance(repo, Repository) else Path(repo).absolute())
 
 
@@ -98,7 +98,7 @@ class CoralStorageWriter(StorageWriter):
         keep: bool = True,
     ):
         super().__init__()
-        self.repo_path = _repo_path(repo)
+        self.repo_path = repository_path(repo)
         self._repo = repo if isinstance(repo, Repository) else None
         self.run, self.tags, self.refs = run, tuple(tags), tuple(refs)
         self.message, self.metrics, self.epoch, self.step = message, dict(metrics or {}), epoch, step

@@ -12,13 +12,17 @@ from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .catalog import CommitRow, ObjectRow
-    from .repository import CommitStats, Repository, VerifyReport
+    from .packs import PackWriter, WrittenPack
+    from .repository import CommitStats, Repository, VerifyReport, WrittenObjects
 
 #: public name -> submodule that defines it
 _LAZY = {
     "Repository": ".repository",
     "CommitStats": ".repository",
     "VerifyReport": ".repository",
+    "WrittenObjects": ".repository",
+    "PackWriter": ".packs",
+    "WrittenPack": ".packs",
     "CommitRow": ".catalog",
     "ObjectRow": ".catalog",
 }
