@@ -1,6 +1,8 @@
-"""A fault-injecting HTTP proxy for S3 tests, on 127.0.0.1 in front of a test S3 server.
+"""The fault-injecting proxy of the S3 tests, on 127.0.0.1 in front of a test S3 server.
 
-:class:`FaultProxy` forwards HTTP/1.1 requests one at a time per connection (it answers
+:class:`FaultProxy` works in one of two modes, chosen when it is made:
+
+``mode="http"`` (the default) forwards HTTP/1.1 requests one at a time per connection (it answers
 ``Expect: 100-continue`` itself and closes every connection after its response, so each request
 is one TCP connection and the client's own retries and timeouts are what recover). It reads each
 request and response whole, which lets it damage one of them on purpose, as armed with a
@@ -22,15 +24,27 @@ A fault hits the ``times`` requests from the ``nth`` (0-based) one whose ``"METH
 matches the regular expression ``match``, counted from :meth:`FaultProxy.arm`. What it hit is in
 :attr:`FaultProxy.fired`; every request is in :attr:`FaultProxy.requests`.
 
-Bounded: the proxy serves at most ``max_requests`` requests and ``max_seconds`` seconds (then it
-resets new connections), every socket operation times out after ``io_timeout`` seconds, and
-:meth:`FaultProxy.stop` resets what is still open and joins its threads.
+``mode="tcp"`` forwards the byte stream as it comes, both ways, keeping connections open as long as
+client and server do (keep-alive and connection pools behave as without a proxy).
+:meth:`FaultProxy.cut_after` makes it drop every open connection once a given number of bytes has
+passed in one direction (mid-request, mid-upload, mid-download), and optionally stay down (drop each
+new connection at once) until :meth:`FaultProxy.set_down` says otherwise.
+
+In both modes: ``bytes_up`` / ``bytes_down`` count the client->server / server->client bytes
+forwarded, ``accepted`` the connections served, ``refused`` those dropped at once while down
+(:meth:`FaultProxy.set_down`), ``cuts`` the drops made by :meth:`FaultProxy.cut_after`.
+
+Bounded: the proxy serves at most ``max_requests`` connections (in "http" mode one per request) and
+``max_seconds`` seconds (then it resets new connections; ``None``: no bound), every socket operation of
+"http" mode times out after ``io_timeout`` seconds, and :meth:`FaultProxy.stop` resets what is still
+open and joins its threads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import select
 import socket
 import struct
 import threading
@@ -38,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+MODES = ("http", "tcp")
 FAULT_KINDS = ("cut_request", "cut_response", "delay", "corrupt_request", "corrupt_response")
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "expect", "transfer-encoding", "te", "upgrade"}
 _MAX_HEAD = 64 * 1024
@@ -171,14 +186,19 @@ def _read_body(reader: _Reader, msg_headers: list[tuple[str, str]], *, response:
     return reader.rest() if response else b""
 
 
-def _abort(s: Optional[socket.socket]) -> None:
-    """Drop a connection hard (RST)."""
+def _abort(s: Optional[socket.socket], *, wake: bool = False) -> None:
+    """Drop a connection hard (RST); with ``wake`` shut it down first, waking any thread blocked on it."""
     if s is None:
         return
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+    if wake:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
     try:
         s.close()
     except OSError:
@@ -188,13 +208,20 @@ def _abort(s: Optional[socket.socket]) -> None:
 class FaultProxy:
     """The proxy (see the module docstring). Use as a context manager, or :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", *, max_requests: int = 5000,
-                 max_seconds: float = 300.0, io_timeout: float = 30.0, opaque_etags: bool = False):
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", *, mode: str = "http",
+                 max_requests: Optional[int] = 5000, max_seconds: Optional[float] = 300.0,
+                 io_timeout: float = 30.0, opaque_etags: bool = False, poll: float = 0.1):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+        if opaque_etags and mode != "http":
+            raise ValueError("opaque_etags rewrites HTTP answers: it needs mode='http'")
+        self.mode = mode
         self.upstream = (upstream_host, upstream_port)
         self.opaque_etags = opaque_etags
         self.max_requests = max_requests
         self.max_seconds = max_seconds
         self.io_timeout = io_timeout
+        self._poll = poll
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -203,15 +230,26 @@ class FaultProxy:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(128)
-        self._listener.settimeout(0.1)
+        self._listener.settimeout(poll)
         self.port = self._listener.getsockname()[1]
+        self._deadline: Optional[float] = None
+        self.served = 0
+        self.accepted = 0
+        self.refused = 0
+        self.down = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        # "http" mode: the armed fault and what it hit
         self._fault: Optional[Fault] = None
         self._pattern: Optional[re.Pattern[str]] = None
         self._matched = 0
-        self._deadline = 0.0
-        self.served = 0
         self.fired: list[str] = []
         self.requests: list[tuple[str, int]] = []  # ("METHOD target", status or -1)
+        # "tcp" mode: the armed cut
+        self._cut_at: Optional[int] = None
+        self._cut_dir = "up"
+        self._stay_down = True
+        self.cuts = 0
 
     @property
     def endpoint(self) -> str:
@@ -219,12 +257,34 @@ class FaultProxy:
 
     # -- control ------------------------------------------------------------------------------
     def arm(self, fault: Optional[Fault]) -> None:
-        """Inject ``fault`` from now on (``None``: pass everything through)."""
+        """Inject ``fault`` from now on (``None``: pass everything through). "http" mode only."""
+        if self.mode != "http":
+            raise ValueError("a Fault damages one HTTP message: it needs mode='http' (mode='tcp' has cut_after)")
         with self._lock:
             self._fault = fault
             self._pattern = re.compile(fault.match) if fault is not None else None
             self._matched = 0
             self.fired = []
+
+    def cut_after(self, nbytes: int, stay_down: bool = True, direction: str = "up") -> None:
+        """Drop every open connection once ``nbytes`` more bytes have passed in ``direction``
+        ("up": client->server, e.g. an upload; "down": server->client, e.g. a download); then, if
+        ``stay_down``, drop each new connection at once until ``set_down(False)``. "tcp" mode only."""
+        if self.mode != "tcp":
+            raise ValueError("cut_after counts stream bytes: it needs mode='tcp' (mode='http' has arm)")
+        if direction not in ("up", "down"):
+            raise ValueError(direction)
+        with self._lock:
+            self._cut_dir = direction
+            self._cut_at = (self.bytes_up if direction == "up" else self.bytes_down) + int(nbytes)
+            self._stay_down = stay_down
+
+    def set_down(self, down: bool) -> None:
+        """Down: drop each new connection at once. Back up (``False``) also disarms a pending cut."""
+        with self._lock:
+            self.down = down
+            if not down:
+                self._cut_at = None
 
     def _pick(self, line: str) -> Optional[Fault]:
         with self._lock:
@@ -240,8 +300,9 @@ class FaultProxy:
 
     # -- lifetime -----------------------------------------------------------------------------
     def start(self) -> "FaultProxy":
-        self._deadline = time.monotonic() + self.max_seconds
-        t = threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True)
+        if self.max_seconds is not None:
+            self._deadline = time.monotonic() + self.max_seconds
+        t = threading.Thread(target=self._accept_loop, name=f"fault-proxy-{self.mode}", daemon=True)
         t.start()
         self._threads.append(t)
         return self
@@ -255,7 +316,7 @@ class FaultProxy:
         with self._lock:
             socks = list(self._open)
         for s in socks:
-            _abort(s)
+            _abort(s, wake=self.mode == "tcp")
         for t in list(self._threads):
             t.join(timeout=self.io_timeout)
 
@@ -266,6 +327,11 @@ class FaultProxy:
         self.stop()
 
     # -- internals ----------------------------------------------------------------------------
+    def _spawn(self, target, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name=f"fault-proxy-{self.mode}-conn", daemon=True)
+        t.start()
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -275,19 +341,95 @@ class FaultProxy:
             except OSError:
                 break
             with self._lock:
-                over = self.served >= self.max_requests or time.monotonic() > self._deadline
+                over = (self.max_requests is not None and self.served >= self.max_requests) or (
+                    self._deadline is not None and time.monotonic() > self._deadline)
                 self.served += 1
-            if over:
-                _abort(client)
+                down = self.down
+                if down:
+                    self.refused += 1
+            if over or down:
+                _abort(client, wake=self.mode == "tcp")
                 continue
-            t = threading.Thread(target=self._serve, args=(client,), name="fault-proxy-conn", daemon=True)
-            t.start()
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            if self.mode == "http":
+                self.accepted += 1
+                self._spawn(self._serve, client)
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream.settimeout(None)
+                client.settimeout(None)
+            except OSError:
+                _abort(client, wake=True)
+                continue
+            self.accepted += 1
+            with self._lock:
+                self._open.update((client, upstream))
+            pair = _Pair(client, upstream, self)
+            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+                self._spawn(self._pump, src, dst, up, pair)
 
     def _track(self, s: socket.socket, on: bool) -> None:
         with self._lock:
             (self._open.add if on else self._open.discard)(s)
 
+    def _count(self, up: bool, n: int) -> None:
+        with self._lock:
+            if up:
+                self.bytes_up += n
+            else:
+                self.bytes_down += n
+
+    # "tcp" mode: one thread per direction of a connection
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool, pair: "_Pair") -> None:
+        try:
+            while not self._stop.is_set():
+                try:  # wait with select, so that sends stay blocking (no spurious send timeouts)
+                    readable, _, _ = select.select([src], [], [], self._poll)
+                    if not readable:
+                        continue
+                    data = src.recv(65536)
+                except (OSError, ValueError):  # closed or cut
+                    break
+                if not data:
+                    break
+                with self._lock:
+                    if upstream:
+                        self.bytes_up += len(data)
+                    else:
+                        self.bytes_down += len(data)
+                    counted = self.bytes_up if self._cut_dir == "up" else self.bytes_down
+                    cut = (
+                        self._cut_at is not None
+                        and upstream == (self._cut_dir == "up")
+                        and counted >= self._cut_at
+                    )
+                    if cut:
+                        self._cut_at = None
+                        self.cuts += 1
+                        if self._stay_down:
+                            self.down = True
+                        socks = list(self._open)
+                if cut:
+                    for s in socks:
+                        _abort(s, wake=True)
+                    break
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            pair.done()
+
+    def _forget(self, *socks: socket.socket) -> None:
+        with self._lock:
+            for s in socks:
+                self._open.discard(s)
+
+    # "http" mode: one thread per connection, one request on it
     def _serve(self, client: socket.socket) -> None:
         upstream: Optional[socket.socket] = None
         self._track(client, True)
@@ -315,12 +457,15 @@ class FaultProxy:
             upstream = socket.create_connection(self.upstream, timeout=self.io_timeout)
             self._track(upstream, True)
             if fault is not None and fault.kind == "cut_request":
-                upstream.sendall(data[: int(fault.at * len(data))])
+                part = data[: int(fault.at * len(data))]
+                upstream.sendall(part)
+                self._count(True, len(part))
                 time.sleep(0.05)  # let the server see the partial request before the reset
                 _abort(upstream)
                 _abort(client)
                 return
             upstream.sendall(data)
+            self._count(True, len(data))
             ureader = _Reader(upstream)
             while True:
                 uhead = ureader.head()
@@ -346,10 +491,13 @@ class FaultProxy:
                 i = len(out) - len(ubody) + min(len(ubody) - 1, int(fault.at * len(ubody)))
                 out = out[:i] + bytes([out[i] ^ fault.bit]) + out[i + 1:]
             elif fault is not None and fault.kind == "cut_response":
-                client.sendall(out[: int(fault.at * len(out))])
+                part = out[: int(fault.at * len(out))]
+                client.sendall(part)
+                self._count(False, len(part))
                 _abort(client)
                 return
             client.sendall(out)
+            self._count(False, len(out))
         except (OSError, ValueError):
             pass  # the client gave up (timeout) or a cut: nothing more to do for this connection
         finally:
@@ -362,3 +510,24 @@ class FaultProxy:
                         s.close()
                     except OSError:
                         pass
+
+
+class _Pair:
+    """"tcp" mode: closes both sockets of a proxied connection once both directions have ended."""
+
+    def __init__(self, a: socket.socket, b: socket.socket, proxy: FaultProxy):
+        self.a, self.b, self.proxy = a, b, proxy
+        self._left = 2
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            for s in (self.a, self.b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+            self.proxy._forget(self.a, self.b)

@@ -1,6 +1,7 @@
-"""Test helpers: a real S3 server (moto's ThreadedMotoServer) and a TCP proxy that can cut connections.
+"""Test helpers: real S3 servers (moto's ThreadedMotoServer, ``rclone serve s3``).
 
-Both listen on 127.0.0.1 only, on free ports, and stop everything they start.
+Both listen on 127.0.0.1 only, on free ports, and stop everything they start. The proxy that cuts,
+delays or damages their traffic is :class:`s3_proxy.FaultProxy` (tests/s3_proxy.py).
 
 ``MotoS3Server`` runs moto's S3 (and IAM) HTTP server in this process. By default moto accepts any
 credentials; :meth:`MotoS3Server.enforce_auth` switches on signature and IAM policy checks (through
@@ -12,28 +13,19 @@ enforce ``IfNoneMatch`` on PUT, its ETags are the whole object's MD5 also for mu
 it checks ``Content-MD5`` (``BadDigest``) but not CRC32 checksums, and it sends the whole
 object's CRC32 with a ranged GET (so botocore must not validate response checksums there:
 ``S3Config.response_checksum_validation="when_required"``, the default).
-
-``CuttingProxy`` forwards TCP to an upstream port. :meth:`CuttingProxy.cut_after` makes it drop every
-open connection once a given number of client->server bytes has passed (mid-request, mid-upload), and
-optionally stay down (accept and drop each new connection) until :meth:`CuttingProxy.set_down` says
-otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
-import select
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -222,200 +214,11 @@ class RcloneS3Server:
         return name
 
 
-class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 that can drop its connections mid-stream.
-
-    Attributes (read them any time): ``bytes_up`` / ``bytes_down`` (client->server / server->client
-    bytes forwarded), ``cuts`` (times
-    connections were dropped by :meth:`cut_after`), ``accepted``, ``refused`` (connections dropped at
-    once while down).
-    """
-
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", poll: float = 0.1):
-        self.upstream = (upstream_host, upstream_port)
-        self._poll = poll
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._socks: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.settimeout(poll)
-        self.port = self._listener.getsockname()[1]
-        self.down = False
-        self._cut_at: Optional[int] = None
-        self._cut_dir = "up"
-        self._stay_down = True
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.cuts = 0
-        self.accepted = 0
-        self.refused = 0
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    # -- control ------------------------------------------------------------------------------
-    def cut_after(self, nbytes: int, stay_down: bool = True, direction: str = "up") -> None:
-        """Drop every open connection once ``nbytes`` more bytes have passed in ``direction``
-        ("up": client->server, e.g. an upload; "down": server->client, e.g. a download); then, if
-        ``stay_down``, drop each new connection at once until ``set_down(False)``."""
-        if direction not in ("up", "down"):
-            raise ValueError(direction)
-        with self._lock:
-            self._cut_dir = direction
-            self._cut_at = (self.bytes_up if direction == "up" else self.bytes_down) + int(nbytes)
-            self._stay_down = stay_down
-
-    def set_down(self, down: bool) -> None:
-        with self._lock:
-            self.down = down
-            if not down:
-                self._cut_at = None
-
-    # -- lifetime -----------------------------------------------------------------------------
-    def start(self) -> "CuttingProxy":
-        t = threading.Thread(target=self._accept_loop, name="cutting-proxy", daemon=True)
-        t.start()
-        self._threads.append(t)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-        with self._lock:
-            socks = list(self._socks)
-        for s in socks:
-            _abort(s)
-        for t in list(self._threads):
-            t.join(timeout=5)
-
-    def __enter__(self) -> "CuttingProxy":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- internals ----------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            with self._lock:
-                down = self.down
-            if down:
-                self.refused += 1
-                _abort(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-                upstream.settimeout(None)
-                client.settimeout(None)
-            except OSError:
-                _abort(client)
-                continue
-            self.accepted += 1
-            with self._lock:
-                self._socks.update((client, upstream))
-            pair = _Pair(client, upstream, self)
-            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
-                t = threading.Thread(target=self._pump, args=(src, dst, up, pair), daemon=True)
-                t.start()
-                self._threads.append(t)
-            self._threads = [t for t in self._threads if t.is_alive()]
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool, pair: "_Pair") -> None:
-        try:
-            while not self._stop.is_set():
-                try:  # wait with select, so that sends stay blocking (no spurious send timeouts)
-                    readable, _, _ = select.select([src], [], [], self._poll)
-                    if not readable:
-                        continue
-                    data = src.recv(65536)
-                except (OSError, ValueError):  # closed or cut
-                    break
-                if not data:
-                    break
-                with self._lock:
-                    if upstream:
-                        self.bytes_up += len(data)
-                    else:
-                        self.bytes_down += len(data)
-                    counted = self.bytes_up if self._cut_dir == "up" else self.bytes_down
-                    cut = (
-                        self._cut_at is not None
-                        and upstream == (self._cut_dir == "up")
-                        and counted >= self._cut_at
-                    )
-                    if cut:
-                        self._cut_at = None
-                        self.cuts += 1
-                        if self._stay_down:
-                            self.down = True
-                        socks = list(self._socks)
-                if cut:
-                    for s in socks:
-                        _abort(s)
-                    break
-                try:
-                    dst.sendall(data)
-                except OSError:
-                    break
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            pair.done()
-
-    def _forget(self, *socks: socket.socket) -> None:
-        with self._lock:
-            for s in socks:
-                self._socks.discard(s)
-
-
-class _Pair:
-    """Closes both sockets of a proxied connection once both directions have ended."""
-
-    def __init__(self, a: socket.socket, b: socket.socket, proxy: CuttingProxy):
-        self.a, self.b, self.proxy = a, b, proxy
-        self._left = 2
-        self._lock = threading.Lock()
-
-    def done(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            for s in (self.a, self.b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-            self.proxy._forget(self.a, self.b)
-
-
-def _abort(s: socket.socket) -> None:
-    """Drop a connection hard (RST), waking any thread blocked on it."""
+def CuttingProxy(upstream_port: int, upstream_host: str = "127.0.0.1"):
+    """The former TCP cutting proxy, now ``FaultProxy(..., mode="tcp")`` of tests/s3_proxy.py (unbounded,
+    as it was). Kept only for bench/s3_bench.py, which imports it from here; tests use FaultProxy."""
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        s.close()
-    except OSError:
-        pass
+        from .s3_proxy import FaultProxy
+    except ImportError:  # tests/ is not a package
+        from s3_proxy import FaultProxy
+    return FaultProxy(upstream_port, upstream_host, mode="tcp", max_requests=None, max_seconds=None)

@@ -1,7 +1,7 @@
 """Repository.push / Repository.pull against a real S3 server (moto's ThreadedMotoServer on 127.0.0.1;
 no decorator mocks, no botocore stubs).
 
-Faults are real: connections are dropped mid-push by a TCP proxy (tests/s3_server.py), the server
+Faults are real: connections are dropped mid-push by a TCP proxy (tests/s3_proxy.py, mode "tcp"), the server
 is stopped mid-push and started again, objects on the server are damaged with plain boto3 calls,
 credentials are checked by moto's IAM (switched on for the auth tests).
 
@@ -31,7 +31,8 @@ pl = pytest.importorskip("lightning.pytorch")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port  # noqa: E402
+from s3_proxy import FaultProxy  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
 
 from coral_torch import Repository  # noqa: E402
 from coral_torch import cli  # noqa: E402
@@ -480,7 +481,7 @@ def push_marks(server, fault_source):
     server.client().create_bucket(Bucket=bucket)
     A = Repository(src, create=False, workers=2)
     marks: list[tuple[str, int]] = []
-    with CuttingProxy(server.port) as proxy, pytest.MonkeyPatch.context() as mp:
+    with FaultProxy(server.port, mode="tcp") as proxy, pytest.MonkeyPatch.context() as mp:
         real_put = remote_mod._put_doc
 
         def spy(store, key, doc):
@@ -502,7 +503,7 @@ def test_push_interrupted_by_dropped_connection(server, bucket, tmp_path, fault_
     full, marks = push_marks
     A = Repository(src, create=False, workers=2)
     client = server.client()
-    with CuttingProxy(server.port) as proxy:
+    with FaultProxy(server.port, mode="tcp") as proxy:
         cfg = make_config(server, bucket, prefix=f"cut-{list(CUT_POINTS).index(where)}", endpoint_url=proxy.endpoint,
                           max_concurrency=2, connect_timeout=1)
         phase, at = CUT_POINTS[where]
@@ -577,7 +578,7 @@ def test_push_survives_server_stop_and_restart(server, bucket, tmp_path, fault_s
     srv.start()
     running = True
     try:
-        with CuttingProxy(port) as proxy:  # stands for the network: it drops the dead server's connections
+        with FaultProxy(port, mode="tcp") as proxy:  # stands for the network: it drops the dead server's connections
             cfg = make_config(server, bucket, prefix="restart", endpoint_url=proxy.endpoint, max_concurrency=2,
                               connect_timeout=1)
             real_pair = S3Store._put_object_pair
@@ -631,7 +632,7 @@ def test_pull_interrupted_then_resumed(server, bucket, tmp_path, fault_source, p
     A = Repository(src, create=False, workers=2)
     A.push(make_config(server, bucket, prefix="down"))
     B = Repository(tmp_path / "b", workers=2)
-    with CuttingProxy(server.port) as proxy:
+    with FaultProxy(server.port, mode="tcp") as proxy:
         cfg = make_config(server, bucket, prefix="down", endpoint_url=proxy.endpoint, max_concurrency=2,
                           connect_timeout=1)
         proxy.cut_after(900_000, stay_down=True, direction="down")  # mid-download, and stays down

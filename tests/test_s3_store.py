@@ -2,7 +2,7 @@
 
 Faults are real too: corrupted objects are written to the server with boto3, credentials are checked
 by moto's IAM (switched on for the auth test), and dropped connections come from a TCP proxy that
-cuts mid-stream (tests/s3_server.py).
+cuts mid-stream (tests/s3_proxy.py, mode "tcp").
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from coral_torch.storage.s3_store import S3Config, S3Store
 from coral_torch.weight_tensor import WeightTensor
 
 try:
-    from .s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port
+    from .s3_proxy import Fault, FaultProxy
+    from .s3_server import REGION, TEST_KEY, TEST_SECRET, free_port
 except ImportError:  # tests/ is not a package
-    from s3_server import REGION, TEST_KEY, TEST_SECRET, CuttingProxy, free_port
+    from s3_proxy import Fault, FaultProxy
+    from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -577,7 +579,7 @@ def test_connection_cut_once_is_retried(server, bucket, tmp_path):
     local = HDF5Store(tmp_path / "l.h5")
     weights = random_weights(6, 200_000, seed=11)
     mapping = local.store_batch(weights)
-    with CuttingProxy(server.port) as proxy:
+    with FaultProxy(server.port, mode="tcp") as proxy:
         remote = S3Store(make_config(server, bucket, endpoint_url=proxy.endpoint, max_attempts=3))
         proxy.cut_after(300_000, stay_down=False)  # one drop in the middle of an upload
         stats = remote.sync_from_local(local)
@@ -596,7 +598,7 @@ def test_sync_interrupted_then_resumed_sends_only_missing(server, bucket, tmp_pa
     deltas = add_deltas(local, 2)
     all_keys = set(local.list_weights())
     direct = S3Store(make_config(server, bucket))
-    with CuttingProxy(server.port) as proxy:
+    with FaultProxy(server.port, mode="tcp") as proxy:
         remote = S3Store(make_config(server, bucket, endpoint_url=proxy.endpoint, max_concurrency=2))
         proxy.cut_after(1_400_000, stay_down=True)  # the connection drops mid-upload and stays down
         with pytest.raises(SyncIncompleteError) as ei:
@@ -642,7 +644,7 @@ def test_sync_to_local_interrupted_then_resumed(server, bucket, tmp_path):
     weights = random_weights(10, 256 * 1024, seed=13)
     mapping = direct.store_batch(weights)
     local = HDF5Store(tmp_path / "pull.h5")
-    with CuttingProxy(server.port) as proxy:
+    with FaultProxy(server.port, mode="tcp") as proxy:
         remote = S3Store(make_config(server, bucket, endpoint_url=proxy.endpoint, max_concurrency=2))
         proxy.cut_after(1_000_000, stay_down=True, direction="down")  # dies mid-download
         with pytest.raises(SyncIncompleteError) as ei:
@@ -665,14 +667,6 @@ def test_sync_to_local_interrupted_then_resumed(server, bucket, tmp_path):
 
 
 # ------------------------------------------------------------------------- verified transfers
-def _proxy_imports():
-    try:
-        from .s3_proxy import Fault, FaultProxy
-    except ImportError:  # tests/ is not a package
-        from s3_proxy import Fault, FaultProxy
-    return Fault, FaultProxy
-
-
 def test_document_checksum_round_trip_and_damage(store):
     """put_document/get_document: canonical bytes, checksum verified; a key that could leave the
     prefix is refused before any request."""
@@ -699,7 +693,6 @@ def test_document_checksum_round_trip_and_damage(store):
 def test_upload_damaged_on_the_way_is_sent_again(server, bucket, tmp_path, caplog):
     """moto checks neither Content-MD5 nor CRC32: a bit flipped in an upload is stored. The ETag
     gives it away; the object is read back and sent again, and only then is its metadata written."""
-    Fault, FaultProxy = _proxy_imports()
     w = random_weights(1, 50_000, seed=21)["w0"]
     with FaultProxy(server.port) as proxy:
         s = S3Store(make_config(server, bucket, endpoint_url=proxy.endpoint))
@@ -726,7 +719,6 @@ def test_server_whose_etags_are_not_md5s(server, bucket, tmp_path, caplog, mode)
     """A server that answers opaque ETags (like SSE-KMS) is recognised by one read-back; documents
     are then read back after each upload, payloads up to 1 MiB too. upload_verification="read-back"
     reads back everything: a payload damaged on the way is caught there as well."""
-    Fault, FaultProxy = _proxy_imports()
     small = random_weights(1, 20_000, seed=22)["w0"]
     big = random_weights(1, 1_500_000, seed=23)["w0"]  # over the read-back limit of "auto"
     with FaultProxy(server.port, opaque_etags=True) as proxy:
