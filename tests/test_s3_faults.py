@@ -19,10 +19,15 @@ was retried or repaired on the spot), ``refused`` (it raised a one-line coral-to
 invariants held, and the clean re-run repaired everything), ``silently wrong`` (success claimed
 with a wrong or incomplete result, an invariant broken, or a re-run that did not repair): every
 trial asserts it is not the last. ``test_fault_summary`` writes the table of outcomes.
+
+The matrix holds 51 push/pull trials; a session runs ``CORAL_S3_FAULT_TRIALS`` of them (default 24,
+``all`` for every one), chosen by :func:`covering_order` so that any allowed count keeps every fault
+kind (and repeat count) of every operation and every target of every operation at least once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections import Counter, defaultdict
@@ -207,6 +212,73 @@ PULL_TRIALS = [(t, k, 1) for t in PULL_TARGETS for k in ("cut_response", "delay"
 PULL_TRIALS += [(t, "corrupt_response", 2) for t in ("payload", "delta-metadata", "commit", "ref")]
 PULL_TRIALS += [("payload", "cut_request", 1), ("listing", "cut_response", 1)]
 PULL_TRIALS += [("listing", "corrupt_response", 1)]
+ALL_TRIALS = [("push", *t) for t in PUSH_TRIALS] + [("repair", *t) for t in REPAIR_TRIALS] + \
+             [("pull", *t) for t in PULL_TRIALS]
+
+
+def covering_order(trials: list[tuple[str, str, str, int]]) -> tuple[list[tuple[str, str, str, int]], int]:
+    """``trials`` ((operation, target, kind, times)) reordered so that every prefix as long as the
+    returned cover size holds every (operation, kind, times) and every (operation, target) at least
+    once: first such a cover (greedy, ties in the listed order), then the rest, round robin over the
+    operations, each time the trial whose kind and target have run least so far."""
+    def strata(t: tuple[str, str, str, int]) -> set[tuple]:
+        op, target, kind, times = t
+        return {("kind", op, kind, times), ("target", op, target)}
+
+    left, order = list(trials), []
+    need = set().union(*(strata(t) for t in trials))
+    while need:
+        best = max(left, key=lambda t: len(strata(t) & need))
+        order.append(best)
+        left.remove(best)
+        need -= strata(best)
+    cover = len(order)
+    used = Counter(st for t in order for st in strata(t))
+    ops = list(dict.fromkeys(t[0] for t in trials))
+    while left:
+        for op in ops:
+            mine = [t for t in left if t[0] == op]
+            if mine:
+                best = min(mine, key=lambda t: sum(used[st] for st in strata(t)))
+                order.append(best)
+                left.remove(best)
+                used.update(strata(best))
+    return order, cover
+
+
+def chosen_trials() -> list[tuple[str, str, str, int]]:
+    """The trials this session runs, in the listed order: CORAL_S3_FAULT_TRIALS of them (``all``: every
+    one; default 24), the first of :func:`covering_order`, so no fault kind of any operation (nor any
+    target) is dropped by a smaller count. The multipart trials always run."""
+    order, cover = covering_order(ALL_TRIALS)
+    raw = os.environ.get("CORAL_S3_FAULT_TRIALS", "24").strip().lower()
+    if raw == "all":
+        return list(ALL_TRIALS)
+    if not raw.isdigit() or int(raw) < cover:
+        raise pytest.UsageError(f"CORAL_S3_FAULT_TRIALS={raw!r}: 'all' or a whole number >= {cover} (the fewest "
+                                f"trials that make every fault kind of every operation and hit every target)")
+    keep = set(order[: int(raw)])
+    return [t for t in ALL_TRIALS if t in keep]
+
+
+CHOSEN = chosen_trials()
+PUSH_RUN = [t[1:] for t in CHOSEN if t[0] == "push"]
+REPAIR_RUN = [t[1:] for t in CHOSEN if t[0] == "repair"]
+PULL_RUN = [t[1:] for t in CHOSEN if t[0] == "pull"]
+
+
+def test_every_allowed_trial_count_keeps_every_fault_kind_and_target():
+    """No S3 here: whatever CORAL_S3_FAULT_TRIALS allows, the chosen trials make every fault kind
+    (and repeat count) of every operation, and hit every target of every operation."""
+    order, cover = covering_order(ALL_TRIALS)
+    assert sorted(order) == sorted(ALL_TRIALS) and cover <= 24
+    kinds = {(op, k, n) for op, _, k, n in ALL_TRIALS}
+    targets = {(op, t) for op, t, _, _ in ALL_TRIALS}
+    for count in range(cover, len(ALL_TRIALS) + 1):
+        chosen = order[:count]
+        assert {(op, k, n) for op, _, k, n in chosen} == kinds, count
+        assert {(op, t) for op, t, _, _ in chosen} == targets, count
+    assert set(CHOSEN) <= set(ALL_TRIALS) and len(set(CHOSEN)) == len(CHOSEN)
 
 
 def make_fault(targets: dict, target: str, kind: str, times: int) -> Fault:
@@ -215,7 +287,7 @@ def make_fault(targets: dict, target: str, kind: str, times: int) -> Fault:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,kind,times", PUSH_TRIALS, ids=[f"{t}-{k}-x{n}" for t, k, n in PUSH_TRIALS])
+@pytest.mark.parametrize("target,kind,times", PUSH_RUN, ids=[f"{t}-{k}-x{n}" for t, k, n in PUSH_RUN])
 def test_push_fault(server, fault_bucket, source, target, kind, times):
     prefix = f"push-{target}-{kind}-{times}"
     client = raw_client(server)
@@ -242,7 +314,7 @@ def test_push_fault(server, fault_bucket, source, target, kind, times):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,kind,times", REPAIR_TRIALS, ids=[f"{t}-{k}" for t, k, _ in REPAIR_TRIALS])
+@pytest.mark.parametrize("target,kind,times", REPAIR_RUN, ids=[f"{t}-{k}" for t, k, _ in REPAIR_RUN])
 def test_repairing_push_fault(server, fault_bucket, source, target, kind, times):
     """A push that finds a damaged commit document and a damaged ref (it reads them, rewrites them,
     and checks every object of that commit), with a fault on those reads."""
@@ -276,7 +348,7 @@ def test_repairing_push_fault(server, fault_bucket, source, target, kind, times)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,kind,times", PULL_TRIALS, ids=[f"{t}-{k}-x{n}" for t, k, n in PULL_TRIALS])
+@pytest.mark.parametrize("target,kind,times", PULL_RUN, ids=[f"{t}-{k}-x{n}" for t, k, n in PULL_RUN])
 def test_pull_fault(server, fault_bucket, source, pulled_prefix, tmp_path, target, kind, times):
     B = Repository(tmp_path / "b", workers=2)
     try:
@@ -330,7 +402,8 @@ def test_fault_summary(request):
         pytest.skip("no fault trials ran in this session")
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
-    lines = ["fault trials: kind -> outcomes"]
+    lines = [f"fault trials: kind -> outcomes ({len(CHOSEN)} of the {len(ALL_TRIALS)} push/pull trials chosen, "
+             f"CORAL_S3_FAULT_TRIALS=all for every one; 2 multipart)"]
     for kind in sorted(OUTCOMES):
         c = OUTCOMES[kind]
         lines.append(f"  {kind:34s} trials {sum(c.values()):3d}: absorbed {c['absorbed']:3d}, refused "
