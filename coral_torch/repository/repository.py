@@ -328,6 +328,8 @@ class Repository:
             for s, h in zip(slots, hashes)
         ])
         parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
+        if parent_id is not None and self.catalog.get_commit(parent_id) is None:
+            parent_id = None  # removed meanwhile: no deltas against it, and no dangling parent
         # plan and write without the lock (packs are private until published); publishing checks
         # that what the plan relied on is still there, and a lost race re-plans
         for attempt in range(3):
