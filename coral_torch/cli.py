@@ -90,10 +90,10 @@ def cmd_log(args: argparse.Namespace) -> int:
             "id": r.id, "run": r.run, "epoch": r.epoch, "step": r.step, "time": r.time,
             "metrics": r.metrics, "logical_bytes": r.logical_bytes, "stored_bytes": r.new_bytes,
             "ratio": (r.new_bytes / r.logical_bytes) if r.logical_bytes else 0.0, "refs": r.refs,
-            "parent": r.parent, "message": r.message,
+            "parent": r.parent, "message": r.message, "lossy": bool(r.lossy),
         } for r in rows], indent=1))
         return 0
-    table = [[r.short_id, r.run, "" if r.epoch is None else r.epoch, "" if r.step is None else r.step,
+    table = [[r.short_id + (" LOSSY" if r.lossy else ""), r.run, "" if r.epoch is None else r.epoch, "" if r.step is None else r.step,
               _short_metrics(r.metrics), _human(r.logical_bytes), _human(r.new_bytes),
               f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
               ", ".join(dict.fromkeys(_pretty_ref(x) for x in r.refs))] for r in rows]
@@ -112,6 +112,8 @@ def _pretty_ref(name: str) -> str:
         return name[5:]
     if name.startswith("runs/") and name.endswith("/best"):
         return name[5:]
+    if name.startswith("saves/"):
+        return "dcp-save"
     if name.startswith("files/"):
         return name[6:]
     return name

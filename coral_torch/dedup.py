@@ -128,6 +128,25 @@ class Deduplicator:
         h, dtype, shape = entry
         return h if dtype == weight.dtype and tuple(shape) == weight.shape else None
 
+    def decide(self, name: str, weight: WeightTensor, parent: Dict[str, tuple[str, str, tuple]], *,
+               known: Optional[bool] = None) -> tuple[str, Optional[str]]:
+        """How to store ``weight`` without encoding anything: ``("duplicate", hash)`` if its content
+        is known (``known`` when the caller checked in bulk, else :meth:`is_known`), else
+        ``("delta", base hash)`` when the parent's tensor of the same name can be its base and
+        deltas are enabled, else ``("unique", None)``. What a repository uses; whether a delta
+        candidate pays is measured when it is encoded."""
+        h = weight.compute_hash()
+        self.stats["seen"] += 1
+        if known if known is not None else self.is_known(h):
+            self.stats["duplicates"] += 1
+            return "duplicate", h
+        base = self.same_name_reference(name, weight, parent) if self.enable_delta_encoding else None
+        if base is not None:
+            self.stats["deltas"] += 1
+            return "delta", base
+        self.stats["unique"] += 1
+        return "unique", None
+
     def similar_reference(self, weight: WeightTensor) -> Optional[str]:
         """Hash of a known tensor of the same dtype/shape whose fingerprint is close enough."""
         if self.similarity_threshold is None:

@@ -1003,3 +1003,32 @@ def test_a_damaged_parent_does_not_stop_the_next_save(tmp_path):
     assert torch.equal(repo.load(st.commit_id)["w"], w + 1e-4)
     report = repo.verify()
     assert not report.ok and first in report.damaged_manifests and st.commit_id not in report.damaged_manifests
+
+
+def test_lossy_deltas_only_behind_allow_lossy_marked_shown_and_warned(tmp_path, capsys):
+    import warnings
+
+    from coral_torch.cli import main as cli
+    from coral_torch.delta import DeltaConfig, DeltaType
+    from coral_torch.errors import CoralError
+    from coral_torch.repository.repository import LossyCheckpointWarning
+
+    with pytest.raises(CoralError):
+        DeltaConfig(delta_type=DeltaType.INT8_QUANTIZED)  # lossy needs allow_lossy=True
+    repo = Repository(tmp_path / "repo", delta_config=DeltaConfig(delta_type=DeltaType.INT8_QUANTIZED,
+                                                                   allow_lossy=True))
+    torch.manual_seed(0)
+    w = torch.randn(256, 64)
+    a = repo.commit({"w": w}, run="q").commit_id
+    b = repo.commit({"w": w + 1e-3 * torch.randn(256, 64)}, run="q").commit_id
+    assert not repo.get_commit(a).lossy and repo.get_commit(b).lossy
+    assert [how for _, _, how in repo.catalog.commit_objects(b)] == ["delta"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(repo.load(a)["w"], w)  # lossless: no warning
+    with pytest.warns(LossyCheckpointWarning):
+        back = repo.load(b)["w"]
+    assert back.shape == w.shape and torch.allclose(back, w, atol=0.05)
+    assert repo.verify().ok  # an approximation by design is not damage
+    assert cli(["--repo", str(tmp_path / "repo"), "log"]) == 0
+    assert "LOSSY" in capsys.readouterr().out

@@ -30,16 +30,16 @@ import sqlite3
 import threading
 import time
 import types
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import xxhash
 
 from .. import codec, dtypes
-from ..dedup import Deduplicator
 from ..parallel import HelpBoard, run_parallel
 from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from ..errors import (
@@ -62,6 +62,7 @@ from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..manifest import Manifest, TensorEntry
 from ..refnames import validate_component, validate_ref_name
 from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error
+from .planner import DeltaPlanner, PlannedObject
 from .packs import PACKS_DIR, PackWriter, WrittenPack, new_pack_name, publish_file
 from .lock import RepositoryLock
 
@@ -87,9 +88,6 @@ log = logging.getLogger(__name__)
 
 CATALOG_NAME = "catalog.sqlite"
 _MIN_PREFIX = 4
-_DELTA_RETRY_AFTER = 3  # after a delta loses to the full encoding, commits before trying again
-_PROBE_MIN_BYTES = 4 << 20  # tensors from this size get a sampled delta-vs-full probe first
-_PROBE_SLICE = 64 << 10  # bytes per probe slice (three slices: start, middle, end)
 _HEX = set("0123456789abcdef")
 
 
@@ -113,11 +111,8 @@ class CommitStats:
         return self.written_bytes / self.logical_bytes if self.logical_bytes else 0.0
 
 
-class _Named(NamedTuple):
-    """A tensor to store and the name it has in its checkpoint (delta bases are found by name)."""
-
-    name: str
-    weight: WeightTensor
+class LossyCheckpointWarning(UserWarning):
+    """A loaded checkpoint holds lossy deltas: some tensors are not bit-exact."""
 
 
 @dataclass
@@ -260,6 +255,7 @@ class Repository:
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.delta_config = delta_config or DeltaConfig()
         self.encoder = DeltaEncoder(self.delta_config)
+        self.planner = DeltaPlanner(self.catalog, self.delta_config, self._tensor_index)
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.compression_level = compression_level
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
@@ -373,33 +369,7 @@ class Repository:
         it if that pays (the base is read back from the parent's packs, so the result never depends
         on what this process holds in memory), else stored whole. Several processes may call this
         for one commit (each for its own tensors) and hand the results to one :meth:`publish`."""
-        parent_objs: dict[str, tuple[str, str, tuple]] = {}
-        parent_hows: dict[str, str] = {}
-        if parent is not None:
-            try:
-                parent_objs = self._tensor_index(parent)
-                parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent)}
-            except CatalogDamagedError as exc:  # save all the same, just without deltas against it
-                log.warning("not delta-encoding against parent %s: %s", parent[:10], exc)
-        known = self.catalog.known_hashes(w.compute_hash() for _, w in tensors)
-        todo: dict[str, tuple[_Named, Optional[ObjectRow], int]] = {}
-        for name, w in tensors:
-            h = w.compute_hash()
-            if h in known or h in todo:
-                continue
-            base_row = None
-            bh = None
-            if not (no_delta_prefixes and name.startswith(tuple(no_delta_prefixes))):
-                bh = Deduplicator.same_name_reference(name, w, parent_objs)
-            # how the parent stored it: "full/skipN" says its delta lost N commits ago
-            skip = _skip_left(parent_hows.get(name))
-            if bh is not None and skip > 0:
-                bh = None  # its delta did not pay lately: stored whole, the countdown goes on
-            if bh is not None and self.delta_config.max_chain_length > 0:
-                row = self.catalog.get_object(bh)
-                if row is not None and row.depth + 1 <= self.delta_config.max_chain_length:
-                    base_row = row
-            todo[h] = (_Named(name, w), base_row, max(0, skip - 1))
+        todo = self.planner.plan(tensors, parent, no_delta_prefixes)
         return self._write_pack(todo, workers or self.workers, help_board, direct_io)
 
     @_named_errors
@@ -534,25 +504,30 @@ class Repository:
             return {}
         return {e.name: (e.hash, e.dtype, e.shape) for e in got[1].tensors}
 
-    def _encode_one(
-        self, store: HDF5Store, slot: _Named, base_row: Optional[ObjectRow], skip_left: int
-    ) -> tuple[PreparedObject, ObjectRow, str]:
-        """Encode one tensor as an XOR delta against its base (when that pays) or whole; returns
+    def _encode_one(self, store: HDF5Store, planned: PlannedObject) -> tuple[PreparedObject, ObjectRow, str]:
+        """Encode one tensor as a delta against its planned base (when that pays) or whole; returns
         the prepared object, its catalog row and how the commit stored it (``commit_objects.how``).
         The payload is a segmented blob over this call's buffers: the caller writes it right away."""
+        slot, base_row = planned.tensor, planned.base
         w = slot.weight
         h = w.compute_hash()
-        level = self.delta_config.codec_level
+        cfg = self.delta_config
         base_raw = self._read_base(base_row) if base_row is not None else None
         full: Optional[PreparedObject] = None
         lost = False
-        if base_raw is not None and not self._delta_may_pay(w, base_raw):
+        if base_raw is not None and cfg.delta_type.lossless and not self.planner.delta_may_pay(w, base_raw):
             base_raw, lost = None, True
+        if base_raw is not None and not cfg.delta_type.lossless:  # DeltaConfig(allow_lossy=True) only
+            ref = WeightTensor.from_raw(base_raw, WeightMetadata(name=slot.name, shape=w.shape, dtype=w.dtype))
+            delta = self.encoder.encode(w, ref)
+            prep = store.prepare_delta(delta, h)
+            prep.attrs["name"] = slot.name
+            row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape, w.nbytes,
+                            prep.stored_bytes, base_row.full_estimate, delta.lossless)
+            return prep, row, "delta"
         if base_raw is not None:
-            if not self.delta_config.delta_type.lossless:
-                raise CoralError("lossy delta types are not supported by Repository.commit yet")
-            blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), level, base=base_raw)
-            if blob.nbytes > self.delta_config.min_saving * base_row.full_estimate:
+            blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw)
+            if blob.nbytes > cfg.min_saving * base_row.full_estimate:
                 full = store.prepare(_renamed(w, slot.name), segmented=True)
             if full is None or blob.nbytes < full.stored_bytes:
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
@@ -568,10 +543,7 @@ class Repository:
         if full is None:
             full = store.prepare(_renamed(w, slot.name), segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
-        # a lost delta is not tried again for a few commits (AdamW's first moment, for one, changes
-        # completely every epoch; trying costs a base read and a second encode each time)
-        skip = _DELTA_RETRY_AFTER if lost else skip_left
-        return full, row, f"full/skip{skip}" if skip else "full"
+        return full, row, self.planner.how_stored_whole(lost, planned.skip_left)
 
     def _read_base(self, row: ObjectRow) -> Optional[np.ndarray]:
         """The bytes of a delta base, read back from its pack(s) and verified; None (store the
@@ -582,24 +554,8 @@ class Repository:
             log.warning("delta base %s is unreadable (%s); storing the tensor whole", row.hash[:12], exc)
             return None
 
-    def _delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray) -> bool:
-        """Encode three small slices both ways before paying for a whole delta and, when it
-        loses, a second whole encode. AdamW's moments change completely every step: their XOR is
-        no smaller than their own encoding. Small tensors are just tried."""
-        if w.nbytes < _PROBE_MIN_BYTES:
-            return True
-        isz = dtypes.itemsize(w.dtype)
-        n = _PROBE_SLICE // isz * isz
-        raw = w.raw
-        own = xor = 0
-        for start in (0, (w.nbytes // 2) // isz * isz, (w.nbytes - n) // isz * isz):
-            own += codec.encode(raw[start : start + n], isz, self.delta_config.codec_level).size
-            xor += codec.encode(raw[start : start + n], isz, self.delta_config.codec_level,
-                                base=base_raw[start : start + n]).size
-        return xor <= self.delta_config.min_saving * own
-
     def _write_pack(
-        self, todo: dict[str, tuple[_Named, Optional[ObjectRow], int]], workers: int,
+        self, todo: dict[str, PlannedObject], workers: int,
         board: Optional[HelpBoard] = None, direct_io: bool = False,
     ) -> WrittenObjects:
         if not todo:
@@ -607,8 +563,8 @@ class Repository:
         hows: dict[str, str] = {}
         writer: Optional[PackWriter] = None
 
-        def encode_and_write(item: tuple[_Named, Optional[ObjectRow], int]) -> ObjectRow:
-            prep, row, how = self._encode_one(writer.store, *item)
+        def encode_and_write(item: PlannedObject) -> ObjectRow:
+            prep, row, how = self._encode_one(writer.store, item)
             location = writer.write(prep)
             row.pack = writer.name
             if location is not None:
@@ -625,14 +581,14 @@ class Repository:
         try:
             writer = PackWriter(self.path, compression_level=self.compression_level, direct_io=direct_io)
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
-                                cost=lambda it: -it[0].weight.nbytes if smallest_first else it[0].weight.nbytes)
+                                cost=lambda it: -it.tensor.weight.nbytes if smallest_first else it.tensor.weight.nbytes)
             pack = writer.finish()
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
             if _is_disk_full(exc):
                 packs = self.path / PACKS_DIR
-                needed = sum(item[0].weight.nbytes for item in todo.values())
+                needed = sum(item.tensor.weight.nbytes for item in todo.values())
                 free = shutil.disk_usage(packs).free
                 raise DiskFullError(
                     f"no space left on the disk holding {packs}: this save needs up to {needed / 1e6:.1f} MB "
@@ -652,7 +608,10 @@ class Repository:
         got = self._manifest(cid)
         if got is None:  # removed by a concurrent gc
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
-        manifest = got[1]
+        row, manifest = got
+        if row.lossy:
+            warnings.warn(f"checkpoint {cid[:10]} was saved with lossy deltas (DeltaConfig(allow_lossy=True)): "
+                          "some tensors are approximations of what was saved", LossyCheckpointWarning, stacklevel=3)
         entries = manifest.tensors
         raws = self.materialize([e.hash for e in entries], commit=cid, names=[e.name for e in entries])
         tensors = []
@@ -774,7 +733,7 @@ class Repository:
                 ref = WeightTensor.from_raw(raw, WeightMetadata(name="", shape=row.shape, dtype=row.dtype))
                 w = self.encoder.reconstruct(delta, ref)
                 actual = w.compute_hash()
-                if actual != row.hash:
+                if row.lossless and actual != row.hash:  # a lossy delta is an approximation by design
                     raise IntegrityError(
                         f"object {row.hash} rebuilt from its delta hashes to {actual}: the delta or its "
                         "base is damaged", hash_key=row.hash,
@@ -1422,16 +1381,6 @@ def _read_exact(fd: int, length: int, offset: int) -> Optional[memoryview]:
             return None
         done += got
     return view
-
-
-def _skip_left(how: Optional[str]) -> int:
-    """Commits still to store a tensor whole after its delta lost: ``"full/skipN"`` -> N."""
-    if how and how.startswith("full/skip"):
-        try:
-            return max(0, int(how[9:]))
-        except ValueError:
-            return 0
-    return 0
 
 
 def _split_ancestry(ref: str) -> tuple[str, int]:
