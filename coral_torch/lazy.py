@@ -4,6 +4,7 @@ stays light: no torch, h5py or boto3 until something that needs them is touched.
 from __future__ import annotations
 
 import importlib
+import types
 from typing import Any, Callable
 
 
@@ -25,3 +26,11 @@ def lazy_exports(package: str, names: dict[str, str], namespace: dict[str, Any])
         return sorted(set(namespace) | set(names))
 
     return __getattr__, __dir__
+
+
+class LazyModule(types.ModuleType):
+    """Stand-in that imports the named module on first attribute use (thread-safe: the import
+    system locks it), for modules that import heavy libraries only some callers need."""
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), attr)

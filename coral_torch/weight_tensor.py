@@ -14,10 +14,17 @@ from .errors import UnsupportedTensorError
 HASH_HEX_LENGTH = 32  # xxh3-128
 
 
-def content_hash(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
-    """xxh3-128 over dtype, shape and the raw bytes of ``raw`` (a contiguous uint8 view, not copied)."""
+def content_hasher(dtype: str, shape: tuple[int, ...]) -> "xxhash.xxh3_128":
+    """The running :func:`content_hash` of a tensor before its bytes: ``update`` it with them in
+    order, a piece at a time (streamed reads), and its ``hexdigest()`` is the content hash."""
     h = xxhash.xxh3_128()
     h.update(f"coral-v1|{dtype}|{','.join(map(str, shape))}|".encode())
+    return h
+
+
+def content_hash(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
+    """xxh3-128 over dtype, shape and the raw bytes of ``raw`` (a contiguous uint8 view, not copied)."""
+    h = content_hasher(dtype, shape)
     h.update(memoryview(raw))
     return h.hexdigest()
 

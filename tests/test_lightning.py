@@ -286,8 +286,11 @@ def test_coral_checkpoint_and_model_checkpoint_share_the_repository(tmp_path, mo
     assert len(background) == len(foreground) == 3
     # ModelCheckpoint's save of epoch N+1 ran while the callback's save of epoch N was in flight
     assert any(b[1] < f[1] < b[2] for b in background for f in foreground), calls
-    # ... and the repository serialised the two writers (no pack written by both threads at once)
-    assert not [(a, b) for a in writes if a[0] for b in writes if not b[0] and a[1] < b[2] and b[1] < a[2]]
+    # both threads wrote packs (at once if they overlapped: packs need no lock since the plan ->
+    # write -> publish split); only the publishing transactions are serialised, and everything
+    # both published is intact
+    assert {bg for bg, _, _ in writes} == {True, False}
+    assert Repository(repo_path).verify().ok
     repo = fresh(repo_path)
     files = sorted(p.name for p in ckdir.iterdir())
     assert files == ["epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"]

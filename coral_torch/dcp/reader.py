@@ -16,7 +16,6 @@ import os
 from torch.futures import Future
 from typing import Any, Optional, Union
 
-import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader

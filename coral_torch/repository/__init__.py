@@ -13,13 +13,14 @@ from ..lazy import lazy_exports
 if TYPE_CHECKING:
     from .catalog import CommitRow, ObjectRow
     from .packs import PackWriter, WrittenPack
-    from .repository import CommitStats, Repository, VerifyReport, WrittenObjects
+    from .maintenance import VerifyReport
+    from .repository import CommitStats, Repository, WrittenObjects
 
 #: public name -> submodule that defines it
 _LAZY = {
     "Repository": ".repository",
     "CommitStats": ".repository",
-    "VerifyReport": ".repository",
+    "VerifyReport": ".maintenance",
     "WrittenObjects": ".repository",
     "PackWriter": ".packs",
     "WrittenPack": ".packs",

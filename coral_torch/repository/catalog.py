@@ -556,6 +556,24 @@ class Catalog:
         return dict(self.conn.execute("SELECT name, size FROM packs"))
 
 
+def commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[tuple[str, str, str, str]]:
+    """``commit_objects`` rows: one per distinct (name, hash). gc and verify find a commit's objects
+    through these rows, so none may be lost: two different tensors whose paths flatten to the same
+    name (keys ``1`` and ``"1"``, or ``"a/b"`` and ``["a"]["b"]``) get ``#1``, ``#2``... suffixes."""
+    names: dict[str, str] = {}
+    rows = []
+    for name, h in pairs:
+        key, n = name, 0
+        while key in names and names[key] != h:
+            n += 1
+            key = f"{name}#{n}"
+        if key in names:
+            continue
+        names[key] = h
+        rows.append((cid, key, h, how(name, h)))
+    return rows
+
+
 def catalog_error(exc: BaseException, path: Path) -> CoralError:
     """The :class:`CoralError` for an sqlite3 (or OS) failure on the catalog at ``path``."""
     msg = str(exc)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ConcurrentChangeError
+
 PACKS_DIR = "packs"
 TMP_PREFIX = ".tmp-"
 
@@ -66,7 +68,11 @@ class PackWriter:
         self.name = new_pack_name()
         self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
         self.objects = 0
-        self._store = HDF5Store(self.tmp, mode="x", compression_opts=compression_level, direct_io=direct_io)
+        try:
+            self._store = HDF5Store(self.tmp, mode="x", compression_opts=compression_level, direct_io=direct_io)
+        except BaseException:  # e.g. a full disk while HDF5 creates the file: leave nothing behind
+            self.tmp.unlink(missing_ok=True)
+            raise
         self._count = threading.Lock()
         self.written: Optional[WrittenPack] = None
 
@@ -105,3 +111,7 @@ class PackWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class PackGone(ConcurrentChangeError):
+    """A pack was removed because gc rewrote or deleted it meanwhile (not damage): re-read the catalog."""

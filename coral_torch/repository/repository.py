@@ -19,25 +19,19 @@ gets the same id. Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``,
 
 from __future__ import annotations
 
-import errno
-import functools
-import importlib
-import json
 import logging
 import os
 import shutil
 import sqlite3
 import threading
 import time
-import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
-import xxhash
 
 from .. import codec, dtypes
 from ..parallel import HelpBoard, run_parallel
@@ -56,14 +50,16 @@ from ..errors import (
     ReadOnlyRepositoryError,
     RefNotFoundError,
     RepositoryError,
-    UnsupportedFormatError,
 )
+from ..lazy import LazyModule
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..manifest import Manifest, TensorEntry
 from ..refnames import validate_component, validate_ref_name
-from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error
+from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error, commit_object_rows
+from .failures import CATALOG_NAME, is_disk_full, named_errors
 from .planner import DeltaPlanner, PlannedObject
-from .packs import PACKS_DIR, PackWriter, WrittenPack, new_pack_name, publish_file
+from .maintenance import Maintenance
+from .packs import PACKS_DIR, PackGone, PackWriter, WrittenPack
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
@@ -72,21 +68,13 @@ if TYPE_CHECKING:
     from ..storage.hdf5_store import HDF5Store, PreparedObject
 else:
 
-    class _LazyModule(types.ModuleType):
-        """Stand-in that imports the named module on first attribute use (thread-safe: the import
-        system locks it). ``adapters`` imports torch, seconds that catalog-only readers such as
-        ``coral-torch log`` must not pay."""
-
-        def __getattr__(self, attr: str) -> Any:
-            return getattr(importlib.import_module(self.__name__), attr)
-
-    adapters = _LazyModule("coral_torch.adapters")
-    sharded = _LazyModule("coral_torch.sharded")  # torch too
-    hdf5_store = _LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
+    # adapters and sharded import torch, seconds that catalog-only readers (coral-torch log) must not pay
+    adapters = LazyModule("coral_torch.adapters")
+    sharded = LazyModule("coral_torch.sharded")
+    hdf5_store = LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
 
 log = logging.getLogger(__name__)
 
-CATALOG_NAME = "catalog.sqlite"
 _MIN_PREFIX = 4
 _HEX = set("0123456789abcdef")
 
@@ -126,74 +114,6 @@ class WrittenObjects:
     hows: dict[str, str]
 
 
-@dataclass
-class VerifyReport:
-    """Result of :meth:`Repository.verify`. ``ok`` is True when nothing is damaged or missing."""
-
-    objects_checked: int = 0
-    commits_checked: int = 0
-    damaged_objects: dict[str, str] = field(default_factory=dict)
-    damaged_commits: dict[str, list[str]] = field(default_factory=dict)
-    missing_packs: list[str] = field(default_factory=list)
-    orphan_files: list[str] = field(default_factory=list)
-    #: commit id -> why its catalog row cannot be trusted (manifest hash, format, structure)
-    damaged_manifests: dict[str, str] = field(default_factory=dict)
-    #: ref name -> the commit it names, which does not exist
-    dangling_refs: dict[str, str] = field(default_factory=dict)
-    #: pack -> why HDF5 (push, gc) cannot read it although its payloads may be intact
-    unreadable_packs: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.damaged_objects or self.damaged_commits or self.missing_packs or self.damaged_manifests
-                    or self.dangling_refs or self.unreadable_packs)
-
-    RECOVERY = ("to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
-                "s3://...), or restore the repository from a backup; undamaged commits load as they are")
-
-
-def _named_errors(fn):
-    """Public repository methods raise only :class:`CoralError`: a damaged or read-only catalog,
-    a full disk or an unreadable pack is named, never an sqlite3/h5py/OS error."""
-
-    @functools.wraps(fn)
-    def wrapper(self: "Repository", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        except CoralError:
-            raise
-        except sqlite3.Error as exc:
-            raise catalog_error(exc, self.path / CATALOG_NAME) from exc
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise DiskFullError(
-                    f"the disk holding {self.path} is full ({exc.strerror or exc}); free some space and retry",
-                    path=str(self.path),
-                ) from exc
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise ReadOnlyRepositoryError(
-                    f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
-                    "no write permission"
-                ) from exc
-            raise
-
-    return wrapper
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` or what caused it is ENOSPC (h5py and SQLite wrap it in their own errors)."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(exc).lower()
-        if "no space left" in text or "disk is full" in text or "disk quota" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-        seen += 1
-    return False
-
-
 def _max_tensor_bytes() -> int:
     """The largest tensor a load will allocate: this machine's physical memory. A catalog row or
     pack that claims more is refused before any allocation."""
@@ -203,7 +123,7 @@ def _max_tensor_bytes() -> int:
         return 1 << 40
 
 
-class Repository:
+class Repository(Maintenance):
     """A checkpoint repository.
 
     Args:
@@ -266,7 +186,7 @@ class Repository:
         return f"Repository({str(self.path)!r})"
 
     # ============================================================================== commit
-    @_named_errors
+    @named_errors
     def commit(
         self,
         obj: Any,
@@ -350,7 +270,7 @@ class Repository:
         )
         return stats
 
-    @_named_errors
+    @named_errors
     def write_objects(
         self,
         tensors: Sequence[tuple[str, WeightTensor]],
@@ -372,7 +292,7 @@ class Repository:
         todo = self.planner.plan(tensors, parent, no_delta_prefixes)
         return self._write_pack(todo, workers or self.workers, help_board, direct_io)
 
-    @_named_errors
+    @named_errors
     def publish(
         self,
         manifest: Manifest,
@@ -413,9 +333,10 @@ class Repository:
         best = None
         if monitor is not None and metrics.get(monitor) is not None:
             best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
-        object_rows = _commit_object_rows(
+        object_rows = commit_object_rows(
             cid, [(e.name, e.hash) for e in manifest.tensors], lambda n, h: hows.get(h, "dedup")
         )
+        published = False
         try:
             with self.lock:
                 for p in packs:
@@ -433,55 +354,23 @@ class Repository:
                     packs=[(p.name, p.size) for p in packs], objects=new_rows, commit=commit,
                     commit_objects=object_rows, refs=ref_names, best=best,
                 )
+                published = True
                 self._reclaim_released(stats.replaced)
         except BaseException:
-            self.discard(written)  # not visible: the packs would only be orphans taking space
+            if not published:  # the transaction did not commit: the packs would only be orphans
+                self.discard(written, unpublished=True)
             raise
         return stats
 
-    def discard(self, written: Sequence[WrittenObjects]) -> None:
+    def discard(self, written: Sequence[WrittenObjects], *, unpublished: bool = False) -> None:
         """Remove packs written by :meth:`write_objects` that will not be published. A pack the
-        catalog already names (published after all) is left alone."""
-        known = self.catalog.packs()
+        catalog already names (published after all) is left alone, unless the caller knows its
+        publish never committed (``unpublished``: the catalog may be unreadable then, e.g. a full disk)."""
+        known = set() if unpublished else self.catalog.packs()
         for w in written:
             for p in w.packs:
                 if p.name not in known:
                     (self.path / PACKS_DIR / p.name).unlink(missing_ok=True)
-
-    @_named_errors
-    def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
-        """Replace a commit by one whose containers at the ``empty`` paths are emptied (by
-        default: the per-parameter optimizer state, keeping ``param_groups``, so the commit still
-        resumes, with fresh optimizer moments). Paths are as in :func:`coral_torch.adapters.prune`.
-
-        The new commit keeps the old one's run, parent, epoch, step, time and metrics and takes over
-        all its refs; the old commit is then removed, with what only it used. Returns the new
-        commit id (the same id if nothing was emptied).
-        """
-        cid = self.resolve(ref)
-        with self.lock:
-            got = self._manifest(cid)
-            if got is None:
-                raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
-            row, manifest = got
-            if manifest.sharded:
-                raise RepositoryError(f"commit {cid[:12]} is sharded (DCP): stripping it is not supported")
-            skeleton, kept = adapters.prune(manifest.skeleton, empty)
-            if kept is None:
-                return cid
-            stripped = manifest.subset(skeleton, kept)
-            new_id = stripped.commit_id()
-            now = time.time()
-            info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
-            hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
-            commit = NewCommit(new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message, row.metrics,
-                               stripped.to_json(), row.lossy, stripped.nbytes, 0, info)
-            self.catalog.add_derived_commit(commit, _commit_object_rows(
-                new_id, [(e.name, e.hash) for e in stripped.tensors], lambda n, h: hows.get(n, "dedup")
-            ), replaces=cid, now=now)
-            if new_id != cid:
-                self._reclaim_released([cid])
-            return new_id
 
     def _commit_row(self, cid: str) -> Optional[CommitRow]:
         """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
@@ -586,7 +475,7 @@ class Repository:
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
-            if _is_disk_full(exc):
+            if is_disk_full(exc):
                 packs = self.path / PACKS_DIR
                 needed = sum(item.tensor.weight.nbytes for item in todo.values())
                 free = shutil.disk_usage(packs).free
@@ -601,7 +490,7 @@ class Repository:
         return WrittenObjects([pack], rows, hows)
 
     # ================================================================================ load
-    @_named_errors
+    @named_errors
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
         """The checkpoint ``ref`` names, rebuilt exactly as saved (tensors verified by hash)."""
         cid = self.resolve(ref)
@@ -644,7 +533,7 @@ class Repository:
         self.last_loaded = cid
         return obj
 
-    @_named_errors
+    @named_errors
     def manifest(self, ref: str) -> Manifest:
         """The verified :class:`~coral_torch.manifest.Manifest` of the commit ``ref`` names."""
         cid = self.resolve(ref)
@@ -653,7 +542,7 @@ class Repository:
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         return got[1]
 
-    @_named_errors
+    @named_errors
     def materialize(
         self, hashes: Sequence[str], *, commit: Optional[str] = None, names: Optional[Sequence[str]] = None
     ) -> dict[str, np.ndarray]:
@@ -674,7 +563,7 @@ class Repository:
             try:
                 try:
                     return self._build(chains[h])
-                except _PackGone:
+                except PackGone:
                     # a concurrent gc moved the object to a new pack after we read its rows
                     return self._build(self._chain(h))
             except (CoralError, OSError, KeyError, ValueError, RuntimeError, TypeError, MemoryError) as exc:
@@ -813,7 +702,7 @@ class Repository:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 if name not in self.catalog.packs():
-                    raise _PackGone(f"pack {name} was removed by gc") from None
+                    raise PackGone(f"pack {name} was removed by gc") from None
                 raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}") from None
             kept = self._fds.setdefault(name, fd)  # another thread may have opened it meanwhile
             if kept != fd:
@@ -827,7 +716,7 @@ class Repository:
             path = self.path / PACKS_DIR / name
             if not path.exists():
                 if name not in self.catalog.packs():
-                    raise _PackGone(f"pack {name} was removed by gc")
+                    raise PackGone(f"pack {name} was removed by gc")
                 raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
             try:
                 store = hdf5_store.HDF5Store(path, mode="r")
@@ -865,7 +754,7 @@ class Repository:
         self.close()
 
     # ================================================================================ refs
-    @_named_errors
+    @named_errors
     def resolve(self, ref: str) -> str:
         """Full commit id for a hash prefix (>= 4 chars), tag, ``latest``, ``best``, ``<run>``,
         ``<run>/latest``, ``<run>/best`` or a full ref name. Accepts a ``coral://`` prefix. As in
@@ -926,14 +815,14 @@ class Repository:
             + ". Use a hash prefix of at least 4 characters, a tag, a run name, 'latest' or 'best'."
         )
 
-    @_named_errors
+    @named_errors
     def tag(self, name: str, ref: str) -> str:
         validate_component(name, "tag")
         cid = self.resolve(ref)
         self.set_ref(f"tags/{name}", cid)
         return cid
 
-    @_named_errors
+    @named_errors
     def set_ref(self, name: str, commit_id: str) -> None:
         """Point ref ``name`` at ``commit_id``. A commit the ref named before and that no other
         ref keeps is removed at once, with what only it used (see :meth:`delete_ref`)."""
@@ -946,7 +835,7 @@ class Repository:
             if before is not None and before != commit_id:
                 self._reclaim_released([before])
 
-    @_named_errors
+    @named_errors
     def delete_ref(self, name: str) -> bool:
         """Remove ref ``name``. If no other ref keeps its commit, the commit is removed too, with
         every object no remaining commit needs, and its disk space is reclaimed: dropping the last
@@ -957,17 +846,17 @@ class Repository:
                 self._reclaim_released([before])
             return before is not None
 
-    @_named_errors
+    @named_errors
     def refs(self, prefix: str = "") -> dict[str, str]:
         return self.catalog.refs(prefix)
 
     # ================================================================================ info
-    @_named_errors
+    @named_errors
     def log(self, run: Optional[str] = None) -> list[CommitRow]:
         """Commits, newest first (of one run, or of all runs)."""
         return self.catalog.commits(run)
 
-    @_named_errors
+    @named_errors
     def get_commit(self, ref: str) -> CommitRow:
         """The verified catalog row of the commit ``ref`` names."""
         cid = self.resolve(ref)
@@ -976,7 +865,7 @@ class Repository:
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         return row
 
-    @_named_errors
+    @named_errors
     def stats(self) -> dict[str, Any]:
         t = self.catalog.totals()
         disk = sum(p.stat().st_size for p in (self.path / PACKS_DIR).glob("*.h5"))
@@ -992,7 +881,7 @@ class Repository:
         }
 
     # ============================================================================= remote
-    @_named_errors
+    @named_errors
     def push(self, remote: Any, progress: Optional[bool] = None, *, verify: bool = False) -> dict[str, Any]:
         """Send commits that refs name, the objects they need, then the refs, to an S3 remote
         (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume.
@@ -1002,305 +891,12 @@ class Repository:
 
         return push(self, remote, progress=progress, verify=verify)
 
-    @_named_errors
+    @named_errors
     def pull(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
         """Fetch every commit the remote has and this repository lacks, with its objects and refs."""
         from .remote import pull
 
         return pull(self, remote, progress=progress)
-
-    # ============================================================================= verify
-    @_named_errors
-    def verify(self, *, progress: bool = False) -> VerifyReport:
-        """Re-read and re-hash every object; report damaged objects and the commits they break."""
-        report = VerifyReport()
-        rows = self.catalog.all_objects()
-        by_hash = {r.hash: r for r in rows}
-        children: dict[str, list[ObjectRow]] = {}
-        for r in rows:
-            if r.kind == "delta":
-                children.setdefault(r.base or "", []).append(r)
-        packs_dir = self.path / PACKS_DIR
-        pack_sizes = self.catalog.packs()
-        known_packs = set(pack_sizes)
-        report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
-        # a pack whose size changed since it was published was truncated or overwritten: even
-        # objects whose own bytes survived are in a file HDF5 (gc, push) can no longer read
-        resized: dict[str, str] = {}
-        for p, size in pack_sizes.items():
-            try:
-                actual = (packs_dir / p).stat().st_size
-            except FileNotFoundError:
-                continue
-            if size is not None and actual != size:
-                resized[p] = f"pack {p} is {actual} bytes, {size} when written (truncated or overwritten)"
-        report.orphan_files = sorted(
-            p.name for p in packs_dir.iterdir() if p.name not in known_packs
-        ) if packs_dir.exists() else []
-
-        def mark_damaged(r: ObjectRow, why: str) -> None:
-            stack = [(r, why)]
-            while stack:
-                o, w = stack.pop()
-                if o.hash in report.damaged_objects:
-                    continue
-                report.damaged_objects[o.hash] = w
-                stack.extend((c, f"its delta base {o.hash[:12]} is damaged") for c in children.get(o.hash, []))
-
-        def walk(r: ObjectRow) -> None:
-            # depth-first along delta chains; memory holds one chain at a time. A delta is XORed
-            # into its base's buffer in place, so siblings get copies, and the sibling that owns
-            # the buffer is pushed first (popped last, after the others copied it).
-            stack: list[tuple[ObjectRow, Optional[np.ndarray], bool]] = [(r, None, True)]
-            while stack:
-                o, braw, owned = stack.pop()
-                report.objects_checked += 1
-                if o.pack in resized:
-                    mark_damaged(o, resized[o.pack])
-                    continue
-                try:
-                    if braw is not None and not owned:
-                        braw = braw.copy()
-                    raw = self._build([o], braw) if o.kind == "delta" else self._build([o])
-                except (CoralError, OSError, KeyError, _PackGone) as exc:
-                    mark_damaged(o, str(exc))
-                    continue
-                kids = children.get(o.hash, [])
-                stack.extend((c, raw, i == 0) for i, c in enumerate(kids))
-
-        for r in rows:
-            if r.kind == "full" or r.base not in by_hash:
-                if r.kind == "delta":
-                    mark_damaged(r, f"its delta base {r.base} is missing")
-                    continue
-                walk(r)
-        # what push and gc read: every object through HDF5, where the catalog says it is
-        for p in sorted(known_packs - set(report.missing_packs)):
-            in_pack = [r for r in rows if r.pack == p]
-            why, bad = self._check_pack_structure(p, in_pack)
-            if why is not None:
-                report.unreadable_packs[p] = why
-                bad = {r.hash: why for r in in_pack}
-            for r in in_pack:
-                if r.hash in bad:
-                    mark_damaged(r, bad[r.hash])
-        # every commit's catalog row: manifest hash = id, format, structure, entries vs objects
-        for cid in self.catalog.commit_ids():
-            report.commits_checked += 1
-            try:
-                got = self._manifest(cid)
-                if got is None:
-                    continue
-                manifest = got[1]
-                for e in manifest.tensors:
-                    o = by_hash.get(e.hash)
-                    if o is not None and (o.dtype != e.dtype or tuple(o.shape) != e.shape):
-                        raise CatalogDamagedError(f"tensor {e.name}: manifest says {e.dtype}{list(e.shape)}, "
-                                                  f"object row {o.dtype}{list(o.shape)}")
-                if manifest.sharded:
-                    sharded.check_layout(manifest)
-                else:
-                    adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
-            except CoralError as exc:
-                report.damaged_manifests[cid] = str(exc)
-        for name, cid in self.catalog.refs().items():
-            if self.catalog.get_commit(cid) is None:
-                report.dangling_refs[name] = cid
-        for cid, names in self.catalog.commits_using(report.damaged_objects).items():
-            report.damaged_commits[cid] = sorted(names)
-        # commits whose objects are missing from the catalog
-        for cid, missing in self.catalog.commits_missing_objects().items():
-            report.damaged_commits.setdefault(cid, []).extend(missing)
-        return report
-
-    def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[Optional[str], dict[str, str]]:
-        """What push and gc would meet reading the pack through HDF5: ``(why the pack cannot be
-        opened, or None; {object hash: why HDF5 cannot give it back as the catalog records it}``).
-        Payload damage (a checksum mismatch) is left to the payload check."""
-        try:
-            store = self._pack(name)
-        except Exception as exc:  # noqa: BLE001 - any failure to open the pack is what we report
-            return f"pack {name} cannot be opened through HDF5 ({type(exc).__name__}: {exc})", {}
-        bad: dict[str, str] = {}
-        for o in objects:
-            try:
-                prep = store.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
-            except IntegrityError:
-                continue  # its payload is damaged: the payload check names it
-            except Exception as exc:  # noqa: BLE001
-                bad[o.hash] = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
-                continue
-            if prep is None:
-                bad[o.hash] = f"missing from the HDF5 index of pack {name}"
-            elif o.offset is not None and prep.location is not None and tuple(prep.location) != (o.offset, o.length):
-                bad[o.hash] = f"at {tuple(prep.location)} in pack {name}, the catalog says {(o.offset, o.length)}"
-        return None, bad
-
-    # ================================================================================= gc
-    @_named_errors
-    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3,
-           orphan_grace_s: float = 3600.0) -> dict[str, Any]:
-        """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
-        deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
-
-        Moving or deleting refs already does this for the commits it releases (see
-        :meth:`delete_ref`); ``gc`` sweeps the whole repository: what older versions or interrupted
-        runs left, and files in ``packs/`` the catalog does not know. Packs are written without the
-        lock and published afterwards, so an unknown file is removed only once it was not modified
-        for ``orphan_grace_s`` seconds (a file being written keeps a fresh mtime; a finished one
-        waits for its publish)."""
-        with self.lock:
-            cat = self.catalog
-            live_commits = set(cat.refs().values())
-            all_commits = {r.id for r in cat.commits()}
-            dead_commits = all_commits - live_commits
-            rows = {r.hash: r for r in cat.all_objects()}
-            live: set[str] = set()
-            for cid in live_commits:
-                for _, h, _ in cat.commit_objects(cid):
-                    while h is not None and h not in live:
-                        live.add(h)
-                        r = rows.get(h)
-                        h = r.base if r is not None and r.kind == "delta" else None
-            dead_objects = set(rows) - live
-            packs_dir = self.path / PACKS_DIR
-            known = cat.packs()
-            unknown = [f for f in packs_dir.iterdir() if f.name not in known] if packs_dir.exists() else []
-            cutoff = time.time() - orphan_grace_s
-            orphans = [f for f in unknown if _mtime(f) <= cutoff]
-            before = _dir_bytes(packs_dir)
-            stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
-                                  dry_run=dry_run, repack_threshold=repack_threshold)
-            stats.update(
-                orphan_files_removed=len(orphans),
-                orphan_files_kept=len(unknown) - len(orphans),
-                bytes_before=before,
-                bytes_reclaimable=stats["bytes_reclaimable"] + sum(_size(f) for f in orphans),
-            )
-            if dry_run:
-                return stats
-            for f in orphans:
-                f.unlink(missing_ok=True)
-            cat.checkpoint()
-            after = _dir_bytes(packs_dir)
-            stats["bytes_after"] = after
-            stats["bytes_reclaimed"] = before - after
-            return stats
-
-    def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3) -> Optional[dict[str, Any]]:
-        """Remove those of ``candidates`` (commits a ref just moved away from) that no ref keeps now,
-        the objects only they needed, and the pack space those held. Bounded by what was released:
-        only these commits' objects and their delta bases are examined, and only their packs are
-        rewritten. Called with the write lock held, after the transaction that moved the refs: a
-        crash in between leaves unreferenced commits for :meth:`gc`, never a missing object."""
-        cat = self.catalog
-        dead_commits = cat.unreferenced(candidates)
-        if not dead_commits:
-            return None
-        work = list(dict.fromkeys(h for c in dead_commits for _, h, _ in cat.commit_objects(c)))
-        dead: set[str] = set()
-        rows: dict[str, ObjectRow] = {}
-        while work:
-            h = work.pop()
-            if h in dead:
-                continue
-            row = cat.get_object(h)
-            if row is None:
-                continue
-            # live while a remaining commit lists it or a live delta is stored against it
-            if cat.used_by_other_commits(h, dead_commits):
-                continue
-            if any(child not in dead for child in cat.delta_children(h)):
-                continue
-            dead.add(h)
-            rows[h] = row
-            if row.kind == "delta" and row.base:
-                work.append(row.base)  # its base may have been kept alive by this delta only
-        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()], None,
-                              dry_run=False, repack_threshold=repack_threshold)
-        log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
-                 stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
-        return stats
-
-    def _reclaim(self, dead_commits: set[str], dead_objects: set[str], packs: Iterable[str],
-                 rows: Optional[dict[str, ObjectRow]], *, dry_run: bool, repack_threshold: float) -> dict[str, Any]:
-        """Delete ``dead_commits`` and ``dead_objects`` from the catalog and reclaim the space of
-        ``packs``: a pack with nothing live is deleted, one with >= ``repack_threshold`` of its
-        bytes dead is rewritten (temp -> fsync -> rename) with its live objects. ``rows``: every
-        object row of those packs when the caller has them already."""
-        cat = self.catalog
-        packs = list(dict.fromkeys(packs))
-        per_pack: dict[str, list[ObjectRow]] = {p: [] for p in packs}
-        for r in (rows.values() if rows is not None else cat.objects_in_packs(packs)):
-            if r.pack in per_pack:
-                per_pack[r.pack].append(r)
-        remove_packs, rewrite_packs = [], []
-        reclaimable = 0
-        for p in packs:
-            objs = per_pack[p]
-            dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
-            reclaimable += dead
-            total = sum(o.stored_bytes for o in objs) or 1
-            if all(o.hash in dead_objects for o in objs):
-                remove_packs.append(p)
-            elif dead / total >= repack_threshold:
-                rewrite_packs.append(p)
-        stats = {
-            "dry_run": dry_run,
-            "commits_removed": len(dead_commits),
-            "objects_removed": len(dead_objects),
-            "packs_removed": len(remove_packs),
-            "packs_rewritten": len(rewrite_packs),
-            "bytes_reclaimable": reclaimable,
-        }
-        if dry_run:
-            return stats
-        packs_dir = self.path / PACKS_DIR
-        moved: dict[str, tuple] = {}
-        new_pack_rows = []
-        written: list[Path] = []
-        try:
-            for p in rewrite_packs:
-                keep = [o for o in per_pack[p] if o.hash not in dead_objects]
-                name = new_pack_name()
-                tmp = packs_dir / f".tmp-{name}"
-                src = self._pack(p)
-                dst = hdf5_store.HDF5Store(tmp, mode="x")
-                try:
-                    for o in keep:
-                        prep = src.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
-                        if prep is None:
-                            raise IntegrityError(f"object {o.hash} is missing from pack {p}", hash_key=o.hash)
-                        dst.write_prepared(prep)
-                        moved[o.hash] = (name, *(prep.location or (None, None)))
-                    dst.close()
-                    publish_file(tmp, packs_dir / name)
-                    written.append(packs_dir / name)
-                except BaseException:
-                    dst.close()
-                    tmp.unlink(missing_ok=True)
-                    raise
-                new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
-            cat.apply_reclaim(new_packs=new_pack_rows, moved=moved, dead_objects=dead_objects,
-                              dead_commits=dead_commits, dropped_packs=remove_packs + rewrite_packs)
-        except BaseException:
-            for f in written:  # not published: the old packs still hold everything
-                f.unlink(missing_ok=True)
-            raise
-        for p in remove_packs + rewrite_packs:
-            s = self._packs.pop(p, None)
-            if s is not None:
-                s.close()
-            fd = self._fds.pop(p, None)
-            if fd is not None:
-                os.close(fd)
-            (packs_dir / p).unlink(missing_ok=True)
-        return stats
-
-
-class _PackGone(IntegrityError):
-    """A pack disappeared because gc rewrote it (not damage): the caller re-reads the catalog."""
-
 
 def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     """The same bytes under a display name (metadata only, no copy)."""
@@ -1317,42 +913,6 @@ def _fresh_repository_dir(path: Path) -> bool:
         return False
     packs = path / PACKS_DIR
     return PACKS_DIR not in names or (packs.is_dir() and not any(packs.iterdir()))
-
-
-def _commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[tuple[str, str, str, str]]:
-    """``commit_objects`` rows: one per distinct (name, hash). gc and verify find a commit's objects
-    through these rows, so none may be lost: two different tensors whose paths flatten to the same
-    name (keys ``1`` and ``"1"``, or ``"a/b"`` and ``["a"]["b"]``) get ``#1``, ``#2``... suffixes."""
-    names: dict[str, str] = {}
-    rows = []
-    for name, h in pairs:
-        key, n = name, 0
-        while key in names and names[key] != h:
-            n += 1
-            key = f"{name}#{n}"
-        if key in names:
-            continue
-        names[key] = h
-        rows.append((cid, key, h, how(name, h)))
-    return rows
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return float("inf")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:  # renamed or removed by a writer meanwhile (packs need no lock)
-        return 0
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(_size(f) for f in path.iterdir()) if path.exists() else 0
 
 
 def _file_identity(path: Path) -> Optional[tuple[int, int]]:

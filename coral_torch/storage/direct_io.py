@@ -27,6 +27,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from ..codec import FileSegment
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -72,6 +74,47 @@ def pwritev_all(fd: int, segments: Sequence[memoryview], offset: int) -> None:
             segs[0] = segs[0][done:]
 
 
+def _copy_from_file(seg: FileSegment, fd: int, offset: int) -> None:
+    """Copy a spilled segment to ``offset`` of ``fd``: in the kernel (``copy_file_range``, no user
+    buffer) where it can, else through a staging buffer."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < seg.length:
+                got = os.copy_file_range(seg.fd, fd, seg.length - done, seg.offset + done, offset + done)
+                if got <= 0:
+                    break
+                done += got
+        except OSError as exc:  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: copy through user space
+            log.debug("copy_file_range refused (%s); copying through a buffer", exc)
+    if done < seg.length:
+        with _staging_buffer() as stage:
+            while done < seg.length:
+                n = min(STAGE_BYTES, seg.length - done)
+                view = memoryview(stage)[:n]
+                seg[done : done + n].read_into(view)
+                pwritev_all(fd, [view], offset + done)
+                done += n
+
+
+def write_segments(fd: int, segments: Sequence["memoryview | FileSegment"], offset: int) -> None:
+    """Write segments back to back at ``offset``: runs of memory with ``pwritev``, spilled
+    :class:`~coral_torch.codec.FileSegment` parts by :func:`_copy_from_file`."""
+    run: list[memoryview] = []
+    for seg in segments:
+        if isinstance(seg, FileSegment):
+            if run:
+                pwritev_all(fd, run, offset)
+                offset += sum(len(x) for x in run)
+                run = []
+            _copy_from_file(seg, fd, offset)
+            offset += len(seg)
+        else:
+            run.append(seg)
+    if run:
+        pwritev_all(fd, run, offset)
+
+
 def _chunks(segments: Sequence[memoryview], start: int, stop: int) -> Iterator[memoryview]:
     """The bytes ``[start, stop)`` of the segments laid end to end, as slices of the segments."""
     pos = 0
@@ -111,8 +154,8 @@ class PayloadWriter:
         """Whether payloads can still go around the page cache."""
         return self._direct_ok
 
-    def write(self, segments: Sequence[memoryview], offset: int) -> None:
-        """Write the segments back to back at ``offset``."""
+    def write(self, segments: Sequence["memoryview | FileSegment"], offset: int) -> None:
+        """Write the segments (memory, or spilled parts of a blob) back to back at ``offset``."""
         segments = [s for s in segments if len(s)]
         total = sum(len(s) for s in segments)
         direct_len = total // PAGE * PAGE if (total >= MIN_DIRECT_BYTES and offset % PAGE == 0) else 0
@@ -130,7 +173,7 @@ class PayloadWriter:
                 direct_len = 0
         else:
             direct_len = 0
-        pwritev_all(self._fd, list(_chunks(segments, direct_len, total)), offset + direct_len)
+        write_segments(self._fd, list(_chunks(segments, direct_len, total)), offset + direct_len)
         with self._count_lock:
             self.direct_bytes += direct_len
             self.buffered_bytes += total - direct_len
@@ -142,7 +185,10 @@ class PayloadWriter:
                 n = min(STAGE_BYTES, length - done)
                 pos = 0
                 for piece in _chunks(segments, done, done + n):
-                    stage[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    if isinstance(piece, FileSegment):
+                        piece.read_into(memoryview(stage)[pos : pos + len(piece)])
+                    else:
+                        stage[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                     pos += len(piece)
                 pwritev_all(fd, [memoryview(stage)[:n]], offset + done)
                 done += n

@@ -245,6 +245,12 @@ class HDF5Store(WeightStore):
                 f"cannot open {path} in mode {mode!r}: {exc}. Another process may hold it open for writing."
             ) from exc
 
+    @property
+    def spill_dir(self) -> Path:
+        """Where an encoder of this store spills what does not fit its in-memory budget (see
+        :func:`coral_torch.codec.encode_blob`): beside the file, so the copy into it stays in the kernel."""
+        return self.filepath.parent
+
     def _alignment(self) -> Dict[str, int]:
         """With direct I/O, large datasets start on a page boundary (O_DIRECT needs aligned
         offsets); otherwise HDF5 packs them back to back."""
@@ -296,7 +302,7 @@ class HDF5Store(WeightStore):
         if self.compression == CODEC_COMPRESSION:
             level = self.compression_opts
             itemsize = dtypes.itemsize(meta.dtype)
-            payload = (codec.encode_blob(weight.raw, itemsize, level) if segmented
+            payload = (codec.encode_blob(weight.raw, itemsize, level, spill_dir=self.spill_dir) if segmented
                        else codec.encode(weight.raw, itemsize, level))
             encoding = ENCODING_CODEC
         else:

@@ -1,0 +1,55 @@
+"""How failures below the repository (SQLite, h5py, the OS) become named :class:`CoralError`\ s."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sqlite3
+from typing import Any
+
+from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError
+from .catalog import catalog_error
+
+CATALOG_NAME = "catalog.sqlite"
+
+
+def named_errors(fn):
+    """Public repository methods raise only :class:`CoralError`: a damaged or read-only catalog,
+    a full disk or an unreadable pack is named, never an sqlite3/h5py/OS error."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except CoralError:
+            raise
+        except sqlite3.Error as exc:
+            raise catalog_error(exc, self.path / CATALOG_NAME) from exc
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(
+                    f"the disk holding {self.path} is full ({exc.strerror or exc}); free some space and retry",
+                    path=str(self.path),
+                ) from exc
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise ReadOnlyRepositoryError(
+                    f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
+                    "no write permission"
+                ) from exc
+            raise
+
+    return wrapper
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` or what caused it is ENOSPC (h5py and SQLite wrap it in their own errors)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if "no space left" in text or "disk is full" in text or "disk quota" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False

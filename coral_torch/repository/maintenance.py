@@ -1,0 +1,403 @@
+"""Repository upkeep: ``verify``, ``gc``, the reclaim that ref moves trigger, and ``strip_commit``.
+
+A mixin of :class:`~coral_torch.repository.Repository` (which it needs for reading objects and
+packs), kept apart because none of it is on the save or load path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CatalogDamagedError, CoralError, IntegrityError, RefNotFoundError, RepositoryError
+from ..lazy import LazyModule
+from .catalog import NewCommit, ObjectRow, commit_object_rows
+from .failures import named_errors
+from .packs import PACKS_DIR, PackGone, new_pack_name, publish_file
+
+if TYPE_CHECKING:
+    from .. import adapters, sharded
+    from ..storage import hdf5_store
+else:
+    adapters = LazyModule("coral_torch.adapters")
+    sharded = LazyModule("coral_torch.sharded")
+    hdf5_store = LazyModule("coral_torch.storage.hdf5_store")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Repository.verify`. ``ok`` is True when nothing is damaged or missing."""
+
+    objects_checked: int = 0
+    commits_checked: int = 0
+    damaged_objects: dict[str, str] = field(default_factory=dict)
+    damaged_commits: dict[str, list[str]] = field(default_factory=dict)
+    missing_packs: list[str] = field(default_factory=list)
+    orphan_files: list[str] = field(default_factory=list)
+    #: commit id -> why its catalog row cannot be trusted (manifest hash, format, structure)
+    damaged_manifests: dict[str, str] = field(default_factory=dict)
+    #: ref name -> the commit it names, which does not exist
+    dangling_refs: dict[str, str] = field(default_factory=dict)
+    #: pack -> why HDF5 (push, gc) cannot read it although its payloads may be intact
+    unreadable_packs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged_objects or self.damaged_commits or self.missing_packs or self.damaged_manifests
+                    or self.dangling_refs or self.unreadable_packs)
+
+    RECOVERY = ("to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
+                "s3://...), or restore the repository from a backup; undamaged commits load as they are")
+
+
+class Maintenance:
+    """``verify``, ``gc``, reclaim and ``strip_commit`` for :class:`Repository`."""
+
+    @named_errors
+    def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
+        """Replace a commit by one whose containers at the ``empty`` paths are emptied (by
+        default: the per-parameter optimizer state, keeping ``param_groups``, so the commit still
+        resumes, with fresh optimizer moments). Paths are as in :func:`coral_torch.adapters.prune`.
+
+        The new commit keeps the old one's run, parent, epoch, step, time and metrics and takes over
+        all its refs; the old commit is then removed, with what only it used. Returns the new
+        commit id (the same id if nothing was emptied).
+        """
+        cid = self.resolve(ref)
+        with self.lock:
+            got = self._manifest(cid)
+            if got is None:
+                raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
+            row, manifest = got
+            if manifest.sharded:
+                raise RepositoryError(f"commit {cid[:12]} is sharded (DCP): stripping it is not supported")
+            skeleton, kept = adapters.prune(manifest.skeleton, empty)
+            if kept is None:
+                return cid
+            stripped = manifest.subset(skeleton, kept)
+            new_id = stripped.commit_id()
+            now = time.time()
+            info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
+            hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
+            commit = NewCommit(new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message, row.metrics,
+                               stripped.to_json(), row.lossy, stripped.nbytes, 0, info)
+            self.catalog.add_derived_commit(commit, commit_object_rows(
+                new_id, [(e.name, e.hash) for e in stripped.tensors], lambda n, h: hows.get(n, "dedup")
+            ), replaces=cid, now=now)
+            if new_id != cid:
+                self._reclaim_released([cid])
+            return new_id
+
+    # ============================================================================= verify
+    @named_errors
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Re-read and re-hash every object; report damaged objects and the commits they break."""
+        report = VerifyReport()
+        rows = self.catalog.all_objects()
+        by_hash = {r.hash: r for r in rows}
+        children: dict[str, list[ObjectRow]] = {}
+        for r in rows:
+            if r.kind == "delta":
+                children.setdefault(r.base or "", []).append(r)
+        packs_dir = self.path / PACKS_DIR
+        pack_sizes = self.catalog.packs()
+        known_packs = set(pack_sizes)
+        report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
+        # a pack whose size changed since it was published was truncated or overwritten: even
+        # objects whose own bytes survived are in a file HDF5 (gc, push) can no longer read
+        resized: dict[str, str] = {}
+        for p, size in pack_sizes.items():
+            try:
+                actual = (packs_dir / p).stat().st_size
+            except FileNotFoundError:
+                continue
+            if size is not None and actual != size:
+                resized[p] = f"pack {p} is {actual} bytes, {size} when written (truncated or overwritten)"
+        report.orphan_files = sorted(
+            p.name for p in packs_dir.iterdir() if p.name not in known_packs
+        ) if packs_dir.exists() else []
+
+        def mark_damaged(r: ObjectRow, why: str) -> None:
+            stack = [(r, why)]
+            while stack:
+                o, w = stack.pop()
+                if o.hash in report.damaged_objects:
+                    continue
+                report.damaged_objects[o.hash] = w
+                stack.extend((c, f"its delta base {o.hash[:12]} is damaged") for c in children.get(o.hash, []))
+
+        def walk(r: ObjectRow) -> None:
+            # depth-first along delta chains; memory holds one chain at a time. A delta is XORed
+            # into its base's buffer in place, so siblings get copies, and the sibling that owns
+            # the buffer is pushed first (popped last, after the others copied it).
+            stack: list[tuple[ObjectRow, Optional[np.ndarray], bool]] = [(r, None, True)]
+            while stack:
+                o, braw, owned = stack.pop()
+                report.objects_checked += 1
+                if o.pack in resized:
+                    mark_damaged(o, resized[o.pack])
+                    continue
+                try:
+                    if braw is not None and not owned:
+                        braw = braw.copy()
+                    raw = self._build([o], braw) if o.kind == "delta" else self._build([o])
+                except (CoralError, OSError, KeyError, PackGone) as exc:
+                    mark_damaged(o, str(exc))
+                    continue
+                kids = children.get(o.hash, [])
+                stack.extend((c, raw, i == 0) for i, c in enumerate(kids))
+
+        for r in rows:
+            if r.kind == "full" or r.base not in by_hash:
+                if r.kind == "delta":
+                    mark_damaged(r, f"its delta base {r.base} is missing")
+                    continue
+                walk(r)
+        # what push and gc read: every object through HDF5, where the catalog says it is
+        for p in sorted(known_packs - set(report.missing_packs)):
+            in_pack = [r for r in rows if r.pack == p]
+            why, bad = self._check_pack_structure(p, in_pack)
+            if why is not None:
+                report.unreadable_packs[p] = why
+                bad = {r.hash: why for r in in_pack}
+            for r in in_pack:
+                if r.hash in bad:
+                    mark_damaged(r, bad[r.hash])
+        # every commit's catalog row: manifest hash = id, format, structure, entries vs objects
+        for cid in self.catalog.commit_ids():
+            report.commits_checked += 1
+            try:
+                got = self._manifest(cid)
+                if got is None:
+                    continue
+                manifest = got[1]
+                for e in manifest.tensors:
+                    o = by_hash.get(e.hash)
+                    if o is not None and (o.dtype != e.dtype or tuple(o.shape) != e.shape):
+                        raise CatalogDamagedError(f"tensor {e.name}: manifest says {e.dtype}{list(e.shape)}, "
+                                                  f"object row {o.dtype}{list(o.shape)}")
+                if manifest.sharded:
+                    sharded.check_layout(manifest)
+                else:
+                    adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
+            except CoralError as exc:
+                report.damaged_manifests[cid] = str(exc)
+        for name, cid in self.catalog.refs().items():
+            if self.catalog.get_commit(cid) is None:
+                report.dangling_refs[name] = cid
+        for cid, names in self.catalog.commits_using(report.damaged_objects).items():
+            report.damaged_commits[cid] = sorted(names)
+        # commits whose objects are missing from the catalog
+        for cid, missing in self.catalog.commits_missing_objects().items():
+            report.damaged_commits.setdefault(cid, []).extend(missing)
+        return report
+
+    def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[Optional[str], dict[str, str]]:
+        """What push and gc would meet reading the pack through HDF5: ``(why the pack cannot be
+        opened, or None; {object hash: why HDF5 cannot give it back as the catalog records it}``).
+        Payload damage (a checksum mismatch) is left to the payload check."""
+        try:
+            store = self._pack(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to open the pack is what we report
+            return f"pack {name} cannot be opened through HDF5 ({type(exc).__name__}: {exc})", {}
+        bad: dict[str, str] = {}
+        for o in objects:
+            try:
+                prep = store.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
+            except IntegrityError:
+                continue  # its payload is damaged: the payload check names it
+            except Exception as exc:  # noqa: BLE001
+                bad[o.hash] = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
+                continue
+            if prep is None:
+                bad[o.hash] = f"missing from the HDF5 index of pack {name}"
+            elif o.offset is not None and prep.location is not None and tuple(prep.location) != (o.offset, o.length):
+                bad[o.hash] = f"at {tuple(prep.location)} in pack {name}, the catalog says {(o.offset, o.length)}"
+        return None, bad
+
+    # ================================================================================= gc
+    @named_errors
+    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3,
+           orphan_grace_s: float = 3600.0) -> dict[str, Any]:
+        """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
+        deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
+
+        Moving or deleting refs already does this for the commits it releases (see
+        :meth:`delete_ref`); ``gc`` sweeps the whole repository: what older versions or interrupted
+        runs left, and files in ``packs/`` the catalog does not know. Packs are written without the
+        lock and published afterwards, so an unknown file is removed only once it was not modified
+        for ``orphan_grace_s`` seconds (a file being written keeps a fresh mtime; a finished one
+        waits for its publish)."""
+        with self.lock:
+            cat = self.catalog
+            live_commits = set(cat.refs().values())
+            all_commits = {r.id for r in cat.commits()}
+            dead_commits = all_commits - live_commits
+            rows = {r.hash: r for r in cat.all_objects()}
+            live: set[str] = set()
+            for cid in live_commits:
+                for _, h, _ in cat.commit_objects(cid):
+                    while h is not None and h not in live:
+                        live.add(h)
+                        r = rows.get(h)
+                        h = r.base if r is not None and r.kind == "delta" else None
+            dead_objects = set(rows) - live
+            packs_dir = self.path / PACKS_DIR
+            known = cat.packs()
+            unknown = [f for f in packs_dir.iterdir() if f.name not in known] if packs_dir.exists() else []
+            cutoff = time.time() - orphan_grace_s
+            orphans = [f for f in unknown if _mtime(f) <= cutoff]
+            before = _dir_bytes(packs_dir)
+            stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
+                                  dry_run=dry_run, repack_threshold=repack_threshold)
+            stats.update(
+                orphan_files_removed=len(orphans),
+                orphan_files_kept=len(unknown) - len(orphans),
+                bytes_before=before,
+                bytes_reclaimable=stats["bytes_reclaimable"] + sum(_size(f) for f in orphans),
+            )
+            if dry_run:
+                return stats
+            for f in orphans:
+                f.unlink(missing_ok=True)
+            cat.checkpoint()
+            after = _dir_bytes(packs_dir)
+            stats["bytes_after"] = after
+            stats["bytes_reclaimed"] = before - after
+            return stats
+
+    def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3) -> Optional[dict[str, Any]]:
+        """Remove those of ``candidates`` (commits a ref just moved away from) that no ref keeps now,
+        the objects only they needed, and the pack space those held. Bounded by what was released:
+        only these commits' objects and their delta bases are examined, and only their packs are
+        rewritten. Called with the write lock held, after the transaction that moved the refs: a
+        crash in between leaves unreferenced commits for :meth:`gc`, never a missing object."""
+        cat = self.catalog
+        dead_commits = cat.unreferenced(candidates)
+        if not dead_commits:
+            return None
+        work = list(dict.fromkeys(h for c in dead_commits for _, h, _ in cat.commit_objects(c)))
+        dead: set[str] = set()
+        rows: dict[str, ObjectRow] = {}
+        while work:
+            h = work.pop()
+            if h in dead:
+                continue
+            row = cat.get_object(h)
+            if row is None:
+                continue
+            # live while a remaining commit lists it or a live delta is stored against it
+            if cat.used_by_other_commits(h, dead_commits):
+                continue
+            if any(child not in dead for child in cat.delta_children(h)):
+                continue
+            dead.add(h)
+            rows[h] = row
+            if row.kind == "delta" and row.base:
+                work.append(row.base)  # its base may have been kept alive by this delta only
+        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()], None,
+                              dry_run=False, repack_threshold=repack_threshold)
+        log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
+                 stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
+        return stats
+
+    def _reclaim(self, dead_commits: set[str], dead_objects: set[str], packs: Iterable[str],
+                 rows: Optional[dict[str, ObjectRow]], *, dry_run: bool, repack_threshold: float) -> dict[str, Any]:
+        """Delete ``dead_commits`` and ``dead_objects`` from the catalog and reclaim the space of
+        ``packs``: a pack with nothing live is deleted, one with >= ``repack_threshold`` of its
+        bytes dead is rewritten (temp -> fsync -> rename) with its live objects. ``rows``: every
+        object row of those packs when the caller has them already."""
+        cat = self.catalog
+        packs = list(dict.fromkeys(packs))
+        per_pack: dict[str, list[ObjectRow]] = {p: [] for p in packs}
+        for r in (rows.values() if rows is not None else cat.objects_in_packs(packs)):
+            if r.pack in per_pack:
+                per_pack[r.pack].append(r)
+        remove_packs, rewrite_packs = [], []
+        reclaimable = 0
+        for p in packs:
+            objs = per_pack[p]
+            dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
+            reclaimable += dead
+            total = sum(o.stored_bytes for o in objs) or 1
+            if all(o.hash in dead_objects for o in objs):
+                remove_packs.append(p)
+            elif dead / total >= repack_threshold:
+                rewrite_packs.append(p)
+        stats = {
+            "dry_run": dry_run,
+            "commits_removed": len(dead_commits),
+            "objects_removed": len(dead_objects),
+            "packs_removed": len(remove_packs),
+            "packs_rewritten": len(rewrite_packs),
+            "bytes_reclaimable": reclaimable,
+        }
+        if dry_run:
+            return stats
+        packs_dir = self.path / PACKS_DIR
+        moved: dict[str, tuple] = {}
+        new_pack_rows = []
+        written: list[Path] = []
+        try:
+            for p in rewrite_packs:
+                keep = [o for o in per_pack[p] if o.hash not in dead_objects]
+                name = new_pack_name()
+                tmp = packs_dir / f".tmp-{name}"
+                src = self._pack(p)
+                dst = hdf5_store.HDF5Store(tmp, mode="x")
+                try:
+                    for o in keep:
+                        prep = src.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
+                        if prep is None:
+                            raise IntegrityError(f"object {o.hash} is missing from pack {p}", hash_key=o.hash)
+                        dst.write_prepared(prep)
+                        moved[o.hash] = (name, *(prep.location or (None, None)))
+                    dst.close()
+                    publish_file(tmp, packs_dir / name)
+                    written.append(packs_dir / name)
+                except BaseException:
+                    dst.close()
+                    tmp.unlink(missing_ok=True)
+                    raise
+                new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
+            cat.apply_reclaim(new_packs=new_pack_rows, moved=moved, dead_objects=dead_objects,
+                              dead_commits=dead_commits, dropped_packs=remove_packs + rewrite_packs)
+        except BaseException:
+            for f in written:  # not published: the old packs still hold everything
+                f.unlink(missing_ok=True)
+            raise
+        for p in remove_packs + rewrite_packs:
+            s = self._packs.pop(p, None)
+            if s is not None:
+                s.close()
+            fd = self._fds.pop(p, None)
+            if fd is not None:
+                os.close(fd)
+            (packs_dir / p).unlink(missing_ok=True)
+        return stats
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed or removed by a writer meanwhile (packs need no lock)
+        return 0
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(_size(f) for f in path.iterdir()) if path.exists() else 0
