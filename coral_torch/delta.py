@@ -70,11 +70,8 @@ class DeltaConfig:
             where it is exact and falls back to ``XOR`` elsewhere (``Delta.delta_type`` says which).
         max_chain_length: a tensor is stored whole (a keyframe) at least every this many
             checkpoints, so loading reads at most ``max_chain_length + 1`` objects per tensor.
-            Default 2, measured on the 5-epoch MiniLM fine-tune (``bench/epochs_bench.py
-            --chain-k 1,2,3``): a full checkpoint's keyframe costs 151 MB and a delta epoch ~114 MB;
-            K=1/2/3/4 store 0.506x/0.475x/0.478x/0.445x of torch.save's bytes and load all five
-            epochs in 1.03x/1.09x/1.39x/~1.8x torch.load's time. K=2 keeps most of the saving and
-            loads as fast as torch.load.
+            Default 2: longer chains save few more bytes and make loads slower (README, "Storage
+            format", for the measurement with ``bench/epochs_bench.py --chain-k``).
         min_saving: a delta is kept only if it is at most this fraction of the tensor's own encoding.
         allow_lossy: opt in to lossy delta types; checkpoints using them are marked lossy.
         sparse_threshold: absolute difference below which a SPARSE delta drops the change.

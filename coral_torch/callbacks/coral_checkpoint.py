@@ -111,8 +111,8 @@ class CoralCheckpoint(Checkpoint):
             checkpoint or the end of training comes is finished by the training thread itself, at
             its own priority, alongside the background thread.
         background_workers: encoder threads of a background save. Default: 1 when the model trains
-            on CPU (the trainer already keeps every core busy; measured on 2 cores, a second encoder
-            thread only fights the training threads), else all cores up to 8.
+            on CPU (the trainer already keeps every core busy: a second encoder thread only fights
+            the training threads; README, "Limits"), else all cores up to 8.
 
     On a CPU-only trainer that keeps every core busy, background work slows the training threads
     even at low priority (see README, "Limits", and ``bench/interference_bench.py``). On GPU

@@ -116,11 +116,8 @@ class BackgroundCommitter:
 
     ``nice`` lowers the background thread's (and its encoder threads') CPU priority: on a CPU-bound
     trainer the save then takes idle cycles and a small share instead of slowing the training step.
-    Measured on the 2-core MiniLM fine-tune with 10-second epochs (``bench/lightning_bench.py
-    --runs none,coral-all@10,coral-all@19,coral-all@idle --repeat 4`` and ``coral-all@15``): nice
-    10 finishes a save in 3-5 s and costs the most wall time (+4.7% over 4 rounds); at nice 19 and
-    under ``SCHED_IDLE`` saves run into the next checkpoint, which then waits (0.19-0.29 s); nice 15,
-    the default, finished every save but one within the epoch (stall 0.05 s, +2.9% wall time).
+    Too low a priority lets a save run into the next checkpoint, which then waits for it; the default
+    (15) and the trade-off are measured with ``bench/lightning_bench.py`` (README, "Limits").
     """
 
     def __init__(self, nice: Union[int, str] = 15) -> None:

@@ -61,7 +61,7 @@ class PackWriter:
     period (a file being written keeps a fresh mtime), so a pack may wait to be published.
     """
 
-    def __init__(self, repo_path: Path, *, compression_level: int, direct_io: bool = False):
+    def __init__(self, repo_path: Path, *, codec_level: int, direct_io: bool = False):
         from ..storage.hdf5_store import HDF5Store  # h5py: only pack writers and readers need it
 
         self.dir = Path(repo_path) / PACKS_DIR
@@ -69,7 +69,7 @@ class PackWriter:
         self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
         self.objects = 0
         try:
-            self._store = HDF5Store(self.tmp, mode="x", compression_opts=compression_level, direct_io=direct_io)
+            self._store = HDF5Store(self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io)
         except BaseException:  # e.g. a full disk while HDF5 creates the file: leave nothing behind
             self.tmp.unlink(missing_ok=True)
             raise

@@ -19,6 +19,7 @@ gets the same id. Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -133,7 +134,8 @@ class Repository(Maintenance):
         workers: threads for hashing/encoding (default: all cores).
         lock_timeout: seconds a writer waits for another writer before
             :class:`~coral_torch.errors.RepositoryLockedError`.
-        compression_level: zstd level of the codec.
+        codec_level: zstd level of the codec, for whole objects and deltas alike (default:
+            ``delta_config.codec_level``).
     """
 
     def __init__(
@@ -144,7 +146,7 @@ class Repository(Maintenance):
         delta_config: Optional[DeltaConfig] = None,
         workers: Optional[int] = None,
         lock_timeout: float = 60.0,
-        compression_level: int = 1,
+        codec_level: Optional[int] = None,
     ):
         self.path = Path(path).absolute()
         catalog_path = self.path / CATALOG_NAME
@@ -174,10 +176,11 @@ class Repository(Maintenance):
         self._identity = _file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.delta_config = delta_config or DeltaConfig()
+        if codec_level is not None and codec_level != self.delta_config.codec_level:
+            self.delta_config = dataclasses.replace(self.delta_config, codec_level=codec_level)
         self.encoder = DeltaEncoder(self.delta_config)
         self.planner = DeltaPlanner(self.catalog, self.delta_config, self._tensor_index)
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self.compression_level = compression_level
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
         self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
@@ -468,7 +471,7 @@ class Repository(Maintenance):
         # two threads can share once the helper arrives.
         smallest_first = workers <= 1 and board is not None
         try:
-            writer = PackWriter(self.path, compression_level=self.compression_level, direct_io=direct_io)
+            writer = PackWriter(self.path, codec_level=self.delta_config.codec_level, direct_io=direct_io)
             rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
                                 cost=lambda it: -it.tensor.weight.nbytes if smallest_first else it.tensor.weight.nbytes)
             pack = writer.finish()

@@ -2,10 +2,8 @@
 
 Why: a buffered write copies every byte into freshly allocated page-cache pages. That copy is CPU
 time taken from training (a background save competes with the training threads), and the new pages
-crowd the page cache with data nobody reads back soon. Measured on this project's 2-vCPU VM right
-after a training run: buffered writes of a checkpoint ran at 0.42-0.49 GB/s, 0.2 CPU-s per 100 MB
-(a first touch of memory the hypervisor had reclaimed); ``O_DIRECT`` through a reused staging buffer
-took 0.011 CPU-s per 100 MB at 2.2-3.0 GB/s.
+crowd the page cache with data nobody reads back soon; ``O_DIRECT`` through a reused staging
+buffer costs a small fraction of that CPU time (README, "Storage format", for the figures).
 
 How: the payload (a list of byte segments) is copied into a page-aligned staging buffer, a few MiB at
 a time, and each full buffer is written with ``O_DIRECT`` at a page-aligned file offset; the last
