@@ -482,11 +482,12 @@ class CoralCheckpoint(Checkpoint):
         optimizer state, except the newest (``cid``) and the run's best, without it. The repository
         says which commits those are, so a resumed run (a fresh process) strips the same ones."""
         best = repo.refs(f"runs/{run}/best").get(f"runs/{run}/best")
-        for row in repo.log(run):
-            if row.id in (cid, best) or not _holds_param_state(row.manifest):
+        # a catalog query: no manifest of the run is parsed
+        for old in repo.commits_with_tensor(run, f"{OPTIMIZER_KEY}/*/state/*"):
+            if old in (cid, best):
                 continue
-            new = repo.strip_commit(row.id, ((OPTIMIZER_KEY, "*", "state"),))
-            self._rename_commit(repo, run, row.id, new)
+            new = repo.strip_commit(old, ((OPTIMIZER_KEY, "*", "state"),))
+            self._rename_commit(repo, run, old, new)
 
     def _rename_commit(self, repo: Repository, run: str, old: str, new: str) -> None:
         if old == new:
@@ -589,11 +590,6 @@ def _scalar(v: Any) -> Optional[float]:
 def _without_param_state(opt_state: Any) -> Any:
     """An optimizer ``state_dict`` without its per-parameter state (``param_groups`` kept)."""
     return dict(opt_state, state={}) if isinstance(opt_state, dict) and "state" in opt_state else opt_state
-
-
-def _holds_param_state(manifest: dict[str, Any]) -> bool:
-    prefix = OPTIMIZER_KEY + "/"
-    return any(e[0].startswith(prefix) and "/state/" in e[0] for e in manifest["tensors"])
 
 
 def _flatten_loaders(loaders: Any) -> list[Any]:

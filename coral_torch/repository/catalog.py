@@ -506,6 +506,12 @@ class Catalog:
             out += [_object(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
         return out
 
+    def commits_with_tensor(self, run: str, pattern: str) -> list[str]:
+        """Ids of ``run``'s commits holding a tensor whose name matches the glob ``pattern``."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT c.id FROM commits c JOIN commit_objects o ON o.commit_id = c.id "
+            "WHERE c.run = ? AND o.name GLOB ?", (run, pattern))]
+
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")

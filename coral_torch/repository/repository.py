@@ -860,6 +860,12 @@ class Repository(Maintenance):
         return self.catalog.commits(run)
 
     @named_errors
+    def commits_with_tensor(self, run: str, pattern: str) -> list[str]:
+        """Ids of ``run``'s commits that hold a tensor whose flattened name matches the glob
+        ``pattern`` (``*`` any characters, ``?`` one), answered from the catalog alone."""
+        return self.catalog.commits_with_tensor(run, pattern)
+
+    @named_errors
     def get_commit(self, ref: str) -> CommitRow:
         """The verified catalog row of the commit ``ref`` names."""
         cid = self.resolve(ref)
