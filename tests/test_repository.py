@@ -1032,3 +1032,49 @@ def test_lossy_deltas_only_behind_allow_lossy_marked_shown_and_warned(tmp_path, 
     assert repo.verify().ok  # an approximation by design is not damage
     assert cli(["--repo", str(tmp_path / "repo"), "log"]) == 0
     assert "LOSSY" in capsys.readouterr().out
+
+
+def test_a_commit_that_loses_a_race_with_gc_is_planned_again(tmp_path, monkeypatch):
+    """Objects are planned and written without the lock; when what the plan deduplicated against
+    is removed before the publish (here: the only commit holding it is released), the publish
+    refuses (ConcurrentChangeError) and the commit is planned and written again."""
+    repo = Repository(tmp_path / "repo")
+    shared = torch.arange(4096, dtype=torch.float32)
+    a = repo.commit({"w": shared.clone()}, run="a", keep=False).commit_id
+    real = repo.write_objects
+    calls = []
+
+    def racing(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(len(out.rows))
+        if len(calls) == 1:
+            assert repo.delete_ref("runs/a/latest")  # releases commit a and its object, now
+            assert repo.catalog.get_commit(a) is None
+        return out
+
+    monkeypatch.setattr(repo, "write_objects", racing)
+    b = repo.commit({"w": shared.clone(), "x": torch.ones(3)}, run="b")
+    assert calls == [1, 2]  # first plan deduplicated "w"; the second wrote it again
+    back = Repository(tmp_path / "repo").load(b.commit_id)
+    assert torch.equal(back["w"], shared) and torch.equal(back["x"], torch.ones(3))
+    assert repo.verify().ok
+    assert not [p for p in (repo.path / "packs").iterdir() if p.name not in repo.catalog.packs()]
+
+
+def test_manifest_format_is_checked_and_ids_are_stable():
+    from coral_torch.errors import CatalogDamagedError, UnsupportedFormatError
+    from coral_torch.manifest import Manifest, TensorEntry
+
+    m = Manifest({"t": "tensor", "i": 0}, [TensorEntry("w", "ab" * 16, "float32", (2, 3))])
+    text = m.to_json()
+    assert text == ('{"format":1,"skeleton":{"i":0,"t":"tensor"},"tensors":[["w","' + "ab" * 16
+                    + '","float32",[2,3],"cpu","tensor"]]}')  # what every existing commit id hashes
+    assert Manifest.parse(text, m.commit_id()) == m
+    with pytest.raises(CatalogDamagedError):
+        Manifest.parse(text, "0" * 32)
+    with pytest.raises(UnsupportedFormatError):
+        Manifest.parse(text.replace('"format":1', '"format":99'))
+    with pytest.raises(CatalogDamagedError):
+        Manifest.parse(text.replace('[2,3]', '[2,-3]'))
+    with pytest.raises(CatalogDamagedError):
+        Manifest.parse(text.replace('"format":1', '"format":2'))  # sharded without a layout

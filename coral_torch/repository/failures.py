@@ -1,4 +1,4 @@
-"""How failures below the repository (SQLite, h5py, the OS) become named :class:`CoralError`\ s."""
+"""How failures below the repository (SQLite, h5py, the OS) become named `CoralError` subclasses."""
 
 from __future__ import annotations
 
