@@ -84,6 +84,43 @@ def test_full_disk_at_every_write_step_is_named_and_leaves_the_repository_usable
     repo_dir = mnt / "ck" / ".coral"
     big = _checkpoint(1, 120_000)  # ~480 KB raw, ~440 KB stored
     outcomes = {"saved": 0, "disk_full": 0}
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _sweep(mnt, path, repo_dir, first, big, outcomes, other)
+    finally:
+        try:
+            other.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
+    assert other.returncode == 0, other.stderr.read()[-2000:]
+    assert outcomes["disk_full"] >= 3 and outcomes["saved"] >= 1, outcomes
+    # with space back, saving works again in this very process
+    coral_torch.save(_checkpoint(2, 1000), path)
+    _assert_clean(repo_dir)
+
+
+# one other process for the whole sweep (started once: a Python + torch start-up per step is seconds):
+# for each repository path it reads, it takes the lock (opening the repository anew) and runs gc
+_OTHER_PROCESS = r"""
+import sys, coral_torch
+for line in sys.stdin:
+    r = coral_torch.Repository(line.strip(), create=False, lock_timeout=5)
+    try:
+        r.gc()
+    finally:
+        r.close()
+    print("OK", flush=True)
+"""
+
+
+def _sweep(mnt: Path, path: Path, repo_dir: Path, first: dict, big: dict, outcomes: dict,
+           other: subprocess.Popen) -> None:
     # free space from nothing to more than the save needs: the failure moves through the pack
     # write, its fsync and rename, the catalog transaction and the pointer file
     for leave in list(range(0, 600_000, 40_000)) + [4096, 16384, 65536]:
@@ -105,17 +142,13 @@ def test_full_disk_at_every_write_step_is_named_and_leaves_the_repository_usable
         assert torch.equal(coral_torch.load(mnt / "ck" / "first.pt")["w"], first["w"])
         if path.exists():
             assert torch.equal(coral_torch.load(path)["w"], big["w"])
-        other = subprocess.run(
-            [sys.executable, "-c",
-             "import sys, coral_torch; r = coral_torch.Repository(sys.argv[1], create=False, lock_timeout=5);"
-             " r.gc(); print('OK')", str(repo_dir)],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert other.returncode == 0 and "OK" in other.stdout, other.stderr[-2000:]
-    assert outcomes["disk_full"] >= 3 and outcomes["saved"] >= 1, outcomes
-    # with space back, saving works again in this very process
-    coral_torch.save(_checkpoint(2, 1000), path)
-    _assert_clean(repo_dir)
+        try:
+            other.stdin.write(f"{repo_dir}\n")
+            other.stdin.flush()
+            answer = other.stdout.readline().strip()
+        except BrokenPipeError:
+            answer = ""
+        assert answer == "OK", (leave, answer, other.poll() is not None and other.stderr.read()[-2000:])
 
 
 @pytest.fixture
