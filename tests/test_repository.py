@@ -1078,3 +1078,21 @@ def test_manifest_format_is_checked_and_ids_are_stable():
         Manifest.parse(text.replace('[2,3]', '[2,-3]'))
     with pytest.raises(CatalogDamagedError):
         Manifest.parse(text.replace('"format":1', '"format":2'))  # sharded without a layout
+
+
+def test_setting_delta_config_changes_what_the_next_commit_plans(tmp_path):
+    from coral_torch.delta import DeltaConfig
+
+    repo = Repository(tmp_path / "repo")
+    w = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+
+    def nudged(k):  # a sparse change: its XOR delta is far smaller than the tensor
+        out = w.clone()
+        out[::1000] += k
+        return out
+
+    repo.commit({"w": w}, run="r")
+    repo.delta_config = DeltaConfig(max_chain_length=0)  # no deltas from now on
+    assert repo.commit({"w": nudged(1)}, run="r").new_delta == 0
+    repo.delta_config = DeltaConfig()
+    assert repo.commit({"w": nudged(2)}, run="r").new_delta == 1

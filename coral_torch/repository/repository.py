@@ -175,15 +175,25 @@ class Repository(Maintenance):
         self.writable = writable
         self._identity = _file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
-        self.delta_config = delta_config or DeltaConfig()
-        if codec_level is not None and codec_level != self.delta_config.codec_level:
-            self.delta_config = dataclasses.replace(self.delta_config, codec_level=codec_level)
-        self.encoder = DeltaEncoder(self.delta_config)
-        self.planner = DeltaPlanner(self.catalog, self.delta_config, self._tensor_index)
+        config = delta_config or DeltaConfig()
+        if codec_level is not None and codec_level != config.codec_level:
+            config = dataclasses.replace(config, codec_level=codec_level)
+        self.delta_config = config  # builds the encoder and the planner (see the property)
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
         self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
+
+    @property
+    def delta_config(self) -> DeltaConfig:
+        """The delta policy; setting it rebuilds the encoder and the planner that follow it."""
+        return self._delta_config
+
+    @delta_config.setter
+    def delta_config(self, config: DeltaConfig) -> None:
+        self._delta_config = config
+        self.encoder = DeltaEncoder(config)
+        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index)
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
