@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 
+from ..api import open_repository
 from ..errors import CheckpointDamagedError, RepositoryError
 from ..manifest import Manifest
 from ..repository import Repository
@@ -56,7 +57,7 @@ class CoralStorageReader(StorageReader):
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository(self.repo_path, create=False)
+            self._repo = open_repository(self.repo_path, create=False)  # the process's cached handle
         return self._repo
 
     def reset(self, checkpoint_id: Union[str, os.PathLike, None] = None) -> None:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
+from ..api import open_repository
 from ..errors import RepositoryError
 from ..manifest import Manifest, TensorEntry
 from ..repository import Repository, WrittenObjects
@@ -117,7 +118,7 @@ class CoralStorageWriter(StorageWriter):
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository(self.repo_path)
+            self._repo = open_repository(self.repo_path)  # the process's cached handle
         return self._repo
 
     @property
