@@ -601,8 +601,13 @@ class BlobReader:
             raise ValueError("frame length changed between reads")
         _decode_frame(mv, 0, f, out, xor)
 
-    def release(self) -> None:
-        """Drop the cached frame (a range that cut a frame decoded it whole)."""
+    def release(self, before: Optional[int] = None) -> None:
+        """Drop the cached frame (a range that cut a frame decoded it whole); with ``before``, only
+        if that frame ends at or before this output position."""
+        if self._cached is not None and before is not None:
+            fs, _, _, fn = self._frames[self._cached[0]]
+            if fs + fn > before:
+                return
         self._cached = None
 
     def decode_into(self, out: np.ndarray, xor: bool = False) -> np.ndarray:
@@ -641,6 +646,12 @@ class BlobReader:
 
     def _apply(self, i: int, start: int, stop: int, out: np.ndarray, xor: bool) -> None:
         fs, _, _, fn = self._frames[i]
+        a, b = max(start, fs), min(stop, fs + fn)
+        if (self._cached is None or self._cached[0] != i) and (b - a) * 4 < fn:
+            # a small piece of a frame (a sampling probe): read just its part of each raw plane and
+            # decompress the zstd planes only up to it, instead of the whole frame
+            self._decode_part(i, a - fs, b - fs, out[a - start : b - start], xor)
+            return
         if self._cached is None or self._cached[0] != i:
             self._cached = None
             buf = np.empty(fn, dtype=np.uint8)
@@ -658,3 +669,41 @@ class BlobReader:
             np.bitwise_xor(dst, buf[a - fs : b - fs], out=dst)
         else:
             dst[...] = buf[a - fs : b - fs]
+
+    def _decode_part(self, i: int, a: int, b: int, out: np.ndarray, xor: bool) -> None:
+        """Decode bytes ``[a, b)`` of frame ``i`` into ``out``."""
+        _, pos, length, _ = self._frames[i]
+        nbytes, nplanes, table, head_len = _frame_extent(self._fetch(pos, min(_MAX_FRAME_HEAD, length)), 0)
+        if head_len + sum(n for _, n in table) != length:
+            raise ValueError("frame length changed between reads")
+        plane_len = nbytes // nplanes
+        pa, pb = a // nplanes, -(-b // nplanes)  # the elements that hold bytes [a, b)
+        parts = []
+        p = pos + head_len
+        for mode, n in table:
+            if mode == MODE_RAW:
+                if n != plane_len:
+                    raise ValueError("raw plane has the wrong length")
+                parts.append(bytes(self._fetch(p + pa, pb - pa)))
+            elif mode == MODE_ZSTD:
+                comp = self._fetch(p, n)
+                if zstandard.frame_content_size(comp) != plane_len:
+                    raise ValueError("zstd plane declares the wrong length")
+                reader = _decompressor().stream_reader(comp, read_across_frames=False)
+                got = bytearray()
+                while len(got) < pb:
+                    more = reader.read(pb - len(got))
+                    if not more:
+                        raise ValueError("zstd plane ends early")
+                    got += more
+                parts.append(bytes(got[pa:pb]))
+            else:
+                raise ValueError(f"unknown plane mode {mode}")
+            p += n
+        tmp = np.empty((pb - pa) * nplanes, dtype=np.uint8)
+        planes.join(parts, tmp, False)
+        piece = tmp[a - pa * nplanes : b - pa * nplanes]
+        if xor:
+            np.bitwise_xor(out, piece, out=out)
+        else:
+            out[...] = piece

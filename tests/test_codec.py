@@ -314,3 +314,141 @@ def test_numpy_fallback_round_trips_through_a_repository(tmp_path):
     env = dict(os.environ, CORAL_TORCH_NO_C="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ chunked blobs (format 2)
+def _chunked_sample(chunk: int = 1000, n: int = 10_000, seed: int = 7) -> tuple[np.ndarray, bytes]:
+    vals = (np.random.default_rng(seed).standard_normal(n // 4) * 0.02).astype(np.float32)
+    raw = vals.view(np.uint8)
+    return raw, bytes(codec.encode(raw, 4, chunk_bytes=chunk))
+
+
+def test_chunked_layout_is_as_documented():
+    raw, blob = _chunked_sample()
+    magic, itemsize, r1, r2, nbytes, chunk = struct.unpack_from("<4sBBHQQ", blob, 0)
+    assert (magic, itemsize, r1, r2, nbytes, chunk) == (b"CZP2", 4, 0, 0, raw.size, 1000)
+    pos, start = 24, 0
+    while start < raw.size:  # frames back to back, each a CZP1 blob of its slice
+        _, _, nplanes, _, n = struct.unpack_from("<4sBBHQ", blob, pos)
+        length = 16 + 16 * nplanes + sum(struct.unpack_from("<B7xQ", blob, pos + 16 + 16 * k)[1] for k in range(nplanes))
+        assert n == min(1000, raw.size - start)
+        assert codec.decode(blob[pos : pos + length]).tobytes() == raw[start : start + n].tobytes()
+        pos, start = pos + length, start + n
+    assert pos == len(blob)
+    assert codec.decoded_size(blob) == raw.size
+
+
+def test_data_up_to_the_chunk_size_is_one_frame_above_it_chunked(monkeypatch):
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 4096)
+    raw = np.arange(4096 + 4, dtype=np.uint8)
+    assert _enc(raw[:4096], 4)[:4] == b"CZP1"
+    assert _enc(raw, 4)[:4] == b"CZP2"
+    _round_trip(raw, 4)
+
+
+def test_large_single_frame_blobs_of_earlier_versions_still_decode():
+    """Before chunked blobs every tensor was one frame, however large: those stay readable."""
+    raw, _ = _chunked_sample(n=3 * codec.CHUNK_BYTES // 2 // 4 * 4)
+    old = codec.encode(raw, 4, chunk_bytes=raw.size)  # one frame over the whole tensor, as before
+    assert bytes(old[:4]) == b"CZP1"
+    assert codec.decode(old).tobytes() == raw.tobytes()
+    r = codec.BlobReader(lambda off, n: old[off : off + n], old.size)
+    out = np.empty(100, dtype=np.uint8)
+    assert r.decode_range(raw.size // 2, raw.size // 2 + 100, out).tobytes() == raw[raw.size // 2 :][:100].tobytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_buffers(), chunk=st.integers(1, 600), seed=st.integers(0, 2**32 - 1), spill_after=st.integers(0, 3000))
+def test_chunked_round_trips_and_segmented_form_is_the_same_bytes(tmp_path_factory, case, chunk, seed, spill_after):
+    raw, itemsize = case
+    base = np.random.default_rng(seed).integers(0, 256, raw.size, dtype=np.uint8)
+    spill_dir = tmp_path_factory.getbasetemp()
+    for b in (None, base):
+        blob = codec.encode(raw, itemsize, base=b, chunk_bytes=chunk)
+        seg = codec.encode_blob(raw, itemsize, base=b, chunk_bytes=chunk, spill_dir=spill_dir, spill_after=spill_after)
+        assert seg.nbytes == blob.size and seg.to_array().tobytes() == blob.tobytes()
+        assert seg.xxh3_64() == xxhash.xxh3_64(blob.tobytes()).hexdigest()
+        seg.close()
+        if b is None:
+            assert codec.decode(blob).tobytes() == raw.tobytes()
+        else:
+            out = b.copy()
+            assert codec.decode(blob, out=out, xor=True).tobytes() == raw.tobytes()
+        mv = blob.tobytes()
+        r = codec.BlobReader(lambda off, n: mv[off : off + n], len(mv))
+        assert r.nbytes == raw.size
+        ref = raw ^ b if b is not None else raw
+        assert r.decode_into(np.empty(raw.size, dtype=np.uint8)).tobytes() == ref.tobytes()
+        for a, z in ((0, raw.size), (raw.size // 3, raw.size // 2), (raw.size // 2, raw.size)):
+            got = r.decode_range(a, z, np.zeros(z - a, dtype=np.uint8), xor=True)
+            assert got.tobytes() == ref[a:z].tobytes()
+
+
+def test_large_blobs_spill_past_their_memory_budget_and_write_the_same_bytes(tmp_path):
+    raw, blob = _chunked_sample(chunk=4096, n=100_000)
+    seg = codec.encode_blob(raw, 4, chunk_bytes=4096, spill_dir=tmp_path, spill_after=20_000)
+    assert 0 < seg.spilled_bytes < seg.nbytes
+    assert any(isinstance(s, codec.FileSegment) for s in seg.segments)
+    assert not list(tmp_path.iterdir()) or all(p.name.startswith(".coral-spill-") for p in tmp_path.iterdir())
+    assert seg.to_array().tobytes() == blob and seg.xxh3_64() == xxhash.xxh3_64(blob).hexdigest()
+    nospill = codec.encode_blob(raw, 4, chunk_bytes=4096)
+    assert nospill.spilled_bytes == 0 and nospill.to_array().tobytes() == blob
+    seg.close()
+
+
+def test_chunked_truncation_and_damage_are_corrupt():
+    _, blob = _chunked_sample(chunk=512, n=2048)
+    for cut in range(len(blob)):
+        with pytest.raises(CorruptObjectError):
+            codec.decode(blob[:cut], hash_key="abc")
+    with pytest.raises(CorruptObjectError):
+        codec.decode(blob + b"\0")
+    for pos in range(24):  # the chunked header: every flip is refused or decodes the same length
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(blob)
+            bad[pos] ^= mask
+            try:
+                out = codec.decode(bytes(bad))
+            except CorruptObjectError:
+                continue
+            assert out.size == 2048, (pos, mask)
+    with pytest.raises(CorruptObjectError, match="newer"):
+        codec.decode(b"CZP3" + blob[4:])
+
+
+@settings(max_examples=150, deadline=None)
+@given(pos=st.integers(min_value=0), mask=st.integers(1, 255), lo=st.integers(0, 2048), hi=st.integers(0, 2048))
+def test_chunked_random_damage_never_escapes_as_another_error(pos, mask, lo, hi):
+    _, blob = _chunked_sample(chunk=512, n=2048)
+    bad = bytearray(blob)
+    bad[pos % len(bad)] ^= mask
+    try:
+        codec.decode(bytes(bad))
+    except CorruptObjectError:
+        pass
+    lo, hi = min(lo, hi), max(lo, hi)
+    try:  # the streaming reader too, from any range
+        codec.BlobReader(lambda off, n: bytes(bad[off : off + n]), len(bad)).decode_range(
+            lo, hi, np.empty(hi - lo, dtype=np.uint8))
+    except CorruptObjectError:
+        pass
+
+
+def test_blob_reader_reads_one_frame_at_a_time_and_refuses_short_sources():
+    raw, blob = _chunked_sample(chunk=1000, n=10_000)
+    reads: list[int] = []
+
+    def read(off: int, n: int) -> bytes:
+        reads.append(n)
+        return blob[off : off + n]
+
+    r = codec.BlobReader(read, len(blob))
+    assert r.decode_into(np.empty(raw.size, dtype=np.uint8)).tobytes() == raw.tobytes()
+    assert max(reads) <= 1000 + 16 + 4 * 16  # never more than one frame
+    short = codec.BlobReader(lambda off, n: blob[off : off + n][: max(0, n - 1)] if off > 100 else blob[off : off + n],
+                             len(blob), hash_key="h1")
+    with pytest.raises(CorruptObjectError, match="h1"):
+        short.decode_into(np.empty(raw.size, dtype=np.uint8))
+    with pytest.raises(CorruptObjectError):  # the blob is longer than its frames
+        codec.BlobReader(lambda off, n: (blob + b"\0\0")[off : off + n], len(blob) + 2).decode_into(
+            np.empty(raw.size, dtype=np.uint8))

@@ -184,3 +184,65 @@ def test_hdf5_store_writes_buffered_by_default(tmp_path: Path) -> None:
         key = store.store(w)
         assert store._writer is not None and store._writer.direct_bytes == 0
         assert store.load(key).raw.tobytes() == w.raw.tobytes()
+
+
+def _spilled_segments(payload: np.ndarray, cuts: list[int], spill: Path, every: int = 2) -> list:
+    """The payload cut into segments, every ``every``-th one a FileSegment of a spill file (as a
+    large encoded blob past its memory budget holds them)."""
+    from coral_torch.codec import FileSegment
+
+    fd = os.open(spill, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    segs: list = []
+    pos = 7  # the spilled bytes do not start at the spill file's beginning
+    os.pwrite(fd, b"x" * pos, 0)
+    for i, seg in enumerate(_segments(payload, cuts)):
+        if i % every == 0 and len(seg):
+            os.pwrite(fd, seg, pos)
+            segs.append(FileSegment(fd, pos, len(seg)))
+            pos += len(seg)
+        else:
+            segs.append(seg)
+    return segs
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("size", [5, MIN_DIRECT_BYTES + PAGE + 17, 2 * STAGE_BYTES + 123])
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_spilled_segments_are_copied_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool,
+                                              size: int, copy_file_range: bool) -> None:
+    """Parts of a payload that live in a spill file land exactly where they belong, through
+    copy_file_range (buffered) or the staging buffer (O_DIRECT, or copy_file_range refused)."""
+    if not copy_file_range:
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(direct_io.os, "copy_file_range", refuse, raising=False)
+    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    path = tmp_path / "f"
+    offset = 3 * PAGE
+    expect = _file_with_sentinel(path, offset + size + 3 * PAGE)
+    expect[offset : offset + size] = payload
+    segs = _spilled_segments(payload, [size // 3, size // 2, size - 1, 100], tmp_path / "spill")
+    w = PayloadWriter(path, direct=direct)
+    try:
+        w.write(segs, offset)
+    finally:
+        w.close()
+    np.testing.assert_array_equal(np.fromfile(path, dtype=np.uint8), expect)
+    assert w.direct_bytes + w.buffered_bytes == size
+
+
+def test_hdf5_store_writes_a_spilled_blob_and_reads_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coral_torch import codec
+
+    monkeypatch.setattr(codec, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(codec, "SPILL_AFTER", 100 << 10)
+    vals = (np.random.default_rng(5).standard_normal(300_000) * 0.02).astype(np.float32)
+    w = WeightTensor(vals, name="big")
+    for direct in (False, True):
+        store = HDF5Store(tmp_path / f"s{direct}.h5", direct_io=direct)
+        prep = store.prepare(w, segmented=True)
+        assert isinstance(prep.payload, codec.Blob) and prep.payload.spilled_bytes > 0
+        store.write_prepared(prep)
+        store.close()
+        with HDF5Store(tmp_path / f"s{direct}.h5", mode="r") as ro:
+            np.testing.assert_array_equal(ro.load(w.compute_hash()).data, vals)

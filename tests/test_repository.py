@@ -899,10 +899,10 @@ def test_sampled_probe_skips_deltas_that_cannot_pay_and_keeps_those_that_do(tmp_
     attempts = []
     real = coral_torch.codec.encode_blob
 
-    def spy(raw, itemsize, level=1, *, base=None):
+    def spy(raw, itemsize, level=1, *, base=None, **kw):
         if base is not None and raw.size == n * 4:
             attempts.append(raw.size)
-        return real(raw, itemsize, level, base=base)
+        return real(raw, itemsize, level, base=base, **kw)
 
     moment2 = torch.randn(n, generator=g)
     weight2 = weight.clone()
