@@ -42,6 +42,12 @@ Usage (one run at a time: parallel runs compete for memory and cores)::
     .venv/bin/python bench/memory_bench.py               # >= 100M parameters (~1.2 GB checkpoint)
     .venv/bin/python bench/memory_bench.py --quick       # >= 20M parameters, a smoke run
     .venv/bin/python bench/memory_bench.py --params 50e6 --steps 2
+    .venv/bin/python bench/memory_bench.py --cases lightning-coral-async,coral-save --workdir /tmp/mb
+
+``--cases`` runs only the named cases, plus the references their rows need (``lightning-none`` and
+``lightning-modelckpt`` for Lightning rows, ``torch-save`` for the others, ``coral-save`` for
+``coral-load``) unless ``--workdir`` already holds their results (``<case>.json``, from an earlier
+run with the same ``--params``): repeat one case without paying for the whole table.
 
 The table (markdown) goes to stdout, progress lines to stderr.
 """
@@ -316,6 +322,7 @@ def run_child(args: argparse.Namespace) -> int:
         res = save_case(args.case, width, work)
     else:
         res = load_case(args.case, work)
+    res["params"] = int(args.params)
     Path(args.result).write_text(json.dumps(res))
     return 0
 
@@ -365,9 +372,31 @@ def run_parent(args: argparse.Namespace) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="memory_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    wanted = ALL_CASES if not args.cases else tuple(c for c in ALL_CASES if c in set(args.cases.split(",")))
+    unknown = set(args.cases.split(",")) - set(ALL_CASES) if args.cases else set()
+    if unknown:
+        raise SystemExit(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(ALL_CASES)}")
+    needed = set(wanted)
+    if any(c in LIGHTNING_CASES for c in wanted):
+        needed |= {"lightning-none", "lightning-modelckpt"}
+    if any(c in API_CASES for c in wanted):
+        needed.add("torch-save")
+    if "coral-load" in wanted:
+        needed.add("coral-save")
+    if "torch-load" in wanted:
+        needed.add("torch-save")
+    reused: set[str] = set()
+    for case in sorted(needed - set(wanted)):
+        old = work / f"{case}.json"
+        if old.exists():
+            r = json.loads(old.read_text())
+            if r.get("params") == int(args.params):
+                results[case] = r
+                reused.add(case)
+                progress(f"{case}: reusing {old} (peak RSS {r['peak'] / MB:.0f} MB)")
     t_all = time.perf_counter()
     try:
-        for case in ALL_CASES:
+        for case in (c for c in ALL_CASES if c in needed and c not in reused):
             os.sync()  # start with no dirty pages from the previous case's files
             progress(f"{case} ...")
             r = results[case] = spawn(case, args, work)
@@ -382,20 +411,21 @@ def run_parent(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
     progress(f"all cases done in {time.perf_counter() - t_all:.0f}s")
 
-    pl_ckpt = results["lightning-modelckpt"]["ckpt_bytes"]
-    pl_base = results["lightning-none"]["peak"]
-    api_ckpt = results["torch-save"]["ckpt_bytes"]
     rows: list[tuple[str, float, float]] = []
-    for case in LIGHTNING_CASES:
+    shown = [c for c in ALL_CASES if c in results and (c in wanted or not args.cases)]
+    for case in (c for c in LIGHTNING_CASES if c in shown):
+        pl_ckpt = results["lightning-modelckpt"]["ckpt_bytes"]
+        pl_base = results["lightning-none"]["peak"]
         label = LABELS[case]
         if case == "lightning-none":
             label += f": peak RSS {pl_base / MB:.0f} MB"
         rows.append((label, pl_ckpt, results[case]["peak"] - pl_base))
-    for case in ("torch-save", "coral-save"):
+    for case in (c for c in ("torch-save", "coral-save") if c in shown):
         r = results[case]
-        rows.append((LABELS[case], api_ckpt, r["peak"] - r["baseline"]))
-    for case in ("torch-load", "coral-load"):
+        rows.append((LABELS[case], results["torch-save"]["ckpt_bytes"], r["peak"] - r["baseline"]))
+    for case in (c for c in ("torch-load", "coral-load") if c in shown):
         r = results[case]
+        api_ckpt = results["torch-save"]["ckpt_bytes"]
         rows.append((LABELS[case], api_ckpt, r["peak"] - r["baseline"] - api_ckpt))
     print(table(rows))
     return 0
@@ -408,7 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="Lightning epochs (default 2)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per Lightning epoch (default 3)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds one case may take (default 600)")
-    ap.add_argument("--workdir", help="keep the cases' files here (default: a temporary directory, removed)")
+    ap.add_argument("--workdir", help="keep the cases' files and results here (default: a temporary directory, removed)")
+    ap.add_argument("--cases", help=f"comma-separated cases to run (default: all): {', '.join(ALL_CASES)}")
     ap.add_argument("--case", choices=ALL_CASES, help=argparse.SUPPRESS)  # child process: one case
     ap.add_argument("--result", help=argparse.SUPPRESS)  # child process: where to write its figures
     args = ap.parse_args(argv)
