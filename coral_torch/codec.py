@@ -315,6 +315,48 @@ def _chunked_header(nbytes: int, itemsize: int, chunk: int) -> bytes:
     return _CHUNKED.pack(MAGIC_CHUNKED, itemsize if nbytes % itemsize == 0 else 1, 0, 0, nbytes, chunk)
 
 
+def _encode_chunked(raw: np.ndarray, itemsize: int, level: int, base: Any, chunk: int,
+                    spill_dir: Union[str, os.PathLike, None], budget: int):
+    """Encode ``raw`` (more than one chunk) as a chunked blob, a frame at a time, into one buffer.
+
+    Each chunk is split straight into the buffer right after the frames before it and compacted
+    there (as :func:`_encode_into` does), so the buffer's touched memory is the encoded size plus
+    one chunk, in one allocation (few page faults), with no copy of the frames. With ``spill_dir``,
+    once the frames kept reach ``budget`` bytes every later frame goes to a spill file and its
+    place is reused by the next chunk. Returns ``(buffer of the in-memory part, spilled segments,
+    spill, xxh3-64 of the whole blob)``."""
+    n = raw.size
+    nchunks = -(-n // chunk)
+    cap = _CHUNKED.size + n + nchunks * _MAX_FRAME_HEAD
+    if spill_dir is not None:
+        cap = min(cap, max(budget, _CHUNKED.size) + chunk + 2 * _MAX_FRAME_HEAD)
+    out = np.empty(cap, dtype=np.uint8)  # pages are touched (resident) only as frames are written
+    head = _chunked_header(n, itemsize, chunk)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    h = xxhash.xxh3_64()
+    h.update(head)
+    pos = len(head)
+    spilled: list = []
+    spill: Optional[_Spill] = None
+    try:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            length = _encode_into(raw[start:stop], itemsize, level, _base_part(base, start, stop), out[pos:])
+            h.update(out[pos : pos + length])
+            if spill is not None or (spill_dir is not None and pos + length > budget):
+                if spill is None:
+                    spill = _Spill(spill_dir)
+                spilled.append(spill.append(out[pos : pos + length]))
+            else:
+                pos += length
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        raise
+    out.resize(pos, refcheck=False)  # shrink in place (realloc, no copy): the rest is freed
+    return out, spilled, spill, h.hexdigest()
+
+
 def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Any = None,
                 chunk_bytes: Optional[int] = None, spill_dir: Union[str, os.PathLike, None] = None,
                 spill_after: Optional[int] = None) -> Blob:
@@ -322,10 +364,10 @@ def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, b
 
     Data up to the chunk size is one frame whose raw planes reference the split buffer, or ``raw``
     itself (an unsplit raw plane): keep ``raw`` unchanged until the blob is written. Larger data is
-    encoded a chunk at a time into compact, exact-size buffers (memory: the encoded size plus one
-    chunk); with ``spill_dir``, what comes after the first ``spill_after`` bytes (default
-    :data:`SPILL_AFTER`) goes to an anonymous file there instead of memory. ``base`` (XOR delta) is
-    an array or any object sliced like one; it is read a chunk at a time, in order."""
+    encoded a chunk at a time (memory: the encoded size plus one chunk); with ``spill_dir``, what
+    comes after the first ``spill_after`` bytes (default :data:`SPILL_AFTER`) goes to an anonymous
+    file there instead of memory. ``base`` (XOR delta) is an array or any object sliced like one;
+    it is read a chunk at a time, in order."""
     raw = raw.reshape(-1)
     n = raw.size
     base = _check_base(base, n)
@@ -333,33 +375,9 @@ def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, b
     if n <= chunk:
         head, payloads = _encode_planes(raw, itemsize, level, _base_part(base, 0, n), None)
         return Blob([head] + payloads)
-    head = _chunked_header(n, itemsize, chunk)
-    h = xxhash.xxh3_64()
-    h.update(head)
-    segments: list = [head]
     budget = SPILL_AFTER if spill_after is None else int(spill_after)
-    in_memory = len(head)
-    spill: Optional[_Spill] = None
-    try:
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            part = np.empty(_frame_head_len(stop - start, itemsize) + stop - start, dtype=np.uint8)
-            length = _encode_into(raw[start:stop], itemsize, level, _base_part(base, start, stop), part)
-            part.resize(length, refcheck=False)  # realloc in place: no copy, the tail is freed
-            h.update(part)
-            if spill_dir is not None and in_memory + length > budget:
-                if spill is None:
-                    spill = _Spill(spill_dir)
-                segments.append(spill.append(part))
-            else:
-                segments.append(part)
-                in_memory += length
-            del part
-    except BaseException:
-        if spill is not None:
-            spill.close()
-        raise
-    return Blob(segments, xxh3=h.hexdigest(), spill=spill)
+    out, spilled, spill, digest = _encode_chunked(raw, itemsize, level, base, chunk, spill_dir, budget)
+    return Blob([out] + spilled, xxh3=digest, spill=spill)
 
 
 def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Any = None,
@@ -378,14 +396,7 @@ def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: 
     if n <= chunk:
         out = np.empty(_frame_head_len(n, itemsize) + n, dtype=np.uint8)
         return out[: _encode_into(raw, itemsize, level, _base_part(base, 0, n), out)]
-    nchunks = -(-n // chunk)
-    out = np.empty(_CHUNKED.size + n + nchunks * _MAX_FRAME_HEAD, dtype=np.uint8)
-    out[: _CHUNKED.size] = np.frombuffer(_chunked_header(n, itemsize, chunk), dtype=np.uint8)
-    pos = _CHUNKED.size
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        pos += _encode_into(raw[start:stop], itemsize, level, _base_part(base, start, stop), out[pos:])
-    return out[:pos]
+    return _encode_chunked(raw, itemsize, level, base, chunk, None, 0)[0]
 
 
 def _compress_if_worth(comp: zstandard.ZstdCompressor, plane: np.ndarray) -> bytes | None:
