@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from .. import dcp as coral_dcp
+from ..api import open_repository
 from ..errors import CoralError
 from ..pointers import pointer_ref_name, read_pointer_file, write_pointer
 from ..repository import Repository
@@ -132,7 +133,8 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         repo_path, ref = found
         module = self.model
         assert module is not None and self.lightning_module is not None
-        cid = Repository(repo_path, create=False).resolve(ref)  # every rank loads the same commit
+        repo = open_repository(repo_path, create=False)
+        cid = repo.resolve(ref)  # every rank loads the same commit
         module_state = {"state_dict": get_model_state_dict(module)}
         coral_dcp.load(module_state, cid, repo=repo_path)
         module.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
@@ -142,7 +144,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             coral_dcp.load(optim_state, cid, repo=repo_path)
             set_optimizer_state_dict(module, optim, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
-        return _lightning_meta(Repository(repo_path, create=False), cid, weights_only=weights_only is not False)
+        return _lightning_meta(repo, cid, weights_only=weights_only is not False)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = Path(filepath)
@@ -152,7 +154,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             except CoralError:
                 pointer = None
             if pointer is not None:
-                Repository(self.repo_path, create=False).delete_ref(pointer_ref_name(path, self.repo_path))
+                open_repository(self.repo_path, create=False).delete_ref(pointer_ref_name(path, self.repo_path))
                 path.unlink(missing_ok=True)
                 return
         super().remove_checkpoint(filepath)
