@@ -20,45 +20,34 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 
-from ..api import open_repository
 from ..errors import CheckpointDamagedError, RepositoryError
 from ..manifest import Manifest
 from ..repository import Repository
 from ..sharded import load_value
 from ..weight_tensor import WeightMetadata, WeightTensor
 from .layout import metadata_of
-from .writer import repository_path
+from .handle import RepositoryHandle
 
 _BATCH_BYTES = 256 << 20  # objects decoded per batch: a rank's load holds at most this much extra
 
 
-class CoralStorageReader(StorageReader):
+class CoralStorageReader(StorageReader, RepositoryHandle):
     """A DCP ``StorageReader`` over the commit ``ref`` names (``coral://`` prefix allowed) in ``repo``.
 
     ``dcp.load(state_dict, storage_reader=CoralStorageReader(repo, "coral://latest"))`` on every rank.
     """
 
+    creates_repository = False
+
     def __init__(self, repo: Union[str, os.PathLike, Repository] = ".coral", ref: str = "latest", *,
                  trust_pickles: bool = False):
-        super().__init__()
-        self.repo_path = repository_path(repo)
-        self._repo = repo if isinstance(repo, Repository) else None
+        StorageReader.__init__(self)
+        RepositoryHandle.__init__(self, repo)
         self.ref = _strip_scheme(ref)
         self.trust_pickles = trust_pickles
         self.commit_id: Optional[str] = None
         self._manifest: Optional[Manifest] = None
         self._storage: dict = {}
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_repo"] = None
-        return state
-
-    @property
-    def repo(self) -> Repository:
-        if self._repo is None:
-            self._repo = open_repository(self.repo_path, create=False)  # the process's cached handle
-        return self._repo
 
     def reset(self, checkpoint_id: Union[str, os.PathLike, None] = None) -> None:
         """A new load begins; a ``checkpoint_id`` given to ``dcp.load`` is taken as the ref to load."""

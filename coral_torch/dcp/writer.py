@@ -27,7 +27,6 @@ import time
 import uuid
 from torch.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -35,12 +34,12 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from ..api import open_repository
 from ..errors import RepositoryError
 from ..manifest import Manifest, TensorEntry
 from ..repository import Repository, WrittenObjects
 from ..sharded import chunk_name
 from ..weight_tensor import WeightMetadata, WeightTensor
+from .handle import RepositoryHandle
 from .layout import layout_of
 
 #: refs ``saves/<token>`` name each save's commit, so every rank finds it (saving unchanged state
@@ -61,12 +60,7 @@ class _Stored:
     written: Optional[WrittenObjects] = None  # the rank's new packs, on its first result only
 
 
-def repository_path(repo: Union[str, os.PathLike, Repository]) -> str:
-    """The absolute repository directory of a path or a :class:`Repository`."""
-    return str(repo.path if isinstance(repo, Repository) else Path(repo).absolute())
-
-
-class CoralStorageWriter(StorageWriter):
+class CoralStorageWriter(StorageWriter, RepositoryHandle):
     """A DCP ``StorageWriter`` that stores a save as one commit of the repository at ``repo``.
 
     Use the same arguments on every rank: ``dcp.save(state_dict, storage_writer=CoralStorageWriter(repo))``.
@@ -98,9 +92,8 @@ class CoralStorageWriter(StorageWriter):
         mode: str = "min",
         keep: bool = True,
     ):
-        super().__init__()
-        self.repo_path = repository_path(repo)
-        self._repo = repo if isinstance(repo, Repository) else None
+        StorageWriter.__init__(self)
+        RepositoryHandle.__init__(self, repo)
         self.run, self.tags, self.refs = run, tuple(tags), tuple(refs)
         self.message, self.metrics, self.epoch, self.step = message, dict(metrics or {}), epoch, step
         self.info, self.monitor, self.mode, self.keep = dict(info or {}), monitor, mode, keep
@@ -108,18 +101,6 @@ class CoralStorageWriter(StorageWriter):
         self._token: Optional[str] = None
         self._parent: Optional[str] = None
         self._commit_id: Optional[str] = None
-
-    # -- picklable for dcp.async_save's process executor: the repository is reopened there --------
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_repo"] = None
-        return state
-
-    @property
-    def repo(self) -> Repository:
-        if self._repo is None:
-            self._repo = open_repository(self.repo_path)  # the process's cached handle
-        return self._repo
 
     @property
     def commit_id(self) -> Optional[str]:
