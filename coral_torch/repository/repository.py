@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -61,6 +60,7 @@ from .failures import CATALOG_NAME, is_disk_full, named_errors
 from .planner import DeltaPlanner, PlannedObject
 from .maintenance import Maintenance
 from .packs import PACKS_DIR, PackGone, PackWriter, WrittenPack
+from . import streams
 from .lock import RepositoryLock
 
 if TYPE_CHECKING:
@@ -414,12 +414,22 @@ class Repository(Maintenance):
         w = slot.weight
         h = w.compute_hash()
         cfg = self.delta_config
-        base_raw = self._read_base(base_row) if base_row is not None else None
+        lossless = cfg.delta_type.lossless
+        # a lossless delta reads its base a chunk at a time (streams.BaseStream), hash-checked as read
+        base_raw = self._read_base(base_row, streamed=lossless) if base_row is not None else None
         full: Optional[PreparedObject] = None
         lost = False
-        if base_raw is not None and cfg.delta_type.lossless and not self.planner.delta_may_pay(w, base_raw):
-            base_raw, lost = None, True
-        if base_raw is not None and not cfg.delta_type.lossless:  # DeltaConfig(allow_lossy=True) only
+        blob: Optional[codec.Blob] = None
+        try:
+            if base_raw is not None and lossless and not self.planner.delta_may_pay(w, base_raw):
+                base_raw, lost = None, True
+            if base_raw is not None and lossless:
+                blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw,
+                                         spill_dir=store.spill_dir)
+        except (CoralError, OSError) as exc:  # the streamed base turned out unreadable or damaged
+            log.warning("delta base %s is unreadable (%s); storing the tensor whole", base_row.hash[:12], exc)
+            base_raw = None
+        if base_raw is not None and not lossless:  # DeltaConfig(allow_lossy=True) only
             ref = WeightTensor.from_raw(base_raw, WeightMetadata(name=slot.name, shape=w.shape, dtype=w.dtype))
             delta = self.encoder.encode(w, ref)
             prep = store.prepare_delta(delta, h)
@@ -427,8 +437,8 @@ class Repository(Maintenance):
             row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape, w.nbytes,
                             prep.stored_bytes, base_row.full_estimate, delta.lossless)
             return prep, row, "delta"
-        if base_raw is not None:
-            blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw)
+        base_raw = None  # a streamed base's buffers go before a full encode
+        if blob is not None:
             if blob.nbytes > cfg.min_saving * base_row.full_estimate:
                 full = store.prepare(_renamed(w, slot.name), segmented=True)
             if full is None or blob.nbytes < full.stored_bytes:
@@ -441,17 +451,26 @@ class Repository(Maintenance):
                                 w.nbytes, prep.stored_bytes, estimate, True)
                 return prep, row, "delta"
             lost = True
-        del base_raw
+        blob = None
         if full is None:
             full = store.prepare(_renamed(w, slot.name), segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
         return full, row, self.planner.how_stored_whole(lost, planned.skip_left)
 
-    def _read_base(self, row: ObjectRow) -> Optional[np.ndarray]:
+    def _read_base(self, row: ObjectRow, streamed: bool = False) -> Union[np.ndarray, streams.BaseStream, None]:
         """The bytes of a delta base, read back from its pack(s) and verified; None (store the
-        tensor whole) if they cannot be read. One tensor at a time: no copy of a checkpoint is kept."""
+        tensor whole) if they cannot be read. One tensor at a time: no copy of a checkpoint is kept.
+        ``streamed``: a :class:`~.streams.BaseStream` where the chain allows (decoded a chunk at a
+        time as the encoder reads it, each level hash-checked by the read that completes it)."""
         try:
-            return self._build(self._chain(row.hash))
+            chain = self._chain(row.hash)
+            if streamed:
+                for r in chain:
+                    self._check_row(r)
+                stream = streams.stream_base(chain, self._pack_fd)
+                if stream is not None:
+                    return stream
+            return self._build(chain)
         except (CoralError, OSError) as exc:
             log.warning("delta base %s is unreadable (%s); storing the tensor whole", row.hash[:12], exc)
             return None
@@ -649,30 +668,14 @@ class Repository(Maintenance):
         reading) into this thread's reusable buffer, decode it (a delta: XORed into ``base`` in
         place), and check the content hash."""
         self._check_row(row)
-        fd = self._pack_fd(row.pack)
-        size = os.fstat(fd).st_size
-        if row.offset < 0 or row.length <= 0 or row.offset + row.length > size:
-            raise CorruptObjectError(
-                f"object {row.hash} claims bytes {row.offset}..{row.offset + row.length} of pack {row.pack}, "
-                f"which has {size}: the catalog row or the pack is damaged", hash_key=row.hash,
-            )
-        blob = _read_exact(fd, row.length, row.offset)
-        if blob is None:
-            raise CorruptObjectError(
-                f"object {row.hash} is cut short in pack {row.pack} (file truncated?)", hash_key=row.hash
-            )
-        declared = codec.decoded_size(blob)
-        if declared is not None and declared != row.nbytes:
-            raise CorruptObjectError(
-                f"object {row.hash} in pack {row.pack} decodes to {declared} bytes, its catalog row says "
-                f"{row.nbytes}: the pack or the catalog is damaged", hash_key=row.hash,
-            )
+        # a chunked blob is read a frame at a time into this thread's buffer, decoded into place
+        reader = streams.open_stored(self._pack_fd(row.pack), row, where=row.pack)
         if row.kind == "delta":
             if base is None or base.size != row.nbytes:
                 raise IntegrityError(f"delta {row.hash} does not fit its base {row.base}", hash_key=row.hash)
-            raw = codec.decode(blob, hash_key=row.hash, out=base, xor=True)
+            raw = reader.decode_into(base, xor=True)
         else:
-            raw = codec.decode(blob, hash_key=row.hash)
+            raw = reader.decode_into(np.empty(row.nbytes, dtype=np.uint8))
         actual = content_hash(raw, row.dtype, row.shape)
         if actual != row.hash:
             raise HashMismatchError(
@@ -940,26 +943,6 @@ def _file_identity(path: Path) -> Optional[tuple[int, int]]:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
-
-
-_read_buffers = threading.local()
-
-
-def _read_exact(fd: int, length: int, offset: int) -> Optional[memoryview]:
-    """``length`` bytes at ``offset`` in this thread's reusable buffer (valid until the thread's
-    next read), or None if the file ends first. Reusing the buffer spares a fresh allocation and
-    its page faults for every object."""
-    buf = getattr(_read_buffers, "buf", None)
-    if buf is None or buf.size < length:
-        buf = _read_buffers.buf = np.empty(max(length, 1 << 20), dtype=np.uint8)
-    view = memoryview(buf)[:length]
-    done = 0
-    while done < length:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            return None
-        done += got
-    return view
 
 
 def _split_ancestry(ref: str) -> tuple[str, int]:
