@@ -22,9 +22,9 @@ Larger data is a chunked blob (format 2; every reader since it decodes both)::
 Frame k encodes bytes ``[k * chunk_bytes, min((k + 1) * chunk_bytes, raw_length))``; its length
 follows from its own header. Why chunks: the encoder works one chunk at a time (its split buffer and
 compressed planes are chunk-sized, whatever the tensor's size), a reader needs one chunk's bytes at
-a time (:class:`BlobReader`), and an XOR delta can read its base a chunk at a time. Measured on
-MiniLM and the 100M-parameter MLP of ``bench/memory_bench.py``: 8 MiB chunks (2 MiB fp32 planes)
-cost no measurable ratio against whole-tensor planes (zstd level 1 has a 512 KiB window).
+a time (:class:`BlobReader`), and an XOR delta can read its base a chunk at a time. 8 MiB chunks
+(2 MiB fp32 planes) are far larger than zstd level 1's 512 KiB window, so chunking costs no ratio
+(README, "Storage format").
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ ENCODING_CODEC = "czp1"  # dataset holds a codec blob
 ENCODING_VALUES = "values"  # dataset holds the values (HDF5 filter, if any)
 _MIN_FILTER_BYTES = 4096
 META_ATTR = "coral"  # JSON metadata of each dataset
-_DIRECT_MIN_BYTES = 1  # codec payloads are written with pwrite (see _create_direct)
+_PWRITE_MIN_BYTES = 1  # codec payloads are written with pwrite (see _create_for_pwrite)
 # large datasets start on a page boundary, so their payload can be written with O_DIRECT
 _ALIGNMENT = {"alignment_threshold": MIN_DIRECT_BYTES, "alignment_interval": PAGE}
 _JSON_TYPE = h5py.h5t.py_create(h5py.string_dtype("utf-8"), logical=True)  # variable-length UTF-8
@@ -170,7 +170,7 @@ class HDF5Store(WeightStore):
         self.mode = mode
         self.workers = workers or _default_workers()
         self.direct_io = direct_io
-        self._writer: Optional[PayloadWriter] = None  # payload bytes, outside h5py (see _create_direct)
+        self._writer: Optional[PayloadWriter] = None  # payload bytes, outside h5py (see _create_for_pwrite)
         self._lock = threading.RLock()  # HDF5 calls of concurrent writers (see write_prepared)
         self._groups: Dict[str, h5py.Group] = {}
         self.file = self._open(mode)
@@ -335,8 +335,8 @@ class HDF5Store(WeightStore):
         objects are written after it is released (``pwrite``, no GIL), so several threads can
         encode and write at once."""
         self._writable()
-        direct = self._direct_ok(obj)
-        if isinstance(obj.payload, codec.Blob) and not direct:
+        by_pwrite = self._pwrite_ok(obj)
+        if isinstance(obj.payload, codec.Blob) and not by_pwrite:
             obj.payload = obj.payload.to_array()  # small: one contiguous buffer for h5py
         payload = obj.payload
         with self._lock:
@@ -344,8 +344,8 @@ class HDF5Store(WeightStore):
             if obj.key in group:
                 return False
             try:
-                if direct:
-                    ds, offset = self._create_direct(group, obj.key, payload.nbytes)
+                if by_pwrite:
+                    ds, offset = self._create_for_pwrite(group, obj.key, payload.nbytes)
                 else:
                     kwargs = self._filter_kwargs(obj)
                     ds = group.create_dataset(obj.key, data=payload, **kwargs)
@@ -360,7 +360,7 @@ class HDF5Store(WeightStore):
                 if obj.key in group:  # never leave a dataset without its attributes
                     del group[obj.key]
                 raise
-        if direct:
+        if by_pwrite:
             try:
                 self._pwrite_all(payload, offset)
             except BaseException:
@@ -390,14 +390,14 @@ class HDF5Store(WeightStore):
             return kwargs
         return {}
 
-    def _direct_ok(self, obj: PreparedObject) -> bool:
+    def _pwrite_ok(self, obj: PreparedObject) -> bool:
         p = obj.payload
         if isinstance(p, codec.Blob):
-            return p.nbytes >= _DIRECT_MIN_BYTES
+            return p.nbytes >= _PWRITE_MIN_BYTES
         return (obj.attrs.get("encoding", ENCODING_CODEC) == ENCODING_CODEC and p.dtype == np.uint8
-                and p.ndim == 1 and p.nbytes >= _DIRECT_MIN_BYTES and p.flags.c_contiguous)
+                and p.ndim == 1 and p.nbytes >= _PWRITE_MIN_BYTES and p.flags.c_contiguous)
 
-    def _create_direct(self, group: h5py.Group, key: str, size: int) -> tuple[h5py.Dataset, int]:
+    def _create_for_pwrite(self, group: h5py.Group, key: str, size: int) -> tuple[h5py.Dataset, int]:
         """Create a contiguous uint8 dataset with its space allocated at once and return it with
         its file offset; the caller writes the bytes there with ``pwrite`` on a plain descriptor.
         h5py keeps the GIL while it copies data; a ``pwrite`` releases it, so other threads keep
