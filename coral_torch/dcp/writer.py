@@ -178,7 +178,6 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
             info=info,
         )
         self._commit_id = stats.commit_id
-        self.last_stats = stats
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Union[str, os.PathLike]) -> bool:

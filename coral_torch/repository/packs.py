@@ -9,12 +9,10 @@ random bits), so several writers, threads or processes, need no lock to write pa
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..errors import ConcurrentChangeError
 
@@ -67,14 +65,11 @@ class PackWriter:
         self.dir = Path(repo_path) / PACKS_DIR
         self.name = new_pack_name()
         self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
-        self.objects = 0
         try:
             self._store = HDF5Store(self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io)
         except BaseException:  # e.g. a full disk while HDF5 creates the file: leave nothing behind
             self.tmp.unlink(missing_ok=True)
             raise
-        self._count = threading.Lock()
-        self.written: Optional[WrittenPack] = None
 
     @property
     def store(self):
@@ -83,9 +78,7 @@ class PackWriter:
 
     def write(self, prepared) -> tuple[int, int] | None:
         """Write one prepared object; returns its ``(offset, length)`` in the file if contiguous."""
-        if self._store.write_prepared(prepared):
-            with self._count:
-                self.objects += 1
+        self._store.write_prepared(prepared)
         return prepared.location
 
     def finish(self) -> WrittenPack:
@@ -93,8 +86,7 @@ class PackWriter:
         self._store.close()
         final = self.dir / self.name
         publish_file(self.tmp, final)
-        self.written = WrittenPack(self.name, final.stat().st_size)
-        return self.written
+        return WrittenPack(self.name, final.stat().st_size)
 
     def abort(self) -> None:
         """Remove the pack, written or not (it was never published)."""
