@@ -47,6 +47,7 @@ that are in the page cache (just written). coral repositories are closed between
     .venv/bin/python bench/peers_bench.py                  # 5 epochs x 30 steps, 2 workloads, 3 repeats
     .venv/bin/python bench/peers_bench.py --quick          # smoke run (2 epochs x 3 steps, 1 repeat)
     .venv/bin/python bench/peers_bench.py --workloads random --methods torch.save,coral --json out.json
+    .venv/bin/python bench/peers_bench.py --inputs-dir /tmp/peers-inputs   # fine-tune once, reuse next time
 """
 
 from __future__ import annotations
@@ -498,6 +499,26 @@ def table(workload: str, meta: dict, summ: dict[str, dict], skipped: dict[str, s
     return "\n".join(lines)
 
 
+def inputs_for(workload: str, args, work: Path) -> dict:
+    """The epoch inputs of ``workload``: fine-tuned afresh, or reused from ``--inputs-dir`` when a
+    previous run with the same training settings left them there (``meta.json`` names them)."""
+    if not args.inputs_dir:
+        return train_and_dump(workload, args, work / "inputs" / workload)
+    settings = {k: getattr(args, k) for k in TRAINING}
+    out = Path(args.inputs_dir) / workload
+    meta_file = out / "meta.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("settings") == settings and all(Path(f).exists() for f in meta["files"]):
+            progress(f"{workload}: reusing the epoch inputs in {out}")
+            return meta
+    shutil.rmtree(out, ignore_errors=True)
+    meta = train_and_dump(workload, args, out)
+    meta["settings"] = settings
+    meta_file.write_text(json.dumps(meta))
+    return meta
+
+
 def run_parent(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -516,7 +537,7 @@ def run_parent(args) -> int:
     out: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "workloads": {}, "skipped": skipped}
     try:
         for w in workloads:
-            meta = train_and_dump(w, args, work / "inputs" / w)
+            meta = inputs_for(w, args, work)
             gc.collect()
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             for rep in range(args.repeat):  # interleaved, so drifting load spreads over all methods
@@ -531,7 +552,8 @@ def run_parent(args) -> int:
             if not all(s.get("reset_ok", True) for s in summ.values()):
                 print("(a peak RSS reset failed in some run: its extra RSS is an upper bound)")
             out["workloads"][w] = {"meta": meta, "summary": summ, "runs": runs}
-            shutil.rmtree(work / "inputs" / w, ignore_errors=True)
+            if not args.inputs_dir:
+                shutil.rmtree(work / "inputs" / w, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = time.perf_counter() - t_all
@@ -561,6 +583,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="coral-async encoder threads (default: the callback's choice for a CPU trainer, 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one method process may take")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 epochs x 3 steps, 1 repeat")
+    ap.add_argument("--inputs-dir", help="keep the fine-tuned epoch inputs here and reuse them on the next run "
+                    "with the same training settings")
     ap.add_argument("--json", dest="json_out", help="write all figures to this JSON file")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # child: one method
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
