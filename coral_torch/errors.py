@@ -103,6 +103,20 @@ class DiskFullError(RepositoryError, OSError):
         return self.strerror
 
 
+class RepositoryIOError(RepositoryError, OSError):
+    """The operating system reported an I/O error (EIO and the like) on a repository file. A save
+    that meets one publishes nothing; ``errno`` and ``filename`` are the original error's."""
+
+    def __init__(self, message: str, *, errno_: int | None = None, filename: str | None = None):
+        RepositoryError.__init__(self, message)
+        self.errno = errno_
+        self.strerror = message
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class ReadOnlyRepositoryError(RepositoryError, PermissionError):
     """The repository can be read but not written (read-only mount, or no write permission)."""
 

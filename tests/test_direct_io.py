@@ -246,3 +246,60 @@ def test_hdf5_store_writes_a_spilled_blob_and_reads_it_back(tmp_path: Path, monk
         store.close()
         with HDF5Store(tmp_path / f"s{direct}.h5", mode="r") as ro:
             np.testing.assert_array_equal(ro.load(w.compute_hash()).data, vals)
+
+
+# ------------------------------------------------------------------ background syncs of a pack
+def test_background_sync_flushes_while_writing_and_keeps_bytes_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(direct_io.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * (8 * MIN_DIRECT_BYTES))
+    payload = np.random.default_rng(3).integers(0, 256, 8 * MIN_DIRECT_BYTES, dtype=np.uint8)
+    w = PayloadWriter(path, direct=False, sync_every=MIN_DIRECT_BYTES)
+    for k in range(8):
+        part = payload[k * MIN_DIRECT_BYTES : (k + 1) * MIN_DIRECT_BYTES]
+        w.write([memoryview(part)], k * MIN_DIRECT_BYTES)
+    w.close()  # joins the sync thread
+    assert synced, "no background fdatasync ran although 8x sync_every bytes were written"
+    assert np.array_equal(np.frombuffer(path.read_bytes(), dtype=np.uint8), payload)
+
+
+def test_background_sync_error_is_raised_by_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EIO met by a background fdatasync is reported once, to that descriptor: close() must
+    raise it, or the pack would be published on the word of a later fsync that never saw it."""
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(direct_io.os, "fdatasync", failing)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * (2 * PAGE))
+    w = PayloadWriter(path, direct=False, sync_every=PAGE)
+    w.write([memoryview(np.ones(2 * PAGE, dtype=np.uint8))], 0)
+    with pytest.raises(OSError) as info:
+        w.close()
+    assert info.value.errno == errno.EIO
+
+
+def test_a_failed_background_sync_aborts_the_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the repository: a commit whose pack met a sync error publishes nothing and leaves
+    no pack behind; the previous commit still loads."""
+    import torch
+
+    from coral_torch.errors import RepositoryIOError
+    from coral_torch.repository import Repository
+    from coral_torch.repository import packs as packs_mod
+
+    repo = Repository(tmp_path / "repo")
+    first = {"w": torch.arange(1 << 16, dtype=torch.float32)}
+    cid = repo.commit(first).commit_id
+    before = sorted(p.name for p in (repo.path / packs_mod.PACKS_DIR).iterdir())
+    monkeypatch.setattr(packs_mod, "SYNC_EVERY", PAGE)
+    monkeypatch.setattr(direct_io.os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(RepositoryIOError) as info:
+        repo.commit({"w": torch.randn(1 << 16)})
+    assert info.value.errno == errno.EIO and "published nothing" in str(info.value)
+    assert sorted(p.name for p in (repo.path / packs_mod.PACKS_DIR).iterdir()) == before
+    assert [c.id for c in repo.log()] == [cid]
+    assert torch.equal(repo.load(cid)["w"], first["w"])

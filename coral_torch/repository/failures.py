@@ -7,7 +7,7 @@ import functools
 import sqlite3
 from typing import Any
 
-from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError
+from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError, RepositoryIOError
 from .catalog import catalog_error
 
 CATALOG_NAME = "catalog.sqlite"
@@ -36,7 +36,14 @@ def named_errors(fn):
                     f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
                     "no write permission"
                 ) from exc
-            raise
+            if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+                raise  # a path problem, which callers above name in their own terms
+            where = exc.filename or self.path
+            raise RepositoryIOError(
+                f"I/O error on {where} ({exc.strerror or exc}); the operation did not complete and a save "
+                "published nothing: check the disk (dmesg) and retry",
+                errno_=exc.errno, filename=exc.filename,
+            ) from exc
 
     return wrapper
 

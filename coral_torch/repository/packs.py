@@ -18,6 +18,8 @@ from ..errors import ConcurrentChangeError
 
 PACKS_DIR = "packs"
 TMP_PREFIX = ".tmp-"
+#: payload bytes between background fdatasyncs of a pack being written (see PackWriter)
+SYNC_EVERY = 32 << 20
 
 
 def new_pack_name() -> str:
@@ -57,6 +59,8 @@ class PackWriter:
     rename to the final name) or :meth:`abort` (remove it). Used as a context manager, an
     exception aborts it. gc leaves unknown pack files alone until they are older than its grace
     period (a file being written keeps a fresh mtime), so a pack may wait to be published.
+    The pack is fdatasync-ed in the background every :data:`SYNC_EVERY` payload bytes while it is
+    written, so the disk flushes during the encode and :meth:`finish`'s fsync has only the tail.
     """
 
     def __init__(self, repo_path: Path, *, codec_level: int, direct_io: bool = False):
@@ -66,7 +70,8 @@ class PackWriter:
         self.name = new_pack_name()
         self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
         try:
-            self._store = HDF5Store(self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io)
+            self._store = HDF5Store(self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io,
+                                    sync_every=SYNC_EVERY)
         except BaseException:  # e.g. a full disk while HDF5 creates the file: leave nothing behind
             self.tmp.unlink(missing_ok=True)
             raise

@@ -11,6 +11,10 @@ partial page goes through the ordinary buffered descriptor. Direct I/O only ever
 that belong to the payload alone, so it never races HDF5's own buffered metadata writes. When the
 file system refuses ``O_DIRECT`` (tmpfs, some network file systems, non-Linux), everything is
 written buffered. Durability is unchanged: the caller still fsyncs the file before publishing it.
+
+:class:`BackgroundSync` makes that final fsync short: a flush of a virtual disk's cache costs time
+in proportion to the bytes written since the last one, so a thread ``fdatasync``-s the file while
+later payloads are still being encoded, and the final fsync flushes only the tail.
 """
 
 from __future__ import annotations
@@ -125,17 +129,82 @@ def _chunks(segments: Sequence[memoryview], start: int, stop: int) -> Iterator[m
             break
 
 
+class BackgroundSync:
+    """``fdatasync`` a file on a thread of its own each time ``every`` bytes were written since the
+    previous sync began, so the disk flushes while the writer keeps encoding.
+
+    Call order: :meth:`wrote` after each write (thread-safe, never waits for the disk), then
+    :meth:`close`, which waits for the sync in flight, syncs what was written after it began, and
+    raises the first error a sync met. (An ``EIO`` is reported to the descriptors open when it
+    happened, not to one opened later: the owner's final fsync on a fresh descriptor could miss it.)
+    """
+
+    def __init__(self, fd: int, every: int) -> None:
+        self.fd = fd
+        self.every = max(1, int(every))
+        self.syncs = 0  #: fdatasync calls made, the one in close() included
+        self._pending = 0
+        self._closed = False
+        self._error: Optional[OSError] = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="coral-sync", daemon=True)
+        self._thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        with self._cond:
+            self._pending += nbytes
+            if self._pending >= self.every:
+                self._cond.notify()
+
+    def _sync(self) -> bool:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            with self._cond:
+                self._error = self._error or exc
+            return False
+        with self._cond:
+            self.syncs += 1
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and self._pending < self.every:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._pending = 0
+            if not self._sync():
+                return
+
+    def close(self) -> None:
+        """Wait for the sync in flight, sync the rest; raise the first error a sync met."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is None and self._pending:
+            self._pending = 0
+            self._sync()
+        if self._error is not None:
+            raise self._error
+
+
 class PayloadWriter:
     """Writes payloads into one file at offsets its owner allocated (HDF5 dataset space).
 
     ``direct=True`` tries ``O_DIRECT`` for payloads of at least :data:`MIN_DIRECT_BYTES` that start
     on a page boundary; it falls back to buffered writes for good at the first refusal.
-    ``direct_bytes`` / ``buffered_bytes`` count what went which way. Thread-safe (positional I/O).
+    ``direct_bytes`` / ``buffered_bytes`` count what went which way. ``sync_every`` starts a
+    :class:`BackgroundSync` of the file every that many payload bytes. Thread-safe (positional I/O).
     """
 
-    def __init__(self, path: "os.PathLike[str] | str", *, direct: bool = True) -> None:
+    def __init__(self, path: "os.PathLike[str] | str", *, direct: bool = True,
+                 sync_every: Optional[int] = None) -> None:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_WRONLY)
+        self._sync = BackgroundSync(self._fd, sync_every) if sync_every else None
         self._direct_fd: Optional[int] = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -175,6 +244,8 @@ class PayloadWriter:
         with self._count_lock:
             self.direct_bytes += direct_len
             self.buffered_bytes += total - direct_len
+        if self._sync is not None:
+            self._sync.wrote(total)
 
     def _write_direct(self, fd: int, segments: List[memoryview], offset: int, length: int) -> None:
         with _staging_buffer() as stage:
@@ -192,7 +263,15 @@ class PayloadWriter:
                 done += n
 
     def close(self) -> None:
-        """Close the descriptors (after every write has returned)."""
+        """Close the descriptors (after every write has returned); raises what a background sync met."""
+        sync, self._sync = self._sync, None
+        try:
+            if sync is not None:
+                sync.close()
+        finally:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
         self._direct_ok = False
         if self._direct_fd is not None:
             os.close(self._direct_fd)

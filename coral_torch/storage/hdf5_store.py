@@ -152,6 +152,9 @@ class HDF5Store(WeightStore):
             file system supports it (see :mod:`coral_torch.storage.direct_io`): far less CPU per
             byte, but each write waits for the device. For background writers; the default
             (buffered) lets a caller that waits for the store return at memory speed.
+        sync_every: ``fdatasync`` the file on a background thread each time this many payload
+            bytes were written (:class:`~coral_torch.storage.direct_io.BackgroundSync`), so that
+            the owner's final fsync has only the tail to flush. ``None`` (default): no syncs here.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class HDF5Store(WeightStore):
         mode: str = "a",
         workers: Optional[int] = None,
         direct_io: bool = False,
+        sync_every: Optional[int] = None,
     ):
         self.filepath = Path(filepath)
         self.compression, self.compression_opts = self._check_compression(compression, compression_opts)
@@ -170,6 +174,7 @@ class HDF5Store(WeightStore):
         self.mode = mode
         self.workers = workers or _default_workers()
         self.direct_io = direct_io
+        self.sync_every = sync_every
         self._writer: Optional[PayloadWriter] = None  # payload bytes, outside h5py (see _create_for_pwrite)
         self._lock = threading.RLock()  # HDF5 calls of concurrent writers (see write_prepared)
         self._groups: Dict[str, h5py.Group] = {}
@@ -413,7 +418,7 @@ class HDF5Store(WeightStore):
         if offset is None:  # pragma: no cover - early allocation always gives an address
             raise StoreError(f"HDF5 gave no file offset for {key}")
         if self._writer is None:
-            self._writer = PayloadWriter(self.filepath, direct=self.direct_io)
+            self._writer = PayloadWriter(self.filepath, direct=self.direct_io, sync_every=self.sync_every)
         return h5py.Dataset(dsid), int(offset)
 
     def _pwrite_all(self, payload: Union[np.ndarray, codec.Blob], offset: int) -> None:
