@@ -15,7 +15,8 @@ CATALOG_NAME = "catalog.sqlite"
 
 def named_errors(fn):
     """Public repository methods raise only :class:`CoralError`: a damaged or read-only catalog,
-    a full disk or an unreadable pack is named, never an sqlite3/h5py/OS error."""
+    a full disk, an I/O error the OS reports or an unreadable pack is named, never an sqlite3/h5py/OS
+    error."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -36,8 +37,10 @@ def named_errors(fn):
                     f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
                     "no write permission"
                 ) from exc
-            if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
-                raise  # a path problem, which callers above name in their own terms
+            if type(exc) is not OSError or exc.errno is None:
+                # a path problem or a network error (subclasses, named by the callers above), or a
+                # library's own OSError without an errno: not the operating system's I/O error
+                raise
             where = exc.filename or self.path
             raise RepositoryIOError(
                 f"I/O error on {where} ({exc.strerror or exc}); the operation did not complete and a save "

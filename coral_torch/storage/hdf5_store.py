@@ -700,12 +700,16 @@ class HDF5Store(WeightStore):
 
     # ----------------------------------------------------------------------------- lifetime
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self.file is not None and self.file.id.valid:
-            self.file.close()
-        self.file = None
+        """Close the file; raises what a background sync of its payloads met (the file is closed
+        all the same)."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            if self.file is not None and self.file.id.valid:
+                self.file.close()
+            self.file = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
