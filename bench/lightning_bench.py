@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default="none,modelckpt,coral-all,coral-last,coral-sync",
                     help="comma-separated kinds; a coral kind may name its priority: coral-all@10")
-    ap.add_argument("--nice", default="19", help="CoralCheckpoint(background_nice=...): an int (default 15) or 'idle'")
+    ap.add_argument("--nice", default="15", help="CoralCheckpoint(background_nice=...): an int (default 15, the callback's) or 'idle'")
     ap.add_argument("--workers", type=int, default=None, help="CoralCheckpoint(background_workers=...)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the whole list this many times, round robin; the table shows medians")
