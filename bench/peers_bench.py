@@ -583,8 +583,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="coral-async encoder threads (default: the callback's choice for a CPU trainer, 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one method process may take")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 epochs x 3 steps, 1 repeat")
-    ap.add_argument("--inputs-dir", help="keep the fine-tuned epoch inputs here and reuse them on the next run "
-                    "with the same training settings")
+    ap.add_argument("--inputs-dir", help="keep the fine-tuned epoch inputs here (one subdirectory per workload, "
+                    "replaced when the training settings differ) and reuse them on the next run with the same settings")
     ap.add_argument("--json", dest="json_out", help="write all figures to this JSON file")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # child: one method
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
