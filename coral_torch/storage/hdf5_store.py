@@ -727,7 +727,7 @@ class HDF5Store(WeightStore):
 
 def _has_link(group: h5py.Group, key: str) -> bool:
     """``key in group`` for a plain name, through the low-level call (a quarter of the cost)."""
-    if "/" in key or not key:
+    if not key or "/" in key or key.startswith("."):  # paths, "." and ".." mean what h5py says they mean
         return key in group
     return bool(group.id.links.exists(key.encode()))
 
