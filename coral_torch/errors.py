@@ -87,22 +87,6 @@ class CatalogDamagedError(IntegrityError):
     catalog from a backup or pull the commits again from a remote."""
 
 
-class DiskFullError(RepositoryError, OSError):
-    """A save ran out of disk space (ENOSPC). Nothing of it was published and what it wrote was
-    removed; earlier commits are intact. ``needed`` is roughly how many bytes the save needed."""
-
-    def __init__(self, message: str, *, path: str = "", needed: int | None = None):
-        RepositoryError.__init__(self, message)
-        self.errno = 28  # ENOSPC
-        self.strerror = message
-        self.filename = path or None
-        self.path = path
-        self.needed = needed
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
 class RepositoryIOError(RepositoryError, OSError):
     """The operating system reported an I/O error (EIO and the like) on a repository file. A save
     that meets one publishes nothing; ``errno`` and ``filename`` are the original error's."""
@@ -115,6 +99,16 @@ class RepositoryIOError(RepositoryError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class DiskFullError(RepositoryIOError):
+    """A save ran out of disk space (ENOSPC). Nothing of it was published and what it wrote was
+    removed; earlier commits are intact. ``needed`` is roughly how many bytes the save needed."""
+
+    def __init__(self, message: str, *, path: str = "", needed: int | None = None):
+        RepositoryIOError.__init__(self, message, errno_=28, filename=path or None)  # ENOSPC
+        self.path = path
+        self.needed = needed
 
 
 class ReadOnlyRepositoryError(RepositoryError, PermissionError):
