@@ -142,7 +142,6 @@ class BackgroundSync:
     def __init__(self, fd: int, every: int) -> None:
         self.fd = fd
         self.every = max(1, int(every))
-        self.syncs = 0  #: fdatasync calls made, the one in close() included
         self._pending = 0
         self._closed = False
         self._error: Optional[OSError] = None
@@ -163,8 +162,6 @@ class BackgroundSync:
             with self._cond:
                 self._error = self._error or exc
             return False
-        with self._cond:
-            self.syncs += 1
         return True
 
     def _run(self) -> None:
