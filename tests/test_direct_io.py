@@ -249,6 +249,10 @@ def test_hdf5_store_writes_a_spilled_blob_and_reads_it_back(tmp_path: Path, monk
 
 
 # ------------------------------------------------------------------ background syncs of a pack
+def _eio(fd: int) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
 def test_background_sync_flushes_while_writing_and_keeps_bytes_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = os.fdatasync
@@ -269,10 +273,7 @@ def test_background_sync_error_is_raised_by_close(tmp_path: Path, monkeypatch: p
     """An EIO met by a background fdatasync is reported once, to that descriptor: close() must
     raise it, or the pack would be published on the word of a later fsync that never saw it."""
 
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(direct_io.os, "fdatasync", failing)
+    monkeypatch.setattr(direct_io.os, "fdatasync", _eio)
     path = tmp_path / "f.bin"
     path.write_bytes(b"\0" * (2 * PAGE))
     w = PayloadWriter(path, direct=False, sync_every=PAGE)
@@ -296,7 +297,7 @@ def test_a_failed_background_sync_aborts_the_pack(tmp_path: Path, monkeypatch: p
     cid = repo.commit(first).commit_id
     before = sorted(p.name for p in (repo.path / packs_mod.PACKS_DIR).iterdir())
     monkeypatch.setattr(packs_mod, "SYNC_EVERY", PAGE)
-    monkeypatch.setattr(direct_io.os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    monkeypatch.setattr(direct_io.os, "fdatasync", _eio)
     with pytest.raises(RepositoryIOError) as info:
         repo.commit({"w": torch.randn(1 << 16)})
     assert info.value.errno == errno.EIO and "published nothing" in str(info.value)
