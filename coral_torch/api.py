@@ -37,6 +37,7 @@ from .pointers import (
     write_pointer,
 )
 from .repository import Repository
+from .retention import Policy, optimizer_policy
 
 RepoLike = Union[str, os.PathLike, Repository, None]
 
@@ -94,6 +95,12 @@ def save(
     message: str = "",
     run: str = "default",
     metrics: Optional[dict[str, Any]] = None,
+    monitor: Optional[str] = None,
+    mode: str = "min",
+    epoch: Optional[int] = None,
+    step: Optional[int] = None,
+    keep: Optional[Policy] = None,
+    keep_optimizer: Union[Policy, str, None] = None,
 ) -> str:
     """Store ``obj`` (anything ``torch.save`` takes in practice) and return the commit id.
 
@@ -108,28 +115,51 @@ def save(
     ``_disable_byteorder_record`` are accepted so that calls written for ``torch.save`` work
     unchanged; they do not affect what is stored (tensors are stored in coral's own format, other
     values as JSON or as ``torch.save`` blobs with torch's defaults). The repository options
-    (``repo``, ``tag``/``tags``, ``message``, ``run``, ``metrics``) are keyword-only.
+    (``repo``, ``tag``/``tags``, ``message``, ``run``, ``metrics``, ...) are keyword-only.
+
+    ``metrics`` are stored with the commit; with ``monitor`` (a key of ``metrics``) the run's
+    ``best`` ref follows its best value (``mode="min"`` or ``"max"``), so ``load("best")`` works.
+    ``epoch`` and ``step`` (default: ``obj["epoch"]`` / ``obj["global_step"]`` when present) are
+    what step- and epoch-based policies look at.
+
+    ``keep``: a retention policy over the run's commits (:mod:`coral_torch.retention`, e.g.
+    ``LatestN(2) | BestN(1, "val_loss")``): after this save, commits of ``run`` it does not select
+    are released, and so are their pointer files (deleted, like ``ModelCheckpoint``'s top-k files),
+    unless a tag or another ref keeps them. ``keep_optimizer`` (a policy, or ``"last"``) then
+    strips the per-parameter optimizer state (``optimizer_states/*/state`` of a Lightning
+    checkpoint) from the kept commits it does not select.
     """
     if pickle_protocol is not None and (type(pickle_protocol) is not int or pickle_protocol < 0):
         raise CoralError(f"pickle_protocol must be a non-negative int, not {pickle_protocol!r}")
     tags = list(tags) + ([tag] if tag else [])
+    if keep is not None and not isinstance(keep, Policy):
+        raise CoralError(f"keep must be a retention policy such as coral_torch.retention.LatestN(3), not {keep!r}")
+    opt_policy = optimizer_policy(keep_optimizer, monitor, mode) if keep_optimizer is not None else None
+    if opt_policy is not None and keep is None:
+        raise CoralError("keep_optimizer needs keep=... (a retention policy for the run): give both")
+    options: dict[str, Any] = dict(
+        run=run, tags=tags, message=message, metrics=metrics, monitor=monitor, mode=mode, epoch=epoch, step=step,
+        keep_optimizer=opt_policy, release_files=True,
+        # optimizer state that may be stripped later is stored whole, so it can be freed on its own
+        no_delta_prefixes=("optimizer_states/",) if opt_policy is not None else (),
+    )
     if f is None:
         r = open_repository(repo)
-        return r.commit(obj, run=run, tags=tags, message=message, metrics=metrics, keep=True).commit_id
+        return r.commit(obj, keep=keep if keep is not None else True, **options).commit_id
     if isinstance(f, (str, os.PathLike)):
         pointer = Path(os.fsdecode(f))
         if pointer.is_dir():
             raise CoralError(f"cannot save to {pointer}: it is a directory; give a file path such as {pointer / 'last.pt'}")
         r = open_repository(repo if repo is not None else pointer.parent / ".coral")
-        stats = r.commit(
-            obj, run=run, tags=tags, message=message, metrics=metrics, keep=False,
-            refs=[pointer_ref_name(pointer, r.path)],
-        )
+        # the pointer's ref is published with the commit, then the file is written: until then the
+        # ref is younger than gc's grace period, so gc leaves it alone
+        stats = r.commit(obj, keep=keep if keep is not None else False, refs=[pointer_ref_name(pointer, r.path)],
+                         **options)
         write_pointer(pointer, stats.commit_id, r.path)
         return stats.commit_id
     if hasattr(f, "write"):
         r = open_repository(repo)
-        cid = r.commit(obj, run=run, tags=tags, message=message, metrics=metrics, keep=True).commit_id
+        cid = r.commit(obj, keep=keep if keep is not None else True, **options).commit_id
         f.write(pointer_bytes(cid, str(r.path)))
         return cid
     raise CoralError(f"f must be a path, a writable binary file object or None, not {type(f).__name__}")
@@ -147,7 +177,7 @@ def load(
     map_location: Any = None,
     pickle_module: Any = None,
     *,
-    weights_only: Optional[bool] = True,
+    weights_only: Optional[bool] = None,
     mmap: Optional[bool] = None,
     repo: RepoLike = None,
     **pickle_load_args: Any,
@@ -256,7 +286,11 @@ def _load_stream(fh: Any, repo: RepoLike, map_location: Any, weights_only: bool,
         raise NotACheckpointError(f"{origin} is empty: not a checkpoint")
     if looks_like_pointer(head):
         data = stream.read(MAX_POINTER_BYTES + 1)
-        pointer = parse_pointer(data, origin=origin)
+        # a file opened from a path: its relative 'repo' is relative to that file's directory
+        name = getattr(fh, "name", None)
+        base_dir = Path(os.fsdecode(name)).absolute().parent if isinstance(name, (str, bytes, os.PathLike)) \
+            and os.path.isfile(os.fsdecode(name)) else None
+        pointer = parse_pointer(data, origin=origin, base_dir=base_dir)
         return _load_pointer(pointer, origin, repo, map_location, weights_only)
     return _torch_load(stream, origin, map_location, weights_only, torch_args)
 

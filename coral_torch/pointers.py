@@ -140,3 +140,30 @@ def pointer_ref_name(pointer: Union[str, os.PathLike], repo_path: Union[str, os.
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return "files/abs" + target.replace(os.sep, "/")
     return "files/" + rel.replace(os.sep, "/")
+
+
+def pointer_path_of_ref(ref: str, repo_path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The pointer file a ``files/...`` ref stands for (the inverse of :func:`pointer_ref_name`), or
+    ``None`` for another kind of ref."""
+    if not ref.startswith("files/"):
+        return None
+    rest = ref[len("files/"):]
+    if rest.startswith("abs/"):
+        return Path("/" + rest[len("abs/"):])
+    return Path(os.path.dirname(os.path.abspath(repo_path))) / rest
+
+
+def pointer_names(path: Union[str, os.PathLike], commit_id: str, repo_path: Union[str, os.PathLike]) -> bool:
+    """True if ``path`` is a readable pointer file naming ``commit_id`` in the repository at
+    ``repo_path``: the file a ``files/`` ref stands for still holds that commit. A damaged,
+    missing or replaced file (another commit, another repository, not a pointer) does not."""
+    try:
+        p = read_pointer_file(path)
+    except (OSError, MalformedPointerError):
+        return False
+    if p is None or p.commit != commit_id:
+        return False
+    try:
+        return os.path.samefile(p.repo, repo_path)
+    except OSError:
+        return False

@@ -1,23 +1,35 @@
 """Every ref and run name, checked in one place.
 
-Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``, ``runs/<run>/keep/<id>``,
-``runs/<run>/top/<id>``, ``tags/<tag>``, ``files/<pointer path>``, ``keep/<id>``. Ref names also
-become S3 keys and file-like paths, so a name must not be able to escape its prefix (``..``, a
-leading ``/``) or break a line-based listing (control characters). Run and tag names are single
-path components; a few words are reserved because :meth:`Repository.resolve` gives them a meaning
-of its own (``latest``, ``best``, ``HEAD``): a tag of that name would be accepted and then never
-found.
+Refs name commits: ``runs/<run>/latest``, ``runs/<run>/best``, ``runs/<run>/keep/<id>`` (what
+the run's retention policy keeps; ``runs/<run>/top/<id>`` in older repositories), ``tags/<tag>``,
+``files/<pointer path>``, ``keep/<id>`` (kept until deleted by hand) and ``leases/<holder>`` (a
+running process's hold on the commit it resumed from). Ref names also become S3 keys and file-like
+paths, so a name must not be able to escape its prefix (``..``, a leading ``/``) or break a
+line-based listing (control characters). Run and tag names are single path components of letters,
+digits, ``-``, ``_`` and ``.``; a few words are reserved because :meth:`Repository.resolve` gives
+them a meaning of its own (``latest``, ``best``, ``HEAD``): a tag of that name would be accepted and
+then never found.
 
 This module has no dependencies beyond the standard library, so catalog-only tools can use it.
 """
 
 from __future__ import annotations
 
+import re
+
 from .errors import InvalidRefNameError
 
 #: names that :meth:`Repository.resolve` interprets itself; refused as tag and run names
 RESERVED = frozenset({"latest", "best", "HEAD"})
 _MAX_LENGTH = 1024
+_COMPONENT = re.compile(r"[A-Za-z0-9_.-]+")
+
+TAGS = "tags/"
+FILES = "files/"
+LEASES = "leases/"
+KEEP = "keep/"
+#: refs of DCP saves made by coral-torch before 0.x kept every sharded commit for a day; gc drops them
+LEGACY_SAVES = "saves/"
 
 
 def _problem(name: object, *, component: bool) -> str | None:
@@ -55,8 +67,50 @@ def validate_component(name: object, what: str = "ref") -> str:
     """Return ``name`` if it is a valid single-component name (a ``what``: run, tag), else raise
     :class:`~coral_torch.errors.InvalidRefNameError`."""
     why = _problem(name, component=True)
+    if why is None and not _COMPONENT.fullmatch(name):  # type: ignore[arg-type]
+        bad = sorted({ch for ch in name if not _COMPONENT.fullmatch(ch)})  # type: ignore[union-attr]
+        why = f"it contains {', '.join(repr(ch) for ch in bad)}"
     if why is None and name in RESERVED:
         why = f"{name!r} is reserved (it already means something to refs)"
     if why is not None:
         raise InvalidRefNameError(f"invalid {what} name {name!r}: {why}; use letters, digits, '-', '_', '.'")
     return name  # type: ignore[return-value]
+
+
+# -- builders: every ref name is made here -------------------------------------------------------
+def run_prefix(run: str) -> str:
+    return f"runs/{run}/"
+
+
+def latest_ref(run: str) -> str:
+    return f"runs/{run}/latest"
+
+
+def best_ref(run: str) -> str:
+    return f"runs/{run}/best"
+
+
+def run_keep_prefix(run: str) -> str:
+    """Refs the run's retention policy owns: one per kept commit."""
+    return f"runs/{run}/keep/"
+
+
+def run_keep_ref(run: str, commit_id: str) -> str:
+    return f"runs/{run}/keep/{commit_id}"
+
+
+def legacy_top_prefix(run: str) -> str:
+    """``save_top_k`` refs of older versions; retention takes them over."""
+    return f"runs/{run}/top/"
+
+
+def tag_ref(tag: str) -> str:
+    return TAGS + validate_component(tag, "tag")
+
+
+def keep_ref(commit_id: str) -> str:
+    return KEEP + commit_id
+
+
+def lease_ref(holder: str) -> str:
+    return LEASES + holder

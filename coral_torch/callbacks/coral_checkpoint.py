@@ -31,7 +31,10 @@ from .. import api
 from ..delta import DeltaConfig
 from ..errors import CoralError
 from ..parallel import HelpBoard
+from ..refnames import best_ref, run_keep_prefix as keep_prefix
 from ..repository import CommitStats, Repository
+from ..repository.retain import RetentionReport
+from ..retention import KeepAll, KeepNone, Policy, optimizer_policy, top_k_policy
 from ..storage.s3_store import S3Config
 from .checkpoint_io import CoralCheckpointIO
 from .snapshot import BackgroundCommitter, SnapshotBuffers
@@ -88,16 +91,20 @@ class CoralCheckpoint(Checkpoint):
         repo: repository path or :class:`Repository` (default ``<default_root_dir>/.coral``).
         run: run name (default: continue the resumed run, else the logger's ``version_N``).
         monitor, mode: metric whose best value ``runs/<run>/best`` follows; ranks commits for top-k.
-        save_top_k: commits that keep a ref: ``-1`` all (default), ``k`` the best k (by ``monitor``,
-            else the newest k), ``0`` none but the last. Commits without refs are reclaimed by ``gc``.
+        keep: a retention policy (:mod:`coral_torch.retention`: ``LatestN``, ``BestN``,
+            ``EveryNEpochs``, ``AnyOf``, ...) deciding which of the run's commits stay; evaluated
+            from the repository after every save, so a resumed run (or another process) decides
+            the same. Default: from ``save_top_k``.
+        save_top_k: ``ModelCheckpoint``'s knob, mapped onto a policy: ``-1`` all (default), ``k`` the
+            best k (``BestN`` by ``monitor``, else ``LatestN``), ``0`` none but the last.
         save_last: keep ``runs/<run>/latest`` on the newest commit.
         every_n_epochs, every_n_train_steps: when to commit (epochs by default).
         save_weights_only: commit the model weights only (no optimizer, loops, ...).
-        keep_optimizer: ``"all"`` keep optimizer state in every commit; ``"last"`` only in the
-            newest commit and in the run's best (older commits are rewritten without the
-            per-parameter optimizer state, keeping ``param_groups``); ``"none"`` never store the
-            per-parameter state. A commit without it still resumes: the optimizer starts its
-            moments afresh (exact for stateless optimizers such as plain SGD).
+        keep_optimizer: which kept commits keep per-parameter optimizer state: ``"all"``;
+            ``"last"`` (``LatestN(1)`` plus the best by ``monitor``); ``"none"`` (never stored); or
+            any policy. The others are rewritten without it (``param_groups`` kept): such a commit
+            still resumes, with fresh optimizer moments (exact for stateless optimizers such as
+            plain SGD).
         tags: tags put on the last commit at the end of training.
         async_save: snapshot on the training thread and write in the background (default).
         s3: an :class:`~coral_torch.S3Config` (or S3Store) to push to at the end of training.
@@ -126,12 +133,13 @@ class CoralCheckpoint(Checkpoint):
         run: Optional[str] = None,
         monitor: Optional[str] = None,
         mode: Literal["min", "max"] = "min",
+        keep: Optional[Policy] = None,
         save_top_k: int = -1,
         save_last: bool = True,
         every_n_epochs: Optional[int] = None,
         every_n_train_steps: Optional[int] = None,
         save_weights_only: bool = False,
-        keep_optimizer: Literal["all", "last", "none"] = "all",
+        keep_optimizer: Union[Literal["all", "last", "none"], Policy] = "all",
         tags: Sequence[str] = (),
         async_save: bool = True,
         s3: Optional[S3Config] = None,
@@ -144,10 +152,12 @@ class CoralCheckpoint(Checkpoint):
         super().__init__()
         if mode not in ("min", "max"):
             raise CoralError(f"mode must be 'min' or 'max', not {mode!r}")
-        if keep_optimizer not in ("all", "last", "none"):
-            raise CoralError(f"keep_optimizer must be 'all', 'last' or 'none', not {keep_optimizer!r}")
-        if save_top_k < -1:
-            raise CoralError(f"save_top_k must be >= -1, not {save_top_k}")
+        if keep is not None and save_top_k != -1:
+            raise CoralError("give keep=... or save_top_k=..., not both (save_top_k is a shorthand for a keep policy)")
+        if keep is not None and not isinstance(keep, Policy):
+            raise CoralError(f"keep must be a retention policy such as LatestN(3), not {keep!r}")
+        self.policy = keep if keep is not None else top_k_policy(save_top_k, monitor, mode)
+        self.optimizer_policy = optimizer_policy(keep_optimizer, monitor, mode)
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise CoralError("give every_n_epochs or every_n_train_steps, not both")
         if every_n_train_steps is not None and every_n_train_steps < 1:
@@ -179,13 +189,12 @@ class CoralCheckpoint(Checkpoint):
 
         self.repo: Optional[Repository] = None
         self.last_commit: Optional[str] = None
-        self.best_k: dict[str, float] = {}  # commit id -> monitored score (top-k mode)
-        self.recent: list[str] = []  # newest last (top-k without monitor)
+        self.retention: Optional[RetentionReport] = None  # what the last save's retention did
+        self._lease: Optional[str] = None  # this process's hold on the commit it resumed from
         self.history: list[dict[str, Any]] = []  # per-commit stats, for users and benchmarks
         self.push_stats: Optional[dict[str, Any]] = None
         self._resumed_from: Optional[str] = None
         self._resumed_run: Optional[str] = None
-        self._full_commit: Optional[str] = None  # newest commit still holding optimizer state
         self._buffers = SnapshotBuffers()
         self._committer: Optional[BackgroundCommitter] = None
         self._pending_stats: list[dict[str, Any]] = []
@@ -224,6 +233,11 @@ class CoralCheckpoint(Checkpoint):
                 trainer.strategy.repo = self._repo_arg.path if isinstance(self._repo_arg, Repository) else self._repo_arg
             self._repo_arg = trainer.strategy.repo_path
             self.async_save = False  # a sharded save is a collective of all ranks
+            if not isinstance(self.optimizer_policy, KeepAll):
+                raise CoralError(
+                    "keep_optimizer is not supported with sharded (FSDP2) commits yet: their optimizer shards "
+                    "cannot be stripped; use keep_optimizer='all' and keep=... to bound what is kept"
+                )
         if self.repo is None:
             if isinstance(self._repo_arg, Repository):
                 self.repo = self._repo_arg
@@ -284,9 +298,29 @@ class CoralCheckpoint(Checkpoint):
             finally:
                 self._at_epoch_end = False
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # a resumed run holds the commit it came from until it ends: no retention decision (this
+        # process's, another's, `coral-torch prune`) removes it meanwhile
+        if trainer.is_global_zero and self.repo is not None and trainer.ckpt_path and self._lease is None:
+            resumed = self.repo.last_loaded or self._resumed_from
+            if resumed is not None and self.repo.catalog.get_commit(resumed) is not None:
+                self._lease = self.repo.lease(resumed)
+
+    def _end_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None or self.repo is None:
+            return
+        try:
+            self.repo.end_lease(lease)
+            if self.run:  # what the lease held may now be outside the policy
+                self.repo.retain(self.run, self.policy, keep_optimizer=self.optimizer_policy)
+        except CoralError as exc:
+            log.warning("could not release the hold on the resumed commit (%s); `coral-torch gc` drops it", exc)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._sync_barrier(trainer, wait=True)
         if trainer.is_global_zero and self.repo is not None:
+            self._end_lease()
             if self.tags and self.last_commit:
                 for t in self.tags:
                     self.repo.tag(t, self.last_commit)
@@ -295,14 +329,26 @@ class CoralCheckpoint(Checkpoint):
                 self._push(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # The in-flight commit is atomic: let it finish (or fail) so nothing is left half-done.
-        if self._committer is not None:
+        # The in-flight commit is atomic: let it finish (or fail) and say which, so a user who
+        # pressed Ctrl-C knows whether the last checkpoint exists.
+        committer = self._committer
+        if committer is not None and committer.busy:
+            log.warning("training stopped (%s) while a checkpoint save was in flight; waiting for it "
+                        "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
+                        type(exception).__name__)
             try:
-                self._committer.wait(helper=self._help.help)
+                stats = committer.wait()
+                if stats is not None:
+                    log.warning("the in-flight checkpoint save finished: published as commit %s", stats.commit_id[:10])
+            except KeyboardInterrupt:
+                log.warning("the in-flight checkpoint save was abandoned: nothing of it was published")
             except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
-                log.error("background checkpoint failed while handling %r: %s", exception, exc)
+                log.error("the in-flight checkpoint save failed (%s): nothing of it was published",
+                          _reason(exc))
+        self._end_lease()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._end_lease()
         if self._committer is not None:
             try:
                 self._committer.wait()
@@ -315,9 +361,6 @@ class CoralCheckpoint(Checkpoint):
         return {
             "run": self.run,
             "last_commit": self.last_commit or self._resumed_from,
-            "best_k": dict(self.best_k),
-            "recent": list(self.recent),
-            "full_commit": self._full_commit,
             "rng": capture_rng_state(),
             # the train loaders' own generators (DataLoader(generator=...), samplers): Lightning
             # does not save them, so a resumed run would reshuffle from their initial state
@@ -328,9 +371,8 @@ class CoralCheckpoint(Checkpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_run = state_dict.get("run")
         self._resumed_from = state_dict.get("last_commit")
-        self.best_k = dict(state_dict.get("best_k", {}))
-        self.recent = list(state_dict.get("recent", []))
-        self._full_commit = state_dict.get("full_commit")
+        # (checkpoints of older versions also hold best_k/recent/full_commit: retention is now
+        # decided from the repository, so they are not needed)
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
         # the train loaders may not exist yet: applied when the next epoch starts
@@ -370,10 +412,10 @@ class CoralCheckpoint(Checkpoint):
         try:
             if self._committer.check() is not None:
                 self._flush_stats(trainer)
-        except CoralCheckpointError:
+        except (CoralCheckpointError, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            raise CoralCheckpointError(f"background checkpoint save failed: {exc}") from exc
+            raise CoralCheckpointError(f"background checkpoint save failed: {_reason(exc)}") from exc
 
     def _sync_barrier(self, trainer: Any, *, wait: bool) -> None:
         """Finish/collect the in-flight save on rank 0 and share failure with every rank."""
@@ -381,13 +423,15 @@ class CoralCheckpoint(Checkpoint):
         if self._committer is not None and trainer.is_global_zero:
             try:
                 self._committer.wait(helper=self._help.help) if wait else self._committer.check()
+            except KeyboardInterrupt:
+                raise  # stays one: Lightning shuts down gracefully, on_exception reports the save
             except BaseException as exc:  # noqa: BLE001
                 error = exc
         failed = error is not None
         if trainer.world_size > 1:
             failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
         if failed:
-            msg = f"background checkpoint save failed: {error}" if error else "checkpoint save failed on rank 0"
+            msg = f"background checkpoint save failed: {_reason(error)}" if error else "checkpoint save failed on rank 0"
             raise CoralCheckpointError(msg) from error
 
     def _save(self, trainer: Any, pl_module: Any) -> None:
@@ -403,7 +447,7 @@ class CoralCheckpoint(Checkpoint):
             return
         if not trainer.is_global_zero:
             return
-        if self.keep_optimizer == "none" and OPTIMIZER_KEY in checkpoint:
+        if isinstance(self.optimizer_policy, KeepNone) and OPTIMIZER_KEY in checkpoint:
             checkpoint[OPTIMIZER_KEY] = [_without_param_state(s) for s in checkpoint[OPTIMIZER_KEY]]
         metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
         metrics = {k: v for k, v in metrics.items() if v is not None}
@@ -436,21 +480,22 @@ class CoralCheckpoint(Checkpoint):
             epoch=epoch,
             step=step,
             metrics=metrics,
-            keep=False,
+            keep=self.policy,
+            keep_optimizer=self.optimizer_policy,
             head=self.save_last,
             monitor=self.monitor,
             mode=self.mode,
-            no_delta_prefixes=(f"{OPTIMIZER_KEY}/",) if self.keep_optimizer == "last" else (),
+            # optimizer state that retention may strip later is stored whole: it is freed on its own
+            no_delta_prefixes=() if isinstance(self.optimizer_policy, KeepAll) else (f"{OPTIMIZER_KEY}/",),
             message=f"epoch {epoch} step {step}",
             workers=self._commit_workers if background else None,
             help_board=self._help if background else None,
             direct_io=background,  # CPU time matters there, not latency
         )
         cid = stats.commit_id
-        self._retain(repo, run, cid, metrics)
-        if self.keep_optimizer == "last" and OPTIMIZER_KEY in checkpoint:
-            self._full_commit = cid
-            self._strip_older(repo, run, cid)
+        self.retention = stats.retention
+        if stats.retention is not None and cid in stats.retention.stripped:
+            cid = stats.retention.stripped[cid] or cid  # keep_optimizer rewrote the new commit itself
         self.last_commit = cid
         background = time.perf_counter() - t0
         self._pending_stats.append({
@@ -470,67 +515,26 @@ class CoralCheckpoint(Checkpoint):
         metrics = {k: v for k, v in metrics.items() if v is not None}
         epoch, step = trainer.current_epoch, trainer.global_step
         cid = trainer.strategy.commit_sharded(checkpoint, run=run, metrics=metrics, monitor=self.monitor,
-                                              mode=self.mode, message=f"epoch {epoch} step {step}")
+                                              mode=self.mode, message=f"epoch {epoch} step {step}",
+                                              keep=self.policy)
         self.last_commit = cid
         if trainer.is_global_zero:
-            self._retain(self.repo, run, cid, metrics)
             self._pending_stats.append({"commit": cid, "epoch": epoch, "step": step,
                                         "stall_s": time.perf_counter() - t0})
 
-    def _strip_older(self, repo: Repository, run: str, cid: str) -> None:
-        """``keep_optimizer="last"``: rewrite every commit of the run that still holds per-parameter
-        optimizer state, except the newest (``cid``) and the run's best, without it. The repository
-        says which commits those are, so a resumed run (a fresh process) strips the same ones."""
-        best = repo.refs(f"runs/{run}/best").get(f"runs/{run}/best")
-        # a catalog query: no manifest of the run is parsed
-        for old in repo.commits_with_tensor(run, f"{OPTIMIZER_KEY}/*/state/*"):
-            if old in (cid, best):
-                continue
-            new = repo.strip_commit(old, ((OPTIMIZER_KEY, "*", "state"),))
-            self._rename_commit(repo, run, old, new)
-
-    def _rename_commit(self, repo: Repository, run: str, old: str, new: str) -> None:
-        if old == new:
-            return
-        for prefix in (f"runs/{run}/keep/", f"runs/{run}/top/"):
-            if repo.refs(prefix + old):
-                # add the new name first: a commit whose last ref goes is removed at once
-                repo.set_ref(prefix + new, new)
-                repo.delete_ref(prefix + old)
-        if old in self.best_k:
-            self.best_k[new] = self.best_k.pop(old)
-        self.recent = [new if c == old else c for c in self.recent]
-
-    def _retain(self, repo: Repository, run: str, cid: str, metrics: dict[str, float]) -> None:
-        """Give the commit a ref according to save_top_k; drop refs of commits that fell out."""
-        k = self.save_top_k
-        if k == -1:
-            repo.set_ref(f"runs/{run}/keep/{cid}", cid)
-            return
-        if k == 0:
-            return
-        if self.monitor is not None:
-            score = metrics.get(self.monitor)
-            if score is None:
-                log.warning("monitored metric %r was not logged; commit %s not ranked", self.monitor, cid[:10])
-                return
-            self.best_k[cid] = score
-            repo.set_ref(f"runs/{run}/top/{cid}", cid)
-            while len(self.best_k) > k:
-                worst = (max if self.mode == "min" else min)(self.best_k, key=self.best_k.get)
-                del self.best_k[worst]
-                repo.delete_ref(f"runs/{run}/top/{worst}")
-        else:
-            self.recent.append(cid)
-            repo.set_ref(f"runs/{run}/top/{cid}", cid)
-            while len(self.recent) > k:
-                repo.delete_ref(f"runs/{run}/top/{self.recent.pop(0)}")
+    @property
+    def best_k(self) -> dict[str, float]:
+        """commit id -> ``monitor`` value of the run's commits that retention keeps (as
+        ``ModelCheckpoint.best_k_models``), read from the repository."""
+        if self.repo is None or not self.run or not self.monitor:
+            return {}
+        kept = set(self.repo.refs(keep_prefix(self.run)).values())
+        return {c.id: c.metrics[self.monitor] for c in self.repo.log(self.run)
+                if c.id in kept and isinstance(c.metrics.get(self.monitor), (int, float))}
 
     def _best_commit(self) -> Optional[str]:
-        if self.best_k:
-            return (min if self.mode == "min" else max)(self.best_k, key=self.best_k.get)
-        if self.repo is not None and self.run:
-            return self.repo.refs(f"runs/{self.run}/best").get(f"runs/{self.run}/best") or self.last_commit
+        if self.repo is not None and self.run and self.monitor:
+            return self.repo.refs(best_ref(self.run)).get(best_ref(self.run)) or self.last_commit
         return self.last_commit
 
     def _flush_stats(self, trainer: Any) -> None:
@@ -561,6 +565,12 @@ class CoralCheckpoint(Checkpoint):
                 "push to S3 failed: %s. Local checkpoints are intact; retry with `%s`",
                 exc, _push_command(self.repo.path, self.s3),
             )
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a reason: its message, or its type when it has none."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _push_command(repo_path: Any, remote: Any) -> str:

@@ -36,6 +36,7 @@ from ..api import open_repository
 from ..errors import CoralError
 from ..pointers import pointer_ref_name, read_pointer_file, write_pointer
 from ..repository import Repository
+from ..retention import Policy
 from ..sharded import load_value
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
 
@@ -52,13 +53,18 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         repo: repository directory (default: ``<trainer.default_root_dir>/.coral``); every rank must
             see it (one host, or a shared file system).
         run: run name for commits made through ``save_checkpoint`` (default: from the checkpoint path).
+        keep: a retention policy (:mod:`coral_torch.retention`) for the run of commits made through
+            ``save_checkpoint`` (``ModelCheckpoint``, ``trainer.save_checkpoint``), applied after each
+            save besides the pointer files ``ModelCheckpoint`` manages; ``CoralCheckpoint`` passes its own.
         **kwargs: passed to ``ModelParallelStrategy``.
     """
 
-    def __init__(self, repo: Union[str, os.PathLike, None] = None, *, run: Optional[str] = None, **kwargs: Any):
+    def __init__(self, repo: Union[str, os.PathLike, None] = None, *, run: Optional[str] = None,
+                 keep: Optional[Policy] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.repo = repo  #: the repository directory, or None for ``<default_root_dir>/.coral``
         self.run = run
+        self.keep = keep
 
     @property
     def repo_path(self) -> Path:
@@ -78,10 +84,11 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         metrics: Optional[dict[str, Any]] = None,
         monitor: Optional[str] = None,
         mode: str = "min",
-        keep: bool = False,
+        keep: Union[bool, Policy] = False,
     ) -> str:
         """Store a Lightning checkpoint dict (its ``state_dict`` and ``optimizer_states`` sharded) as
-        one commit; every rank calls it and gets the commit id. ``checkpoint`` is consumed."""
+        one commit; every rank calls it and gets the commit id. ``checkpoint`` is consumed. ``keep``:
+        as :class:`~coral_torch.dcp.CoralStorageWriter`'s (a policy is applied by the coordinator)."""
         state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
         for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim_state
@@ -100,7 +107,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(filepath))).absolute()
         cid = self.commit_sharded(
             checkpoint, run=self.run or run_name_from_path(path), refs=[pointer_ref_name(path, self.repo_path)],
-            message=f"checkpoint {path.name}",
+            message=f"checkpoint {path.name}", keep=self.keep if self.keep is not None else False,
         )
         if self.global_rank == 0:
             write_pointer(path, cid, self.repo_path)
@@ -135,6 +142,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         assert module is not None and self.lightning_module is not None
         repo = open_repository(repo_path, create=False)
         cid = repo.resolve(ref)  # every rank loads the same commit
+        repo.last_loaded = cid  # the resumed run's parent (and what CoralCheckpoint holds while it runs)
         module_state = {"state_dict": get_model_state_dict(module)}
         coral_dcp.load(module_state, cid, repo=repo_path)
         module.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)

@@ -34,7 +34,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
+from .. import refnames
 from ..errors import RepositoryError
+from ..retention import Policy
 from ..manifest import Manifest, TensorEntry
 from ..repository import Repository, WrittenObjects
 from ..sharded import chunk_name
@@ -42,10 +44,10 @@ from ..weight_tensor import WeightMetadata, WeightTensor
 from .handle import RepositoryHandle
 from .layout import layout_of
 
-#: refs ``saves/<token>`` name each save's commit, so every rank finds it (saving unchanged state
-#: again gives the same commit, so the commit itself cannot carry the token); kept for a day
-SAVE_REFS = "saves/"
-_SAVE_REF_TTL_S = 86400.0
+#: a save's token -> commit record lets every rank find the commit id (saving unchanged state again
+#: gives the same commit, so the commit itself cannot carry the token). It is a record in the
+#: catalog's ``saves`` table, not a ref: it keeps no data alive. Records are dropped after a day.
+_SAVE_RECORD_TTL_S = 86400.0
 
 
 @dataclass
@@ -73,7 +75,9 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         tags, refs: more refs to point at the commit (``tags/<tag>``; full ref names).
         message, metrics, epoch, step, info: stored with the commit (as :meth:`Repository.commit`).
         monitor, mode: ``runs/<run>/best`` follows the best value of ``metrics[monitor]``.
-        keep: add ``keep/<id>`` so gc never removes the commit.
+        keep: ``True`` adds ``keep/<id>`` so gc never removes the commit; a retention policy
+            (:mod:`coral_torch.retention`, e.g. ``LatestN(3)``) keeps what it selects among the run's
+            commits instead, applied by the coordinator once the commit is published.
     """
 
     def __init__(
@@ -90,7 +94,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         info: Optional[dict[str, Any]] = None,
         monitor: Optional[str] = None,
         mode: str = "min",
-        keep: bool = True,
+        keep: Union[bool, Policy] = True,
     ):
         StorageWriter.__init__(self)
         RepositoryHandle.__init__(self, repo)
@@ -106,7 +110,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     def commit_id(self) -> Optional[str]:
         """The id of the commit the last save made (None before it finished)."""
         if self._commit_id is None and self._token is not None:
-            self._commit_id = self.repo.catalog.get_ref(SAVE_REFS + self._token)
+            self._commit_id = self.repo.catalog.save_result(self._token)
         return self._commit_id
 
     # -- the StorageWriter interface, in call order ---------------------------------------------
@@ -125,11 +129,8 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         token = uuid.uuid4().hex
         repo = self.repo
-        stale = time.time() - _SAVE_REF_TTL_S
-        for name, _, updated in repo.catalog.ref_rows():
-            if name.startswith(SAVE_REFS) and updated < stale:
-                repo.delete_ref(name)
-        parent = repo.catalog.get_ref(f"runs/{self.run}/latest")
+        repo.catalog.forget_saves(time.time() - _SAVE_RECORD_TTL_S)
+        parent = repo.catalog.get_ref(refnames.latest_ref(self.run))
         shared = {"token": token, "parent": parent}
         return [dataclasses.replace(p, storage_data=shared) for p in plans]
 
@@ -170,12 +171,12 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         manifest = Manifest(None, [TensorEntry(s.name, s.hash, s.dtype, s.shape, "cpu", s.kind) for s in stored],
                             layout_of(metadata, entry_of))
         written = [s.written for s in stored if s.written is not None]
-        refs = [f"runs/{self.run}/latest", SAVE_REFS + self._token] + [f"tags/{t}" for t in self.tags] + list(self.refs)
+        refs = [refnames.latest_ref(self.run)] + [refnames.tag_ref(t) for t in self.tags] + list(self.refs)
         info = dict(self.info, world_size=len(results))
         stats = self.repo.publish(
             manifest, written, run=self.run, parent=self._parent, message=self.message, metrics=self.metrics,
             epoch=self.epoch, step=self.step, refs=refs, keep=self.keep, monitor=self.monitor, mode=self.mode,
-            info=info,
+            info=info, save_token=self._token,
         )
         self._commit_id = stats.commit_id
 

@@ -77,6 +77,9 @@ CREATE TABLE IF NOT EXISTS refs (
     name TEXT PRIMARY KEY, commit_id TEXT NOT NULL, updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS refs_commit ON refs(commit_id);
+CREATE TABLE IF NOT EXISTS saves (
+    token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL
+);
 """
 
 
@@ -273,7 +276,8 @@ class Catalog:
     def publish_commit(
         self, *, packs: Sequence[tuple[str, int]], objects: list[ObjectRow], commit: NewCommit,
         commit_objects: list[tuple[str, str, str, str]], refs: list[str],
-        best: Optional[tuple[str, str, float, str]] = None,
+        best: Optional[tuple[str, str, float, str]] = None, replace: Iterable[str] = (),
+        save_token: Optional[str] = None,
     ) -> tuple[bool, set[str]]:
         """Make a commit visible in one transaction: its packs and new objects, the commit row and
         its ``commit_objects``, the refs (``refs`` now name it) and, with ``best`` = ``(ref,
@@ -283,12 +287,20 @@ class Catalog:
         Objects were planned and written without the write lock, so before anything becomes
         visible this checks, inside the transaction, that every object the commit lists and every
         base of a new delta is in the catalog; if one is not (a concurrent gc removed it), it
-        raises :class:`ConcurrentChangeError` and changes nothing."""
+        raises :class:`ConcurrentChangeError` and changes nothing.
+
+        ``replace``: hashes whose existing rows are replaced by the new ones (the saver stored the
+        exact bytes of a damaged object again: every commit sharing it is repaired).
+        ``save_token``: recorded with the commit id in ``saves`` so that other ranks of a sharded
+        save find the id (a record, not a ref: it keeps nothing alive)."""
+        replace = set(replace)
         with self.transaction() as c:
             for name, size in packs:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (name, size, commit.time))
             c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in objects])
+                          [r.values() for r in objects if r.hash not in replace])
+            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          [r.values() for r in objects if r.hash in replace])
             needed = {h for _, _, h, _ in commit_objects} | {r.base for r in objects if r.base}
             missing = needed - self._present(c, needed)
             if missing:
@@ -316,6 +328,9 @@ class Catalog:
                     replaced |= {current[0]} - {commit.id} if current is not None else set()
                     c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
                               (name, commit.id, commit.time))
+            if save_token is not None:
+                c.execute("INSERT OR REPLACE INTO saves(token, commit_id, time) VALUES (?,?,?)",
+                          (save_token, commit.id, commit.time))
         return existed, replaced
 
     @staticmethod
@@ -337,7 +352,11 @@ class Catalog:
                 c.execute(_INSERT_COMMIT, commit.values())
                 c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
             c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (commit.id, now, replaces))
-            c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (f"keep/{commit.id}", f"keep/{replaces}"))
+            # refs named after the commit (keep/<id>, runs/<run>/keep/<id>) follow it
+            old_names = [n for n, in c.execute("SELECT name FROM refs WHERE commit_id=? AND (name=? OR name LIKE ?)",
+                                               (commit.id, f"keep/{replaces}", f"%/keep/{replaces}"))]
+            for n in old_names:
+                c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (n[: -len(replaces)] + commit.id, n))
 
     def set_ref(self, name: str, commit_id: str, now: float) -> Optional[str]:
         """Point ``name`` at ``commit_id`` (which must exist); returns the commit it named before."""
@@ -347,6 +366,50 @@ class Catalog:
             before = self.get_ref(name)
             c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, commit_id, now))
         return before
+
+    def update_refs(self, *, add: Sequence[tuple[str, str]] = (), drop: Iterable[str] = (),
+                    now: float) -> set[str]:
+        """Add refs ``(name, commit id)`` (commits that no longer exist are skipped) and drop refs
+        ``drop``, in one transaction; returns the commits the dropped refs named."""
+        drop = list(dict.fromkeys(drop))
+        with self.transaction() as c:
+            released = set(self.ref_targets(drop).values())
+            for name, cid in add:
+                if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None:
+                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, now))
+            c.executemany("DELETE FROM refs WHERE name=?", [(n,) for n in drop])
+        return released
+
+    def save_result(self, token: str) -> Optional[str]:
+        """The commit id a sharded save with ``token`` published, if it did."""
+        try:
+            r = self.conn.execute("SELECT commit_id FROM saves WHERE token=?", (token,)).fetchone()
+        except sqlite3.OperationalError:  # a catalog of an older version, opened read-only: no table
+            return None
+        return r[0] if r else None
+
+    def forget_saves(self, before: float) -> None:
+        """Drop ``saves`` records older than ``before`` (they only tell ranks an id right after a save)."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM saves WHERE time < ?", (before,))
+
+    def run_commit_facts(self, run: str) -> list[tuple[str, float, int, Optional[int], Optional[int], dict[str, Any]]]:
+        """``(id, time, seq, epoch, step, metrics)`` of every commit of ``run`` (no manifest parsed)."""
+        out = []
+        for cid, t, seq, epoch, step, metrics in self.conn.execute(
+            "SELECT id, time, seq, epoch, step, metrics FROM commits WHERE run=? ORDER BY time, seq", (run,)
+        ):
+            try:
+                m = json.loads(metrics)
+            except (ValueError, TypeError):
+                m = None
+            if not isinstance(m, dict):
+                raise CatalogDamagedError(
+                    f"commit {str(cid)[:12]} in {self.path} has damaged metrics; restore the catalog or "
+                    "pull the commit again from a remote"
+                )
+            out.append((cid, t, seq, epoch, step, m))
+        return out
 
     def delete_ref(self, name: str) -> Optional[str]:
         """Remove ref ``name``; returns the commit it named, or None if there was no such ref."""
@@ -411,6 +474,10 @@ class Catalog:
             with self.transaction() as c:
                 c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in empty])
         return empty
+
+    def refs_of(self, commit_id: str) -> list[str]:
+        """Names of the refs that name ``commit_id``."""
+        return [r[0] for r in self.conn.execute("SELECT name FROM refs WHERE commit_id=? ORDER BY name", (commit_id,))]
 
     def ref_rows(self) -> list[tuple[str, str, float]]:
         """``(name, commit id, updated)`` of every ref."""
@@ -604,7 +671,8 @@ def catalog_error(exc: BaseException, path: Path) -> CoralError:
     )
 
 
-_INDEXES = "CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
+_INDEXES = ("CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
+            "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);")
 
 
 def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ from ..errors import CatalogDamagedError, CoralError, IntegrityError, RefNotFoun
 from ..lazy import LazyModule
 from .catalog import NewCommit, ObjectRow, commit_object_rows
 from .failures import named_errors
+from .. import refnames
+from ..pointers import pointer_names, pointer_path_of_ref
 from .packs import PACKS_DIR, PackGone, new_pack_name, publish_file
+
+#: a lease (``leases/<host>/<pid>/<token>``) older than this is dropped by gc even if its holder
+#: cannot be checked (another host): the process that resumed from a commit saved long since
+LEASE_TTL_S = 7 * 86400.0
 
 if TYPE_CHECKING:
     from .. import adapters, sharded
@@ -238,7 +245,10 @@ class Maintenance:
         waits for its publish)."""
         with self.lock:
             cat = self.catalog
-            live_commits = set(cat.refs().values())
+            dead_refs = self._dead_refs(orphan_grace_s)
+            if not dry_run and dead_refs:
+                cat.update_refs(drop=dead_refs, now=time.time())
+            live_commits = {cid for name, cid in cat.refs().items() if name not in dead_refs}
             all_commits = {r.id for r in cat.commits()}
             dead_commits = all_commits - live_commits
             rows = {r.hash: r for r in cat.all_objects()}
@@ -259,6 +269,7 @@ class Maintenance:
             stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
                                   dry_run=dry_run, repack_threshold=repack_threshold)
             stats.update(
+                dead_refs=sorted(dead_refs),
                 orphan_files_removed=len(orphans),
                 orphan_files_kept=len(unknown) - len(orphans),
                 bytes_before=before,
@@ -274,14 +285,53 @@ class Maintenance:
             stats["bytes_reclaimed"] = before - after
             return stats
 
-    def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3) -> Optional[dict[str, Any]]:
+    @named_errors
+    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
+                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]:
+        """Remove those of ``candidates`` that no ref keeps (refs in ``dropping`` not counted: a
+        dry run asks what dropping them would free), the objects only they needed, and the pack
+        space those held; returns :meth:`gc`-style stats, or None when nothing would go."""
+        with self.lock:
+            if dry_run:
+                gone = set(dropping)
+                dead = [c for c in dict.fromkeys(candidates)
+                        if self.catalog.get_commit(c) is not None
+                        and not (set(self.catalog.refs_of(c)) - gone)]
+                return self._reclaim_released(dead, dead_commits=dead, dry_run=True)
+            return self._reclaim_released(candidates)
+
+    def _dead_refs(self, grace_s: float) -> list[str]:
+        """Refs that keep nothing a user can reach any more, older than ``grace_s`` (a save in
+        flight publishes its ref before it writes the pointer file): ``files/`` refs whose pointer
+        file is gone, damaged or now names another commit or repository; leases of processes that
+        ended on this host or are older than :data:`LEASE_TTL_S`; and the ``saves/`` refs of older
+        versions of the DCP writer."""
+        now = time.time()
+        host = socket.gethostname()
+        dead = []
+        for name, cid, updated in self.catalog.ref_rows():
+            if name.startswith(refnames.LEGACY_SAVES):
+                dead.append(name)
+            elif name.startswith(refnames.LEASES):
+                if now - updated > LEASE_TTL_S or not lease_alive(name[len(refnames.LEASES):], host):
+                    dead.append(name)
+            elif name.startswith(refnames.FILES) and now - updated > grace_s:
+                path = pointer_path_of_ref(name, self.path)
+                if path is not None and not pointer_names(path, cid, self.path):
+                    dead.append(name)
+        return dead
+
+    def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3, *,
+                          dead_commits: Optional[list[str]] = None, dry_run: bool = False) -> Optional[dict[str, Any]]:
         """Remove those of ``candidates`` (commits a ref just moved away from) that no ref keeps now,
         the objects only they needed, and the pack space those held. Bounded by what was released:
         only these commits' objects and their delta bases are examined, and only their packs are
         rewritten. Called with the write lock held, after the transaction that moved the refs: a
-        crash in between leaves unreferenced commits for :meth:`gc`, never a missing object."""
+        crash in between leaves unreferenced commits for :meth:`gc`, never a missing object.
+        ``dead_commits``: the commits to treat as removed (a dry run's what-if)."""
         cat = self.catalog
-        dead_commits = cat.unreferenced(candidates)
+        if dead_commits is None:
+            dead_commits = cat.unreferenced(candidates)
         if not dead_commits:
             return None
         work = list(dict.fromkeys(h for c in dead_commits for _, h, _ in cat.commit_objects(c)))
@@ -304,7 +354,10 @@ class Maintenance:
             if row.kind == "delta" and row.base:
                 work.append(row.base)  # its base may have been kept alive by this delta only
         stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()], None,
-                              dry_run=False, repack_threshold=repack_threshold)
+                              dry_run=dry_run, repack_threshold=repack_threshold)
+        stats["bytes_freed"] = sum(r.stored_bytes for r in rows.values())
+        if dry_run:
+            return stats
         log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
                  stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
         return stats
@@ -401,3 +454,23 @@ def _size(path: Path) -> int:
 
 def _dir_bytes(path: Path) -> int:
     return sum(_size(f) for f in path.iterdir()) if path.exists() else 0
+
+
+def lease_holder(token: str) -> str:
+    """The holder part of a lease ref for this process: ``<host>/<pid>/<token>``."""
+    return f"{socket.gethostname()}/{os.getpid()}/{token}"
+
+
+def lease_alive(holder: str, host: str) -> bool:
+    """Whether the process a lease names may still run: True unless it ran on this host and its
+    PID is gone (a lease from another host is trusted until it expires)."""
+    parts = holder.split("/")
+    if len(parts) != 3 or parts[0] != host:
+        return parts[0] != host  # another host's lease; a malformed one of ours is dead
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True

@@ -49,6 +49,7 @@ class PlannedObject:
     tensor: NamedTensor
     base: Optional[ObjectRow]
     skip_left: int
+    replaces: bool = False  #: the catalog has this hash, but its stored object is damaged or gone
 
 
 class DeltaPlanner:
@@ -58,10 +59,12 @@ class DeltaPlanner:
     repository's verified manifest)."""
 
     def __init__(self, catalog: Catalog, config: DeltaConfig,
-                 tensor_index: Callable[[str], dict[str, tuple[str, str, tuple]]]):
+                 tensor_index: Callable[[str], dict[str, tuple[str, str, tuple]]],
+                 intact: Callable[[set[str]], set[str]] = lambda hashes: hashes):
         self.catalog = catalog
         self.config = config
         self.tensor_index = tensor_index
+        self.intact = intact  #: which of the catalog's objects a commit may rely on (see Repository.intact_objects)
         self.dedup = Deduplicator(similarity_threshold=None, delta_config=config,
                                   enable_delta_encoding=config.max_chain_length > 0)
 
@@ -76,7 +79,11 @@ class DeltaPlanner:
                 parent_hows = {n: how for n, _, how in self.catalog.commit_objects(parent)}
             except CatalogDamagedError as exc:  # save all the same, just without deltas against it
                 log.warning("not delta-encoding against parent %s: %s", parent[:10], exc)
-        known = self.catalog.known_hashes(w.compute_hash() for _, w in tensors)
+        listed = self.catalog.known_hashes(w.compute_hash() for _, w in tensors)
+        # a save never relies on damage: an object whose pack is gone, resized or whose bytes no
+        # longer hash right is stored again (which repairs every commit that shares it)
+        known = self.intact(listed)
+        damaged = listed - known
         todo: dict[str, PlannedObject] = {}
         prefixes = tuple(no_delta_prefixes)
         for name, w in tensors:
@@ -95,7 +102,7 @@ class DeltaPlanner:
                 # a lossy object is never a base: its bytes are not what its hash says
                 if row is not None and row.lossless and row.depth + 1 <= self.config.max_chain_length:
                     base = row
-            todo[h] = PlannedObject(NamedTensor(name, w), base, max(0, skip - 1))
+            todo[h] = PlannedObject(NamedTensor(name, w), base, max(0, skip - 1), replaces=h in damaged)
         return todo
 
     def delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray) -> bool:

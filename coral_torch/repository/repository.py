@@ -25,6 +25,7 @@ import os
 import shutil
 import sqlite3
 import time
+import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,11 +55,14 @@ from ..errors import (
 from ..lazy import LazyModule
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..manifest import Manifest, TensorEntry
+from .. import refnames
 from ..refnames import validate_component, validate_ref_name
+from ..retention import Policy
 from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error, commit_object_rows
 from .failures import CATALOG_NAME, is_disk_full, named_errors
 from .planner import DeltaPlanner, PlannedObject
-from .maintenance import Maintenance
+from .maintenance import Maintenance, lease_holder
+from .retain import RetentionReport, apply_retention
 from .packs import PACKS_DIR, PackGone, PackWriter, WrittenPack
 from . import streams
 from .lock import RepositoryLock
@@ -94,6 +98,7 @@ class CommitStats:
     seconds: float = 0.0
     existed: bool = False
     replaced: set = field(default_factory=set, repr=False)  #: commits the new refs moved away from
+    retention: Optional[RetentionReport] = field(default=None, repr=False)  #: when saved with a keep policy
 
     @property
     def ratio(self) -> float:
@@ -113,6 +118,8 @@ class WrittenObjects:
     packs: list[WrittenPack]
     rows: list[ObjectRow]
     hows: dict[str, str]
+    #: hashes the catalog already listed whose stored objects were damaged: these rows replace theirs
+    replace: list[str] = field(default_factory=list)
 
 
 def _max_tensor_bytes() -> int:
@@ -183,6 +190,9 @@ class Repository(Maintenance):
         self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
         self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
+        # object hash -> (inode, size, mtime) of the packs of its chain when this process last
+        # verified or wrote it: a save relies on it again without re-reading while they match
+        self._trusted: dict[str, tuple] = {}
 
     @property
     def delta_config(self) -> DeltaConfig:
@@ -193,7 +203,7 @@ class Repository(Maintenance):
     def delta_config(self, config: DeltaConfig) -> None:
         self._delta_config = config
         self.encoder = DeltaEncoder(config)
-        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index)
+        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index, self.intact_objects)
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
@@ -212,7 +222,9 @@ class Repository(Maintenance):
         step: Optional[int] = None,
         tags: Sequence[str] = (),
         refs: Sequence[str] = (),
-        keep: bool = True,
+        keep: Union[bool, Policy] = True,
+        keep_optimizer: Optional[Policy] = None,
+        release_files: bool = False,
         monitor: Optional[str] = None,
         mode: str = "min",
         info: Optional[dict[str, Any]] = None,
@@ -224,9 +236,11 @@ class Repository(Maintenance):
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
-        ``parent`` defaults to the run's latest commit; deltas are taken against it. ``keep``
-        adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; ``tags`` and ``refs`` add
-        more. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
+        ``parent`` defaults to the run's latest commit; deltas are taken against it. ``keep=True``
+        adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; a retention policy
+        (:mod:`coral_torch.retention`) instead keeps what it selects among the run's commits, this
+        one included, and ``keep_optimizer`` / ``release_files`` go with it (see :meth:`retain`);
+        ``tags`` and ``refs`` add more refs. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
         Tensors are read while this call runs and never kept: delta bases are read back from the
         parent's packs, one tensor at a time. ``head=False`` leaves
         ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
@@ -269,6 +283,7 @@ class Repository(Maintenance):
             try:
                 stats = self.publish(manifest, [written], run=run, parent=parent_id, message=message,
                                      metrics=metrics, epoch=epoch, step=step, refs=ref_names, keep=keep,
+                                     keep_optimizer=keep_optimizer, release_files=release_files,
                                      monitor=monitor, mode=mode, info=info)
                 break
             except ConcurrentChangeError as exc:
@@ -318,16 +333,21 @@ class Repository(Maintenance):
         epoch: Optional[int] = None,
         step: Optional[int] = None,
         refs: Sequence[str] = (),
-        keep: bool = True,
+        keep: Union[bool, Policy] = True,
+        keep_optimizer: Optional[Policy] = None,
+        release_files: bool = False,
         monitor: Optional[str] = None,
         mode: str = "min",
         info: Optional[dict[str, Any]] = None,
+        save_token: Optional[str] = None,
     ) -> CommitStats:
         """Make ``manifest`` a commit, with the objects ``written`` by :meth:`write_objects` (by
         this process or others), in one short transaction under the write lock; ``refs`` then name
         it. Every pack must be where its writer left it, at its size, and every object the manifest
         lists must be in the repository, else :class:`ConcurrentChangeError` and nothing changes
-        (the new packs are removed). Commits the moved refs released are reclaimed."""
+        (the new packs are removed). Commits the moved refs released are reclaimed. Objects
+        stored again because the repository's copy was damaged replace it (healing every commit
+        that shares them). ``save_token`` records the id for the other ranks of a sharded save."""
         metrics = {k: _jsonable_metric(v) for k, v in (metrics or {}).items()}
         validate_component(run, "run")
         ref_names = [validate_ref_name(r) for r in refs]
@@ -335,14 +355,18 @@ class Repository(Maintenance):
         new_rows = [r for w in written for r in w.rows]
         hows = {h: how for w in written for h, how in w.hows.items()}
         packs = [p for w in written for p in w.packs]
+        replace = {h for w in written for h in getattr(w, "replace", ())}
+        healed_packs = {r.pack for h in replace if (r := self.catalog.get_object(h)) is not None}
         stats = CommitStats(
             cid, manifest.nbytes, sum(r.stored_bytes for r in new_rows), len(manifest.tensors),
             new_full=sum(1 for r in new_rows if r.kind == "full"),
             new_delta=sum(1 for r in new_rows if r.kind == "delta"),
             deduplicated=len(manifest.tensors) - len(new_rows),
         )
-        if keep:
-            ref_names.append(f"keep/{cid}")
+        if isinstance(keep, Policy):  # born held by its run's retention, which then decides
+            ref_names.append(refnames.run_keep_ref(run, cid))
+        elif keep:
+            ref_names.append(refnames.keep_ref(cid))
         best = None
         if monitor is not None and metrics.get(monitor) is not None:
             best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
@@ -365,14 +389,25 @@ class Repository(Maintenance):
                                    stats.written_bytes, info or {})
                 stats.existed, stats.replaced = self.catalog.publish_commit(
                     packs=[(p.name, p.size) for p in packs], objects=new_rows, commit=commit,
-                    commit_objects=object_rows, refs=ref_names, best=best,
+                    commit_objects=object_rows, refs=ref_names, best=best, replace=replace,
+                    save_token=save_token,
                 )
                 published = True
+                self._trust_written(new_rows)
+                if replace:
+                    log.warning("stored %d damaged object(s) again; the commits sharing them are repaired",
+                                len(replace))
+                    self._drop_packs(self.catalog.drop_empty_packs(healed_packs))
                 self._reclaim_released(stats.replaced)
         except BaseException:
             if not published:  # the transaction did not commit: the packs would only be orphans
                 self.discard(written, unpublished=True)
             raise
+        if isinstance(keep, Policy):
+            try:
+                stats.retention = self.retain(run, keep, keep_optimizer=keep_optimizer, release_files=release_files)
+            except CoralError as exc:  # the commit is safe; what retention did not free, the next one will
+                log.error("commit %s is saved, but applying retention to run %s failed: %s", cid[:10], run, exc)
         return stats
 
     def discard(self, written: Sequence[WrittenObjects], *, unpublished: bool = False) -> None:
@@ -384,6 +419,67 @@ class Repository(Maintenance):
             for p in w.packs:
                 if p.name not in known:
                     (self.path / PACKS_DIR / p.name).unlink(missing_ok=True)
+
+    def intact_objects(self, hashes: set[str]) -> set[str]:
+        """Those of ``hashes`` (objects the catalog lists) that a new commit may rely on: every pack
+        along the object's delta chain is present at its recorded size, and the object was verified
+        (decoded, every step hash-checked) by this process since those packs last changed, or is
+        verified now. What fails is stored again by the save (see :meth:`publish`)."""
+        recorded = self.catalog.packs()
+        sigs: dict[str, Optional[tuple]] = {}
+        ok: set[str] = set()
+        for h in hashes:
+            try:
+                chain = self._chain(h)
+            except IntegrityError:
+                continue
+            key = []
+            for r in chain:
+                if r.pack not in sigs:
+                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
+                sig = sigs[r.pack]
+                if sig is None or sig[1] != recorded.get(r.pack):
+                    break
+                key.append(sig)
+            else:
+                if self._trusted.get(h) != tuple(key):
+                    try:
+                        self._build(chain)
+                    except (CoralError, OSError, KeyError, ValueError, RuntimeError, PackGone) as exc:
+                        log.warning("object %s is damaged (%s): this save stores it again", h[:12], exc)
+                        continue
+                    self._trusted[h] = tuple(key)
+                ok.add(h)
+                continue
+            log.warning("object %s is in a pack that is missing or resized: this save stores it again", h[:12])
+        return ok
+
+    def _trust_written(self, rows: Sequence[ObjectRow]) -> None:
+        """Objects this process just wrote and published need no re-read while their packs stay as they are."""
+        sigs: dict[str, Optional[tuple]] = {}
+        for row in rows:
+            try:
+                chain = self._chain(row.hash)
+            except IntegrityError:
+                continue
+            key = []
+            for r in chain:
+                if r.pack not in sigs:
+                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
+                key.append(sigs[r.pack])
+            if all(k is not None for k in key):
+                self._trusted[row.hash] = tuple(key)
+
+    def _drop_packs(self, names: Sequence[str]) -> None:
+        """Close and delete pack files the catalog no longer lists."""
+        for p in names:
+            s = self._packs.pop(p, None)
+            if s is not None:
+                s.close()
+            fd = self._fds.pop(p, None)
+            if fd is not None:
+                os.close(fd)
+            (self.path / PACKS_DIR / p).unlink(missing_ok=True)
 
     def _commit_row(self, cid: str) -> Optional[CommitRow]:
         """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
@@ -519,7 +615,7 @@ class Repository(Maintenance):
                 ) from exc
             raise
         # finished and renamed: gc's grace period for young orphans protects it until publish
-        return WrittenObjects([pack], rows, hows)
+        return WrittenObjects([pack], rows, hows, [h for h, item in todo.items() if item.replaces])
 
     # ================================================================================ load
     @named_errors
@@ -866,6 +962,35 @@ class Repository(Maintenance):
     def refs(self, prefix: str = "") -> dict[str, str]:
         return self.catalog.refs(prefix)
 
+    @named_errors
+    def retain(self, run: str, keep: Policy, *, keep_optimizer: Optional[Policy] = None,
+               release_files: bool = False, dry_run: bool = False) -> RetentionReport:
+        """Keep the commits of ``run`` that the policy ``keep`` selects (decided from the catalog,
+        so every process decides the same) and release the others, unless another ref (``latest``,
+        ``best``, a tag, a pointer file, a lease) holds them; commits that survive but that
+        ``keep_optimizer`` does not select lose their per-parameter optimizer state.
+        ``release_files``: also release the pointer files of dropped commits (deleting the files).
+        ``dry_run``: change nothing, say what would go. See :mod:`coral_torch.repository.retain`."""
+        return apply_retention(self, run, keep, keep_optimizer=keep_optimizer, release_files=release_files,
+                               dry_run=dry_run)
+
+    @named_errors
+    def lease(self, ref: str) -> str:
+        """Hold the commit ``ref`` names for as long as this process runs (a resumed training run
+        holds the commit it came from, whatever retention or gc decide meanwhile); returns the
+        lease's ref name for :meth:`end_lease`. gc drops leases of processes that ended."""
+        cid = self.resolve(ref)
+        name = refnames.lease_ref(lease_holder(uuid.uuid4().hex[:12]))
+        self.set_ref(name, cid)
+        return name
+
+    @named_errors
+    def end_lease(self, name: str) -> None:
+        """Drop a lease taken with :meth:`lease`; its commit goes if nothing else keeps it."""
+        if not name.startswith(refnames.LEASES):
+            raise RepositoryError(f"{name!r} is not a lease")
+        self.delete_ref(name)
+
     # ================================================================================ info
     @named_errors
     def log(self, run: Optional[str] = None) -> list[CommitRow]:
@@ -891,6 +1016,8 @@ class Repository(Maintenance):
     def stats(self) -> dict[str, Any]:
         t = self.catalog.totals()
         disk = sum(p.stat().st_size for p in (self.path / PACKS_DIR).glob("*.h5"))
+        # the catalog (and its write-ahead log) is on disk too
+        disk += sum(_file_size(p) for p in self.path.glob(CATALOG_NAME + "*"))
         return {
             "path": str(self.path),
             "commits": t["commits"],
@@ -925,6 +1052,22 @@ def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
     out._hash = w._hash
     return out
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # the write-ahead log comes and goes
+        return 0
+
+
+def _pack_signature(path: Path) -> Optional[tuple[int, int, int]]:
+    """``(inode, size, mtime_ns)`` of a pack file, None if it is gone: any rewrite changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _fresh_repository_dir(path: Path) -> bool:
