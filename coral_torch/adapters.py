@@ -7,6 +7,16 @@ they are stored once and come back shared. Values the skeleton cannot express na
 a ``torch.save`` blob and read back with ``torch.load(weights_only=True)``: the load path never
 runs arbitrary code unless the caller asks for ``weights_only=False``.
 
+A tensor's values are stored on their own (a view is stored as its values, never with the rest of
+its storage). A non-contiguous tensor whose strides do not overlap (a transpose, ``x[:, ::2]``, a
+channels-last weight) keeps them: its skeleton node gets ``"stride"`` and it comes back from
+:func:`unflatten` with the same shape, values and ``stride()``, as from ``torch.load`` (in storage
+of its own that spans what those strides reach; gaps zeroed). A tensor with overlapping strides
+(``expand``) comes back contiguous, as do contiguous tensors whose size-1 dimensions had unusual
+strides; their nodes, like every contiguous tensor's, are unchanged. Sparse, quantized, meta and
+nested tensors are refused (:class:`~coral_torch.errors.UnsupportedTensorError`) before anything
+is written.
+
 Tensor names are paths of keys joined by "/", e.g. ``state_dict/encoder.weight`` or
 ``optimizer_states/0/state/3/exp_avg``; delta encoding pairs tensors across checkpoints by name.
 """
@@ -24,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import CoralError, UnsafeCheckpointError
+from .errors import CatalogDamagedError, CoralError, UnsafeCheckpointError, UnsupportedTensorError
 from .weight_tensor import WeightMetadata, WeightTensor
 
 
@@ -68,6 +78,11 @@ def flatten(obj: Any) -> Flattened:
     seen: dict[tuple, int] = {}
 
     def tensor_node(t: torch.Tensor, path: str, kind: str) -> dict:
+        if getattr(t, "is_nested", False):  # before anything asks its sizes: torch raises internals then
+            raise UnsupportedTensorError(
+                f"nested tensors are not supported ({path or 'the checkpoint itself'} is one, layout {t.layout}); "
+                "store t.unbind() (a list of tensors) instead"
+            )
         key = None
         if t.layout == torch.strided and t.device.type != "meta":
             try:
@@ -76,15 +91,19 @@ def flatten(obj: Any) -> Flattened:
             except (RuntimeError, NotImplementedError):
                 key = None
         if key is not None and key in seen and key[0] != 0:
-            return {"t": "tensor", "i": seen[key], **({"param": True, "rg": t.requires_grad} if kind == "parameter" else {})}
-        weight = WeightTensor(t, WeightMetadata(name=path, shape=tuple(t.shape), dtype=t.dtype))
-        slots.append(TensorSlot(path, weight, str(t.device), kind, bool(t.requires_grad)))
-        idx = len(slots) - 1
-        if key is not None and key[0] != 0:
-            seen[key] = idx
-        node = {"t": "tensor", "i": idx}
+            idx = seen[key]
+        else:
+            weight = WeightTensor(t, WeightMetadata(name=path, shape=tuple(t.shape), dtype=t.dtype))
+            slots.append(TensorSlot(path, weight, str(t.device), kind, bool(t.requires_grad)))
+            idx = len(slots) - 1
+            if key is not None and key[0] != 0:
+                seen[key] = idx
+        node: dict[str, Any] = {"t": "tensor", "i": idx}
         if kind == "parameter":
             node.update(param=True, rg=bool(t.requires_grad))
+        stride = kept_stride(t) if kind != "numpy" else None
+        if stride is not None:  # on every node of the slot: prune() may drop the first one
+            node["stride"] = stride
         return node
 
     def walk(x: Any, path: str) -> Any:
@@ -156,6 +175,43 @@ def flatten(obj: Any) -> Flattened:
     return Flattened(skeleton, slots)
 
 
+def kept_stride(t: torch.Tensor) -> Optional[list[int]]:
+    """The strides to record for ``t``: ``None`` (nothing recorded, the node as it always was) when
+    it is contiguous, or when its strides overlap (``expand``) and so cannot lay out values of
+    their own."""
+    if t.layout != torch.strided or t.device.type == "meta" or t.is_contiguous():
+        return None
+    stride = [int(s) for s in t.stride()]
+    return stride if _non_overlapping(tuple(t.shape), stride) else None
+
+
+def _non_overlapping(shape: tuple[int, ...], stride: list[int]) -> bool:
+    """Whether no two elements of ``shape`` laid out with ``stride`` share a place (gaps allowed):
+    ordered by stride, each dimension's stride must exceed the last offset the smaller ones reach."""
+    reach = 0
+    for st, n in sorted((st, n) for n, st in zip(shape, stride) if n > 1):
+        if st <= reach:
+            return False
+        reach += (n - 1) * st
+    return True
+
+
+def _restride(t: torch.Tensor, stride: Any, i: int) -> torch.Tensor:
+    """``t``'s values in a new tensor laid out with the stored ``stride`` (checked first)."""
+    if not (isinstance(stride, list) and len(stride) == t.dim()
+            and all(type(s) is int and 0 <= s < 2**48 for s in stride)
+            and _non_overlapping(tuple(t.shape), stride)):
+        raise CatalogDamagedError(f"tensor {i} has malformed strides {str(stride)[:60]} for shape {list(t.shape)}")
+    if t.numel() == 0 or list(t.stride()) == stride:
+        return t
+    out = torch.empty_strided(tuple(t.shape), stride, dtype=t.dtype, device=t.device)
+    if out.device.type != "meta":
+        if out.untyped_storage().nbytes() > t.numel() * t.element_size():
+            out.untyped_storage().fill_(0)  # the gaps between the values: no stale memory in them
+        out.copy_(t)
+    return out
+
+
 def _join(path: str, key: Any) -> str:
     k = str(key)
     return k if not path else f"{path}/{k}"
@@ -178,16 +234,22 @@ def unflatten(
     weights_only: bool = True,
 ) -> Any:
     """Rebuild the object from its skeleton and the list of tensors (slot order)."""
-    made: dict[int, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}  # slot i: its tensor laid out as saved; -1 - i: its Parameter
+
+    def laid_out(node: dict) -> torch.Tensor:
+        i = node["i"]
+        if i not in made:
+            made[i] = tensors[i] if node.get("stride") is None else _restride(tensors[i], node["stride"], i)
+        return made[i]
 
     def tensor(node: dict) -> torch.Tensor:
         i = node["i"]
         if node.get("param"):
             key = -1 - i
             if key not in made:
-                made[key] = torch.nn.Parameter(tensors[i], requires_grad=bool(node.get("rg", True)))
+                made[key] = torch.nn.Parameter(laid_out(node), requires_grad=bool(node.get("rg", True)))
             return made[key]
-        return tensors[i]
+        return laid_out(node)
 
     def build(n: Any) -> Any:
         if n is None or isinstance(n, (bool, str, int, float)):
@@ -290,6 +352,9 @@ def check_skeleton(skeleton: Any, n_tensors: int) -> None:
             i = n.get("i")
             if type(i) is not int or not 0 <= i < n_tensors:
                 raise CoralError(f"skeleton names tensor {i!r} of {n_tensors}")
+            st = n.get("stride")
+            if st is not None and not (isinstance(st, list) and all(type(s) is int and s >= 0 for s in st)):
+                raise CoralError(f"skeleton gives tensor {i} malformed strides {str(st)[:60]}")
         elif t in ("dict", "odict", "attrdict"):
             if not isinstance(n.get("k"), list) or not isinstance(n.get("v"), list) or len(n["k"]) != len(n["v"]):
                 raise CoralError("malformed dict node in skeleton")

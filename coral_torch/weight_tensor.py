@@ -64,6 +64,10 @@ class WeightMetadata:
 def _raw_from_torch(tensor) -> tuple[np.ndarray, str, tuple[int, ...], Any]:
     import torch
 
+    if getattr(tensor, "is_nested", False):  # before its layout: a nested tensor may say torch.strided
+        raise UnsupportedTensorError(
+            f"nested tensors ({tensor.layout}) are not supported; store t.unbind() (a list of tensors) instead"
+        )
     if tensor.layout != torch.strided:
         raise UnsupportedTensorError(
             f"{tensor.layout} tensors are not supported; call .to_dense() before storing"
@@ -78,7 +82,10 @@ def _raw_from_torch(tensor) -> tuple[np.ndarray, str, tuple[int, ...], Any]:
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()
     shape = tuple(t.shape)
-    raw = t.reshape(-1).view(torch.uint8).numpy()
+    flat = t.reshape(-1)
+    if flat.stride() != (1,):  # 0 or 1 element (e.g. x[1:2:2]): "contiguous" whatever its stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    raw = flat.view(torch.uint8).numpy()
     return raw, name, shape, t
 
 

@@ -13,16 +13,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import coral_torch
 from coral_torch import Repository, adapters
-from coral_torch.errors import CoralError
+from coral_torch.errors import CatalogDamagedError, CoralError, UnsupportedTensorError
 from conftest import assert_same  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ helpers
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # clone, not contiguous(): a 0/1-element view is "contiguous" with any stride, and will not view as bytes
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 @pytest.fixture
@@ -317,8 +320,176 @@ def test_map_location_cuda_when_available(repo):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     w = torch.randn(5, device="cuda")
-    cid = repo.commit({"w": w, "c": torch.ones(2)}).commit_id
+    wt = torch.randn(4, 6, device="cuda")[:, ::2].t()
+    cid = repo.commit({"w": w, "c": torch.ones(2), "wt": wt}).commit_id
     back = repo.load(cid)
     assert back["w"].device.type == "cuda" and torch.equal(back["w"], w)
+    assert back["wt"].device.type == "cuda" and torch.equal(back["wt"], wt) and back["wt"].stride() == wt.stride()
     back = repo.load(cid, map_location="cpu")
     assert back["w"].device.type == "cpu" and torch.equal(back["w"], w.cpu())
+
+
+# -------------------------------------------------------------------------- strides (torch.save keeps them)
+def test_non_contiguous_tensors_keep_their_strides(tmp_path):
+    """torch.load gives back a transposed weight transposed-strided; so must coral_torch.load
+    (values stored on their own, never the rest of a view's storage)."""
+    gen = torch.Generator().manual_seed(11)
+    base = random_tensor(torch.float32, (6, 8), gen)  # NaN payloads and all
+    obj = {
+        "t": base.t(),
+        "every_other": base[:, ::2],
+        "column": base[:, 1:2],
+        "channels_last": random_tensor(torch.bfloat16, (2, 3, 4, 5), gen).to(memory_format=torch.channels_last),
+        "permuted": random_tensor(torch.float8_e4m3fn, (3, 4, 5), gen).permute(2, 0, 1),
+        "complex_t": random_tensor(torch.complex64, (3, 5), gen).t(),
+        "bool_t": random_tensor(torch.bool, (4, 3), gen).t(),
+        "param_t": torch.nn.Parameter(random_tensor(torch.float64, (5, 2), gen).t(), requires_grad=False),
+        "contiguous": base.clone(),
+    }
+    cid = coral_torch.save(obj, tmp_path / "ck.pt")
+    back = coral_torch.load(tmp_path / "ck.pt")
+    assert_same(obj, back)
+    for k, v in obj.items():
+        assert back[k].stride() == v.stride(), k
+    assert back["every_other"].untyped_storage().nbytes() < base.untyped_storage().nbytes()  # not base's storage
+    skel = coral_torch.open_repository(tmp_path / ".coral").manifest(cid).skeleton
+    nodes = dict(zip(skel["k"], skel["v"]))
+    assert nodes["t"]["stride"] == [1, 8] and "stride" not in nodes["contiguous"]
+    # it is a layout of the loaded tensor's own: writing it changes no other tensor
+    back["t"].zero_()
+    assert tensor_bytes(back["every_other"]) == tensor_bytes(obj["every_other"])
+
+
+def test_overlapping_and_size_one_strides_come_back_contiguous(repo):
+    """An expanded tensor's strides overlap: it comes back as a contiguous copy of its values (its
+    manifest unchanged). So does a contiguous tensor whose size-1 dims had unusual strides."""
+    obj = {"expanded": torch.randn(3, 1).expand(3, 4), "zero_stride": torch.tensor(2.0).expand(5),
+           "odd_size1": torch.arange(3.0).reshape(3, 1).t(), "empty_t": torch.empty(0, 3).t()}
+    assert obj["odd_size1"].is_contiguous() and obj["odd_size1"].stride() == (1, 1)
+    cid = repo.commit(obj).commit_id
+    assert '"stride"' not in repo.manifest(cid).to_json()
+    back = repo.load(cid)
+    assert_same(obj, back)
+    assert all(t.is_contiguous() for t in back.values())
+    assert back["expanded"].stride() == (4, 1)
+
+
+def test_contiguous_checkpoints_keep_their_commit_ids(repo):
+    """The commit id is the manifest's hash: a checkpoint without non-contiguous (non-overlapping)
+    tensors must hash exactly as before strides were recorded (id taken from coral-torch before)."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    obj = {"w": base, "b": torch.arange(3, dtype=torch.bfloat16), "e": torch.ones(3, 1).expand(3, 4),
+           "odd": torch.arange(3.0).reshape(3, 1).t(), "row": base[1], "scalar": torch.tensor(2.5),
+           "empty": torch.empty(0, 3).t(), "p": torch.nn.Parameter(torch.ones(2, 2)), "n": 7}
+    assert repo.commit(obj).commit_id == "144231ae9f7eccb921fc3dc497841c8f"
+
+
+def test_tied_non_contiguous_tensors_stay_tied(repo):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(7, 5).t())
+    obj = {"state_dict": {"a.weight": w, "b.weight": w}, "again": w, "plain": w.detach(), "view": w.detach()[:, 1:]}
+    stats = repo.commit(obj)
+    assert stats.tensors == 2  # the parameter and its detached twin share a slot; the sliced view is its own
+    back = roundtrip(repo, obj)
+    a = back["state_dict"]["a.weight"]
+    assert a is back["state_dict"]["b.weight"] and a is back["again"]
+    assert isinstance(a, torch.nn.Parameter) and a.stride() == (1, 5)
+    assert back["plain"].data_ptr() == a.data_ptr() and back["plain"].stride() == (1, 5)
+    assert back["view"].stride() == w[:, 1:].stride() and torch.equal(back["view"], w.detach()[:, 1:])
+
+
+def test_pruned_skeleton_keeps_strides_of_later_ties(repo):
+    """prune() may drop the first node of a tied slot: every node carries the strides."""
+    w = torch.randn(4, 3).t()
+    flat = adapters.flatten({"optimizer_states": [{"state": {0: {"exp_avg": w}}}], "state_dict": {"w": w}})
+    pruned, order = adapters.prune(flat.skeleton, [("optimizer_states", "*", "state")])
+    back = adapters.unflatten(pruned, [flat.slots[i].weight.to_torch() for i in order])
+    assert back["state_dict"]["w"].stride() == w.stride() and torch.equal(back["state_dict"]["w"], w)
+
+
+def test_malformed_strides_are_refused():
+    flat = adapters.flatten({"w": torch.randn(4, 3).t()})
+    tensors = [s.weight.to_torch() for s in flat.slots]
+    adapters.check_skeleton(flat.skeleton, 1)
+    for bad in ([1], [1, -3], ["1", 4], [0, 0], [1, 2], 5):
+        node = dict(flat.skeleton["v"][0], stride=bad)
+        skel = dict(flat.skeleton, v=[node])
+        with pytest.raises(CatalogDamagedError, match="strides"):
+            adapters.unflatten(skel, tensors)
+        if not isinstance(bad, list) or any(type(s) is not int or s < 0 for s in bad):
+            with pytest.raises(CoralError, match="strides"):
+                adapters.check_skeleton(skel, 1)
+
+
+_STRIDE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int64,
+                  torch.bool, torch.complex64, torch.float8_e5m2]
+
+
+@st.composite
+def _strided_views(draw):
+    """A random tensor of random dtype, then a random permutation of its dims and a random slice
+    (start, stop, step) of each: transposes, gapped views, contiguous ones and empty ones."""
+    dtype = draw(st.sampled_from(_STRIDE_DTYPES))
+    # sampled_from in this order, not integers(): hypothesis starts from (and shrinks to) the first
+    # choices, and with integers() most views came out contiguous
+    shape = draw(st.lists(st.sampled_from([3, 4, 2, 5, 1, 6, 7, 0]), min_size=0, max_size=4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    t = random_tensor(dtype, tuple(shape), torch.Generator().manual_seed(seed))
+    if t.dim():
+        t = t.permute(*draw(st.permutations(range(t.dim()))))
+        index = []
+        for n in t.shape:
+            start = draw(st.sampled_from(range(max(1, n))))
+            stop = draw(st.sampled_from(range(min(start + 1, n), n + 1)))
+            index.append(slice(start, stop, draw(st.sampled_from([2, 1, 3]))))
+        t = t[tuple(index)]
+    return t
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(views=st.lists(_strided_views(), min_size=1, max_size=3))
+def test_property_strides_and_values_survive_save_load(tmp_path, views):
+    obj = {f"v{i}": v for i, v in enumerate(views)}
+    coral_torch.save(obj, tmp_path / "ck.pt")
+    back = coral_torch.load(tmp_path / "ck.pt")
+    assert list(back) == list(obj)
+    for k, v in obj.items():
+        assert (back[k].dtype, back[k].shape) == (v.dtype, v.shape), k
+        assert tensor_bytes(back[k]) == tensor_bytes(v), k  # bit-exact, NaN payloads included
+        if v.is_contiguous():
+            assert back[k].is_contiguous(), k
+        else:
+            event("non-contiguous")
+            assert back[k].stride() == v.stride(), k
+
+
+# ------------------------------------------------------------------------------------- refusals
+def _nested(layout):
+    return torch.nested.nested_tensor([torch.ones(2, 3), torch.zeros(4, 3)], layout=layout)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype feature in torch
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("where", ["top", "dict", "list", "optimizer"])
+def test_nested_tensors_refused_before_anything_is_written(tmp_path, layout, where):
+    nt = _nested(layout)
+    obj = {
+        "top": lambda: nt,
+        "dict": lambda: {"w": torch.ones(3), "inner": {"nt": nt}},
+        "list": lambda: {"w": torch.ones(3), "xs": [torch.ones(2), nt]},
+        "optimizer": lambda: {"state_dict": {"w": torch.ones(3)},
+                              "optimizer_states": [{"state": {0: {"exp_avg": nt}}, "param_groups": []}]},
+    }[where]()
+    with pytest.raises(UnsupportedTensorError, match="nested tensors are not supported"):
+        coral_torch.save(obj, tmp_path / "ck.pt")
+    assert not (tmp_path / "ck.pt").exists()
+    r = Repository(tmp_path / "repo")
+    try:
+        with pytest.raises(UnsupportedTensorError, match="nested tensors are not supported"):
+            r.commit(obj)
+        assert r.log() == [] and r.refs() == {}
+        assert not any((r.path / "packs").iterdir())
+    finally:
+        r.close()
+    api_repo = coral_torch.open_repository(tmp_path / ".coral")
+    assert api_repo.log() == [] and not any((api_repo.path / "packs").iterdir())

@@ -202,6 +202,27 @@ def test_refusals_are_clear():
     assert issubclass(UnsupportedTensorError, CoralError)
 
 
+def test_empty_and_one_element_views_with_any_strides():
+    """A view of 0 or 1 element is 'contiguous' whatever its strides (x[3:3:2], x[1:2:2] have
+    stride 2), which torch will not view as bytes: still stored, and hashed as a fresh tensor."""
+    x = torch.randn(2, 3, 4)
+    for t in (x.reshape(-1)[3:3:2], x.reshape(-1)[1:2:2], x[0, :, 2:2:3], x.permute(2, 0, 1)[:, :, 1:1], x[:1, 1:2, 3:4]):
+        w = WeightTensor(t)
+        assert w.shape == tuple(t.shape) and w.nbytes == t.numel() * 4
+        assert w.compute_hash() == WeightTensor(t.clone(memory_format=torch.contiguous_format)).compute_hash()
+        assert torch.equal(w.to_torch(), t)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested tensors are a prototype feature in torch
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_tensors_refused_clearly(layout):
+    """A nested tensor says layout torch.strided (default) but has no sizes: refused by name,
+    not with torch's 'NestedTensorImpl doesn't support sizes' / NestedIntNode internals."""
+    nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)], layout=layout)
+    with pytest.raises(UnsupportedTensorError, match="nested tensors .* not supported.*unbind"):
+        WeightTensor(nt)
+
+
 # ----------------------------------------------------------------------------------- hashing
 def _h(t, **kw) -> str:
     return WeightTensor(t, **kw).compute_hash()

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .. import adapters
+
 log = logging.getLogger(__name__)
 
 _HELP_POLL_S = 0.005  # how often a waiting thread looks for work it can take over
@@ -48,13 +50,18 @@ class SnapshotBuffers:
             if id(t) in memo:
                 return memo[id(t)]
             src = t.detach()
-            if src.layout != torch.strided or src.device.type == "meta":
-                out = src.clone()
+            if src.layout != torch.strided or src.is_nested or src.device.type == "meta":
+                out = src.clone()  # (what the save then refuses, it refuses with a clear error)
             else:
+                # a non-contiguous tensor keeps its strides in the snapshot, so the commit records them
+                stride = adapters.kept_stride(src)
                 buf = bufs.get(path)
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
+                        or (stride is not None and list(buf.stride()) != stride)
+                        or (stride is None and not buf.is_contiguous())):
                     pin = src.device.type == "cuda"
-                    buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+                    buf = (torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin) if stride is None
+                           else torch.empty_strided(src.shape, stride, dtype=src.dtype, device="cpu", pin_memory=pin))
                     bufs[path] = buf
                 buf.copy_(src, non_blocking=src.device.type == "cuda")
                 any_cuda |= src.device.type == "cuda"
