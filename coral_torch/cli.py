@@ -114,6 +114,8 @@ def _pretty_ref(name: str) -> str:
         return name[5:]
     if name.startswith("saves/"):
         return "dcp-save"
+    if name.startswith("leases/"):
+        return "resumed-by:" + name[len("leases/"):].rsplit("/", 1)[0]
     if name.startswith("files/"):
         return name[6:]
     return name
@@ -209,6 +211,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
             tensors = _safetensors_dict(obj)
             save_file(tensors, str(tmp), metadata={"coral_commit": cid})
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600 (a mkstemp file it renames)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, out)
@@ -216,6 +219,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"exported {cid[:10]} to {out} ({_human(out.stat().st_size)})")
     return 0
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it and back: the CLI runs one command on one thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _safetensors_dict(obj: Any) -> dict[str, Any]:
@@ -330,10 +340,89 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
           f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
           f"{stats['orphan_files_removed']} orphan file(s)")
+    if stats.get("dead_refs"):
+        print(f"{'dropped' if args.yes else 'would drop'} {len(stats['dead_refs'])} dead ref(s) "
+              "(pointer files deleted or replaced, ended resumes)")
     if args.yes:
         print(f"reclaimed {_human(stats['bytes_reclaimed'])}: {_human(stats['bytes_before'])} -> {_human(stats['bytes_after'])}")
     else:
         print(f"about {_human(stats['bytes_reclaimable'])} reclaimable; run `coral-torch gc --yes` to delete")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .retention import AnyOf, BestN, EveryNEpochs, EveryNSteps, LatestN, Policy
+
+    parts: list[Policy] = []
+    if args.keep_latest is not None:
+        parts.append(LatestN(args.keep_latest))
+    if args.keep_best is not None:
+        if not args.monitor:
+            raise CliError("--keep-best needs --monitor METRIC (a metric logged with the commits)")
+        parts.append(BestN(args.keep_best, args.monitor, args.mode))
+    if args.keep_every_steps is not None:
+        parts.append(EveryNSteps(args.keep_every_steps))
+    if args.keep_every_epochs is not None:
+        parts.append(EveryNEpochs(args.keep_every_epochs))
+    if not parts:
+        raise CliError("say what to keep: --keep-latest N, --keep-best N --monitor M, --keep-every-steps N "
+                       "or --keep-every-epochs N (they combine: a commit any of them selects stays)")
+    keep = AnyOf(*parts)
+    optimizer = LatestN(args.optimizer_latest) if args.optimizer_latest is not None else None
+    repo = _open_repo(args)
+    runs = [args.run] if args.run else sorted({c.run for c in repo.log()})
+    if not runs:
+        print("no commits")
+        return 0
+    total = 0
+    for run in runs:
+        if not repo.log(run):
+            raise CliError(f"no run {run!r} in {repo.path}; `coral-torch log` lists the runs")
+        r = repo.retain(run, keep, keep_optimizer=optimizer, release_files=args.remove_files, dry_run=not args.yes)
+        total += r.bytes_freed
+        verb = "would remove" if r.dry_run else "removed"
+        line = f"run {run}: keep {len(r.kept)}, {verb} {len(r.removed)} commit(s)"
+        if r.stripped:
+            line += f", {'would strip' if r.dry_run else 'stripped'} optimizer state of {len(r.stripped)}"
+        if r.files_removed:
+            line += f", {'would delete' if r.dry_run else 'deleted'} {len(r.files_removed)} pointer file(s)"
+        print(line)
+        for cid, names in r.held.items():
+            print(f"  {cid[:10]} stays: held by {', '.join(_pretty_ref(n) for n in names)}")
+    if args.yes:
+        print(f"freed {_human(total)}")
+    else:
+        print(f"would free about {_human(total)} of stored objects; run again with --yes to do it"
+              + ("" if args.remove_files else " (--remove-files also releases commits that pointer files hold)"))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .pointers import pointer_ref_name, read_pointer_file
+
+    repo = _open_repo(args)
+    before = repo.stats()["disk_bytes"]
+    for target in args.targets:
+        p = Path(target)
+        if p.is_file():
+            pointer = read_pointer_file(p)
+            if pointer is None:
+                raise CliError(f"{p} is not a coral-torch pointer file; refusing to delete it")
+            if not pointer.repo.exists() or not os.path.samefile(pointer.repo, repo.path):
+                raise CliError(f"{p} points into {pointer.repo}, not {repo.path}; pass --repo {pointer.repo}")
+            ref = pointer_ref_name(p, repo.path)
+            p.unlink()  # the file first: a crash leaves a dead ref, which gc drops
+            repo.delete_ref(ref)
+            print(f"removed {p} (commit {pointer.commit[:10]})")
+            continue
+        refs = repo.refs()
+        name = target if target in refs else f"tags/{target}" if f"tags/{target}" in refs else None
+        if name is None:
+            raise CliError(f"{target!r} is neither a pointer file nor a ref in {repo.path}; "
+                           "`coral-torch log` shows each commit's refs")
+        repo.delete_ref(name)
+        print(f"removed ref {name}")
+    print(f"freed {_human(max(0, before - repo.stats()['disk_bytes']))}")
     return 0
 
 
@@ -391,9 +480,11 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from .repository.remote import require_remote_repository
     from .storage.s3_store import S3Store
 
     with S3Store(_remote(args)) as store:  # reach the remote before creating anything locally
+        require_remote_repository(store)  # a mistyped or empty prefix: an error, and no local repository
         repo = _open_repo(args, create=True)
         s = repo.pull(store, progress=None)
     print(f"pulled {s['commits_downloaded']} commit(s), {s['objects_downloaded']} object(s) "
@@ -462,6 +553,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep unknown pack files younger than this (written, not yet published; default 3600)")
     p.set_defaults(func=cmd_gc)
 
+    p = sub.add_parser("prune", help="apply a retention policy to runs (dry run unless --yes)")
+    p.add_argument("--run", help="only this run (default: every run)")
+    p.add_argument("--keep-latest", type=int, metavar="N", help="keep the N newest commits")
+    p.add_argument("--keep-best", type=int, metavar="N", help="keep the N best commits by --monitor")
+    p.add_argument("--monitor", metavar="METRIC", help="metric for --keep-best (as logged, e.g. val_loss)")
+    p.add_argument("--mode", choices=("min", "max"), default="min", help="lower (min) or higher (max) is better")
+    p.add_argument("--keep-every-steps", type=int, metavar="N", help="keep one commit per N training steps")
+    p.add_argument("--keep-every-epochs", type=int, metavar="N", help="keep one commit per N epochs")
+    p.add_argument("--optimizer-latest", type=int, metavar="N",
+                   help="only the N newest commits keep per-parameter optimizer state")
+    p.add_argument("--remove-files", action="store_true",
+                   help="also release commits that pointer files hold, deleting those files")
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("rm", help="remove pointer files or refs; commits nothing else keeps go with them")
+    p.add_argument("targets", nargs="+", metavar="FILE_OR_REF", help="a pointer file, a ref name or a tag")
+    p.set_defaults(func=cmd_rm)
+
     p = sub.add_parser("verify", help="re-hash every object; exit 1 if anything is damaged")
     p.set_defaults(func=cmd_verify)
 
@@ -495,10 +605,27 @@ def _error_line(exc: BaseException) -> str:
         f"{type(exc).__name__} (run with --debug for the traceback)"
 
 
+STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for git, cat, ... whose reader went away
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``coral-torch log | head``): stop quietly, like git. Exit
+    141, as a tool killed by SIGPIPE does: the output was cut short, so ``set -o pipefail`` scripts
+    see what they would see with any other Unix tool, and it is not mistaken for a failure (1)."""
+    try:  # what is still buffered must not fail again when Python flushes stdout at exit
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # replaced by a test or an embedding program
+        return STDOUT_CLOSED
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return STDOUT_CLOSED
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``coral-torch`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0
     ok, 1 failed (one ``coral-torch: error: ...`` line on stderr; ``--debug`` raises instead), 2 bad
-    usage (argparse exits), 130 interrupted."""
+    usage (argparse exits), 130 interrupted, 141 stdout closed early (``| head``: no error message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -506,7 +633,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("coral-torch: interrupted", file=sys.stderr)
         return 130

@@ -206,6 +206,11 @@ class BucketNotFoundError(RemoteError, StoreNotFoundError):
         self.endpoint = endpoint
 
 
+class RemoteRepositoryNotFoundError(RemoteError, StoreNotFoundError):
+    """The bucket exists but the prefix holds no coral-torch repository (nothing at all, or nothing
+    a push writes: a mistyped or wrong prefix). A pull of it creates nothing locally."""
+
+
 class SyncIncompleteError(RemoteError):
     """A sync stopped or finished with objects not transferred. ``stats`` says what was done,
     ``failures`` maps each failed key to its error. Running the sync again resumes: objects already

@@ -182,3 +182,83 @@ def test_bad_arguments(tmp_path):
             coral_torch.load(fh)
     with pytest.raises(NotACheckpointError, match="empty"):
         coral_torch.load(io.BytesIO())
+
+
+_SAVE_INTO = r"""
+import io, json, sys, contextlib
+import torch
+import coral_torch
+from coral_torch.cli import main
+from coral_torch.errors import ReadOnlyRepositoryError
+ck, plain = sys.argv[1], sys.argv[2]
+out = {}
+try:
+    coral_torch.save({"w": torch.ones(300)}, f"{ck}/new.pt")
+    out["save"] = "saved?!"
+except Exception as exc:
+    out["save"] = [type(exc).__name__, isinstance(exc, ReadOnlyRepositoryError), str(exc)]
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    out["cli"] = [main(["--repo", f"{ck}/.coral", "import", plain]), err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def _files(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "lock"}
+
+
+@pytest.mark.parametrize("how", ["no write permission", "read-only mount"])
+def test_save_into_a_read_only_repository_is_one_clean_line(tmp_path, saved, how):
+    """A save into a repository that cannot be written once showed HDF5's text ("unable to
+    synchronously create file ... flags = 15, o_flags = c2"). Now: ReadOnlyRepositoryError, one line
+    saying it is read-only and what to do, through the API and the CLI; nothing changes. Tests run as
+    root, who ignores permission bits: the save runs in a user namespace (root without capabilities,
+    the repository owned by nobody), or on a read-only bind mount."""
+    import shutil
+    import subprocess
+    import sys
+
+    _, path, _ = saved
+    ck = path.parent
+    coral_torch.api.close_repositories()
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.randn(300)}, plain)
+    before = _files(ck / ".coral")
+    prefix: list[str] = []
+    target = ck
+    if how == "no write permission":
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "true"]).returncode != 0:
+            pytest.skip("user namespaces (unshare --user) are not available here")
+        for p in [ck, *ck.rglob("*")]:
+            os.chown(p, 65534, 65534)
+            os.chmod(p, 0o555 if p.is_dir() else 0o444)
+        prefix = ["unshare", "--user"]
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("a read-only bind mount needs root")
+        target = tmp_path / "ro"
+        target.mkdir()
+        if subprocess.run(["mount", "--bind", str(ck), str(target)], capture_output=True).returncode != 0:
+            pytest.skip("mounting is not permitted here")
+    try:
+        if how == "read-only mount":
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        res = subprocess.run([*prefix, sys.executable, "-c", _SAVE_INTO, str(target), str(plain)],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, HOME="/tmp"))
+    finally:
+        if how == "read-only mount":
+            subprocess.run(["umount", str(target)], check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    kind, is_read_only, msg = out["save"]
+    assert kind == "ReadOnlyRepositoryError" and is_read_only, out
+    code, err = out["cli"]
+    assert code == 1 and err.count("\n") == 1 and err.startswith("coral-torch: error: "), err
+    for text in (msg, err.strip()):
+        one_line(Exception(text))
+        assert "is read-only" in text and "writable" in text, text
+        for hdf5_noise in ("flags", "errno =", "synchronously", "unable to", "Unable to"):
+            assert hdf5_noise not in text, text
+    assert _files(ck / ".coral") == before  # nothing written

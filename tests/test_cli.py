@@ -4,7 +4,9 @@ import/export round trip of Lightning .ckpt files."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +184,39 @@ def test_export_safetensors(capsys, repo_path, tmp_path):
     loaded = load_file(out_file)
     want = Repository(repo_path, create=False).load("e2")["state_dict"]
     assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_file_modes_follow_the_umask(capsys, repo_path, tmp_path, umask):
+    """safetensors writes through a 0600 temporary file; an export gets the mode any new file gets
+    (0666 less the umask), the same for .safetensors as for .pt."""
+    old = os.umask(umask)
+    try:
+        modes = {}
+        for name in ("model.pt", "model.safetensors"):
+            code, _, err = run(capsys, "--repo", str(repo_path), "export", "e2", str(tmp_path / name))
+            assert code == 0, err
+            modes[name] = stat.S_IMODE((tmp_path / name).stat().st_mode)
+    finally:
+        os.umask(old)
+    assert modes == {"model.pt": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}
+
+
+@pytest.mark.parametrize("cmd", [["log"], ["log", "--json"], ["show", "latest"], ["show", "latest", "--json"]])
+def test_stdout_closed_early_exits_quietly(repo_path, cmd):
+    """`coral-torch show latest | head` once ended in a BrokenPipeError line. The reader of stdout is
+    gone before the command writes (a pipe whose read end is already closed: what `| head` does to a
+    longer output, without the race): nothing on stderr, exit 141 (128 + SIGPIPE, as git's)."""
+    exe = Path(sys.executable).parent / "coral-torch"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "coral_torch.cli"]
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([*argv, "--repo", str(repo_path), *cmd], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.stderr == "" and res.returncode == 141, (res.returncode, res.stderr)
 
 
 def _ambiguous_prefix(repo_path: Path) -> str:

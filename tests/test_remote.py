@@ -45,6 +45,7 @@ from coral_torch.errors import (  # noqa: E402
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
+    RemoteRepositoryNotFoundError,
     SyncIncompleteError,
 )
 from coral_torch.storage.s3_store import S3Config, S3Store  # noqa: E402
@@ -937,6 +938,45 @@ def test_cli_errors_are_one_line(server, bucket, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("coral-torch: error:"), (url, err)
     # pull of a missing bucket left no repository half-made behind with content
     assert not list((tmp_path / "b" / "packs").glob("*")) if (tmp_path / "b").exists() else True
+
+
+@pytest.mark.parametrize("case, says", [
+    ("typo", "there is nothing at"),  # the repository is at team/exp; team/exq was asked for
+    ("bucket root", "there is nothing at"),  # s3://bucket with nothing in it
+    ("not a repository", "holds no coral-torch repository"),  # keys there, none a push writes
+    ("missing bucket", "does not exist"),
+])
+def test_pull_of_no_repository_is_an_error_and_creates_nothing(server, bucket, tmp_path, capsys, case, says):
+    """`coral-torch pull s3://bucket/typo` once said "pulled 0 commit(s)", exited 0 and made a local
+    repository. Now: one line saying what is wrong, exit 1, nothing created locally; the Python
+    API raises the same error and leaves the repository it was given exactly as it was."""
+    client = server.client()
+    client.put_object(Bucket=bucket, Key=f"team/exp/commits/{'0' * 32}.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="datasets/readme.txt", Body=b"not checkpoints")
+    if case == "bucket root":
+        bucket = f"coral-empty-{uuid.uuid4().hex[:6]}"
+        client.create_bucket(Bucket=bucket)
+    target = {"typo": f"{bucket}/team/exq", "bucket root": bucket, "not a repository": f"{bucket}/datasets",
+              "missing bucket": f"coral-missing-{uuid.uuid4().hex[:6]}/team/exp"}[case]
+    local = tmp_path / "fresh" / ".coral"
+    rc = cli.main(["--repo", str(local), "pull", f"s3://{target}", "--endpoint-url", server.endpoint,
+                   "--region", REGION])
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and out == "" and len(lines) == 1, (out, err)
+    assert lines[0].startswith("coral-torch: error:") and says in lines[0] and "pulled" not in lines[0], err
+    assert not (tmp_path / "fresh").exists()  # no repository directory, no catalog
+
+    bucket_name, _, prefix = target.partition("/")
+    repo = Repository(tmp_path / "api")
+    before = sorted((p.relative_to(repo.path), p.stat().st_size) for p in repo.path.rglob("*") if p.is_file())
+    want = BucketNotFoundError if case == "missing bucket" else RemoteRepositoryNotFoundError
+    with pytest.raises(want) as ei:
+        repo.pull(make_config(server, bucket_name, prefix=prefix, check_bucket=False))
+    assert says in str(ei.value) and "\n" not in str(ei.value)
+    after = sorted((p.relative_to(repo.path), p.stat().st_size) for p in repo.path.rglob("*") if p.is_file())
+    assert after == before and repo.log() == [] and repo.refs() == {}
+    repo.close()
 
 
 # ==================================================================== 8. names, late failures

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sqlite3
 from typing import Any
 
-from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError, RepositoryIOError
+from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError, ReadOnlyStoreError, RepositoryIOError
 from .catalog import catalog_error
 
 CATALOG_NAME = "catalog.sqlite"
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def named_errors(fn):
@@ -22,6 +24,10 @@ def named_errors(fn):
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
+        except ReadOnlyStoreError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS:  # a store opened mode='r' was written: not the disk
+                raise
+            raise read_only_error(self.path, exc) from exc
         except CoralError:
             raise
         except sqlite3.Error as exc:
@@ -32,11 +38,8 @@ def named_errors(fn):
                     f"the disk holding {self.path} is full ({exc.strerror or exc}); free some space and retry",
                     path=str(self.path),
                 ) from exc
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise ReadOnlyRepositoryError(
-                    f"{self.path} cannot be written ({exc.strerror}: {exc.filename}): read-only mount or "
-                    "no write permission"
-                ) from exc
+            if exc.errno in _READ_ONLY_ERRNOS:
+                raise read_only_error(self.path, exc) from exc
             if type(exc) is not OSError or exc.errno is None:
                 # a path problem or a network error (subclasses, named by the callers above), or a
                 # library's own OSError without an errno: not the operating system's I/O error
@@ -49,6 +52,19 @@ def named_errors(fn):
             ) from exc
 
     return wrapper
+
+
+def read_only_error(path: Any, exc: OSError) -> ReadOnlyRepositoryError:
+    """One line for a write the OS refused (EROFS, EACCES, EPERM): the OS's own words for the errno,
+    never the text of the library that met it (h5py's carries HDF5's flags)."""
+    why = os.strerror(exc.errno) if exc.errno else "permission denied"
+    name = str(exc.filename or "")
+    if name and not name.startswith(str(path)):  # a file outside the repository: name it
+        why += f": {name}"
+    return ReadOnlyRepositoryError(
+        f"the repository {path} is read-only ({why}): it can be loaded and listed, not changed; save to a "
+        "writable repository, or make this one writable (remount it read-write, fix its permissions)"
+    )
 
 
 def is_disk_full(exc: BaseException) -> bool:

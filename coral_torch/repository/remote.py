@@ -55,6 +55,7 @@ from ..errors import (
     IntegrityError,
     InvalidRefNameError,
     RemoteError,
+    RemoteRepositoryNotFoundError,
     SyncIncompleteError,
 )
 from ..refnames import validate_component, validate_ref_name
@@ -568,6 +569,7 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
     copies replaced), ``commits_downloaded``, ``refs``, ``bytes_transferred``, ``seconds``.
 
     Raises:
+        RemoteRepositoryNotFoundError: the prefix holds no pushed repository (nothing was written).
         CorruptObjectError: a ref or commit document on the remote is damaged (nothing was pulled).
         InvalidRefNameError: the remote holds a ref or run name that is not valid (nothing was pulled).
         SyncIncompleteError: some objects were not downloaded (no commit or ref was pulled; the
@@ -577,11 +579,35 @@ def pull(repo: "Repository", remote: RemoteLike, progress: Optional[bool] = None
     store, owned = _store(remote)
     t0 = time.monotonic()
     try:
+        require_remote_repository(store)  # before the lock file or anything else is written
         with repo.lock:
             return _pull_locked(repo, store, progress, t0)
     finally:
         if owned:
             store.close()
+
+
+def require_remote_repository(store: "S3Store") -> None:
+    """Check, with one cheap listing (a few where it fails), that ``store``'s prefix holds a pushed
+    repository, so that a pull of a mistyped or empty prefix fails before anything is created or
+    written locally. A prefix whose first push has sent objects but no commit yet counts as one (a
+    pull of it gets no commits, as a pull during any push gets only the complete ones).
+
+    Raises:
+        RemoteRepositoryNotFoundError: nothing under the prefix, or nothing a push writes.
+        RemoteError and subclasses: the listing failed (missing bucket, credentials, network).
+    """
+    if store.has_any("commits/") or store.has_any("metadata/"):
+        return
+    if not store.has_any(""):
+        raise RemoteRepositoryNotFoundError(
+            f"there is nothing at {store.url}: no coral-torch repository to pull there; check the bucket and "
+            "prefix (`coral-torch push` to it creates one)"
+        )
+    raise RemoteRepositoryNotFoundError(
+        f"{store.url} holds no coral-torch repository (no commits or objects that a push writes); check the "
+        "prefix, or push to it from the repository that has the commits"
+    )
 
 
 def _pull_locked(repo: "Repository", store: "S3Store", progress: Optional[bool], t0: float) -> dict[str, Any]:

@@ -18,6 +18,7 @@ each pack under a temporary name and publishes it by rename once it is complete 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -65,6 +66,20 @@ _JSON_TYPE = h5py.h5t.py_create(h5py.string_dtype("utf-8"), logical=True)  # var
 
 def _default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
+
+
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _read_only(path: Path, exc: OSError) -> ReadOnlyStoreError:
+    """h5py's "cannot create/open" error (HDF5's flags and all) as one line; ``errno`` and
+    ``filename`` are kept, so a repository can name its own read-only error."""
+    err = ReadOnlyStoreError(
+        f"cannot write {path}: {os.strerror(exc.errno)} (read-only mount or no write permission); "
+        "open it with mode='r' to read it, or write to a writable location"
+    )
+    err.errno, err.filename = exc.errno, str(path)
+    return err
 
 
 @dataclass
@@ -236,8 +251,13 @@ class HDF5Store(WeightStore):
             except OSError as exc:
                 raise NotAStoreError(f"{path} is an HDF5 file that cannot be read: {exc}") from exc
         if mode in ("w", "x") or not exists:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = h5py.File(path, "w" if mode in ("w", "a") else "x", **self._alignment())
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = h5py.File(path, "w" if mode in ("w", "a") else "x", **self._alignment())
+            except OSError as exc:
+                if exc.errno not in _READ_ONLY_ERRNOS:
+                    raise
+                raise _read_only(path, exc) from exc
             f.attrs["coral_format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             for g in ("weights", "metadata", "deltas"):
@@ -247,6 +267,8 @@ class HDF5Store(WeightStore):
         try:
             return h5py.File(path, "r") if mode == "r" else h5py.File(path, "a", **self._alignment())
         except OSError as exc:
+            if mode != "r" and exc.errno in _READ_ONLY_ERRNOS:
+                raise _read_only(path, exc) from exc
             raise StoreError(
                 f"cannot open {path} in mode {mode!r}: {exc}. Another process may hold it open for writing."
             ) from exc

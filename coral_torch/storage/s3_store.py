@@ -776,6 +776,17 @@ class S3Store(WeightStore):
         self._put_verified(obj, body, f"document {rel_key}", "application/json")
         return len(body)
 
+    def has_any(self, sub: str = "") -> bool:
+        """Whether anything is stored under ``<prefix><sub>``: one listing request of one key.
+
+        Raises:
+            RemoteError and subclasses: a missing bucket, refused credentials, an unreachable endpoint.
+        """
+        self._live()
+        page = self._call("listing", None, self._client.list_objects_v2,
+                          Bucket=self.config.bucket, Prefix=self.config.prefix + sub, MaxKeys=1)
+        return bool(page.get("Contents"))
+
     def list_entries(self, sub: str = "") -> Dict[str, RemoteEntry]:
         """Every object under ``<prefix><sub>``: ``{key relative to <prefix><sub>: RemoteEntry}`` from one
         paginated listing. A listing that contradicts itself (a key twice, a key outside the prefix,
