@@ -52,7 +52,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g))
     model = Sharded()
-    callbacks = [CoralCheckpoint(repo=args["repo"], run="mp")]
+    callbacks = [CoralCheckpoint(repo=args["repo"], run="mp", **args.get("callback", {}))]
     if args.get("model_checkpoint"):
         callbacks.append(ModelCheckpoint(dirpath=args["ckdir"], filename="{epoch}", save_top_k=1, monitor="train_loss",
                                          save_last=True))
