@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..delta import DeltaType
 from ..errors import CatalogDamagedError, CoralError, IntegrityError, RefNotFoundError, RepositoryError
 from ..lazy import LazyModule
 from .catalog import NewCommit, ObjectRow, commit_object_rows
 from .failures import named_errors
 from .. import refnames
-from ..pointers import pointer_names, pointer_path_of_ref
-from .packs import PACKS_DIR, PackGone, new_pack_name, publish_file
+from ..pointers import pointer_names, pointer_path_of_ref, read_pointer_file
+from ..weight_tensor import WeightMetadata, WeightTensor
+from .packs import PACKS_DIR, PackGone, PackWriter, new_pack_name, publish_file
 
 #: a lease (``leases/<host>/<pid>/<token>``) older than this is dropped by gc even if its holder
 #: cannot be checked (another host): the process that resumed from a commit saved long since
@@ -31,10 +33,12 @@ LEASE_TTL_S = 7 * 86400.0
 if TYPE_CHECKING:
     from .. import adapters, sharded
     from ..storage import hdf5_store
+    from . import remote
 else:
     adapters = LazyModule("coral_torch.adapters")
     sharded = LazyModule("coral_torch.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")
+    remote = LazyModule("coral_torch.repository.remote")
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +110,19 @@ class Maintenance:
     # ============================================================================= verify
     @named_errors
     def verify(self, *, progress: bool = False) -> VerifyReport:
-        """Re-read and re-hash every object; report damaged objects and the commits they break."""
+        """Re-read and re-hash every object; report damaged objects and the commits they break.
+        Everything a load, gc or push reads is checked the way they read it.
+
+        Raises:
+            CatalogDamagedError: the catalog file itself is damaged (pages, indexes, schema).
+        """
         report = VerifyReport()
+        problems = self.catalog.structure_problems()
+        if problems:
+            raise CatalogDamagedError(
+                f"the catalog {self.catalog.path} is damaged ({' '.join('; '.join(problems[:3]).split())}); "
+                "restore it from a backup, or pull the repository again from its remote (coral-torch pull)"
+            )
         rows = self.catalog.all_objects()
         by_hash = {r.hash: r for r in rows}
         children: dict[str, list[ObjectRow]] = {}
@@ -195,11 +210,23 @@ class Maintenance:
                     sharded.check_layout(manifest)
                 else:
                     adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
+                # the document push sends: its other fields, and the object list gc trusts
+                remote._check_commit_doc(remote._commit_doc(self, cid), cid, str(self.catalog.path))
             except CoralError as exc:
                 report.damaged_manifests[cid] = str(exc)
-        for name, cid in self.catalog.refs().items():
+        try:
+            ref_rows = self.catalog.ref_rows()
+        except (ValueError, TypeError) as exc:  # push reads these
+            raise CatalogDamagedError(f"a ref row of the catalog {self.catalog.path} is damaged ({exc}); restore "
+                                      "the catalog from a backup, or pull the repository again") from None
+        for name, cid, _ in ref_rows:
             if self.catalog.get_commit(cid) is None:
                 report.dangling_refs[name] = cid
+            try:
+                refnames.validate_ref_name(name)
+            except CoralError as exc:
+                report.damaged_manifests.setdefault(cid, f"a ref naming it cannot be pushed ({exc}): the catalog "
+                                                         "is damaged, or the ref is from an older coral-torch")
         for cid, names in self.catalog.commits_using(report.damaged_objects).items():
             report.damaged_commits[cid] = sorted(names)
         # commits whose objects are missing from the catalog
@@ -210,24 +237,37 @@ class Maintenance:
     def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[Optional[str], dict[str, str]]:
         """What push and gc would meet reading the pack through HDF5: ``(why the pack cannot be
         opened, or None; {object hash: why HDF5 cannot give it back as the catalog records it}``).
-        Payload damage (a checksum mismatch) is left to the payload check."""
+
+        The payload check reads each object where the catalog says it is (``pread``), not through
+        HDF5; gc and push read it with :meth:`HDF5Store.read_prepared` (the dataset's object header,
+        its JSON attribute, the group's index) and push then decodes the payload against that
+        attribute. So here every object is read as they read it, its attribute must describe the
+        catalog row (what push parses from it), and HDF5 must find the payload at the bytes the
+        payload check verified: then push's decode of it is the payload check's, not done twice.
+        Damage the payload check found already keeps its own reason."""
         try:
             store = self._pack(name)
         except Exception as exc:  # noqa: BLE001 - any failure to open the pack is what we report
             return f"pack {name} cannot be opened through HDF5 ({type(exc).__name__}: {exc})", {}
         bad: dict[str, str] = {}
         for o in objects:
+            group = "deltas" if o.kind == "delta" else "weights"
             try:
-                prep = store.read_prepared(o.hash, "deltas" if o.kind == "delta" else "weights")
-            except IntegrityError:
-                continue  # its payload is damaged: the payload check names it
-            except Exception as exc:  # noqa: BLE001
-                bad[o.hash] = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
-                continue
-            if prep is None:
-                bad[o.hash] = f"missing from the HDF5 index of pack {name}"
-            elif o.offset is not None and prep.location is not None and tuple(prep.location) != (o.offset, o.length):
-                bad[o.hash] = f"at {tuple(prep.location)} in pack {name}, the catalog says {(o.offset, o.length)}"
+                prep = store.read_prepared(o.hash, group)
+                if prep is None:
+                    bad[o.hash] = f"missing from the HDF5 index of pack {name}"
+                    continue
+                why = _attrs_mismatch(o, prep.attrs)
+                if why is None and o.offset is not None:
+                    dsid = store.file[group][o.hash].id
+                    where = (dsid.get_offset(), int(dsid.get_storage_size()))
+                    if where != (o.offset, o.length) or int(prep.payload.nbytes) != o.length:
+                        why = (f"HDF5 reads it at {where} in pack {name}, the catalog says {(o.offset, o.length)} "
+                               "(the pack's HDF5 metadata is damaged)")
+            except Exception as exc:  # noqa: BLE001 - whatever gc and push would meet
+                why = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
+            if why is not None:
+                bad[o.hash] = why
         return None, bad
 
     # ================================================================================= gc
@@ -317,9 +357,22 @@ class Maintenance:
                     dead.append(name)
             elif name.startswith(refnames.FILES) and now - updated > grace_s:
                 path = pointer_path_of_ref(name, self.path)
-                if path is not None and not pointer_names(path, cid, self.path):
+                if path is not None and not pointer_names(path, cid, self.path) and not self._names_rewrite(path, cid):
                     dead.append(name)
         return dead
+
+    def _names_rewrite(self, path: Path, cid: str) -> bool:
+        """True if the pointer file at ``path`` names a commit that retention rewrote into ``cid``."""
+        try:
+            p = read_pointer_file(path)
+        except (OSError, CoralError):
+            return False
+        if p is None or not os.path.exists(p.repo) or not os.path.samefile(p.repo, self.path):
+            return False
+        try:
+            return self.resolve(p.commit) == cid
+        except CoralError:
+            return False
 
     def _reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3, *,
                           dead_commits: Optional[list[str]] = None, dry_run: bool = False) -> Optional[dict[str, Any]]:
@@ -337,23 +390,35 @@ class Maintenance:
         work = list(dict.fromkeys(h for c in dead_commits for _, h, _ in cat.commit_objects(c)))
         dead: set[str] = set()
         rows: dict[str, ObjectRow] = {}
-        while work:
-            h = work.pop()
-            if h in dead:
-                continue
-            row = cat.get_object(h)
-            if row is None:
-                continue
-            # live while a remaining commit lists it or a live delta is stored against it
-            if cat.used_by_other_commits(h, dead_commits):
-                continue
-            if any(child not in dead for child in cat.delta_children(h)):
-                continue
-            dead.add(h)
-            rows[h] = row
-            if row.kind == "delta" and row.base:
-                work.append(row.base)  # its base may have been kept alive by this delta only
-        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()], None,
+        base_only: dict[str, ObjectRow] = {}  # listed by no remaining commit, kept as a delta base
+        flattened = False
+        moved_from: list[str] = []  # packs whose objects were stored whole elsewhere
+        while True:
+            while work:
+                h = work.pop()
+                if h in dead:
+                    continue
+                row = cat.get_object(h)
+                if row is None:
+                    continue
+                # live while a remaining commit lists it or a live delta is stored against it
+                if cat.used_by_other_commits(h, dead_commits):
+                    continue
+                if any(child not in dead for child in cat.delta_children(h)):
+                    base_only[h] = row
+                    continue
+                base_only.pop(h, None)
+                dead.add(h)
+                rows[h] = row
+                if row.kind == "delta" and row.base:
+                    work.append(row.base)  # its base may have been kept alive by this delta only
+            if dry_run or flattened or not base_only:
+                break
+            # kept commits whose delta bases were released: store those deltas whole where that
+            # frees more than it costs, so the released chain goes too; then look again
+            work, moved_from = self._flatten_chains(base_only, dead)
+            flattened = True
+        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()] + moved_from, None,
                               dry_run=dry_run, repack_threshold=repack_threshold)
         stats["bytes_freed"] = sum(r.stored_bytes for r in rows.values())
         if dry_run:
@@ -361,6 +426,72 @@ class Maintenance:
         log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
                  stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
         return stats
+
+    def _flatten_chains(self, base_only: dict[str, ObjectRow], dead: set[str]) -> tuple[list[str], list[str]]:
+        """Released commits often leave objects that only delta chains of kept commits need (the
+        previous keyframe of a run that keeps its latest N). Per group of such objects, store the
+        kept deltas on top of it whole when the group's bytes exceed what that costs (their full
+        encoding minus their delta); the group then has no live child left. Each rewritten object
+        keeps its content hash, so every commit listing it is unchanged; its new row replaces the
+        old one in one transaction after the new pack is durable (a crash before leaves an orphan
+        pack file, after it objects that only gc still has to remove). Returns the group members,
+        to be examined again, and the packs the rewritten objects left."""
+        cat = self.catalog
+        seen: set[str] = set()
+        rewrite: dict[str, ObjectRow] = {}
+        for start in base_only:
+            if start in seen:
+                continue
+            group, tops, stack = set(), {}, [start]
+            while stack:  # the connected group of base-only objects, and the live deltas on top
+                h = stack.pop()
+                if h in group:
+                    continue
+                group.add(h)
+                row = base_only[h]
+                if row.kind == "delta" and row.base in base_only:
+                    stack.append(row.base)
+                for child in cat.delta_children(h):
+                    if child in base_only:
+                        stack.append(child)
+                    elif child not in dead and child not in tops:
+                        crow = cat.get_object(child)
+                        if crow is not None:
+                            tops[child] = crow
+            seen |= group
+            freed = sum(base_only[h].stored_bytes for h in group)
+            cost = sum(max(0, t.full_estimate - t.stored_bytes) for t in tops.values())
+            if tops and freed > cost:
+                rewrite.update(tops)
+        if not rewrite:
+            return [], []
+        writer = PackWriter(self.path, codec_level=self.delta_config.codec_level)
+        new_rows = []
+        try:
+            for h, row in rewrite.items():
+                try:
+                    raw = self._build(self._chain(h))
+                except (CoralError, OSError) as exc:  # damaged: leave its chain as it is
+                    log.warning("not rewriting object %s whole: %s", h[:12], exc)
+                    continue
+                w = WeightTensor.from_raw(raw, WeightMetadata(name="", shape=row.shape, dtype=row.dtype))
+                prep = writer.store.prepare(w, h)
+                location = writer.write(prep)
+                offset, length = location if location is not None else (None, None)
+                new_rows.append(ObjectRow(h, writer.name, "full", None, 0, row.dtype, row.shape, row.nbytes,
+                                          prep.stored_bytes, prep.stored_bytes, True, offset, length))
+            if not new_rows:
+                writer.abort()
+                return [], []
+            pack = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        cat.add_objects((pack.name, pack.size, time.time()), new_rows)
+        log.info("stored %d delta object(s) of kept commits whole (%.1f MB) to release their bases",
+                 len(new_rows), sum(r.stored_bytes for r in new_rows) / 1e6)
+        done = {r.hash for r in new_rows}
+        return list(base_only), [row.pack for h, row in rewrite.items() if h in done]
 
     def _reclaim(self, dead_commits: set[str], dead_objects: set[str], packs: Iterable[str],
                  rows: Optional[dict[str, ObjectRow]], *, dry_run: bool, repack_threshold: float) -> dict[str, Any]:
@@ -376,14 +507,18 @@ class Maintenance:
                 per_pack[r.pack].append(r)
         remove_packs, rewrite_packs = [], []
         reclaimable = 0
+        sizes = cat.packs()
         for p in packs:
             objs = per_pack[p]
             dead = sum(o.stored_bytes for o in objs if o.hash in dead_objects)
             reclaimable += dead
-            total = sum(o.stored_bytes for o in objs) or 1
+            live = sum(o.stored_bytes for o in objs) - dead
+            # the file's size, not the listed objects' sum: objects moved elsewhere (stored whole
+            # again, healed) left their old bytes behind in it
+            total = max(sizes.get(p) or 0, live + dead) or 1
             if all(o.hash in dead_objects for o in objs):
                 remove_packs.append(p)
-            elif dead / total >= repack_threshold:
+            elif (total - live) / total >= repack_threshold:
                 rewrite_packs.append(p)
         stats = {
             "dry_run": dry_run,
@@ -436,6 +571,28 @@ class Maintenance:
                 os.close(fd)
             (packs_dir / p).unlink(missing_ok=True)
         return stats
+
+
+def _attrs_mismatch(o: ObjectRow, a: dict[str, Any]) -> Optional[str]:
+    """Why an object's HDF5 attribute (what push uploads as its description and decodes the
+    payload against) does not describe catalog row ``o``; None when it does."""
+    try:
+        if o.kind == "delta":
+            kind = DeltaType(str(a["delta_type"]))
+            got = (tuple(int(x) for x in a["original_shape"]), str(a["original_dtype"]), str(a["reference_hash"]),
+                   kind.lossless)
+            float(a.get("compression_ratio", 1.0))
+            want = (tuple(o.shape), o.dtype, o.base, o.lossless)
+        else:
+            got = (tuple(int(x) for x in np.asarray(a["shape"]).reshape(-1)), str(a["dtype"]),
+                   str(a.get("hash", o.hash)), int(a["nbytes"]), str(a.get("encoding", hdf5_store.ENCODING_VALUES)))
+            encoding = hdf5_store.ENCODING_CODEC if o.offset is not None else got[-1]
+            want = (tuple(o.shape), o.dtype, o.hash, o.nbytes, encoding)
+    except (KeyError, ValueError, TypeError, CoralError) as exc:
+        return f"its HDF5 attribute is damaged ({type(exc).__name__}: {exc})"
+    if got != want:
+        return f"its HDF5 attribute says {got}, the catalog {want} (the attribute is damaged)"
+    return None
 
 
 def _mtime(path: Path) -> float:
