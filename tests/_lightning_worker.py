@@ -5,9 +5,15 @@ Modes:
           weights/optimizer/scheduler state to ``out``.
   kill    train BigModel with an asynchronous CoralCheckpoint whose commits are slowed down; print
           "SAVING <epoch>" when a commit starts and "COMMITTED <id>" when it is done, so the parent
-          can SIGKILL the process mid-save. With ``ckpt`` it resumes and prints "RESUMED <epoch> <step>".
+          can SIGKILL the process mid-save. With ``ckpt`` it resumes and prints "RESUMED <epoch> <step>";
+          with ``report_waits`` it prints "WAITING <epoch>" when the training thread waits for a save.
   ddp     TinyModel under DDP (gloo, 2 CPU processes; Lightning re-launches this script for rank 1);
           every rank writes ``<out>/rank<N>.json`` describing what its callback did.
+  mp_exit FSDP2 under CoralModelParallelStrategy (gloo, ``devices`` CPU processes, default 2), nothing
+          shut down by the script: every rank writes ``<out>/rank<N>.json`` from an atexit hook that
+          runs after the library's, with the threads and process group alive at interpreter exit.
+          With ``user_group`` the script initializes the (1-rank) process group itself, before the
+          Trainer, and destroys it in that hook.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -64,6 +71,15 @@ def mode_kill(a: dict) -> None:
     repo.commit = noisy_commit
     model = BigModel()
     cb = CoralCheckpoint(repo=repo, run="big", async_save=True)
+    if a.get("report_waits"):  # say when the training thread starts waiting for a save in flight
+        barrier = cb._sync_barrier
+
+        def reporting_barrier(trainer, *, wait):
+            if wait and cb._committer is not None and cb._committer.busy:
+                print("WAITING", trainer.current_epoch, flush=True)
+            return barrier(trainer, wait=wait)
+
+        cb._sync_barrier = reporting_barrier
 
     class Report(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -112,7 +128,87 @@ def mode_ddp(a: dict) -> None:
         dist.destroy_process_group()
 
 
+def _native_threads() -> Optional[list[str]]:
+    """Names of this process's OS threads (Linux), gloo's and the TCPStore's included."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for tid in tids:
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:
+            pass
+    return names
+
+
+def mode_mp_exit(a: dict) -> None:
+    import atexit
+    import gc
+    import threading
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from coral_torch.callbacks import CoralModelParallelStrategy
+
+    out = Path(a["out"])
+    report: dict = {}
+    procs: list = []  # rank 0: the launcher's child processes (never the trainer: it holds the model)
+
+    def at_exit() -> None:  # registered first, so it runs after the library's own atexit hooks
+        gc.collect()
+        report["dist_initialized_at_exit"] = dist.is_available() and dist.is_initialized()
+        report["native_threads_at_exit"] = _native_threads()
+        report["child_returncodes"] = [p.wait(timeout=120) for p in procs]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{report.get('rank', 'x')}.json").write_text(json.dumps(report))
+        if a.get("user_group") and dist.is_initialized():
+            dist.destroy_process_group()  # the script's own group: the script's to destroy
+
+    atexit.register(at_exit)
+    devices = int(a.get("devices", 2))
+    if a.get("user_group"):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=devices)
+
+    class Sharded(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+        def configure_model(self):
+            mesh = self.device_mesh["data_parallel"]
+            for layer in (self.net[0], self.net[2]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    pl.seed_everything(3, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g))
+    model = Sharded()
+    cb = CoralCheckpoint(repo=a["repo"], run="mp")
+    trainer = pl.Trainer(max_epochs=a["max_epochs"], callbacks=[cb], default_root_dir=a["root"],
+                         strategy=CoralModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+                         devices=devices, **TRAINER_DEFAULTS)
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    # the group outlives fit: the sharded module still works (a collective) after it returned
+    report["full_tensor_after_fit"] = float(sum(v.full_tensor().detach().double().sum() for v in model.parameters()))
+    report.update(rank=trainer.global_rank, last_commit=cb.last_commit,
+                  dist_initialized_after_fit=dist.is_initialized(),
+                  threads_after_fit=[[t.name, t.daemon] for t in threading.enumerate()])
+    procs.extend(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     os.chdir(args["root"])
-    {"resume": mode_resume, "kill": mode_kill, "ddp": mode_ddp}[args["mode"]](args)
+    {"resume": mode_resume, "kill": mode_kill, "ddp": mode_ddp, "mp_exit": mode_mp_exit}[args["mode"]](args)

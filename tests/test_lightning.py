@@ -715,3 +715,29 @@ def test_sharded_strategies_are_refused(tmp_path):
     with pytest.raises(CoralError, match="DeepSpeedStrategy"):
         cb.setup(trainer, TinyModel(), "fit")
     assert cb.repo is None and not (tmp_path / ".coral").exists()  # refused before touching anything
+
+
+@pytest.mark.slow
+def test_model_parallel_run_destroys_the_process_group_it_launched_at_exit(tmp_path):
+    """Lightning never destroys a gloo group: alive at interpreter exit, its threads occasionally
+    aborted a finished run ("terminate called without an active exception"). The strategy destroys
+    the group it launched at exit (not at teardown: the sharded module still needs it after fit)."""
+    run_worker({"mode": "mp_exit", "root": str(tmp_path), "repo": str(tmp_path / "repo"), "max_epochs": 2,
+                "out": str(tmp_path / "out")}, timeout=240)
+    reports = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["child_returncodes"] == [0]  # rank 1 (Lightning's child process) exited cleanly too
+    for r in reports:
+        assert r["last_commit"] == reports[0]["last_commit"] is not None
+        assert r["dist_initialized_after_fit"]  # still usable after fit: full_tensor() gathered
+        assert r["full_tensor_after_fit"] == reports[0]["full_tensor_after_fit"]
+        assert [name for name, daemon in r["threads_after_fit"] if not daemon] == ["MainThread"]
+        assert not r["dist_initialized_at_exit"]
+
+
+@pytest.mark.slow
+def test_model_parallel_leaves_a_process_group_the_user_initialized_alone(tmp_path):
+    run_worker({"mode": "mp_exit", "root": str(tmp_path), "repo": str(tmp_path / "repo"), "max_epochs": 1,
+                "out": str(tmp_path / "out"), "devices": 1, "user_group": True}, timeout=240)
+    report = json.loads((tmp_path / "out" / "rank0.json").read_text())
+    assert report["last_commit"] is not None
+    assert report["dist_initialized_at_exit"]  # the script's group: the script destroys it

@@ -167,6 +167,27 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
                 return
         super().remove_checkpoint(filepath)
 
+    # -- process-group shutdown (see _destroy_launched_process_group) -------------------------
+    def setup_environment(self) -> None:
+        import torch.distributed as dist
+
+        initialized_before = dist.is_available() and dist.is_initialized()
+        super().setup_environment()
+        _note_process_group(launched=not initialized_before)
+
+    def teardown(self) -> None:
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        if trainer is not None:
+            from lightning.pytorch.trainer.states import TrainerStatus
+
+            failed = trainer.state.status == TrainerStatus.INTERRUPTED  # set before teardown on an exception
+        else:
+            import sys
+
+            failed = sys.exc_info()[0] is not None
+        _exit_state["clean"] = not failed
+        super().teardown()
+
 
 def _lightning_meta(repo: Repository, cid: str, *, weights_only: bool) -> dict[str, Any]:
     """The non-tensor rest of a Lightning checkpoint stored by :meth:`CoralModelParallelStrategy.commit_sharded`."""
@@ -178,3 +199,63 @@ def _lightning_meta(repo: Repository, cid: str, *, weights_only: bool) -> dict[s
     raw = repo.materialize([entry.hash], commit=cid, names=[entry.name])[entry.hash]
     data = load_value(torch.from_numpy(raw), LIGHTNING_META, weights_only=True)  # a bytes object
     return torch.load(io.BytesIO(data), weights_only=weights_only, map_location="cpu")
+
+
+# -- process-group shutdown ---------------------------------------------------------------------
+# Lightning starts the default process group in ``setup_environment`` and never destroys a gloo one
+# (it registers ``destroy_process_group`` at exit for NCCL only), so the gloo groups (worker threads
+# "pt_gloo_runloop", transport "gloo_tcp_loop", rank 0's TCPStore server "pt_tcpstore_uv") were alive
+# at interpreter exit. A gloo worker may still hold the last collective's work, with tensors that
+# own a Python object; if it lets go of them once the interpreter is finalizing, taking the GIL ends
+# the thread inside a C++ destructor: "terminate called without an active exception" (SIGABRT).
+# The group cannot be destroyed in ``teardown``: the sharded module needs it after ``fit`` returns
+# (``full_tensor()``, ``trainer.test``). So it is done at exit (atexit: every non-daemon thread has
+# been joined, the interpreter is whole): a barrier (every rank is done with its collectives, and the
+# round trip leaves the workers time to let go of the last ones while the GIL can still be taken),
+# ``destroy_process_group`` and a collection, which frees the groups (joining their threads) unless
+# something still holds them (a module-level FSDP2 model, DTensor's caches: torch then frees them,
+# idle, during finalization). Only a group this strategy launched is touched.
+_exit_state: dict[str, Any] = {"group": None, "clean": True, "registered": False}
+
+
+def _note_process_group(*, launched: bool) -> None:
+    """Remember the default group when the strategy's ``setup_environment`` created it."""
+    import atexit
+    import weakref
+
+    import torch.distributed as dist
+
+    if not launched or not (dist.is_available() and dist.is_initialized()):
+        return  # the user's group (or one an earlier strategy launched, already noted)
+    _exit_state["group"] = weakref.ref(dist.group.WORLD)  # no strong ref: it must not outlive its users
+    _exit_state["clean"] = True
+    if not _exit_state["registered"]:
+        atexit.register(_destroy_launched_process_group)
+        _exit_state["registered"] = True
+
+
+def _destroy_launched_process_group() -> None:
+    """atexit: barrier, then destroy the gloo default group a :class:`CoralModelParallelStrategy`
+    launched, and collect (see above)."""
+    import gc
+
+    import torch.distributed as dist
+
+    ref, _exit_state["group"] = _exit_state["group"], None
+    if ref is None or not (dist.is_available() and dist.is_initialized()) or ref() is not dist.group.WORLD:
+        return  # destroyed already, or replaced by a group of the user's
+    if not _exit_state["clean"] or dist.get_backend() != "gloo":
+        # after a failed fit a peer may be gone or stuck in a collective: exit as before. NCCL:
+        # Lightning destroys it at exit itself.
+        return
+    try:
+        # a gloo barrier is queued to the group's workers behind its pending works (the group's
+        # timeout bounds the wait for a rank still busy after fit)
+        dist.barrier()
+    except Exception as exc:  # noqa: BLE001 - best effort: a peer exited early or timed out
+        log.debug("barrier before destroying the process group at exit failed: %s", exc)
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - never turn a finished run into a failing exit
+        log.debug("destroying the process group at exit failed: %s", exc)
+    gc.collect()  # destroying only unregisters a gloo group: its threads stop when it is freed
