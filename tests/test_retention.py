@@ -3,9 +3,11 @@ refs that died with their files, leases of resumed runs, and saves that never bu
 
 from __future__ import annotations
 
+import random
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -377,3 +379,78 @@ def test_sharded_run_keeps_top_k_across_a_resume(tmp_path):
     assert sum("/keep/" in n for n in refs) == 2
     repo = Repository(tmp_path / "r", create=False)
     assert len(repo.log("mp")) <= 3 and repo.verify().ok  # the best two, and latest
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_and_retention_loses_nothing_kept(tmp_path):
+    """SIGKILL at random instants while saves apply a policy (releasing commits, storing kept
+    deltas whole, stripping optimizer state): every ref names a commit that loads bit-exactly,
+    verify passes, and the next process carries on and ends with exactly what the policy keeps."""
+    sys.path.insert(0, str(HERE))
+    from _retention_worker import checkpoint
+
+    repo_path = tmp_path / ".coral"
+    rng = random.Random(7)
+    epoch = 0
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, str(HERE / "_retention_worker.py"), str(repo_path), str(epoch), "50"],
+                                stdout=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()  # one save at least, then a kill somewhere in the next ones
+        assert first.startswith("COMMITTED"), first
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait()
+        repo = Repository(repo_path, create=False)
+        for cid in set(repo.refs().values()):
+            row = repo.get_commit(cid)
+            got = repo.load(cid)
+            want = checkpoint(row.epoch)
+            torch.testing.assert_close(got["state_dict"], want["state_dict"], rtol=0, atol=0)
+            if got["optimizer_states"][0]["state"]:
+                torch.testing.assert_close(got["optimizer_states"], want["optimizer_states"], rtol=0, atol=0)
+        assert repo.verify().ok, f"round {round_}"
+        epoch = max(c.epoch for c in repo.log("r")) + 1
+        repo.close()
+    # a last uninterrupted save applies the policy to whatever the kills left
+    out = subprocess.run([sys.executable, str(HERE / "_retention_worker.py"), str(repo_path), str(epoch), "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    repo = Repository(repo_path, create=False)
+    repo.gc(orphan_grace_s=0)
+    epochs = sorted(c.epoch for c in repo.log("r"))
+    assert epochs == sorted({e for e in epochs if e >= epoch - 1 or e % 4 == 0}), epochs
+    assert epoch in epochs and repo.verify().ok and not repo.verify().orphan_files
+    with_optimizer = [c.epoch for c in repo.log("r") if repo.load(c.id)["optimizer_states"][0]["state"]]
+    assert with_optimizer == [epoch]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_a_background_save_stays_a_keyboard_interrupt(tmp_path):
+    """SIGINT while the training thread waits for the in-flight save: Lightning's graceful shutdown
+    runs (no CoralCheckpointError with an empty reason), the log says what became of the save,
+    and the repository holds whole commits only."""
+    import signal
+
+    repo_path = tmp_path / ".coral"
+    args = {"mode": "kill", "root": str(tmp_path), "repo": str(repo_path), "max_epochs": 50, "delay": 0.1,
+            "report_waits": True}
+    proc = subprocess.Popen([sys.executable, str(HERE / "_lightning_worker.py"), json_dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        assert time.monotonic() < deadline, "worker too slow"
+        if line.startswith("WAITING"):
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]  # Lightning's exit after a graceful shutdown
+    assert "background checkpoint save failed" not in err and "CoralCheckpointError" not in err, err[-3000:]
+    assert "Detected KeyboardInterrupt" in err or "Detected KeyboardInterrupt" in out
+    assert ("in-flight checkpoint save finished: published as commit" in err
+            or "in-flight checkpoint save was abandoned" in err
+            or "in-flight checkpoint save failed" in err), err[-3000:]
+    repo = Repository(repo_path, create=False)
+    assert repo.verify().ok
+    for c in repo.log():
+        assert repo.load(c.id)["state_dict"]

@@ -332,7 +332,7 @@ class CoralCheckpoint(Checkpoint):
         # The in-flight commit is atomic: let it finish (or fail) and say which, so a user who
         # pressed Ctrl-C knows whether the last checkpoint exists.
         committer = self._committer
-        if committer is not None and committer.busy:
+        if committer is not None and committer.pending:
             log.warning("training stopped (%s) while a checkpoint save was in flight; waiting for it "
                         "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
                         type(exception).__name__)
@@ -529,8 +529,8 @@ class CoralCheckpoint(Checkpoint):
         if self.repo is None or not self.run or not self.monitor:
             return {}
         kept = set(self.repo.refs(keep_prefix(self.run)).values())
-        return {c.id: c.metrics[self.monitor] for c in self.repo.log(self.run)
-                if c.id in kept and isinstance(c.metrics.get(self.monitor), (int, float))}
+        return {cid: metrics[self.monitor] for cid, _, _, _, _, metrics in self.repo.catalog.run_commit_facts(self.run)
+                if cid in kept and isinstance(metrics.get(self.monitor), (int, float))}
 
     def _best_commit(self) -> Optional[str]:
         if self.repo is not None and self.run and self.monitor:

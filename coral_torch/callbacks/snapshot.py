@@ -140,6 +140,11 @@ class BackgroundCommitter:
     def busy(self) -> bool:
         return self._future is not None and not self._future.done()
 
+    @property
+    def pending(self) -> bool:
+        """A job was submitted whose outcome nobody collected yet (running or finished)."""
+        return self._future is not None
+
     def submit(self, fn: Callable[[], Any]) -> None:
         self.wait()
 

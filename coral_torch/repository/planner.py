@@ -97,7 +97,7 @@ class DeltaPlanner:
             # how the parent stored it: "full/skipN" says its delta lost N commits ago
             skip = skip_left(parent_hows.get(name))
             base = None
-            if base_hash is not None and skip == 0:
+            if base_hash is not None and skip == 0 and base_hash != h and base_hash not in damaged:
                 row = self.catalog.get_object(base_hash)
                 # a lossy object is never a base: its bytes are not what its hash says
                 if row is not None and row.lossless and row.depth + 1 <= self.config.max_chain_length:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .. import refnames
 from ..errors import CoralError
-from ..pointers import pointer_names, pointer_path_of_ref
+from ..pointers import pointer_names, pointer_path_of_ref, write_pointer
 from ..retention import CommitFacts, KeepAll, Policy
 
 if TYPE_CHECKING:
@@ -115,9 +115,15 @@ def apply_retention(
             repo.release_commits(report.removed)
         for c in strip:
             try:
-                report.stripped[c] = repo.strip_commit(c, (OPTIMIZER_STATE,))
+                report.stripped[c] = new = repo.strip_commit(c, (OPTIMIZER_STATE,))
             except CoralError as exc:
                 log.warning("commit %s keeps its optimizer state: %s", c[:10], exc)
+                continue
+            # pointer files of the rewritten commit name the new id (the old one still resolves to it)
+            for name in cat.refs_of(new):
+                path = pointer_path_of_ref(name, repo.path)
+                if path is not None and pointer_names(path, c, repo.path):
+                    write_pointer(path, new, repo.path)
         report.bytes_freed = max(0, before - _packs_bytes(repo))
     if report.removed or report.stripped:
         log.info("retention of run %s: kept %d commit(s), removed %d, stripped %d of optimizer state, freed %.1f MB",
