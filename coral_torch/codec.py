@@ -24,7 +24,7 @@ follows from its own header. Why chunks: the encoder works one chunk at a time (
 compressed planes are chunk-sized, whatever the tensor's size), a reader needs one chunk's bytes at
 a time (:class:`BlobReader`), and an XOR delta can read its base a chunk at a time. 8 MiB chunks
 (2 MiB fp32 planes) are far larger than zstd level 1's 512 KiB window, so chunking costs no ratio
-(README, "Storage format").
+(docs/format.md; sizes in docs/guarantees.md, "Measured design choices").
 """
 
 from __future__ import annotations

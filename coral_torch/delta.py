@@ -70,8 +70,8 @@ class DeltaConfig:
             where it is exact and falls back to ``XOR`` elsewhere (``Delta.delta_type`` says which).
         max_chain_length: a tensor is stored whole (a keyframe) at least every this many
             checkpoints, so loading reads at most ``max_chain_length + 1`` objects per tensor.
-            Default 2: longer chains save few more bytes and make loads slower (README, "Storage
-            format", for the measurement with ``bench/epochs_bench.py --chain-k``).
+            Default 2: longer chains save few more bytes and make loads slower (docs/guarantees.md,
+            "Measured design choices", for the measurement with ``bench/epochs_bench.py --chain-k``).
         min_saving: a delta is kept only if it is at most this fraction of the tensor's own encoding.
         allow_lossy: opt in to lossy delta types; checkpoints using them are marked lossy.
         sparse_threshold: absolute difference below which a SPARSE delta drops the change.

@@ -122,7 +122,7 @@ class CoralCheckpoint(Checkpoint):
             the training threads; README, "Limits"), else all cores up to 8.
 
     On a CPU-only trainer that keeps every core busy, background work slows the training threads
-    even at low priority (see README, "Limits", and ``bench/interference_bench.py``). On GPU
+    even at low priority (see docs/benchmarks.md and ``bench/interference_bench.py``). On GPU
     trainers the CPU is mostly idle.
     """
 

@@ -124,7 +124,7 @@ class BackgroundCommitter:
     ``nice`` lowers the background thread's (and its encoder threads') CPU priority: on a CPU-bound
     trainer the save then takes idle cycles and a small share instead of slowing the training step.
     Too low a priority lets a save run into the next checkpoint, which then waits for it; the default
-    (15) and the trade-off are measured with ``bench/lightning_bench.py`` (README, "Limits").
+    (15) and the trade-off are measured with ``bench/lightning_bench.py`` (docs/benchmarks.md).
     """
 
     def __init__(self, nice: Union[int, str] = 15) -> None:

@@ -3,7 +3,7 @@
 Why: a buffered write copies every byte into freshly allocated page-cache pages. That copy is CPU
 time taken from training (a background save competes with the training threads), and the new pages
 crowd the page cache with data nobody reads back soon; ``O_DIRECT`` through a reused staging
-buffer costs a small fraction of that CPU time (README, "Storage format", for the figures).
+buffer costs a small fraction of that CPU time (docs/guarantees.md, "Measured design choices", for the figures).
 
 How: the payload (a list of byte segments) is copied into a page-aligned staging buffer, a few MiB at
 a time, and each full buffer is written with ``O_DIRECT`` at a page-aligned file offset; the last
