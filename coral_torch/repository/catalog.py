@@ -214,6 +214,27 @@ class Catalog:
         except (TypeError, ValueError):
             raise CatalogDamagedError(f"{self.path}: schema version {got[0]!r} is not a number") from None
 
+    def structure_problems(self, limit: int = 10) -> list[str]:
+        """Damage that reads of rows do not meet but gc and saves do: what SQLite's integrity check
+        finds (pages, free list, indexes that disagree with their table) and tables whose columns
+        are not the ones this version writes (a damaged schema). Empty when the catalog is intact."""
+        problems = [str(r[0]) for r in self.conn.execute(f"PRAGMA integrity_check({int(limit)})") if r[0] != "ok"]
+        want = sqlite3.connect(":memory:")
+        try:
+            want.executescript(_SCHEMA + _INDEXES)
+            tables = want.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite%'")
+            for (table,) in tables.fetchall():
+                got = {(r[1], r[2]) for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                if not got:  # a table added since this catalog was written: its readers allow for that
+                    continue
+                missing = [f"{n} {t}" for _, n, t, *_ in want.execute(f"PRAGMA table_info({table})")
+                           if (n, t) not in got]
+                if missing:
+                    problems.append(f"table {table} lacks column(s) {', '.join(missing)}")
+        finally:
+            want.close()
+        return problems
+
     # -- connections ----------------------------------------------------------------------
     @property
     def conn(self) -> sqlite3.Connection:
@@ -221,19 +242,22 @@ class Catalog:
         if c is None:
             if not self.writable and self._snapshot is not None:
                 c = sqlite3.connect(f"file:{self._snapshot / self.path.name}?mode=ro", uri=True, timeout=60.0,
-                                    isolation_level=None, check_same_thread=False)
+                                    isolation_level=None, check_same_thread=False, factory=_Connection)
             elif not self.writable:
                 # immutable: no -shm to create, no lock to take; there is no WAL to miss
                 c = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=60.0,
-                                    isolation_level=None, check_same_thread=False)
+                                    isolation_level=None, check_same_thread=False, factory=_Connection)
             else:
-                c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+                c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False,
+                                    factory=_Connection)
+                c.catalog_path = self.path
                 _set_wal(c)
                 c.execute("PRAGMA synchronous=FULL")
                 # keep the WAL small: a repository of small checkpoints would otherwise carry up to
                 # 4 MB of log (SQLite's default checkpoint interval), more than its packs
                 c.execute("PRAGMA wal_autocheckpoint=256")
                 c.execute("PRAGMA journal_size_limit=1048576")
+            c.catalog_path = self.path
             c.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = c
         return c
@@ -579,6 +603,12 @@ class Catalog:
             "SELECT DISTINCT c.id FROM commits c JOIN commit_objects o ON o.commit_id = c.id "
             "WHERE c.run = ? AND o.name GLOB ?", (run, pattern))]
 
+    def rewrite_of(self, cid: str) -> Optional[str]:
+        """The commit that replaced ``cid`` when retention rewrote it (its ``info.derived_from``)."""
+        r = self.conn.execute("SELECT id FROM commits WHERE info LIKE ? LIMIT 1",
+                              (f'%"derived_from": "{cid}"%',)).fetchone()
+        return r[0] if r else None
+
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")
@@ -626,7 +656,11 @@ class Catalog:
         ))
 
     def packs(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT name, size FROM packs"))
+        out = dict(self.conn.execute("SELECT name, size FROM packs"))
+        if any(not isinstance(n, str) or not isinstance(v, int) for n, v in out.items()):
+            raise CatalogDamagedError(f"the packs table of {self.path} is damaged (a row without a name or size); "
+                                      "restore the catalog from a backup, or pull the repository again")
+        return out
 
 
 def commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[tuple[str, str, str, str]]:
@@ -650,6 +684,8 @@ def commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[
 def catalog_error(exc: BaseException, path: Path) -> CoralError:
     """The :class:`CoralError` for an sqlite3 (or OS) failure on the catalog at ``path``."""
     msg = str(exc)
+    if isinstance(exc, UnicodeDecodeError):  # sqlite3 decoding the file's own text (see _Connection)
+        msg = f"text stored in it is not valid UTF-8: {exc.reason}"
     low = msg.lower()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "database or disk is full" in low:
         return DiskFullError(
@@ -675,6 +711,34 @@ _INDEXES = ("CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
             "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);")
 
 
+class _Connection(sqlite3.Connection):
+    """The catalog's connections. Where the file's own text is not valid UTF-8 (a damaged schema
+    or name that SQLite quotes in an error message, or a column name), sqlite3 raises
+    ``UnicodeDecodeError`` from the statement instead of its own error: every statement here
+    raises :class:`CatalogDamagedError` for it. (A damaged text *value* is sqlite3's
+    ``OperationalError`` already, which the repository names.)"""
+
+    catalog_path: Path = Path("catalog.sqlite")
+
+    def execute(self, *args: Any) -> sqlite3.Cursor:
+        try:
+            return super().execute(*args)
+        except UnicodeDecodeError as exc:
+            raise catalog_error(exc, self.catalog_path) from exc
+
+    def executemany(self, *args: Any) -> sqlite3.Cursor:
+        try:
+            return super().executemany(*args)
+        except UnicodeDecodeError as exc:
+            raise catalog_error(exc, self.catalog_path) from exc
+
+    def executescript(self, *args: Any) -> sqlite3.Cursor:
+        try:
+            return super().executescript(*args)
+        except UnicodeDecodeError as exc:
+            raise catalog_error(exc, self.catalog_path) from exc
+
+
 def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
     """Switch to WAL. Changing the journal mode needs an exclusive lock and SQLite does not always
     wait for it (seen when several processes create one repository at once), so retry here."""
@@ -692,7 +756,11 @@ def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
 
 
 def _object(r: tuple) -> ObjectRow:
-    h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
+    try:
+        h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
+    except ValueError:  # a damaged schema: the table has other columns
+        raise CatalogDamagedError(f"the catalog's objects table has {len(r)} columns, not 13: its schema is "
+                                  "damaged; restore it from a backup, or pull the repository again") from None
     try:
         dims = json.loads(shape)
         if not isinstance(dims, list):

@@ -7,6 +7,8 @@ packs), kept apart because none of it is on the save or load path.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 import socket
 import time
@@ -33,12 +35,10 @@ LEASE_TTL_S = 7 * 86400.0
 if TYPE_CHECKING:
     from .. import adapters, sharded
     from ..storage import hdf5_store
-    from . import remote
 else:
     adapters = LazyModule("coral_torch.adapters")
     sharded = LazyModule("coral_torch.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")
-    remote = LazyModule("coral_torch.repository.remote")
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ class Maintenance:
                 children.setdefault(r.base or "", []).append(r)
         packs_dir = self.path / PACKS_DIR
         pack_sizes = self.catalog.packs()
+        if not all(isinstance(p, str) and p and "/" not in p for p in pack_sizes):
+            raise CatalogDamagedError(f"a pack name in the catalog {self.catalog.path} is damaged "
+                                      f"({sorted(map(repr, pack_sizes))[:3]}); restore the catalog from a backup, "
+                                      "or pull the repository again")
         known_packs = set(pack_sizes)
         report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
         # a pack whose size changed since it was published was truncated or overwritten: even
@@ -143,6 +147,9 @@ class Maintenance:
                 continue
             if size is not None and actual != size:
                 resized[p] = f"pack {p} is {actual} bytes, {size} when written (truncated or overwritten)"
+        # HDF5 never returns from decoding some damaged global heaps (where the objects' JSON
+        # attributes live): such a pack is not handed to HDF5 here, and gc and push would hang on it
+        hangs = {p: f"pack {p}: {why}" for p in pack_sizes if (why := _global_heap_problem(packs_dir / p))}
         report.orphan_files = sorted(
             p.name for p in packs_dir.iterdir() if p.name not in known_packs
         ) if packs_dir.exists() else []
@@ -164,8 +171,8 @@ class Maintenance:
             while stack:
                 o, braw, owned = stack.pop()
                 report.objects_checked += 1
-                if o.pack in resized:
-                    mark_damaged(o, resized[o.pack])
+                if o.pack in resized or o.pack in hangs:
+                    mark_damaged(o, resized.get(o.pack) or hangs[o.pack])
                     continue
                 try:
                     if braw is not None and not owned:
@@ -186,7 +193,7 @@ class Maintenance:
         # what push and gc read: every object through HDF5, where the catalog says it is
         for p in sorted(known_packs - set(report.missing_packs)):
             in_pack = [r for r in rows if r.pack == p]
-            why, bad = self._check_pack_structure(p, in_pack)
+            why, bad = (hangs[p], {}) if p in hangs else self._check_pack_structure(p, in_pack)
             if why is not None:
                 report.unreadable_packs[p] = why
                 bad = {r.hash: why for r in in_pack}
@@ -210,8 +217,17 @@ class Maintenance:
                     sharded.check_layout(manifest)
                 else:
                     adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
-                # the document push sends: its other fields, and the object list gc trusts
-                remote._check_commit_doc(remote._commit_doc(self, cid), cid, str(self.catalog.path))
+                # what gc trusts and push sends besides the manifest: the object list, the other fields
+                if {h for _, h, _ in self.catalog.commit_objects(cid)} != {e.hash for e in manifest.tensors}:
+                    raise CatalogDamagedError("its object list in the catalog is not its manifest's (gc would "
+                                              "remove objects it needs)")
+                row = got[0]
+                refnames.validate_component(row.run, "run")
+                if not (row.parent is None or (isinstance(row.parent, str) and len(row.parent) == 32)) or not all(
+                        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (row.epoch, row.step)) \
+                        or not isinstance(row.time, (int, float)) or not math.isfinite(row.time) or not all(
+                        isinstance(v, int) and v >= 0 for v in (row.logical_bytes, row.new_bytes)):
+                    raise CatalogDamagedError("its parent, epoch, step, time or sizes have the wrong type")
             except CoralError as exc:
                 report.damaged_manifests[cid] = str(exc)
         try:
@@ -259,8 +275,7 @@ class Maintenance:
                     continue
                 why = _attrs_mismatch(o, prep.attrs)
                 if why is None and o.offset is not None:
-                    dsid = store.file[group][o.hash].id
-                    where = (dsid.get_offset(), int(dsid.get_storage_size()))
+                    where = store.location(o.hash, group)
                     if where != (o.offset, o.length) or int(prep.payload.nbytes) != o.length:
                         why = (f"HDF5 reads it at {where} in pack {name}, the catalog says {(o.offset, o.length)} "
                                "(the pack's HDF5 metadata is damaged)")
@@ -592,6 +607,33 @@ def _attrs_mismatch(o: ObjectRow, a: dict[str, Any]) -> Optional[str]:
         return f"its HDF5 attribute is damaged ({type(exc).__name__}: {exc})"
     if got != want:
         return f"its HDF5 attribute says {got}, the catalog {want} (the attribute is damaged)"
+    return None
+
+
+def _global_heap_problem(path: Path) -> Optional[str]:
+    """Why HDF5 would loop forever reading the file at ``path``, or None. It decodes a global heap
+    collection (signature ``GCOL``) object header by object header, and an index-0 header of size
+    0 (a damaged size or index) does not move it on: it spins there, holding h5py's lock. The same
+    walk here, over every collection found by its signature, stops at such a header."""
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            end_of_file = len(mm)
+            at = mm.find(b"GCOL")
+            while at >= 0:
+                size = int.from_bytes(mm[at + 8 : at + 16], "little") if at + 16 <= end_of_file else 0
+                if mm[at + 4 : at + 5] == b"\x01" and 16 < size and at + size <= end_of_file:
+                    p, end = at + 16, at + size  # header: signature, version, 3 reserved, size
+                    while p + 16 <= end:  # object: index (2), references (2), reserved (4), size (8), data
+                        index = int.from_bytes(mm[p : p + 2], "little")
+                        n = int.from_bytes(mm[p + 8 : p + 16], "little")
+                        step = 16 + (n + 7) // 8 * 8 if index else n  # index 0: free space, size as is
+                        if step == 0:
+                            return (f"its HDF5 global heap at byte {at} is damaged (object header at byte {p}); "
+                                    "HDF5 would not return reading it")
+                        p += step
+                at = mm.find(b"GCOL", at + 4)
+    except (OSError, ValueError):  # unreadable or empty: the other checks name that
+        return None
     return None
 
 

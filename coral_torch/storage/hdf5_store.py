@@ -505,20 +505,55 @@ class HDF5Store(WeightStore):
             )
         return payload
 
+    def _dataset(self, group: str, key: str) -> Optional[h5py.Dataset]:
+        """The dataset of ``key`` in ``group``, None if there is none. What HDF5 meets finding and
+        opening it in a damaged file (group index, object header) is :class:`CorruptObjectError`."""
+        self._readable()
+        try:
+            g = self._group(group)
+            ds = g[key] if key in g else None  # not g.get(): that takes HDF5's failure to open it for absence
+        except (KeyError, RuntimeError, ValueError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # the OS's I/O error: named as such above
+                raise
+            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
+                                     f"damaged ({type(exc).__name__}: {exc})", hash_key=key) from exc
+        if ds is not None and not isinstance(ds, h5py.Dataset):  # a damaged object header's type
+            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: HDF5 finds a "
+                                     f"{type(ds).__name__} there, not a dataset (its header is damaged)", hash_key=key)
+        return ds
+
+    def location(self, key: str, group: str = "weights") -> Optional[tuple[int, int]]:
+        """``(file offset, length)`` of the bytes HDF5 reads as the payload of ``key`` (its dataset's
+        contiguous storage), or None if it is stored otherwise; :class:`CorruptObjectError` if HDF5
+        cannot open it."""
+        self._readable()
+        try:
+            dsid = h5py.h5d.open(self._group(group).id, key.encode())
+            offset = dsid.get_offset()
+            return None if offset is None else (int(offset), int(dsid.get_storage_size()))
+        except (KeyError, RuntimeError, ValueError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
+            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
+                                     f"damaged ({type(exc).__name__}: {exc})", hash_key=key) from exc
+
     def read_prepared(self, key: str, group: str = "weights") -> Optional[PreparedObject]:
         """The stored payload and attributes of one object, exactly as written, checksum-verified
         but not decoded. Used to copy objects between stores without re-encoding."""
-        g = self._readable()[group]
-        if key not in g:
+        ds = self._dataset(group, key)
+        if ds is None:
             return None
-        ds = g[key]
         attrs = _read_attrs(ds, key)
         payload = self._read_payload(ds, key, attrs)
-        if group == "weights":
-            logical = int(attrs.get("nbytes", payload.nbytes))
-        else:
-            shape = tuple(int(x) for x in attrs["original_shape"])
-            logical = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(attrs["original_dtype"]))
+        try:
+            if group == "weights":
+                logical = int(attrs.get("nbytes", payload.nbytes))
+            else:
+                shape = tuple(int(x) for x in attrs["original_shape"])
+                logical = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(attrs["original_dtype"]))
+        except (KeyError, ValueError, TypeError, CoralError) as exc:
+            raise CorruptObjectError(f"metadata of object {key} in {self.filepath} is damaged: {exc!r}",
+                                     hash_key=key) from exc
         return PreparedObject(key, group, payload, attrs, logical)
 
     def load(self, hash_key: str) -> Optional[WeightTensor]:
@@ -527,10 +562,9 @@ class HDF5Store(WeightStore):
         Raises:
             HashMismatchError / CorruptObjectError: the stored bytes are damaged.
         """
-        group = self._readable()["weights"]
-        if hash_key not in group:
+        ds = self._dataset("weights", hash_key)
+        if ds is None:
             return None
-        ds = group[hash_key]
         attrs = _read_attrs(ds, hash_key)
         meta = self._metadata_from_attrs(attrs, hash_key)
         if meta.hash != hash_key and not attrs.get("custom_key"):
@@ -626,10 +660,9 @@ class HDF5Store(WeightStore):
         Raises:
             CorruptObjectError: the payload or its description is damaged.
         """
-        group = self._readable()["deltas"]
-        if delta_hash not in group:
+        ds = self._dataset("deltas", delta_hash)
+        if ds is None:
             return None
-        ds = group[delta_hash]
         a = _read_attrs(ds, delta_hash)
         payload = self._read_payload(ds, delta_hash, a)
         extra = {k[len("extra_") :]: _py(v) for k, v in a.items() if k.startswith("extra_")}
@@ -756,9 +789,15 @@ def _has_link(group: h5py.Group, key: str) -> bool:
 
 def _read_attrs(ds: h5py.Dataset, key: str) -> Dict[str, Any]:
     """A dataset's metadata: the JSON attribute, or (files from before it) one attribute per field."""
-    raw = ds.attrs.get(META_ATTR)
-    if raw is None:
-        return {k: _py(v) for k, v in ds.attrs.items()}
+    try:
+        raw = ds.attrs.get(META_ATTR)
+        if raw is None:
+            return {k: _py(v) for k, v in ds.attrs.items()}
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # HDF5 attribute storage damaged
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise CorruptObjectError(f"metadata of object {key} cannot be read: {type(exc).__name__}: {exc}",
+                                 hash_key=key) from exc
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
