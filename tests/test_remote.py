@@ -311,16 +311,18 @@ def test_commit_made_during_a_push_is_not_half_pushed(server, bucket, tmp_path, 
     first = A.commit(t.checkpoint(), run="live").commit_id
     trainer_side = Repository(path, workers=2)  # the training process's own handle
     made: list[str] = []
-    real_sync = S3Store.sync_from_local
+    from coral_torch.repository.remote import pushing
 
-    def sync_while_training(self, local, progress=None, **kw):
-        out = real_sync(self, local, progress=progress, **kw)
+    real_upload = pushing.upload_objects
+
+    def upload_while_training(*a, **kw):
+        out = real_upload(*a, **kw)
         if not made:
             t.train()
             made.append(trainer_side.commit(t.checkpoint(), run="live", tags=["mid"]).commit_id)
         return out
 
-    monkeypatch.setattr(S3Store, "sync_from_local", sync_while_training)
+    monkeypatch.setattr(pushing, "upload_objects", upload_while_training)
     A.push(cfg)
     assert made
     assert remote_problems(server.client(), bucket, "during/") == []
@@ -475,7 +477,7 @@ def push_marks(server, fault_source):
     """A whole push of the fault repository through the proxy: its object bytes and, for each commit
     document and ref it wrote, how many bytes had gone up before (prefix and bucket names of the same
     length as the tests' keep the requests the same size)."""
-    from coral_torch.repository import remote as remote_mod
+    from coral_torch.repository.remote import pushing
 
     src, _ = fault_source
     bucket = f"coral-{uuid.uuid4().hex[:12]}"
@@ -483,13 +485,13 @@ def push_marks(server, fault_source):
     A = Repository(src, create=False, workers=2)
     marks: list[tuple[str, int]] = []
     with FaultProxy(server.port, mode="tcp") as proxy, pytest.MonkeyPatch.context() as mp:
-        real_put = remote_mod._put_doc
+        real_put = pushing.write_document
 
         def spy(store, key, doc):
             marks.append((key, proxy.bytes_up))
             return real_put(store, key, doc)
 
-        mp.setattr(remote_mod, "_put_doc", spy)
+        mp.setattr(pushing, "write_document", spy)
         full = A.push(make_config(server, bucket, prefix="cut-x", endpoint_url=proxy.endpoint, max_concurrency=2))
     A.close()
     assert full["commits_uploaded"] == 3 and full["object_bytes"] > 1_000_000
@@ -582,7 +584,9 @@ def test_push_survives_server_stop_and_restart(server, bucket, tmp_path, fault_s
         with FaultProxy(port, mode="tcp") as proxy:  # stands for the network: it drops the dead server's connections
             cfg = make_config(server, bucket, prefix="restart", endpoint_url=proxy.endpoint, max_concurrency=2,
                               connect_timeout=1)
-            real_pair = S3Store._put_object_pair
+            from coral_torch.storage.s3.objects import S3Objects
+
+            real_pair = S3Objects.put_pair
             lock = threading.Lock()
             started = [0]
 
@@ -596,7 +600,7 @@ def test_push_survives_server_stop_and_restart(server, bucket, tmp_path, fault_s
                         proxy.cut_after(0, stay_down=False)
                 return real_pair(self, *a, **kw)
 
-            monkeypatch.setattr(S3Store, "_put_object_pair", put_pair)
+            monkeypatch.setattr(S3Objects, "put_pair", put_pair)
             with pytest.raises(SyncIncompleteError) as ei:
                 A.push(cfg)
             monkeypatch.undo()

@@ -289,7 +289,7 @@ def test_interrupted_upload_is_invisible(server, bucket, store):
     """A payload without its metadata (what an upload cut between the two leaves) is not present."""
     w = sample_weights()["big"]
     h = w.compute_hash()
-    payload, _ = store._encode_weight(w)
+    payload, _ = store.objects.encode_weight(w)
     server.client().put_object(Bucket=bucket, Key=f"weights/{h}", Body=payload.tobytes())
     assert not store.exists(h) and store.load(h) is None and store.list_weights() == []
     assert store.get_storage_info()["orphaned_payloads"] == 1
@@ -726,7 +726,7 @@ def test_server_whose_etags_are_not_md5s(server, bucket, tmp_path, caplog, mode)
                                 upload_verification=mode))
         with caplog.at_level("INFO", logger="coral_torch"):
             h = s.store(small)
-        assert s._etag_md5 is False and any("not the MD5" in r.getMessage() for r in caplog.records)
+        assert s.client.etags_are_md5 is False and any("not the MD5" in r.getMessage() for r in caplog.records)
         assert same(s.load(h), small) and s.check_remote_object("weights", h) is None
         proxy.arm(Fault("corrupt_request", r"^PUT [^?]*/metadata/"))
         hd = s.store_delta(DeltaEncoder().encode(WeightTensor(small.data ^ 1, name="t"), small), "d" * 32)
@@ -740,3 +740,28 @@ def test_server_whose_etags_are_not_md5s(server, bucket, tmp_path, caplog, mode)
             with pytest.raises(IntegrityError):
                 s.load(hb)
         s.close()
+
+
+def test_client_conditional_writes_and_ranges(server, bucket):
+    """The transport's conditional writes: If-None-Match: * creates only, If-Match: <etag> swaps
+    only while the ETag is unchanged; a refused one is PreconditionFailedError and writes nothing."""
+    from coral_torch.format.documents import encode_document
+    from coral_torch.storage.s3.client import PreconditionFailedError, S3Client
+
+    c = S3Client(make_config(server, bucket, prefix="cond"))
+    try:
+        first = c.put_document("refs/main.json", {"kind": "ref", "v": 1}, if_none_match=True)
+        with pytest.raises(PreconditionFailedError) as ei:
+            c.put_document("refs/main.json", {"kind": "ref", "v": 2}, if_none_match=True)
+        assert isinstance(ei.value, RemoteError) and ei.value.__cause__ is None
+        doc, etag = c.get_document("refs/main.json", with_etag=True)
+        assert doc["v"] == 1 and etag == first.etag
+        c.put_document("refs/main.json", {"kind": "ref", "v": 3}, if_match=etag)
+        with pytest.raises(PreconditionFailedError):
+            c.put_document("refs/main.json", {"kind": "ref", "v": 4}, if_match=etag)  # stale ETag
+        assert c.get_document("refs/main.json")["v"] == 3
+        body = encode_document({"kind": "ref", "v": 3})
+        assert c.get_range("refs/main.json", 2, 10) == body[2:12]
+        assert c.get_document("refs/none.json", with_etag=True) == (None, None)
+    finally:
+        c.close()

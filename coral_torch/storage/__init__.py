@@ -12,15 +12,16 @@ from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .hdf5_store import HDF5Store
-    from .s3_store import S3Config, S3Store
+    from .s3.config import S3Config
+    from .s3.store import S3Store
     from .weight_store import WeightStore
 
 #: public name -> submodule that defines it
 _LAZY = {
     "WeightStore": ".weight_store",
     "HDF5Store": ".hdf5_store",
-    "S3Store": ".s3_store",
-    "S3Config": ".s3_store",
+    "S3Store": ".s3.store",
+    "S3Config": ".s3.config",
 }
 
 __all__ = list(_LAZY)

@@ -23,17 +23,15 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import h5py
 import numpy as np
-import xxhash
 
 from .. import codec, dtypes
 from ..parallel import run_parallel
-from ..delta import ARRAY_LAYOUT_KEY, Delta, DeltaType, restore_payload, storage_payload
+from ..delta import ARRAY_LAYOUT_KEY, Delta, restore_payload, storage_payload
 from ..errors import (
     CoralError,
     CompressionUnavailableError,
@@ -44,7 +42,23 @@ from ..errors import (
     StoreError,
     StoreNotFoundError,
 )
-from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from ..format.objects import (  # the one description of a stored object (re-exported here)
+    ENCODING_CODEC,
+    ENCODING_VALUES,
+    EXTRA_PREFIX,
+    PreparedObject,
+    as_text,
+    decode_weight,
+    delta_attrs,
+    delta_from_description,
+    delta_logical_bytes,
+    delta_metadata,
+    jsonable,
+    payload_checksum,
+    weight_attrs,
+    weight_metadata,
+)
+from ..weight_tensor import WeightMetadata, WeightTensor
 from .direct_io import MIN_DIRECT_BYTES, PAGE, PayloadWriter
 from .weight_store import WeightStore
 
@@ -54,8 +68,6 @@ FORMAT_NAME = "coral-torch-hdf5"
 FORMAT_VERSION = 1
 CODEC_COMPRESSION = "coral"
 COMPRESSIONS = (CODEC_COMPRESSION, None, "gzip", "lzf", "szip")
-ENCODING_CODEC = "czp1"  # dataset holds a codec blob
-ENCODING_VALUES = "values"  # dataset holds the values (HDF5 filter, if any)
 _MIN_FILTER_BYTES = 4096
 META_ATTR = "coral"  # JSON metadata of each dataset
 _PWRITE_MIN_BYTES = 1  # codec payloads are written with pwrite (see _create_for_pwrite)
@@ -82,59 +94,10 @@ def _read_only(path: Path, exc: OSError) -> ReadOnlyStoreError:
     return err
 
 
-@dataclass
-class PreparedObject:
-    """An object encoded and ready to be written by :meth:`HDF5Store.write_prepared` (no h5py inside)."""
-
-    key: str
-    group: str  # "weights" or "deltas"
-    payload: Union[np.ndarray, codec.Blob]  # a Blob only from the internal segmented encoders
-    attrs: Dict[str, Any]
-    logical_bytes: int
-    location: Optional[tuple[int, int]] = None  # (file offset, length) once written, if contiguous
-
-    @property
-    def stored_bytes(self) -> int:
-        return int(self.payload.nbytes)
-
-
-def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str,
-                 payload: Union[np.ndarray, codec.Blob]) -> Dict[str, Any]:
-    """The description every store keeps beside a weight's payload (HDF5 attribute, S3 document)."""
-    return {
-        "name": meta.name or "",
-        "shape": [int(x) for x in meta.shape],
-        "dtype": meta.dtype,
-        "layer_type": meta.layer_type or "",
-        "model_name": meta.model_name or "",
-        "hash": digest,
-        "nbytes": int(nbytes),
-        "encoding": encoding,
-        "payload_xxh3": _payload_hash(payload),
-    }
-
-
 def delta_object(delta: Delta, key: str, payload: Union[np.ndarray, codec.Blob]) -> PreparedObject:
     """A delta's payload and description, ready for any store (``delta.data`` is not read)."""
-    attrs: Dict[str, Any] = {
-        "delta_type": delta.delta_type.value,
-        "reference_hash": delta.reference_hash,
-        "original_shape": [int(x) for x in delta.original_shape],
-        "original_dtype": delta.original_dtype,
-        "compression_ratio": float(delta.compression_ratio),
-        "lossless": bool(delta.lossless),
-        "payload_xxh3": _payload_hash(payload),
-    }
-    for k, v in delta.extra.items():
-        attrs[f"extra_{k}"] = v
-    logical = int(np.prod(delta.original_shape, dtype=np.int64)) * dtypes.itemsize(delta.original_dtype)
-    return PreparedObject(key, "deltas", payload, attrs, logical)
-
-
-def _payload_hash(payload: Union[np.ndarray, codec.Blob]) -> str:
-    if isinstance(payload, codec.Blob):
-        return payload.xxh3_64()
-    return xxhash.xxh3_64(memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))).hexdigest()
+    return PreparedObject(key, "deltas", payload, delta_attrs(delta, payload),
+                          delta_logical_bytes(delta.original_shape, delta.original_dtype))
 
 
 def _values_view(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -350,9 +313,9 @@ class HDF5Store(WeightStore):
         obj = delta_object(delta, delta_hash, payload)
         if layout is not None:
             # an extra_ attribute: it travels with the object wherever extras go (S3 sync)
-            obj.attrs[f"extra_{ARRAY_LAYOUT_KEY}"] = layout
+            obj.attrs[f"{EXTRA_PREFIX}{ARRAY_LAYOUT_KEY}"] = layout
         else:
-            obj.attrs.pop(f"extra_{ARRAY_LAYOUT_KEY}", None)
+            obj.attrs.pop(f"{EXTRA_PREFIX}{ARRAY_LAYOUT_KEY}", None)
         return obj
 
     # ------------------------------------------------------------------------------- write
@@ -382,7 +345,7 @@ class HDF5Store(WeightStore):
                 # one JSON attribute, not one HDF5 attribute per field: measured ~4x cheaper per
                 # dataset to write and to read (h5py attribute calls dominate small tensors);
                 # written with the low-level API (3x cheaper than ds.attrs[...] = ..., same type)
-                text = json.dumps(_jsonable(obj.attrs), separators=(",", ":"))
+                text = json.dumps(jsonable(obj.attrs), separators=(",", ":"))
                 aid = h5py.h5a.create(dsid, META_ATTR.encode(), _JSON_TYPE, h5py.h5s.create(h5py.h5s.SCALAR))
                 aid.write(np.array(text, dtype=h5py.string_dtype("utf-8")))
             except Exception:
@@ -497,7 +460,7 @@ class HDF5Store(WeightStore):
             ) from exc
         payload = np.asarray(payload)
         expected = (attrs if attrs is not None else _read_attrs(ds, hash_key)).get("payload_xxh3")
-        if expected is not None and _payload_hash(payload) != _str(expected):
+        if expected is not None and payload_checksum(payload) != as_text(expected):
             raise CorruptObjectError(
                 f"object {hash_key} in {self.filepath} is damaged (payload checksum mismatch); "
                 "it was not returned",
@@ -549,8 +512,7 @@ class HDF5Store(WeightStore):
             if group == "weights":
                 logical = int(attrs.get("nbytes", payload.nbytes))
             else:
-                shape = tuple(int(x) for x in attrs["original_shape"])
-                logical = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(attrs["original_dtype"]))
+                logical = delta_logical_bytes(attrs["original_shape"], as_text(attrs["original_dtype"]))
         except (KeyError, ValueError, TypeError, CoralError) as exc:
             raise CorruptObjectError(f"metadata of object {key} in {self.filepath} is damaged: {exc!r}",
                                      hash_key=key) from exc
@@ -574,25 +536,8 @@ class HDF5Store(WeightStore):
                 hash_key=hash_key,
             )
         payload = self._read_payload(ds, hash_key, attrs)
-        if _str(attrs.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
-            raw = codec.decode(payload, hash_key=hash_key)
-        else:
-            raw = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
-        if raw.size != meta.nbytes:
-            raise CorruptObjectError(
-                f"object {hash_key} decodes to {raw.size} bytes, expected {meta.nbytes}", hash_key=hash_key
-            )
-        expected = meta.hash or hash_key
-        actual = content_hash(raw, meta.dtype, meta.shape)
-        if actual != expected:
-            raise HashMismatchError(
-                f"object {hash_key} in {self.filepath} is corrupt: its bytes hash to {actual}, "
-                f"not {expected}; it was not returned",
-                hash_key=hash_key,
-            )
-        weight = WeightTensor.from_raw(raw, meta)
-        weight._hash = actual
-        return weight
+        return decode_weight(payload, attrs, hash_key, f" in {self.filepath}", default_encoding=ENCODING_VALUES,
+                             copy=False)
 
     def load_batch(self, hash_keys: List[str]) -> Dict[str, WeightTensor]:
         out: Dict[str, WeightTensor] = {}
@@ -607,30 +552,12 @@ class HDF5Store(WeightStore):
         if hash_key in f["weights"]:
             return self._metadata_from_attrs(_read_attrs(f["weights"][hash_key], hash_key), hash_key)
         if hash_key in f["deltas"]:
-            a = _read_attrs(f["deltas"][hash_key], hash_key)
-            return WeightMetadata(
-                name="",
-                shape=tuple(int(x) for x in a["original_shape"]),
-                dtype=_str(a["original_dtype"]),
-                hash=hash_key,
-                compression_info={"delta_type": _str(a["delta_type"])},
-            )
+            return delta_metadata(_read_attrs(f["deltas"][hash_key], hash_key), hash_key)
         return None
 
     @staticmethod
     def _metadata_from_attrs(attrs: Any, hash_key: str) -> WeightMetadata:
-        try:
-            return WeightMetadata(
-                name=_str(attrs["name"]),
-                shape=tuple(int(x) for x in attrs["shape"]),
-                dtype=_str(attrs["dtype"]),
-                layer_type=_str(attrs.get("layer_type", "")) or None,
-                model_name=_str(attrs.get("model_name", "")) or None,
-                hash=_str(attrs.get("hash", hash_key)),
-                compression_info={"encoding": _str(attrs.get("encoding", ENCODING_VALUES))},
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptObjectError(f"metadata of object {hash_key} is damaged: {exc}", hash_key=hash_key) from exc
+        return weight_metadata(attrs, hash_key, default_encoding=ENCODING_VALUES)
 
     def list_weights(self) -> List[str]:
         return list(self._readable()["weights"].keys())
@@ -665,21 +592,9 @@ class HDF5Store(WeightStore):
             return None
         a = _read_attrs(ds, delta_hash)
         payload = self._read_payload(ds, delta_hash, a)
-        extra = {k[len("extra_") :]: _py(v) for k, v in a.items() if k.startswith("extra_")}
-        layout = extra.pop(ARRAY_LAYOUT_KEY, None)
-        data = restore_payload(payload.reshape(-1).view(np.uint8), layout, key=delta_hash)
-        try:
-            return Delta(
-                delta_type=DeltaType(_str(a["delta_type"])),
-                data=data,
-                original_shape=tuple(int(x) for x in a["original_shape"]),
-                original_dtype=_str(a["original_dtype"]),
-                reference_hash=_str(a["reference_hash"]),
-                compression_ratio=float(a.get("compression_ratio", 1.0)),
-                extra=extra,
-            )
-        except (KeyError, ValueError, TypeError, CoralError) as exc:
-            raise CorruptObjectError(f"delta {delta_hash} metadata is damaged: {exc}", hash_key=delta_hash) from exc
+        layout_attr = f"{EXTRA_PREFIX}{ARRAY_LAYOUT_KEY}"  # how data is given back; not one of the delta's extras
+        data = restore_payload(payload.reshape(-1).view(np.uint8), a.get(layout_attr), key=delta_hash)
+        return delta_from_description({k: v for k, v in a.items() if k != layout_attr}, data, delta_hash)
 
     def delta_exists(self, delta_hash: str) -> bool:
         return delta_hash in self._readable()["deltas"]
@@ -716,7 +631,7 @@ class HDF5Store(WeightStore):
             a = _read_attrs(ds, key)
             total += int(a.get("nbytes", ds.nbytes))
             compressed += int(ds.id.get_storage_size())
-            if _str(a.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
+            if as_text(a.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
                 found.add(CODEC_COMPRESSION)
             else:
                 found.add(str(ds.compression))
@@ -748,8 +663,7 @@ class HDF5Store(WeightStore):
             n += 1
             size += int(ds.id.get_storage_size())
             a = _read_attrs(ds, key)
-            shape = tuple(int(x) for x in a["original_shape"])
-            original += int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(_str(a["original_dtype"]))
+            original += delta_logical_bytes(a["original_shape"], as_text(a["original_dtype"]))
         return {
             "total_deltas": n,
             "total_delta_bytes": size,
@@ -805,22 +719,6 @@ def _read_attrs(ds: h5py.Dataset, key: str) -> Dict[str, Any]:
         return doc
     except (ValueError, TypeError) as exc:
         raise CorruptObjectError(f"metadata of object {key} is damaged: {exc}", hash_key=key) from exc
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode()
-    return v
-
-
-def _str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _py(v: Any) -> Any:

@@ -1,0 +1,97 @@
+"""Sources and sinks of the sync engine (:mod:`.sync`) for local stores and S3 remotes."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+from ...format.objects import DELTAS, WEIGHTS, PreparedObject
+from .objects import S3Objects, check_key
+from .sync import Pending
+
+__all__ = ["S3ObjectSource", "S3ObjectSink", "LocalSource", "LocalSink"]
+
+
+class LocalSource:
+    """Objects of a local store, read (checksum-verified, not decoded) on the calling thread."""
+
+    def __init__(self, store: Any, where: Optional[str] = None, keys: Optional[Mapping[str, List[str]]] = None):
+        self.store = store
+        self.where = where or str(getattr(store, "filepath", store))
+        self._keys = keys
+
+    def list_objects(self) -> Mapping[str, List[str]]:
+        if self._keys is not None:
+            return self._keys
+        return {WEIGHTS: self.store.list_weights(), DELTAS: self.store.list_deltas()}
+
+    def open(self, group: str, key: str) -> Optional[Pending]:
+        obj = self.store.read_prepared(key, group)
+        if obj is None:
+            return None
+        return Pending(int(obj.payload.nbytes), lambda: (obj, 0))
+
+
+class LocalSink:
+    """A local store that objects are written into (on the calling thread: h5py is not thread-safe)."""
+
+    concurrent = False
+
+    def __init__(self, store: Any, where: Optional[str] = None):
+        self.store = store
+        self.where = where or str(getattr(store, "filepath", store))
+
+    def present(self) -> Mapping[str, Mapping[str, Any]]:
+        return {WEIGHTS: dict.fromkeys(self.store.list_weights()), DELTAS: dict.fromkeys(self.store.list_deltas())}
+
+    def accept(self, group: str, key: str) -> None:
+        check_key(key)  # a key from the remote: it must be one a store can hold
+
+    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+        return None
+
+    def write(self, obj: PreparedObject) -> int:
+        self.store.write_prepared(obj)
+        return 0
+
+    def flush(self) -> None:
+        self.store.flush()
+
+
+class S3ObjectSource:
+    """The objects of an S3 remote, downloaded and verified on the workers."""
+
+    def __init__(self, objects: S3Objects):
+        self.objects = objects
+        self.where = objects.url
+
+    def list_objects(self) -> Mapping[str, List[str]]:
+        weights, deltas = self.objects.list_metadata()
+        return {WEIGHTS: weights, DELTAS: deltas}
+
+    def open(self, group: str, key: str) -> Optional[Pending]:
+        return Pending(0, lambda: self.objects.fetch(group, key))
+
+
+class S3ObjectSink:
+    """An S3 remote that objects are uploaded to (verified) on the workers."""
+
+    concurrent = True
+
+    def __init__(self, objects: S3Objects):
+        self.objects = objects
+        self.where = objects.url
+
+    def present(self) -> Dict[str, Dict[str, Any]]:
+        return self.objects.present()  # type: ignore[return-value]
+
+    def accept(self, group: str, key: str) -> None:
+        check_key(key)
+
+    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+        return self.objects.check_remote_object(group, key, entry)
+
+    def write(self, obj: PreparedObject) -> int:
+        return self.objects.put_prepared(obj)
+
+    def flush(self) -> None:
+        pass
