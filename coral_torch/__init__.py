@@ -16,11 +16,12 @@ from .lazy import lazy_exports
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .api import load, open_repository, save
+    from .api import load, save
     from .dedup import DeduplicationResult, Deduplicator
     from .delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
     from .errors import CoralError
-    from .repository import CommitStats, Repository, VerifyReport
+    from .repository import CommitOptions, CommitStats, Repository, VerifyReport
+    from .repository.handles import open_repository
     from .storage import HDF5Store, S3Config, S3Store, WeightStore
     from .weight_tensor import WeightMetadata, WeightTensor
 
@@ -28,9 +29,10 @@ if TYPE_CHECKING:
 _LAZY = {
     "save": ".api",
     "load": ".api",
-    "open_repository": ".api",
+    "open_repository": ".repository.handles",
     "Repository": ".repository",
     "CommitStats": ".repository",
+    "CommitOptions": ".repository",
     "VerifyReport": ".repository",
     "CoralError": ".errors",
     "WeightTensor": ".weight_tensor",

@@ -13,11 +13,9 @@ from __future__ import annotations
 import io
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .delta import DeltaConfig
 from .errors import (
     CheckpointNotFoundError,
     CoralError,
@@ -26,59 +24,24 @@ from .errors import (
     RefNotFoundError,
     UnsafeCheckpointError,
 )
+from .checkpoint_files import commit_with_pointer
+from .defaults import REPOSITORY_DIR
 from .pointers import (
     MAX_POINTER_BYTES,
     Pointer,
     looks_like_pointer,
     parse_pointer,
     pointer_bytes,
-    pointer_ref_name,
     read_pointer_file,
-    write_pointer,
 )
-from .repository import Repository
+from .repository.handles import RepoLike, close_repositories, open_repository
+from .repository.options import CommitOptions
 from .retention import Policy, optimizer_policy
 
-RepoLike = Union[str, os.PathLike, Repository, None]
-
-_open: dict[Path, Repository] = {}
-_open_lock = threading.Lock()
-
-
-def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config: Optional[DeltaConfig] = None) -> Repository:
-    """The process-wide :class:`Repository` for a path: a cache of open handles (catalog
-    connections, pack descriptors), reopened if the directory was deleted or replaced. What a save
-    stores never depends on it: delta bases are read back from the repository. ``None`` means
-    ``$CORAL_REPO`` or ``./.coral``. A ``delta_config`` given here applies to the shared instance
-    from now on."""
-    if isinstance(repo, Repository):
-        return repo
-    path = Path(repo if repo is not None else os.environ.get("CORAL_REPO", ".coral")).absolute()
-    with _open_lock:
-        r = _open.get(path)
-        if r is not None and r.stale:  # the directory was removed or replaced meanwhile
-            r.close()
-            r = None
-        if r is None:
-            r = Repository(path, create=create, delta_config=delta_config)
-            _open[path] = r
-        elif delta_config is not None:
-            r.delta_config = delta_config
-        return r
-
+__all__ = ["close_repositories", "load", "open_repository", "read_pointer", "save"]
 
 _FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl", ".safetensors")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def close_repositories() -> None:
-    """Close every repository :func:`open_repository` keeps open in this process (file handles,
-    caches); the next use reopens them. For long-lived processes and tests."""
-    with _open_lock:
-        repos = list(_open.values())
-        _open.clear()
-    for r in repos:
-        r.close()
 
 
 def save(
@@ -137,32 +100,30 @@ def save(
     opt_policy = optimizer_policy(keep_optimizer, monitor, mode) if keep_optimizer is not None else None
     if opt_policy is not None and keep is None:
         raise CoralError("keep_optimizer needs keep=... (a retention policy for the run): give both")
-    options: dict[str, Any] = dict(
+    is_path = isinstance(f, (str, os.PathLike))
+    if not (f is None or is_path or hasattr(f, "write")):
+        raise CoralError(f"f must be a path, a writable binary file object or None, not {type(f).__name__}")
+    # a pointer file's ref keeps the commit; without one, a keep/<id> ref does
+    options = CommitOptions(
         run=run, tags=tags, message=message, metrics=metrics, monitor=monitor, mode=mode, epoch=epoch, step=step,
-        keep_optimizer=opt_policy, release_files=True,
-        # optimizer state that may be stripped later is stored whole, so it can be freed on its own
-        no_delta_prefixes=("optimizer_states/",) if opt_policy is not None else (),
+        keep=keep if keep is not None else not is_path, keep_optimizer=opt_policy, release_files=True,
     )
+    # optimizer state that may be stripped later is stored whole, so it can be freed on its own
+    no_delta = ("optimizer_states/",) if opt_policy is not None else ()
     if f is None:
-        r = open_repository(repo)
-        return r.commit(obj, keep=keep if keep is not None else True, **options).commit_id
-    if isinstance(f, (str, os.PathLike)):
+        return open_repository(repo).commit(obj, options=options, no_delta_prefixes=no_delta).commit_id
+    if is_path:
         pointer = Path(os.fsdecode(f))
         if pointer.is_dir():
             raise CoralError(f"cannot save to {pointer}: it is a directory; give a file path such as {pointer / 'last.pt'}")
-        r = open_repository(repo if repo is not None else pointer.parent / ".coral")
-        # the pointer's ref is published with the commit, then the file is written: until then the
-        # ref is younger than gc's grace period, so gc leaves it alone
-        stats = r.commit(obj, keep=keep if keep is not None else False, refs=[pointer_ref_name(pointer, r.path)],
-                         **options)
-        write_pointer(pointer, stats.commit_id, r.path)
+        r = open_repository(repo if repo is not None else pointer.parent / REPOSITORY_DIR)
+        stats = commit_with_pointer(pointer, r.path, options,
+                                    lambda o: r.commit(obj, options=o, no_delta_prefixes=no_delta))
         return stats.commit_id
-    if hasattr(f, "write"):
-        r = open_repository(repo)
-        cid = r.commit(obj, keep=keep if keep is not None else True, **options).commit_id
-        f.write(pointer_bytes(cid, str(r.path)))
-        return cid
-    raise CoralError(f"f must be a path, a writable binary file object or None, not {type(f).__name__}")
+    r = open_repository(repo)
+    cid = r.commit(obj, options=options, no_delta_prefixes=no_delta).commit_id
+    f.write(pointer_bytes(cid, str(r.path)))
+    return cid
 
 
 def read_pointer(path: Union[str, os.PathLike]) -> Optional[tuple[str, Path]]:

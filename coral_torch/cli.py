@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
+from . import refnames
 from ._version import __version__
 from .errors import CoralError, NotARepositoryError, RefNotFoundError
 from .inspect import tensor_change, tensor_index, tensors_of
@@ -52,16 +53,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _open_repo(args: argparse.Namespace, *, create: bool = False) -> Repository:
-    from .repository import Repository
+    from .repository.handles import open_repository, repository_path
 
-    path = args.repo or os.environ.get("CORAL_REPO", ".coral")
     try:
-        return Repository(path, create=create)
+        return open_repository(args.repo or None, create=create)
     except NotARepositoryError as exc:
         if create:
             raise
         raise CliError(
-            f"{Path(path).absolute()} is not a coral-torch repository (no catalog.sqlite); point --repo or "
+            f"{repository_path(args.repo or None)} is not a coral-torch repository (no catalog.sqlite); point --repo or "
             "$CORAL_REPO at one (e.g. --repo ckpts/.coral), or create one with `coral-torch import FILE.ckpt`"
         ) from exc
 
@@ -96,29 +96,9 @@ def cmd_log(args: argparse.Namespace) -> int:
     table = [[r.short_id + (" LOSSY" if r.lossy else ""), r.run, "" if r.epoch is None else r.epoch, "" if r.step is None else r.step,
               _short_metrics(r.metrics), _human(r.logical_bytes), _human(r.new_bytes),
               f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
-              ", ".join(dict.fromkeys(_pretty_ref(x) for x in r.refs))] for r in rows]
+              ", ".join(dict.fromkeys(refnames.display_name(x) for x in r.refs))] for r in rows]
     print(_table(table, ["commit", "run", "epoch", "step", "metrics", "logical", "stored", "ratio", "refs"]))
     return 0
-
-
-def _pretty_ref(name: str) -> str:
-    if name.startswith("keep/") or "/keep/" in name:
-        return "kept"
-    if "/top/" in name:
-        return "top-k"
-    if name.startswith("tags/"):
-        return "tag:" + name[5:]
-    if name.startswith("runs/") and name.endswith("/latest"):
-        return name[5:]
-    if name.startswith("runs/") and name.endswith("/best"):
-        return name[5:]
-    if name.startswith("saves/"):
-        return "dcp-save"
-    if name.startswith("leases/"):
-        return "resumed-by:" + name[len("leases/"):].rsplit("/", 1)[0]
-    if name.startswith("files/"):
-        return name[6:]
-    return name
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -320,13 +300,13 @@ def _has_tensors(obj: Any, depth: int = 0) -> bool:
 def cmd_tag(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     if args.delete:
-        if not repo.delete_ref(f"tags/{args.delete}"):
+        if not repo.delete_ref(refnames.tag_ref(args.delete, check=False)):
             raise CliError(f"no tag {args.delete!r}")
         print(f"deleted tag {args.delete}")
         return 0
     if args.name is None:
-        for name, cid in repo.refs("tags/").items():
-            print(f"{name[5:]}  {cid[:10]}")
+        for name, cid in repo.refs(refnames.TAGS).items():
+            print(f"{name[len(refnames.TAGS):]}  {cid[:10]}")
         return 0
     cid = repo.tag(args.name, args.ref or "latest")
     print(f"tagged {cid[:10]} as {args.name}")
@@ -388,7 +368,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             line += f", {'would delete' if r.dry_run else 'deleted'} {len(r.files_removed)} pointer file(s)"
         print(line)
         for cid, names in r.held.items():
-            print(f"  {cid[:10]} stays: held by {', '.join(_pretty_ref(n) for n in names)}")
+            print(f"  {cid[:10]} stays: held by {', '.join(refnames.display_name(n) for n in names)}")
     if args.yes:
         print(f"freed {_human(total)}")
     else:
@@ -398,7 +378,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .pointers import pointer_ref_name, read_pointer_file
+    from .checkpoint_files import forget_pointer
+    from .pointers import read_pointer_file
 
     repo = _open_repo(args)
     before = repo.stats()["disk_bytes"]
@@ -410,13 +391,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 raise CliError(f"{p} is not a coral-torch pointer file; refusing to delete it")
             if not pointer.repo.exists() or not os.path.samefile(pointer.repo, repo.path):
                 raise CliError(f"{p} points into {pointer.repo}, not {repo.path}; pass --repo {pointer.repo}")
-            ref = pointer_ref_name(p, repo.path)
-            p.unlink()  # the file first: a crash leaves a dead ref, which gc drops
-            repo.delete_ref(ref)
+            forget_pointer(p, repo)  # the file first: a crash leaves a dead ref, which gc drops
             print(f"removed {p} (commit {pointer.commit[:10]})")
             continue
         refs = repo.refs()
-        name = target if target in refs else f"tags/{target}" if f"tags/{target}" in refs else None
+        tag = refnames.tag_ref(target, check=False)
+        name = target if target in refs else tag if tag in refs else None
         if name is None:
             raise CliError(f"{target!r} is neither a pointer file nor a ref in {repo.path}; "
                            "`coral-torch log` shows each commit's refs")

@@ -41,6 +41,7 @@ import xxhash
 import zstandard
 
 from . import planes
+from .defaults import CODEC_LEVEL
 from .errors import CorruptObjectError
 
 MAGIC = b"CZP1"
@@ -50,7 +51,7 @@ _PLANE = struct.Struct("<B7xQ")
 _CHUNKED = struct.Struct("<4sBBHQQ")
 MODE_RAW = 0
 MODE_ZSTD = 1
-DEFAULT_LEVEL = 1
+DEFAULT_LEVEL = CODEC_LEVEL  # coral_torch.defaults holds every default
 # Byte planes of weights are entropy-dominated: few long matches. Level 1 with a tiny match table
 # and the longest minimum match spends less time hunting for short matches. Measured on MiniLM fp32
 # exponent planes (one core): 0.99 GB/s at ratio 0.341, against 0.38 GB/s at 0.369 for plain level 1

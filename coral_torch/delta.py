@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
 import numpy as np
 
-from . import codec, dtypes
+from . import codec, defaults, dtypes
 from .errors import CorruptObjectError, DeltaError, HashMismatchError, UnsupportedTensorError
 from .weight_tensor import WeightMetadata, WeightTensor, _is_torch_tensor
 
@@ -83,7 +83,7 @@ class DeltaConfig:
     min_saving: float = 0.95
     allow_lossy: bool = False
     sparse_threshold: float = 1e-6
-    codec_level: int = codec.DEFAULT_LEVEL
+    codec_level: int = defaults.CODEC_LEVEL
 
     def __post_init__(self) -> None:
         self.delta_type = DeltaType(self.delta_type)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import MalformedPointerError
+from .refnames import FILES
 
 POINTER_KEY = "coral_torch_pointer"
 POINTER_VERSION = 1
@@ -138,16 +139,16 @@ def pointer_ref_name(pointer: Union[str, os.PathLike], repo_path: Union[str, os.
     except ValueError:
         rel = os.pardir
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return "files/abs" + target.replace(os.sep, "/")
-    return "files/" + rel.replace(os.sep, "/")
+        return FILES + "abs" + target.replace(os.sep, "/")
+    return FILES + rel.replace(os.sep, "/")
 
 
 def pointer_path_of_ref(ref: str, repo_path: Union[str, os.PathLike]) -> Optional[Path]:
     """The pointer file a ``files/...`` ref stands for (the inverse of :func:`pointer_ref_name`), or
     ``None`` for another kind of ref."""
-    if not ref.startswith("files/"):
+    if not ref.startswith(FILES):
         return None
-    rest = ref[len("files/"):]
+    rest = ref[len(FILES):]
     if rest.startswith("abs/"):
         return Path("/" + rest[len("abs/"):])
     return Path(os.path.dirname(os.path.abspath(repo_path))) / rest

@@ -24,6 +24,7 @@ RESERVED = frozenset({"latest", "best", "HEAD"})
 _MAX_LENGTH = 1024
 _COMPONENT = re.compile(r"[A-Za-z0-9_.-]+")
 
+RUNS = "runs/"
 TAGS = "tags/"
 FILES = "files/"
 LEASES = "leases/"
@@ -79,7 +80,12 @@ def validate_component(name: object, what: str = "ref") -> str:
 
 # -- builders: every ref name is made here -------------------------------------------------------
 def run_prefix(run: str) -> str:
-    return f"runs/{run}/"
+    return f"{RUNS}{run}/"
+
+
+def run_ref(name: str) -> str:
+    """``runs/<name>``: what :meth:`Repository.resolve` tries for a name such as ``<run>/best``."""
+    return RUNS + name
 
 
 def latest_ref(run: str) -> str:
@@ -104,8 +110,9 @@ def legacy_top_prefix(run: str) -> str:
     return f"runs/{run}/top/"
 
 
-def tag_ref(tag: str) -> str:
-    return TAGS + validate_component(tag, "tag")
+def tag_ref(tag: str, *, check: bool = True) -> str:
+    """``tags/<tag>``; ``check=False`` for a lookup of a name that may not be a valid tag."""
+    return TAGS + (validate_component(tag, "tag") if check else tag)
 
 
 def keep_ref(commit_id: str) -> str:
@@ -114,3 +121,22 @@ def keep_ref(commit_id: str) -> str:
 
 def lease_ref(holder: str) -> str:
     return LEASES + holder
+
+
+def display_name(name: str) -> str:
+    """A ref as ``coral-torch log`` shows it: ``tag:v1``, ``<run>/latest``, ``kept``, the pointer path, ..."""
+    if name.startswith(KEEP) or "/keep/" in name:
+        return "kept"
+    if "/top/" in name:
+        return "top-k"
+    if name.startswith(TAGS):
+        return "tag:" + name[len(TAGS):]
+    if name.startswith(RUNS) and (name.endswith("/latest") or name.endswith("/best")):
+        return name[len(RUNS):]
+    if name.startswith(LEGACY_SAVES):
+        return "dcp-save"
+    if name.startswith(LEASES):
+        return "resumed-by:" + name[len(LEASES):].rsplit("/", 1)[0]
+    if name.startswith(FILES):
+        return name[len(FILES):]
+    return name

@@ -47,19 +47,19 @@ def mode_resume(a: dict) -> None:
 
 
 def mode_kill(a: dict) -> None:
-    import coral_torch.repository.repository as repo_mod
+    from coral_torch.repository.write import ObjectWriter
 
     pl.seed_everything(2, verbose=False)
     repo = Repository(a["repo"])
     delay = float(a.get("delay", 0.0))
     if delay:
-        encode = repo_mod.Repository._encode_one
+        encode = ObjectWriter._encode_one
 
         def slow_encode(self, *args, **kw):  # makes every commit take long enough to be killed in
             time.sleep(delay)
             return encode(self, *args, **kw)
 
-        repo_mod.Repository._encode_one = slow_encode
+        ObjectWriter._encode_one = slow_encode
     commit = repo.commit
 
     def noisy_commit(obj, **kw):

@@ -237,7 +237,7 @@ def test_coral_checkpoint_and_model_checkpoint_share_the_repository(tmp_path, mo
     repo_path, ckdir = tmp_path / ".coral", tmp_path / "ckpts"
     repo = Repository(repo_path)
     calls: list[tuple[str, float, float]] = []
-    real_commit, real_write = repo.commit, repo._write_pack
+    real_commit, real_write = repo.commit, repo.writer.write_pack
 
     bg_in_commit, fg_waiting = threading.Event(), threading.Event()
 
@@ -273,7 +273,7 @@ def test_coral_checkpoint_and_model_checkpoint_share_the_repository(tmp_path, mo
             writes.append((bg, t0, time.monotonic()))
 
     monkeypatch.setattr(repo, "commit", timed_commit)
-    monkeypatch.setattr(repo, "_write_pack", slow_write)
+    monkeypatch.setattr(repo.writer, "write_pack", slow_write)
     cb = CoralCheckpoint(repo=repo, run="both")
     mc = ModelCheckpoint(dirpath=ckdir, filename="{epoch}", save_top_k=-1)
     pl.seed_everything(1, verbose=False)
@@ -562,7 +562,7 @@ def test_waiting_training_thread_helps_finish_the_save(tmp_path, monkeypatch):
     """A save still running when training ends is finished by the training thread too (at its
     priority), not only by the low-priority background thread; the commit is the same."""
     repo = Repository(tmp_path / ".coral")
-    real_encode = repo._encode_one
+    real_encode = repo.writer._encode_one
     threads: list[str] = []
 
     def slow_in_background(*args, **kw):
@@ -572,7 +572,7 @@ def test_waiting_training_thread_helps_finish_the_save(tmp_path, monkeypatch):
             time.sleep(0.05)  # a starved background thread
         return real_encode(*args, **kw)
 
-    monkeypatch.setattr(repo, "_encode_one", slow_in_background)
+    monkeypatch.setattr(repo.writer, "_encode_one", slow_in_background)
     real_commit = repo.commit
     commit_kw: list[dict] = []
     monkeypatch.setattr(repo, "commit", lambda *a, **kw: commit_kw.append(kw) or real_commit(*a, **kw))

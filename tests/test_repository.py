@@ -398,7 +398,7 @@ def test_gc_removes_unreferenced_commits_keeps_delta_bases_and_reclaims_disk(tmp
     # commits were gone, the live delta was stored whole instead, so its bases left the disk too
     listed = {h for c in live for _, h, _ in repo.catalog.commit_objects(c)}
     for o in chain:
-        bases = repo._chain(o.hash)
+        bases = repo.reader.chain(o.hash)
         assert all(repo.catalog.get_object(b.hash) is not None for b in bases)
         assert all(b.hash in listed for b in bases)
     for e in (2, 5):

@@ -312,9 +312,11 @@ def test_a_damaged_delta_base_is_not_relied_on(in_tmp):
 def test_trusted_objects_are_not_read_again(in_tmp, monkeypatch):
     repo = Repository(in_tmp / ".coral")
     repo.commit(state(0), run="r")
+    from coral_torch.repository.read import ObjectReader
+
     builds = []
-    real = Repository._build
-    monkeypatch.setattr(Repository, "_build", lambda self, chain, raw=None: builds.append(1) or real(self, chain, raw))
+    real = ObjectReader.verify_chain
+    monkeypatch.setattr(ObjectReader, "verify_chain", lambda self, chain: builds.append(1) or real(self, chain))
     repo.commit(state(0) | {"b": torch.zeros(16)}, run="r")  # "w" and "fixed" deduplicated: trusted
     assert builds == []
 

@@ -18,9 +18,13 @@ from typing import Any, Callable, Optional, Union
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .. import api
+from ..checkpoint_files import commit_with_pointer, forget_pointer
+from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
-from ..pointers import pointer_ref_name, read_pointer_file, write_pointer
+from ..pointers import read_pointer_file
 from ..repository import Repository
+from ..repository.handles import open_repository
+from ..repository.options import CommitOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +60,10 @@ class CoralCheckpointIO(CheckpointIO):
     # -- repository ------------------------------------------------------------------------
     def repository(self, near: Union[str, os.PathLike, None] = None, *, create: bool = True) -> Repository:
         if self._repo_arg is not None:
-            return api.open_repository(self._repo_arg, create=create)
+            return open_repository(self._repo_arg, create=create)
         if near is not None:
-            return api.open_repository(Path(near).parent / ".coral", create=create)
-        return api.open_repository(None, create=create)
+            return open_repository(Path(near).parent / REPOSITORY_DIR, create=create)
+        return open_repository(None, create=create)
 
     # -- CheckpointIO ----------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Union[str, os.PathLike], storage_options: Optional[Any] = None) -> None:
@@ -69,14 +73,8 @@ class CoralCheckpointIO(CheckpointIO):
             )
         path = Path(path)
         repo = self.repository(path)
-        stats = repo.commit(
-            checkpoint,
-            run=self.run or run_name_from_path(path),
-            keep=False,
-            refs=[pointer_ref_name(path, repo.path)],
-            message=f"checkpoint {path.name}",
-        )
-        write_pointer(path, stats.commit_id, repo.path)
+        options = CommitOptions(run=self.run or run_name_from_path(path), keep=False, message=f"checkpoint {path.name}")
+        stats = commit_with_pointer(path, repo.path, options, lambda o: repo.commit(checkpoint, options=o))
         log.info("saved %s as coral commit %s (%.1f MB written of %.1f MB)", path, stats.commit_id[:10],
                  stats.written_bytes / 1e6, stats.logical_bytes / 1e6)
 
@@ -107,8 +105,8 @@ class CoralCheckpointIO(CheckpointIO):
             pointer = None
         if pointer is not None:
             try:
-                repo = api.open_repository(self._repo_arg if self._repo_arg is not None else pointer.repo, create=False)
-                repo.delete_ref(pointer_ref_name(path, repo.path))
+                forget_pointer(path, open_repository(self._repo_arg if self._repo_arg is not None else pointer.repo,
+                                                     create=False))
             except CoralError as exc:
                 log.warning("could not drop the ref of %s: %s", path, exc)
         path.unlink(missing_ok=True)

@@ -27,12 +27,14 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from .. import api
+from ..defaults import REPOSITORY_DIR
 from ..delta import DeltaConfig
 from ..errors import CoralError
 from ..parallel import HelpBoard
 from ..refnames import best_ref, run_keep_prefix as keep_prefix
 from ..repository import CommitStats, Repository
+from ..repository.handles import open_repository
+from ..repository.options import CommitOptions
 from ..repository.retain import RetentionReport
 from ..retention import KeepAll, KeepNone, Policy, optimizer_policy, top_k_policy
 from ..storage.s3_store import S3Config
@@ -242,10 +244,10 @@ class CoralCheckpoint(Checkpoint):
             if isinstance(self._repo_arg, Repository):
                 self.repo = self._repo_arg
             else:
-                path = self._repo_arg if self._repo_arg is not None else Path(trainer.default_root_dir) / ".coral"
+                path = self._repo_arg if self._repo_arg is not None else Path(trainer.default_root_dir) / REPOSITORY_DIR
                 path = Path(path).absolute()
                 if trainer.is_global_zero:
-                    self.repo = api.open_repository(path, delta_config=self.delta_config)
+                    self.repo = open_repository(path, delta_config=self.delta_config)
                 else:
                     self._repo_path = path
         if self.install_checkpoint_io and not self._sharded and not isinstance(trainer.strategy.checkpoint_io,
@@ -475,19 +477,10 @@ class CoralCheckpoint(Checkpoint):
         parent = self.last_commit or repo.last_loaded or self._resumed_from
         stats = repo.commit(
             checkpoint,
-            run=run,
-            parent=parent,
-            epoch=epoch,
-            step=step,
-            metrics=metrics,
-            keep=self.policy,
-            keep_optimizer=self.optimizer_policy,
-            head=self.save_last,
-            monitor=self.monitor,
-            mode=self.mode,
+            options=self._options(run, epoch, step, metrics, parent=parent, keep_optimizer=self.optimizer_policy,
+                                  head=self.save_last),
             # optimizer state that retention may strip later is stored whole: it is freed on its own
             no_delta_prefixes=() if isinstance(self.optimizer_policy, KeepAll) else (f"{OPTIMIZER_KEY}/",),
-            message=f"epoch {epoch} step {step}",
             workers=self._commit_workers if background else None,
             help_board=self._help if background else None,
             direct_io=background,  # CPU time matters there, not latency
@@ -514,13 +507,16 @@ class CoralCheckpoint(Checkpoint):
         metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
         metrics = {k: v for k, v in metrics.items() if v is not None}
         epoch, step = trainer.current_epoch, trainer.global_step
-        cid = trainer.strategy.commit_sharded(checkpoint, run=run, metrics=metrics, monitor=self.monitor,
-                                              mode=self.mode, message=f"epoch {epoch} step {step}",
-                                              keep=self.policy)
+        cid = trainer.strategy.commit_sharded(checkpoint, options=self._options(run, epoch, step, metrics))
         self.last_commit = cid
         if trainer.is_global_zero:
             self._pending_stats.append({"commit": cid, "epoch": epoch, "step": step,
                                         "stall_s": time.perf_counter() - t0})
+
+    def _options(self, run: str, epoch: int, step: int, metrics: dict[str, float], **more: Any) -> CommitOptions:
+        """What a commit of this callback records: the run's retention policy keeps it."""
+        return CommitOptions(run=run, epoch=epoch, step=step, metrics=metrics, keep=self.policy, monitor=self.monitor,
+                             mode=self.mode, message=f"epoch {epoch} step {step}", **more)
 
     @property
     def best_k(self) -> dict[str, float]:

@@ -26,16 +26,19 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from .. import dcp as coral_dcp
-from ..api import open_repository
+from ..checkpoint_files import commit_with_pointer, forget_pointer
+from ..defaults import REPOSITORY_DIR, default_repository
 from ..errors import CoralError
-from ..pointers import pointer_ref_name, read_pointer_file, write_pointer
+from ..pointers import read_pointer_file
 from ..repository import Repository
+from ..repository.handles import open_repository
+from ..repository.options import CommitOptions
 from ..retention import Policy
 from ..sharded import load_value
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
@@ -50,8 +53,9 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` (FSDP2 / tensor parallel) that checkpoints into a coral-torch repository.
 
     Args:
-        repo: repository directory (default: ``<trainer.default_root_dir>/.coral``); every rank must
-            see it (one host, or a shared file system).
+        repo: repository directory (default: ``<trainer.default_root_dir>/.coral``, as
+            ``CoralCheckpoint``'s; before a trainer is attached, ``$CORAL_REPO`` or ``./.coral``);
+            every rank must see it (one host, or a shared file system).
         run: run name for commits made through ``save_checkpoint`` (default: from the checkpoint path).
         keep: a retention policy (:mod:`coral_torch.retention`) for the run of commits made through
             ``save_checkpoint`` (``ModelCheckpoint``, ``trainer.save_checkpoint``), applied after each
@@ -62,7 +66,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
     def __init__(self, repo: Union[str, os.PathLike, None] = None, *, run: Optional[str] = None,
                  keep: Optional[Policy] = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.repo = repo  #: the repository directory, or None for ``<default_root_dir>/.coral``
+        self.repo = repo  #: the repository directory, or None for the default (see :attr:`repo_path`)
         self.run = run
         self.keep = keep
 
@@ -70,47 +74,40 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
     def repo_path(self) -> Path:
         if self.repo is not None:
             return Path(self.repo).absolute()
-        root = self.lightning_module.trainer.default_root_dir if self.lightning_module is not None else "."
-        return (Path(root) / ".coral").absolute()
+        if self.lightning_module is None:
+            return Path(default_repository()).absolute()
+        return (Path(self.lightning_module.trainer.default_root_dir) / REPOSITORY_DIR).absolute()
 
     # -- saving -------------------------------------------------------------------------------
-    def commit_sharded(
-        self,
-        checkpoint: dict[str, Any],
-        *,
-        run: str,
-        refs: Sequence[str] = (),
-        message: str = "",
-        metrics: Optional[dict[str, Any]] = None,
-        monitor: Optional[str] = None,
-        mode: str = "min",
-        keep: Union[bool, Policy] = False,
-    ) -> str:
+    def commit_sharded(self, checkpoint: dict[str, Any], options: Optional[CommitOptions] = None,
+                       **option_kwargs: Any) -> str:
         """Store a Lightning checkpoint dict (its ``state_dict`` and ``optimizer_states`` sharded) as
-        one commit; every rank calls it and gets the commit id. ``checkpoint`` is consumed. ``keep``:
-        as :class:`~coral_torch.dcp.CoralStorageWriter`'s (a policy is applied by the coordinator)."""
+        one commit; every rank calls it and gets the commit id. ``checkpoint`` is consumed.
+        ``options`` (a :class:`CommitOptions`) or its fields as keyword arguments (``run``, ``refs``,
+        ``message``, ``metrics``, ``monitor``, ``mode``, ``keep``, ...) say what the commit records,
+        as for :class:`~coral_torch.dcp.CoralStorageWriter` (a ``keep`` policy is applied by the
+        coordinator); ``keep`` defaults to False here, ``epoch``/``step`` to the checkpoint's."""
+        if options is None:
+            option_kwargs.setdefault("keep", False)
+        options = CommitOptions.build(options, **option_kwargs)
+        options = options.replace(epoch=checkpoint.get("epoch") if options.epoch is None else options.epoch,
+                                  step=checkpoint.get("global_step") if options.step is None else options.step)
         state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
         for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim_state
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         state[LIGHTNING_META] = buf.getvalue()
-        return coral_dcp.save(
-            state, repo=self.repo_path, run=run, refs=refs, message=message, metrics=metrics or {},
-            epoch=checkpoint.get("epoch"), step=checkpoint.get("global_step"), monitor=monitor, mode=mode,
-            keep=keep,
-        )
+        return coral_dcp.save(state, repo=self.repo_path, options=options)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         path = Path(self.broadcast(str(filepath))).absolute()
-        cid = self.commit_sharded(
-            checkpoint, run=self.run or run_name_from_path(path), refs=[pointer_ref_name(path, self.repo_path)],
-            message=f"checkpoint {path.name}", keep=self.keep if self.keep is not None else False,
-        )
-        if self.global_rank == 0:
-            write_pointer(path, cid, self.repo_path)
+        options = CommitOptions(run=self.run or run_name_from_path(path), message=f"checkpoint {path.name}",
+                                keep=self.keep if self.keep is not None else False)
+        commit_with_pointer(path, self.repo_path, options, lambda o: self.commit_sharded(checkpoint, options=o),
+                            write_file=self.global_rank == 0)  # every rank commits, one writes the file
         self.barrier("coral_save_checkpoint")
 
     # -- loading ------------------------------------------------------------------------------
@@ -162,8 +159,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             except CoralError:
                 pointer = None
             if pointer is not None:
-                open_repository(self.repo_path, create=False).delete_ref(pointer_ref_name(path, self.repo_path))
-                path.unlink(missing_ok=True)
+                forget_pointer(path, open_repository(self.repo_path, create=False))
                 return
         super().remove_checkpoint(filepath)
 

@@ -42,16 +42,23 @@ from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 from ..errors import CoralError  # noqa: E402
 
 from ..repository import Repository  # noqa: E402
+from ..repository.options import CommitOptions  # noqa: E402
 from .reader import CoralStorageReader  # noqa: E402
 from .writer import CoralStorageWriter  # noqa: E402
 
-__all__ = ["CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
+__all__ = ["CommitOptions", "CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
 
 
-def save(state_dict: dict[str, Any], *, repo: Union[str, os.PathLike, Repository] = ".coral", run: str = "default",
-         process_group: Any = None, planner: Any = None, **writer_kwargs: Any) -> str:
-    """``dcp.save`` into ``repo`` on every rank; returns the new commit's id (on every rank)."""
-    writer = CoralStorageWriter(repo, run=run, **writer_kwargs)
+RepoArg = Union[str, os.PathLike, Repository, None]
+
+
+def save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Optional[CommitOptions] = None,
+         process_group: Any = None, planner: Any = None, **option_kwargs: Any) -> str:
+    """``dcp.save`` into ``repo`` (``None``: ``$CORAL_REPO`` or ``./.coral``) on every rank; returns
+    the new commit's id (on every rank). ``options`` (a :class:`CommitOptions`) or its fields as
+    keyword arguments (``run``, ``tags``, ``metrics``, ``keep``, ...) say what the commit records,
+    as for :class:`CoralStorageWriter`."""
+    writer = CoralStorageWriter(repo, options=options, **option_kwargs)
     with _named_failures():
         _dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
     cid = writer.commit_id
@@ -59,19 +66,19 @@ def save(state_dict: dict[str, Any], *, repo: Union[str, os.PathLike, Repository
     return cid
 
 
-def async_save(state_dict: dict[str, Any], *, repo: Union[str, os.PathLike, Repository] = ".coral",
-               run: str = "default", process_group: Any = None, **writer_kwargs: Any):
+def async_save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Optional[CommitOptions] = None,
+               process_group: Any = None, **option_kwargs: Any):
     """``dcp.async_save`` into ``repo``: returns ``(future, writer)``; ``writer.commit_id`` once the
-    future is done."""
-    writer = CoralStorageWriter(repo, run=run, **writer_kwargs)
+    future is done. Options as for :func:`save`."""
+    writer = CoralStorageWriter(repo, options=options, **option_kwargs)
     fut = _dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
     return fut, writer
 
 
-def load(state_dict: dict[str, Any], ref: str = "latest", *, repo: Union[str, os.PathLike, Repository] = ".coral",
+def load(state_dict: dict[str, Any], ref: str = "latest", *, repo: RepoArg = None,
          process_group: Any = None, planner: Any = None, trust_pickles: bool = False) -> Optional[str]:
     """``dcp.load`` of the commit ``ref`` names into ``state_dict`` (in place, resharded to its
-    current layout) on every rank; returns the commit id."""
+    current layout) on every rank; returns the commit id. ``repo`` ``None``: ``$CORAL_REPO`` or ``./.coral``."""
     reader = CoralStorageReader(repo, ref, trust_pickles=trust_pickles)
     with _named_failures():
         _dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Union
 
-from ..api import open_repository
 from ..repository import Repository
+from ..repository.handles import open_repository, repository_path as path_of
+
+RepoArg = Union[str, os.PathLike, Repository, None]
 
 
-def repository_path(repo: Union[str, os.PathLike, Repository]) -> str:
-    """The absolute repository directory of a path or a :class:`Repository`."""
-    return str(repo.path if isinstance(repo, Repository) else Path(repo).absolute())
+def repository_path(repo: RepoArg) -> str:
+    """The absolute repository directory of a path, a :class:`Repository` or ``None``
+    (``$CORAL_REPO`` or ``./.coral``)."""
+    return str(path_of(repo))
 
 
 class RepositoryHandle:
@@ -23,7 +25,7 @@ class RepositoryHandle:
     #: readers never create a repository
     creates_repository = True
 
-    def __init__(self, repo: Union[str, os.PathLike, Repository]):
+    def __init__(self, repo: RepoArg):
         self.repo_path = repository_path(repo)
         self._repo: Optional[Repository] = repo if isinstance(repo, Repository) else None
 

@@ -35,11 +35,12 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
     """A DCP ``StorageReader`` over the commit ``ref`` names (``coral://`` prefix allowed) in ``repo``.
 
     ``dcp.load(state_dict, storage_reader=CoralStorageReader(repo, "coral://latest"))`` on every rank.
+    ``repo`` ``None`` means ``$CORAL_REPO`` or ``./.coral``.
     """
 
     creates_repository = False
 
-    def __init__(self, repo: Union[str, os.PathLike, Repository] = ".coral", ref: str = "latest", *,
+    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None, ref: str = "latest", *,
                  trust_pickles: bool = False):
         StorageReader.__init__(self)
         RepositoryHandle.__init__(self, repo)

@@ -14,8 +14,8 @@ ranks), ``prepare_local_plan`` (all), ``prepare_global_plan`` (coordinator), ``w
   If any rank failed, DCP never calls ``finish``: nothing becomes visible, and the packs the other
   ranks wrote are orphans gc removes after its grace period.
 
-The writer keeps no state a new process could not rebuild (the repository path and the commit
-options), so ``dcp.async_save`` may pickle it into another process.
+The writer keeps no state a new process could not rebuild (the repository path and the
+:class:`CommitOptions`), so ``dcp.async_save`` may pickle it into another process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import uuid
 from torch.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import refnames
 from ..errors import RepositoryError
-from ..retention import Policy
 from ..manifest import Manifest, TensorEntry
 from ..repository import Repository, WrittenObjects
+from ..repository.options import CommitOptions
 from ..sharded import chunk_name
 from ..weight_tensor import WeightMetadata, WeightTensor
 from .handle import RepositoryHandle
@@ -69,42 +69,38 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     After ``dcp.save`` returns, :attr:`commit_id` is the new commit's id on every rank.
 
     Args:
-        repo: the repository (a path, created if missing, or a :class:`Repository`); every rank must
-            see the same directory (one host, or a shared file system).
-        run: the run this commit continues: its parent is ``runs/<run>/latest``, which then names it.
-        tags, refs: more refs to point at the commit (``tags/<tag>``; full ref names).
-        message, metrics, epoch, step, info: stored with the commit (as :meth:`Repository.commit`).
-        monitor, mode: ``runs/<run>/best`` follows the best value of ``metrics[monitor]``.
-        keep: ``True`` adds ``keep/<id>`` so gc never removes the commit; a retention policy
-            (:mod:`coral_torch.retention`, e.g. ``LatestN(3)``) keeps what it selects among the run's
-            commits instead, applied by the coordinator once the commit is published.
+        repo: the repository (a path, created if missing, or a :class:`Repository`; ``None``:
+            ``$CORAL_REPO`` or ``./.coral``); every rank must see the same directory (one host, or
+            a shared file system).
+        options: a :class:`~coral_torch.repository.CommitOptions`, or its fields as keyword arguments
+            (which override those of ``options``):
+            run: the run this commit continues: its parent is ``runs/<run>/latest`` (unless
+            ``parent`` is given), which then names it (unless ``head=False``).
+            tags, refs: more refs to point at the commit (``tags/<tag>``; full ref names).
+            message, metrics, epoch, step, info: stored with the commit (as :meth:`Repository.commit`).
+            monitor, mode: ``runs/<run>/best`` follows the best value of ``metrics[monitor]``.
+            keep: ``True`` (default) adds ``keep/<id>`` so gc never removes the commit; a retention
+            policy (:mod:`coral_torch.retention`, e.g. ``LatestN(3)``) keeps what it selects among
+            the run's commits instead, applied by the coordinator once the commit is published.
     """
 
-    def __init__(
-        self,
-        repo: Union[str, os.PathLike, Repository] = ".coral",
-        *,
-        run: str = "default",
-        tags: Sequence[str] = (),
-        refs: Sequence[str] = (),
-        message: str = "",
-        metrics: Optional[dict[str, Any]] = None,
-        epoch: Optional[int] = None,
-        step: Optional[int] = None,
-        info: Optional[dict[str, Any]] = None,
-        monitor: Optional[str] = None,
-        mode: str = "min",
-        keep: Union[bool, Policy] = True,
-    ):
+    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None,
+                 options: Optional[CommitOptions] = None, **option_kwargs: Any):
         StorageWriter.__init__(self)
         RepositoryHandle.__init__(self, repo)
-        self.run, self.tags, self.refs = run, tuple(tags), tuple(refs)
-        self.message, self.metrics, self.epoch, self.step = message, dict(metrics or {}), epoch, step
-        self.info, self.monitor, self.mode, self.keep = dict(info or {}), monitor, mode, keep
+        self.options = CommitOptions.build(options, **option_kwargs)
+        if self.options.keep_optimizer is not None:
+            raise RepositoryError("keep_optimizer is not supported for sharded commits: their optimizer "
+                                  "shards cannot be stripped")
         self.is_coordinator = False
         self._token: Optional[str] = None
         self._parent: Optional[str] = None
         self._commit_id: Optional[str] = None
+
+    @property
+    def run(self) -> str:
+        """The run this writer's commits continue."""
+        return self.options.run
 
     @property
     def commit_id(self) -> Optional[str]:
@@ -130,7 +126,9 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         token = uuid.uuid4().hex
         repo = self.repo
         repo.catalog.forget_saves(time.time() - _SAVE_RECORD_TTL_S)
-        parent = repo.catalog.get_ref(refnames.latest_ref(self.run))
+        opts = self.options
+        parent = repo.resolve(opts.parent) if opts.parent is not None else repo.catalog.get_ref(
+            refnames.latest_ref(opts.run))
         shared = {"token": token, "parent": parent}
         return [dataclasses.replace(p, storage_data=shared) for p in plans]
 
@@ -171,13 +169,8 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         manifest = Manifest(None, [TensorEntry(s.name, s.hash, s.dtype, s.shape, "cpu", s.kind) for s in stored],
                             layout_of(metadata, entry_of))
         written = [s.written for s in stored if s.written is not None]
-        refs = [refnames.latest_ref(self.run)] + [refnames.tag_ref(t) for t in self.tags] + list(self.refs)
-        info = dict(self.info, world_size=len(results))
-        stats = self.repo.publish(
-            manifest, written, run=self.run, parent=self._parent, message=self.message, metrics=self.metrics,
-            epoch=self.epoch, step=self.step, refs=refs, keep=self.keep, monitor=self.monitor, mode=self.mode,
-            info=info, save_token=self._token,
-        )
+        options = self.options.replace(parent=self._parent, info=dict(self.options.info, world_size=len(results)))
+        stats = self.repo.publish(manifest, written, options, save_token=self._token)
         self._commit_id = stats.commit_id
 
     @classmethod

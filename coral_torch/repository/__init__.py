@@ -13,14 +13,16 @@ from ..lazy import lazy_exports
 if TYPE_CHECKING:
     from .catalog import CommitRow, ObjectRow
     from .packs import PackWriter, WrittenPack
-    from .maintenance import VerifyReport
+    from .verify import VerifyReport
+    from .options import CommitOptions
     from .repository import CommitStats, Repository, WrittenObjects
 
 #: public name -> submodule that defines it
 _LAZY = {
     "Repository": ".repository",
     "CommitStats": ".repository",
-    "VerifyReport": ".maintenance",
+    "CommitOptions": ".options",
+    "VerifyReport": ".verify",
     "WrittenObjects": ".repository",
     "PackWriter": ".packs",
     "WrittenPack": ".packs",

@@ -7,24 +7,22 @@ killed at any instant leaves either all of it or none of it.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .. import refnames
+from .rows import CommitRow, NewCommit, ObjectRow, commit_object_rows, object_row
+from .failures import catalog_error
 from ..errors import (
     CatalogDamagedError,
     ConcurrentChangeError,
-    CoralError,
-    DiskFullError,
     ReadOnlyRepositoryError,
-    RepositoryLockedError,
     UnsupportedFormatError,
 )
 
@@ -81,76 +79,6 @@ CREATE TABLE IF NOT EXISTS saves (
     token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL
 );
 """
-
-
-@dataclass
-class ObjectRow:
-    hash: str
-    pack: str
-    kind: str
-    base: Optional[str]
-    depth: int
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    stored_bytes: int
-    full_estimate: int
-    lossless: bool = True
-    offset: Optional[int] = None
-    length: Optional[int] = None
-
-    def values(self) -> tuple:
-        """The row as the objects table's columns, in order."""
-        return (self.hash, self.pack, self.kind, self.base, self.depth, self.dtype, json.dumps(list(self.shape)),
-                self.nbytes, self.stored_bytes, self.full_estimate, int(self.lossless), self.offset, self.length)
-
-
-@dataclass
-class CommitRow:
-    id: str
-    seq: int
-    parent: Optional[str]
-    run: str
-    epoch: Optional[int]
-    step: Optional[int]
-    time: float
-    message: str
-    metrics: dict[str, Any]
-    manifest: dict[str, Any]
-    lossy: bool
-    logical_bytes: int
-    new_bytes: int
-    info: dict[str, Any] = field(default_factory=dict)
-    refs: list[str] = field(default_factory=list)
-    manifest_json: str = ""  #: the manifest exactly as stored: the commit id is its hash
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:10]
-
-
-@dataclass
-class NewCommit:
-    """A commit row to insert (see :meth:`Catalog.publish_commit`)."""
-
-    id: str
-    parent: Optional[str]
-    run: str
-    epoch: Optional[int]
-    step: Optional[int]
-    time: float
-    message: str
-    metrics: dict[str, Any]
-    manifest_json: str
-    lossy: bool
-    logical_bytes: int
-    new_bytes: int
-    info: dict[str, Any]
-
-    def values(self) -> tuple:
-        return (self.id, self.parent, self.run, self.epoch, self.step, self.time, self.message,
-                json.dumps(self.metrics), self.manifest_json, int(self.lossy), self.logical_bytes,
-                self.new_bytes, json.dumps(self.info))
 
 
 _INSERT_COMMIT = ("INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
@@ -378,7 +306,7 @@ class Catalog:
             c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (commit.id, now, replaces))
             # refs named after the commit (keep/<id>, runs/<run>/keep/<id>) follow it
             old_names = [n for n, in c.execute("SELECT name FROM refs WHERE commit_id=? AND (name=? OR name LIKE ?)",
-                                               (commit.id, f"keep/{replaces}", f"%/keep/{replaces}"))]
+                                               (commit.id, refnames.keep_ref(replaces), "%/" + refnames.keep_ref(replaces)))]
             for n in old_names:
                 c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (n[: -len(replaces)] + commit.id, n))
 
@@ -488,7 +416,7 @@ class Catalog:
             for commit, _ in commits:
                 if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (commit.id,)).fetchone() is None:
                     c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                              (f"keep/{commit.id}", commit.id, now))
+                              (refnames.keep_ref(commit.id), commit.id, now))
 
     def drop_empty_packs(self, packs: Iterable[str]) -> list[str]:
         """Forget those of ``packs`` that hold no object any more; returns them."""
@@ -537,14 +465,14 @@ class Catalog:
     # -- objects ---------------------------------------------------------------------------
     def get_object(self, h: str) -> Optional[ObjectRow]:
         r = self.conn.execute("SELECT * FROM objects WHERE hash=?", (h,)).fetchone()
-        return _object(r) if r else None
+        return object_row(r) if r else None
 
     def known_hashes(self, hashes: Iterable[str]) -> set[str]:
         """Which of ``hashes`` the catalog holds."""
         return self._present(self.conn, hashes)
 
     def all_objects(self) -> list[ObjectRow]:
-        return [_object(r) for r in self.conn.execute("SELECT * FROM objects")]
+        return [object_row(r) for r in self.conn.execute("SELECT * FROM objects")]
 
     # -- commits ---------------------------------------------------------------------------
     def get_commit(self, cid: str) -> Optional[CommitRow]:
@@ -594,7 +522,7 @@ class Catalog:
     def objects_in_packs(self, packs: Iterable[str]) -> list[ObjectRow]:
         out: list[ObjectRow] = []
         for p in dict.fromkeys(packs):
-            out += [_object(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
+            out += [object_row(r) for r in self.conn.execute("SELECT * FROM objects WHERE pack=?", (p,))]
         return out
 
     def commits_with_tensor(self, run: str, pattern: str) -> list[str]:
@@ -663,50 +591,6 @@ class Catalog:
         return out
 
 
-def commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]], how) -> list[tuple[str, str, str, str]]:
-    """``commit_objects`` rows: one per distinct (name, hash). gc and verify find a commit's objects
-    through these rows, so none may be lost: two different tensors whose paths flatten to the same
-    name (keys ``1`` and ``"1"``, or ``"a/b"`` and ``["a"]["b"]``) get ``#1``, ``#2``... suffixes."""
-    names: dict[str, str] = {}
-    rows = []
-    for name, h in pairs:
-        key, n = name, 0
-        while key in names and names[key] != h:
-            n += 1
-            key = f"{name}#{n}"
-        if key in names:
-            continue
-        names[key] = h
-        rows.append((cid, key, h, how(name, h)))
-    return rows
-
-
-def catalog_error(exc: BaseException, path: Path) -> CoralError:
-    """The :class:`CoralError` for an sqlite3 (or OS) failure on the catalog at ``path``."""
-    msg = str(exc)
-    if isinstance(exc, UnicodeDecodeError):  # sqlite3 decoding the file's own text (see _Connection)
-        msg = f"text stored in it is not valid UTF-8: {exc.reason}"
-    low = msg.lower()
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "database or disk is full" in low:
-        return DiskFullError(
-            f"the disk holding {path.parent} is full (catalog update failed); free some space and save again",
-            path=str(path),
-        )
-    if "readonly" in low or "read-only" in low or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
-        return ReadOnlyRepositoryError(
-            f"{path.parent} is read-only (read-only mount or no write permission): it can be loaded, "
-            "listed and verified, not changed"
-        )
-    if "locked" in low or "busy" in low:
-        return RepositoryLockedError(f"the catalog {path} is locked by another process ({msg}); try again")
-    if "unable to open" in low:
-        return CatalogDamagedError(f"the catalog {path} cannot be opened ({msg})")
-    return CatalogDamagedError(
-        f"the catalog {path} is damaged ({msg}); restore it from a backup, or pull the repository "
-        "again from its remote (coral-torch pull)"
-    )
-
-
 _INDEXES = ("CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
             "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);")
 
@@ -755,17 +639,4 @@ def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
             delay = min(delay * 2, 0.2)
 
 
-def _object(r: tuple) -> ObjectRow:
-    try:
-        h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
-    except ValueError:  # a damaged schema: the table has other columns
-        raise CatalogDamagedError(f"the catalog's objects table has {len(r)} columns, not 13: its schema is "
-                                  "damaged; restore it from a backup, or pull the repository again") from None
-    try:
-        dims = json.loads(shape)
-        if not isinstance(dims, list):
-            raise ValueError("shape is not a list")
-        return ObjectRow(h, pack, kind, base, depth, dtype, tuple(dims), nbytes, stored, full,
-                         bool(lossless), offset, length)
-    except (ValueError, TypeError) as exc:
-        raise CatalogDamagedError(f"the catalog row of object {str(h)[:12]} is damaged ({exc})") from None
+__all__ = ["Catalog", "CommitRow", "NewCommit", "ObjectRow", "SCHEMA_VERSION", "catalog_error", "commit_object_rows"]

@@ -6,10 +6,18 @@ import errno
 import functools
 import os
 import sqlite3
+from pathlib import Path
 from typing import Any
 
-from ..errors import CoralError, DiskFullError, ReadOnlyRepositoryError, ReadOnlyStoreError, RepositoryIOError
-from .catalog import catalog_error
+from ..errors import (
+    CatalogDamagedError,
+    CoralError,
+    DiskFullError,
+    ReadOnlyRepositoryError,
+    ReadOnlyStoreError,
+    RepositoryIOError,
+    RepositoryLockedError,
+)
 
 CATALOG_NAME = "catalog.sqlite"
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -79,3 +87,31 @@ def is_disk_full(exc: BaseException) -> bool:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1
     return False
+
+
+def catalog_error(exc: BaseException, path: Path) -> CoralError:
+    """The :class:`CoralError` for an sqlite3 (or OS) failure on the catalog at ``path``."""
+    msg = str(exc)
+    if isinstance(exc, UnicodeDecodeError):  # sqlite3 decoding the file's own text (see _Connection)
+        msg = f"text stored in it is not valid UTF-8: {exc.reason}"
+    low = msg.lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "database or disk is full" in low:
+        return DiskFullError(
+            f"the disk holding {path.parent} is full (catalog update failed); free some space and save again",
+            path=str(path),
+        )
+    if "readonly" in low or "read-only" in low or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
+        return ReadOnlyRepositoryError(
+            f"{path.parent} is read-only (read-only mount or no write permission): it can be loaded, "
+            "listed and verified, not changed"
+        )
+    if "locked" in low or "busy" in low:
+        return RepositoryLockedError(f"the catalog {path} is locked by another process ({msg}); try again")
+    if "unable to open" in low:
+        return CatalogDamagedError(f"the catalog {path} cannot be opened ({msg})")
+    return CatalogDamagedError(
+        f"the catalog {path} is damaged ({msg}); restore it from a backup, or pull the repository "
+        "again from its remote (coral-torch pull)"
+    )
+
+

@@ -22,55 +22,51 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sqlite3
 import time
 import uuid
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .. import codec, dtypes
-from ..parallel import HelpBoard, run_parallel
-from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
+from .. import defaults
+from ..parallel import HelpBoard
+from ..delta import DeltaConfig, DeltaEncoder
 from ..errors import (
     AmbiguousRefError,
     CatalogDamagedError,
     CheckpointDamagedError,
     ConcurrentChangeError,
     CoralError,
-    CorruptObjectError,
-    DiskFullError,
-    HashMismatchError,
-    IntegrityError,
     NotARepositoryError,
     ReadOnlyRepositoryError,
     RefNotFoundError,
     RepositoryError,
 )
 from ..lazy import LazyModule
-from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from ..weight_tensor import WeightMetadata, WeightTensor
 from ..manifest import Manifest, TensorEntry
 from .. import refnames
-from ..refnames import validate_component, validate_ref_name
+from ..refnames import validate_ref_name
 from ..retention import Policy
-from .catalog import Catalog, CommitRow, NewCommit, ObjectRow, catalog_error, commit_object_rows
-from .failures import CATALOG_NAME, is_disk_full, named_errors
-from .planner import DeltaPlanner, PlannedObject
+from .catalog import Catalog, CommitRow, NewCommit, catalog_error, commit_object_rows
+from .failures import CATALOG_NAME, named_errors
+from .planner import DeltaPlanner
 from .maintenance import Maintenance, lease_holder
+from .verify import Verifier, VerifyReport
+from .options import CommitOptions
 from .retain import RetentionReport, apply_retention
-from .packs import PACKS_DIR, PackGone, PackWriter, WrittenPack
-from . import streams
+from .packs import PACKS_DIR
 from .lock import RepositoryLock
+from .read import ObjectReader
+from .write import ObjectWriter, WrittenObjects
 
 if TYPE_CHECKING:
     from .. import adapters, sharded
     from ..storage import hdf5_store
-    from ..storage.hdf5_store import HDF5Store, PreparedObject
 else:
 
     # adapters and sharded import torch, seconds that catalog-only readers (coral-torch log) must not pay
@@ -110,29 +106,7 @@ class LossyCheckpointWarning(UserWarning):
     """A loaded checkpoint holds lossy deltas: some tensors are not bit-exact."""
 
 
-@dataclass
-class WrittenObjects:
-    """What :meth:`Repository.write_objects` stored and :meth:`Repository.publish` makes visible:
-    the new packs, their objects' catalog rows and how each was stored (plain data: it can be
-    pickled to the process that publishes)."""
-
-    packs: list[WrittenPack]
-    rows: list[ObjectRow]
-    hows: dict[str, str]
-    #: hashes the catalog already listed whose stored objects were damaged: these rows replace theirs
-    replace: list[str] = field(default_factory=list)
-
-
-def _max_tensor_bytes() -> int:
-    """The largest tensor a load will allocate: this machine's physical memory. A catalog row or
-    pack that claims more is refused before any allocation."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
-        return 1 << 40
-
-
-class Repository(Maintenance):
+class Repository:
     """A checkpoint repository.
 
     Args:
@@ -148,7 +122,7 @@ class Repository(Maintenance):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike] = ".coral",
+        path: Union[str, os.PathLike] = defaults.REPOSITORY_DIR,
         *,
         create: bool = True,
         delta_config: Optional[DeltaConfig] = None,
@@ -183,17 +157,16 @@ class Repository(Maintenance):
         self.writable = writable
         self._identity = _file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
+        self.reader = ObjectReader(self.path, self.catalog, lambda: self.encoder)  #: verified object bytes
+        self.writer = ObjectWriter(self.path, self.catalog, self.reader)  #: plan -> encode -> pack
+        self.maintenance = Maintenance(self.path, self.catalog, self.lock, self.reader, self.resolve,
+                                       lambda: self.delta_config.codec_level)  #: gc, reclaim, strip
         config = delta_config or DeltaConfig()
         if codec_level is not None and codec_level != config.codec_level:
             config = dataclasses.replace(config, codec_level=codec_level)
         self.delta_config = config  # builds the encoder and the planner (see the property)
-        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
+        self.workers = workers or defaults.default_workers()
         self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
-        self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
-        # object hash -> (inode, size, mtime) of the packs of its chain when this process last
-        # verified or wrote it: a save relies on it again without re-reading while they match
-        self._trusted: dict[str, tuple] = {}
 
     @property
     def delta_config(self) -> DeltaConfig:
@@ -204,7 +177,8 @@ class Repository(Maintenance):
     def delta_config(self, config: DeltaConfig) -> None:
         self._delta_config = config
         self.encoder = DeltaEncoder(config)
-        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index, self.intact_objects)
+        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index, self.writer.intact_objects)
+        self.writer.configure(config, self.encoder, self.planner)
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"
@@ -214,67 +188,56 @@ class Repository(Maintenance):
     def commit(
         self,
         obj: Any,
+        options: Optional[CommitOptions] = None,
         *,
-        run: str = "default",
-        parent: Optional[str] = None,
-        message: str = "",
-        metrics: Optional[dict[str, Any]] = None,
-        epoch: Optional[int] = None,
-        step: Optional[int] = None,
-        tags: Sequence[str] = (),
-        refs: Sequence[str] = (),
-        keep: Union[bool, Policy] = True,
-        keep_optimizer: Optional[Policy] = None,
-        release_files: bool = False,
-        monitor: Optional[str] = None,
-        mode: str = "min",
-        info: Optional[dict[str, Any]] = None,
-        head: bool = True,
         no_delta_prefixes: Sequence[str] = (),
         workers: Optional[int] = None,
         help_board: Optional[HelpBoard] = None,
         direct_io: bool = False,
+        **option_kwargs: Any,
     ) -> CommitStats:
         """Store ``obj`` as a commit and return its :class:`CommitStats` (``.commit_id``).
 
-        ``parent`` defaults to the run's latest commit; deltas are taken against it. ``keep=True``
-        adds a ``keep/<id>`` ref so :meth:`gc` never removes the commit; a retention policy
-        (:mod:`coral_torch.retention`) instead keeps what it selects among the run's commits, this
-        one included, and ``keep_optimizer`` / ``release_files`` go with it (see :meth:`retain`);
-        ``tags`` and ``refs`` add more refs. With ``monitor``, ``runs/<run>/best`` follows the best value of that metric.
+        What the commit records and which refs it moves are :class:`CommitOptions` (``options``,
+        or its fields as keyword arguments: ``run``, ``parent``, ``message``, ``metrics``,
+        ``epoch``, ``step``, ``tags``, ``refs``, ``keep``, ``keep_optimizer``, ``release_files``,
+        ``monitor``, ``mode``, ``info``, ``head``; keyword arguments given with ``options``
+        override its fields). ``parent`` defaults to the run's latest commit; deltas are taken
+        against it. ``keep=True`` (the default) adds a ``keep/<id>`` ref so :meth:`gc` never removes
+        the commit; a retention policy (:mod:`coral_torch.retention`) instead keeps what it selects
+        among the run's commits, this one included, and ``keep_optimizer`` / ``release_files`` go
+        with it (see :meth:`retain`); ``tags`` and ``refs`` add more refs. With ``monitor``,
+        ``runs/<run>/best`` follows the best value of that metric. ``epoch`` and ``step`` default
+        to ``obj["epoch"]`` / ``obj["global_step"]``. ``head=False`` leaves ``runs/<run>/latest`` alone.
+
         Tensors are read while this call runs and never kept: delta bases are read back from the
-        parent's packs, one tensor at a time. ``head=False`` leaves
-        ``runs/<run>/latest`` alone. Tensors whose names start with one of ``no_delta_prefixes`` are
-        never delta-encoded (so older versions of them can be garbage-collected independently).
-        ``workers`` overrides the repository's encoder thread count for this commit (a background
-        save on a CPU-bound trainer uses one, so it takes one core at most). ``help_board`` posts
-        the encode-and-write work there, so a thread waiting for this commit can join in.
-        ``direct_io`` writes the pack's large payloads around the page cache (see
-        :class:`~coral_torch.storage.HDF5Store`): for background saves, where CPU time is what counts.
+        parent's packs, one tensor at a time. Tensors whose names start with one of
+        ``no_delta_prefixes`` are never delta-encoded (so older versions of them can be
+        garbage-collected independently). ``workers`` overrides the repository's encoder thread
+        count for this commit (a background save on a CPU-bound trainer uses one, so it takes one
+        core at most). ``help_board`` posts the encode-and-write work there, so a thread waiting
+        for this commit can join in. ``direct_io`` writes the pack's large payloads around the page
+        cache (see :class:`~coral_torch.storage.HDF5Store`): for background saves, where CPU time is what counts.
         """
         t0 = time.perf_counter()
         flat = adapters.flatten(obj)
         slots = flat.slots
-        metrics = {k: _jsonable_metric(v) for k, v in (metrics or {}).items()}
-        if epoch is None and isinstance(obj, dict) and isinstance(obj.get("epoch"), int):
-            epoch = obj["epoch"]
-        if step is None and isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
-            step = obj["global_step"]
-        validate_component(run, "run")
-        if mode not in ("min", "max"):
-            raise RepositoryError(f"mode must be 'min' or 'max', not {mode!r}")
-        _check_keep(keep, keep_optimizer)
-        # every ref name is checked before anything is written
-        ref_names = ([f"runs/{run}/latest"] if head else []) + [f"tags/{validate_component(t, 'tag')}" for t in tags]
-        ref_names += [validate_ref_name(r) for r in refs]
+        opts = CommitOptions.build(options, **option_kwargs)  # every option is checked before anything is written
+        if isinstance(obj, dict):
+            if opts.epoch is None and isinstance(obj.get("epoch"), int):
+                opts = opts.replace(epoch=obj["epoch"])
+            if opts.step is None and isinstance(obj.get("global_step"), int):
+                opts = opts.replace(step=obj["global_step"])
         hashes = [s.weight.compute_hash() for s in slots]
         manifest = Manifest(flat.skeleton, [
             TensorEntry(s.name, h, s.weight.dtype, tuple(s.weight.shape), s.device, s.kind)
             for s, h in zip(slots, hashes)
         ])
-        parent_id = self.resolve(parent) if parent is not None else self.catalog.get_ref(f"runs/{run}/latest")
+        parent_id = self.resolve(opts.parent) if opts.parent is not None \
+            else self.catalog.get_ref(refnames.latest_ref(opts.run))
         if parent_id is not None and self.catalog.get_commit(parent_id) is None:
             parent_id = None  # removed meanwhile: no deltas against it, and no dangling parent
+        opts = opts.replace(parent=parent_id)
         # plan and write without the lock (packs are private until published); publishing checks
         # that what the plan relied on is still there, and a lost race re-plans
         for attempt in range(3):
@@ -283,19 +246,16 @@ class Repository(Maintenance):
                 workers=workers, help_board=help_board, direct_io=direct_io,
             )
             try:
-                stats = self.publish(manifest, [written], run=run, parent=parent_id, message=message,
-                                     metrics=metrics, epoch=epoch, step=step, refs=ref_names, keep=keep,
-                                     keep_optimizer=keep_optimizer, release_files=release_files,
-                                     monitor=monitor, mode=mode, info=info)
+                stats = self.publish(manifest, [written], opts)
                 break
             except ConcurrentChangeError as exc:
                 if attempt == 2:
                     raise
-                log.warning("commit of run %s raced a concurrent change (%s); planning it again", run, exc)
+                log.warning("commit of run %s raced a concurrent change (%s); planning it again", opts.run, exc)
         stats.seconds = time.perf_counter() - t0
         log.info(
             "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
-            stats.commit_id[:10], run, stats.tensors, stats.logical_bytes / 1e6, stats.written_bytes / 1e6,
+            stats.commit_id[:10], opts.run, stats.tensors, stats.logical_bytes / 1e6, stats.written_bytes / 1e6,
             stats.new_full, stats.new_delta, stats.deduplicated, stats.seconds,
         )
         return stats
@@ -320,44 +280,48 @@ class Repository(Maintenance):
         on what this process holds in memory), else stored whole. Several processes may call this
         for one commit (each for its own tensors) and hand the results to one :meth:`publish`."""
         todo = self.planner.plan(tensors, parent, no_delta_prefixes)
-        return self._write_pack(todo, workers or self.workers, help_board, direct_io)
+        return self.writer.write_pack(todo, workers or self.workers, help_board, direct_io)
+
+    def discard(self, written: Sequence[WrittenObjects], *, unpublished: bool = False) -> None:
+        """Remove packs written by :meth:`write_objects` that will not be published (see
+        :meth:`ObjectWriter.discard`)."""
+        self.writer.discard(written, unpublished=unpublished)
+
+    def intact_objects(self, hashes: set[str]) -> set[str]:
+        """Those of ``hashes`` a new commit may rely on (see :meth:`ObjectWriter.intact_objects`)."""
+        return self.writer.intact_objects(hashes)
 
     @named_errors
     def publish(
         self,
         manifest: Manifest,
         written: Sequence[WrittenObjects],
+        options: Optional[CommitOptions] = None,
         *,
-        run: str = "default",
-        parent: Optional[str] = None,
-        message: str = "",
-        metrics: Optional[dict[str, Any]] = None,
-        epoch: Optional[int] = None,
-        step: Optional[int] = None,
-        refs: Sequence[str] = (),
-        keep: Union[bool, Policy] = True,
-        keep_optimizer: Optional[Policy] = None,
-        release_files: bool = False,
-        monitor: Optional[str] = None,
-        mode: str = "min",
-        info: Optional[dict[str, Any]] = None,
         save_token: Optional[str] = None,
+        **option_kwargs: Any,
     ) -> CommitStats:
         """Make ``manifest`` a commit, with the objects ``written`` by :meth:`write_objects` (by
-        this process or others), in one short transaction under the write lock; ``refs`` then name
-        it. Every pack must be where its writer left it, at its size, and every object the manifest
-        lists must be in the repository, else :class:`ConcurrentChangeError` and nothing changes
-        (the new packs are removed). Commits the moved refs released are reclaimed. Objects
-        stored again because the repository's copy was damaged replace it (healing every commit
-        that shares them). ``save_token`` records the id for the other ranks of a sharded save."""
+        this process or others), in one short transaction under the write lock; the refs of
+        ``options`` (:meth:`CommitOptions.ref_names`) then name it. Every pack must be where its
+        writer left it, at its size, and every object the manifest lists must be in the
+        repository, else :class:`ConcurrentChangeError` and nothing changes (the new packs are
+        removed). Commits the moved refs released are reclaimed. Objects stored again because the
+        repository's copy was damaged replace it (healing every commit that shares them).
+        ``save_token`` records the id for the other ranks of a sharded save.
+
+        Without ``options``, its fields may be given as keyword arguments (``run``, ``parent``,
+        ``message``, ``metrics``, ``epoch``, ``step``, ``refs``, ``keep``, ...); ``refs`` are then
+        every ref to move (``head`` defaults to False: ``runs/<run>/latest`` only if listed)."""
         try:
-            metrics = {k: _jsonable_metric(v) for k, v in (metrics or {}).items()}
-            validate_component(run, "run")
-            ref_names = [validate_ref_name(r) for r in refs]
-            _check_keep(keep, keep_optimizer)
+            if options is None:
+                option_kwargs.setdefault("head", False)
+            opts = CommitOptions.build(options, **option_kwargs)
         except CoralError:
             self.discard(written, unpublished=True)
             raise
+        run, keep = opts.run, opts.keep
+        ref_names = opts.ref_names()
         cid = manifest.commit_id()
         new_rows = [r for w in written for r in w.rows]
         hows = {h: how for w in written for h, how in w.hows.items()}
@@ -374,9 +338,7 @@ class Repository(Maintenance):
             ref_names.append(refnames.run_keep_ref(run, cid))
         elif keep:
             ref_names.append(refnames.keep_ref(cid))
-        best = None
-        if monitor is not None and metrics.get(monitor) is not None:
-            best = (f"runs/{run}/best", monitor, metrics[monitor], mode)
+        best = opts.best()
         object_rows = commit_object_rows(
             cid, [(e.name, e.hash) for e in manifest.tensors], lambda n, h: hows.get(h, "dedup")
         )
@@ -391,263 +353,51 @@ class Repository(Maintenance):
                             f"pack {p.name} written for this commit is {'gone' if size is None else f'{size} bytes'}"
                             f", not {p.size} (removed by gc or overwritten?); save it again"
                         )
-                commit = NewCommit(cid, parent, run, epoch, step, time.time(), message, metrics,
-                                   manifest.to_json(), any(not r.lossless for r in new_rows), stats.logical_bytes,
-                                   stats.written_bytes, info or {})
+                commit = NewCommit(cid, opts.parent, run, opts.epoch, opts.step, time.time(), opts.message,
+                                   opts.metrics, manifest.to_json(), any(not r.lossless for r in new_rows),
+                                   stats.logical_bytes, stats.written_bytes, opts.info)
                 stats.existed, stats.replaced = self.catalog.publish_commit(
                     packs=[(p.name, p.size) for p in packs], objects=new_rows, commit=commit,
                     commit_objects=object_rows, refs=ref_names, best=best, replace=replace,
                     save_token=save_token,
                 )
                 published = True
-                self._trust_written(new_rows)
+                self.writer.trust_written(new_rows)
                 if replace:
                     log.warning("stored %d damaged object(s) again; the commits sharing them are repaired",
                                 len(replace))
-                    self._drop_packs(self.catalog.drop_empty_packs(healed_packs))
-                self._reclaim_released(stats.replaced)
+                    self.reader.drop(self.catalog.drop_empty_packs(healed_packs))
+                self.maintenance.reclaim_released(stats.replaced)
         except BaseException:
             if not published:  # the transaction did not commit: the packs would only be orphans
                 self.discard(written, unpublished=True)
             raise
         if isinstance(keep, Policy):
             try:
-                stats.retention = self.retain(run, keep, keep_optimizer=keep_optimizer, release_files=release_files)
+                stats.retention = self.retain(run, keep, keep_optimizer=opts.keep_optimizer,
+                                              release_files=opts.release_files)
             except CoralError as exc:  # the commit is safe; what retention did not free, the next one will
                 log.error("commit %s is saved, but applying retention to run %s failed: %s", cid[:10], run, exc)
         return stats
 
-    def discard(self, written: Sequence[WrittenObjects], *, unpublished: bool = False) -> None:
-        """Remove packs written by :meth:`write_objects` that will not be published. A pack the
-        catalog already names (published after all) is left alone, unless the caller knows its
-        publish never committed (``unpublished``: the catalog may be unreadable then, e.g. a full disk)."""
-        known = set() if unpublished else self.catalog.packs()
-        for w in written:
-            for p in w.packs:
-                if p.name not in known:
-                    (self.path / PACKS_DIR / p.name).unlink(missing_ok=True)
-
-    def intact_objects(self, hashes: set[str]) -> set[str]:
-        """Those of ``hashes`` (objects the catalog lists) that a new commit may rely on: every pack
-        along the object's delta chain is present at its recorded size, and the object was verified
-        (decoded, every step hash-checked) by this process since those packs last changed, or is
-        verified now. What fails is stored again by the save (see :meth:`publish`)."""
-        recorded = self.catalog.packs()
-        sigs: dict[str, Optional[tuple]] = {}
-        ok: set[str] = set()
-        for h in hashes:
-            try:
-                chain = self._chain(h)
-            except IntegrityError:
-                continue
-            key = []
-            for r in chain:
-                if r.pack not in sigs:
-                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
-                sig = sigs[r.pack]
-                if sig is None or sig[1] != recorded.get(r.pack):
-                    break
-                key.append(sig)
-            else:
-                if self._trusted.get(h) != tuple(key):
-                    try:
-                        self._verify_chain(chain)
-                    except (CoralError, OSError, KeyError, ValueError, RuntimeError, PackGone) as exc:
-                        log.warning("object %s is damaged (%s): this save stores it again", h[:12], exc)
-                        continue
-                    self._trusted[h] = tuple(key)
-                ok.add(h)
-                continue
-            log.warning("object %s is in a pack that is missing or resized: this save stores it again", h[:12])
-        return ok
-
-    def _verify_chain(self, chain: list[ObjectRow]) -> None:
-        """Decode an object's chain and check every level's content hash, a chunk at a time where
-        the chain allows it (a save's memory must not grow with the tensors it deduplicates)."""
-        for r in chain:
-            self._check_row(r)
-        stream = streams.stream_base(chain, self._pack_fd)
-        if stream is None:  # lossy or unlocated levels: through the whole-object decoder
-            self._build(chain)
-            return
-        try:
-            step = 8 << 20
-            for start in range(0, len(stream), step):
-                stream[start : start + step]
-            if not stream.verified:
-                raise IntegrityError(f"object {chain[-1].hash} could not be verified", hash_key=chain[-1].hash)
-        finally:
-            stream.release()
-
-    def _trust_written(self, rows: Sequence[ObjectRow]) -> None:
-        """Objects this process just wrote and published need no re-read while their packs stay as they are."""
-        sigs: dict[str, Optional[tuple]] = {}
-        for row in rows:
-            try:
-                chain = self._chain(row.hash)
-            except IntegrityError:
-                continue
-            key = []
-            for r in chain:
-                if r.pack not in sigs:
-                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
-                key.append(sigs[r.pack])
-            if all(k is not None for k in key):
-                self._trusted[row.hash] = tuple(key)
-
-    def _drop_packs(self, names: Sequence[str]) -> None:
-        """Close and delete pack files the catalog no longer lists."""
-        for p in names:
-            s = self._packs.pop(p, None)
-            if s is not None:
-                s.close()
-            fd = self._fds.pop(p, None)
-            if fd is not None:
-                os.close(fd)
-            (self.path / PACKS_DIR / p).unlink(missing_ok=True)
-
     def _commit_row(self, cid: str) -> Optional[CommitRow]:
         """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
-        got = self._manifest(cid)
+        got = self.reader.manifest(cid)
         return got[0] if got is not None else None
-
-    def _manifest(self, cid: str) -> Optional[tuple[CommitRow, Manifest]]:
-        """Commit ``cid``'s catalog row and its manifest, verified: the manifest must hash to the id
-        (the catalog is not content-addressed on disk, so an edited or damaged row must not load),
-        be of a format this version reads, and be well-formed."""
-        row = self.catalog.get_commit(cid)
-        if row is None:
-            return None
-        return row, Manifest.parse(row.manifest_json, cid, where=f"commit {cid[:12]} in {self.path / CATALOG_NAME}")
 
     def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
         """name -> (hash, dtype, shape) of a commit's tensors."""
-        got = self._manifest(cid)
+        got = self.reader.manifest(cid)
         if got is None:
             return {}
         return {e.name: (e.hash, e.dtype, e.shape) for e in got[1].tensors}
-
-    def _encode_one(self, store: HDF5Store, planned: PlannedObject) -> tuple[PreparedObject, ObjectRow, str]:
-        """Encode one tensor as a delta against its planned base (when that pays) or whole; returns
-        the prepared object, its catalog row and how the commit stored it (``commit_objects.how``).
-        The payload is a segmented blob over this call's buffers: the caller writes it right away."""
-        slot, base_row = planned.tensor, planned.base
-        w = slot.weight
-        h = w.compute_hash()
-        cfg = self.delta_config
-        lossless = cfg.delta_type.lossless
-        # a lossless delta reads its base a chunk at a time (streams.BaseStream), hash-checked as read
-        base_raw = self._read_base(base_row, streamed=lossless) if base_row is not None else None
-        full: Optional[PreparedObject] = None
-        lost = False
-        blob: Optional[codec.Blob] = None
-        try:
-            if base_raw is not None and lossless and not self.planner.delta_may_pay(w, base_raw):
-                base_raw, lost = None, True
-            if base_raw is not None and lossless:
-                blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw,
-                                         spill_dir=store.spill_dir)
-        except (CoralError, OSError) as exc:  # the streamed base turned out unreadable or damaged
-            log.warning("delta base %s is unreadable (%s); storing the tensor whole", base_row.hash[:12], exc)
-            base_raw = None
-        if base_raw is not None and not lossless:  # DeltaConfig(allow_lossy=True) only
-            ref = WeightTensor.from_raw(base_raw, WeightMetadata(name=slot.name, shape=w.shape, dtype=w.dtype))
-            delta = self.encoder.encode(w, ref)
-            prep = store.prepare_delta(delta, h)
-            prep.attrs["name"] = slot.name
-            row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape, w.nbytes,
-                            prep.stored_bytes, base_row.full_estimate, delta.lossless)
-            return prep, row, "delta"
-        base_raw = None  # a streamed base's buffers go before a full encode
-        if blob is not None:
-            if blob.nbytes > cfg.min_saving * base_row.full_estimate:
-                full = store.prepare(_renamed(w, slot.name), segmented=True)
-            if full is None or blob.nbytes < full.stored_bytes:
-                estimate = full.stored_bytes if full is not None else base_row.full_estimate
-                delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
-                              compression_ratio=blob.nbytes / max(w.nbytes, 1))
-                prep = hdf5_store.delta_object(delta, h, blob)
-                prep.attrs["name"] = slot.name
-                row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
-                                w.nbytes, prep.stored_bytes, estimate, True)
-                return prep, row, "delta"
-            lost = True
-        blob = None
-        if full is None:
-            full = store.prepare(_renamed(w, slot.name), segmented=True)
-        row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
-        return full, row, self.planner.how_stored_whole(lost, planned.skip_left)
-
-    def _read_base(self, row: ObjectRow, streamed: bool = False) -> Union[np.ndarray, streams.BaseStream, None]:
-        """The bytes of a delta base, read back from its pack(s) and verified; None (store the
-        tensor whole) if they cannot be read. One tensor at a time: no copy of a checkpoint is kept.
-        ``streamed``: a :class:`~.streams.BaseStream` where the chain allows (decoded a chunk at a
-        time as the encoder reads it, each level hash-checked by the read that completes it)."""
-        try:
-            chain = self._chain(row.hash)
-            if streamed:
-                for r in chain:
-                    self._check_row(r)
-                stream = streams.stream_base(chain, self._pack_fd)
-                if stream is not None:
-                    return stream
-            return self._build(chain)
-        except (CoralError, OSError) as exc:
-            log.warning("delta base %s is unreadable (%s); storing the tensor whole", row.hash[:12], exc)
-            return None
-
-    def _write_pack(
-        self, todo: dict[str, PlannedObject], workers: int,
-        board: Optional[HelpBoard] = None, direct_io: bool = False,
-    ) -> WrittenObjects:
-        if not todo:
-            return WrittenObjects([], [], {})
-        hows: dict[str, str] = {}
-        writer: Optional[PackWriter] = None
-
-        def encode_and_write(item: PlannedObject) -> ObjectRow:
-            prep, row, how = self._encode_one(writer.store, item)
-            location = writer.write(prep)
-            row.pack = writer.name
-            if location is not None:
-                row.offset, row.length = location
-            hows[row.hash] = how
-            return row
-
-        # Each worker encodes and writes its own tensors, largest first (see run_parallel), so the
-        # threads finish together. A lone low-priority worker that a waiting thread may join later
-        # goes smallest first instead: the many small objects are mostly Python and HDF5 calls under
-        # the GIL, one thread's work anyway; the large ones (zstd, pwrite, GIL released) are what
-        # two threads can share once the helper arrives.
-        smallest_first = workers <= 1 and board is not None
-        try:
-            writer = PackWriter(self.path, codec_level=self.delta_config.codec_level, direct_io=direct_io)
-            rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
-                                cost=lambda it: -it.tensor.weight.nbytes if smallest_first else it.tensor.weight.nbytes)
-            pack = writer.finish()
-        except BaseException as exc:
-            if writer is not None:
-                writer.abort()
-            if is_disk_full(exc):
-                packs = self.path / PACKS_DIR
-                needed = sum(item.tensor.weight.nbytes for item in todo.values())
-                free = shutil.disk_usage(packs).free
-                raise DiskFullError(
-                    f"no space left on the disk holding {packs}: this save needs up to {needed / 1e6:.1f} MB "
-                    f"({free / 1e6:.1f} MB free); nothing was saved and earlier checkpoints are intact. "
-                    "Free space (e.g. coral-torch gc --yes) and save again",
-                    path=str(packs), needed=needed,
-                ) from exc
-            raise
-        # finished and renamed: gc's grace period for young orphans protects it until publish
-        return WrittenObjects([pack], rows, hows, [h for h, item in todo.items() if item.replaces])
 
     # ================================================================================ load
     @named_errors
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
         """The checkpoint ``ref`` names, rebuilt exactly as saved (tensors verified by hash)."""
         cid = self.resolve(ref)
-        got = self._manifest(cid)
+        got = self.reader.manifest(cid)
         if got is None:  # removed by a concurrent gc
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         row, manifest = got
@@ -690,7 +440,7 @@ class Repository(Maintenance):
     def manifest(self, ref: str) -> Manifest:
         """The verified :class:`~coral_torch.manifest.Manifest` of the commit ``ref`` names."""
         cid = self.resolve(ref)
-        got = self._manifest(cid)
+        got = self.reader.manifest(cid)
         if got is None:
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         return got[1]
@@ -701,173 +451,26 @@ class Repository(Maintenance):
     ) -> dict[str, np.ndarray]:
         """Raw bytes of objects (deltas rebuilt, every step verified). Damage raises
         :class:`CheckpointDamagedError` naming every affected tensor."""
-        errors: dict[str, str] = {}
-        unique = list(dict.fromkeys(hashes))
-        # Catalog lookups happen here, on the calling thread; the workers only read and decode.
-        chains: dict[str, list[ObjectRow]] = {}
-        for h in unique:
-            try:
-                chains[h] = self._chain(h)
-            except IntegrityError as exc:
-                errors[h] = str(exc)
-        todo = [h for h in unique if h in chains]
+        return self.reader.materialize(hashes, workers=self.workers, commit=commit, names=names)
 
-        def one(h: str) -> Optional[np.ndarray]:
-            try:
-                try:
-                    return self._build(chains[h])
-                except PackGone:
-                    # a concurrent gc moved the object to a new pack after we read its rows
-                    return self._build(self._chain(h))
-            except (CoralError, OSError, KeyError, ValueError, RuntimeError, TypeError, MemoryError) as exc:
-                # whatever a damaged object makes the readers raise, it is damage to report
-                errors[h] = str(exc) if isinstance(exc, CoralError) else f"{type(exc).__name__}: {exc}"
-                return None
+    # ======================================================================== maintenance
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Re-read and re-hash every object; report damaged objects and the commits they break
+        (see :class:`~.verify.Verifier`)."""
+        return Verifier(self.path, self.catalog, self.reader).verify(progress=progress)
 
-        built = run_parallel(one, todo, self.workers, cost=lambda h: sum(r.nbytes for r in chains[h]),
-                             name="coral-load")
-        if errors:
-            names = list(names) if names is not None else list(hashes)
-            bad = [n for n, h in zip(names, hashes) if h in errors]
-            first = next(iter(errors.values()))
-            where = f"checkpoint {commit[:10]}" if commit else "the objects"
-            raise CheckpointDamagedError(
-                f"{where} in {self.path} is damaged: {len(bad)} tensor(s) cannot be restored: "
-                f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (first error: {first}). "
-                "Other checkpoints are unaffected unless `coral-torch verify` lists them.",
-                commit=commit or "", tensors=bad,
-            )
-        return dict(zip(todo, built))
+    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0) -> dict[str, Any]:
+        """Remove commits no ref keeps and reclaim their disk space (see :meth:`Maintenance.gc`)."""
+        return self.maintenance.gc(dry_run=dry_run, repack_threshold=repack_threshold, orphan_grace_s=orphan_grace_s)
 
-    def _chain(self, h: str) -> list[ObjectRow]:
-        """The rows that rebuild ``h``: a full object first, then each delta on top of it."""
-        chain: list[ObjectRow] = []
-        cur: Optional[str] = h
-        while cur is not None:
-            row = self.catalog.get_object(cur)
-            if row is None:
-                raise IntegrityError(f"object {cur} is missing from the catalog", hash_key=cur)
-            chain.append(row)
-            cur = row.base if row.kind == "delta" else None
-            if len(chain) > 10_000:
-                raise IntegrityError(f"delta chain of {h} loops", hash_key=h)
-        chain.reverse()
-        return chain
+    def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = (("optimizer_states", "*", "state"),)) -> str:
+        """Replace a commit by one without the containers at ``empty`` (see :meth:`Maintenance.strip_commit`)."""
+        return self.maintenance.strip_commit(ref, empty)
 
-    def _build(self, chain: list[ObjectRow], raw: Optional[np.ndarray] = None) -> np.ndarray:
-        """Decode the chain's full object, then XOR each delta into the same buffer, checking the
-        content hash after every step (a damaged step is named, not just the end result).
-        ``raw``: the bytes of the first row's base when the chain starts with a delta (modified)."""
-        for row in chain:
-            if row.offset is not None and row.length is not None and (row.kind == "full" or row.lossless):
-                raw = self._read_object(row, raw)
-                continue
-            store = self._pack(row.pack)  # objects without a recorded location: through HDF5
-            if row.kind == "full":
-                w = store.load(row.hash)
-                if w is None:
-                    raise IntegrityError(f"object {row.hash} is missing from pack {row.pack}", hash_key=row.hash)
-                raw = w.raw
-            else:
-                delta = store.load_delta(row.hash)
-                if delta is None:
-                    raise IntegrityError(f"delta {row.hash} is missing from pack {row.pack}", hash_key=row.hash)
-                ref = WeightTensor.from_raw(raw, WeightMetadata(name="", shape=row.shape, dtype=row.dtype))
-                w = self.encoder.reconstruct(delta, ref)
-                actual = w.compute_hash()
-                if row.lossless and actual != row.hash:  # a lossy delta is an approximation by design
-                    raise IntegrityError(
-                        f"object {row.hash} rebuilt from its delta hashes to {actual}: the delta or its "
-                        "base is damaged", hash_key=row.hash,
-                    )
-                raw = w.raw
-        assert raw is not None
-        return raw
-
-    def _read_object(self, row: ObjectRow, base: Optional[np.ndarray]) -> np.ndarray:
-        """Read one object straight from its pack with ``pread`` (no HDF5 call, no GIL held while
-        reading) into this thread's reusable buffer, decode it (a delta: XORed into ``base`` in
-        place), and check the content hash."""
-        self._check_row(row)
-        # a chunked blob is read a frame at a time into this thread's buffer, decoded into place
-        reader = streams.open_stored(self._pack_fd(row.pack), row, where=row.pack)
-        if row.kind == "delta":
-            if base is None or base.size != row.nbytes:
-                raise IntegrityError(f"delta {row.hash} does not fit its base {row.base}", hash_key=row.hash)
-            raw = reader.decode_into(base, xor=True)
-        else:
-            raw = reader.decode_into(np.empty(row.nbytes, dtype=np.uint8))
-        actual = content_hash(raw, row.dtype, row.shape)
-        if actual != row.hash:
-            raise HashMismatchError(
-                f"object {row.hash} in pack {row.pack} is corrupt: its bytes hash to {actual}"
-                + (" (the delta or its base is damaged)" if row.kind == "delta" else ""),
-                hash_key=row.hash,
-            )
-        return raw
-
-    def _check_row(self, row: ObjectRow) -> None:
-        """Refuse an object row whose claims cannot be true before anything is allocated for it."""
-        try:
-            itemsize = dtypes.itemsize(row.dtype)
-        except CoralError as exc:
-            raise CorruptObjectError(f"object {row.hash}: {exc}", hash_key=row.hash) from exc
-        if not all(type(d) is int and d >= 0 for d in row.shape):
-            raise CorruptObjectError(f"object {row.hash} has a malformed shape {row.shape}", hash_key=row.hash)
-        n = 1
-        for d in row.shape:
-            n *= d
-        if row.nbytes != n * itemsize:
-            raise CorruptObjectError(
-                f"object {row.hash}: catalog says {row.nbytes} bytes for {row.dtype}{list(row.shape)} "
-                f"({n * itemsize}): the catalog is damaged", hash_key=row.hash,
-            )
-        if row.nbytes > _max_tensor_bytes():
-            raise CorruptObjectError(
-                f"object {row.hash} claims {row.nbytes / 2**30:.1f} GiB, more than this machine's memory: "
-                "refused before allocating (a damaged or crafted catalog?)", hash_key=row.hash,
-            )
-        if row.kind not in ("full", "delta") or (row.kind == "delta") != bool(row.base):
-            raise CorruptObjectError(f"object {row.hash} has a malformed kind/base ({row.kind}, {row.base})",
-                                     hash_key=row.hash)
-
-    def _pack_fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is None:
-            path = self.path / PACKS_DIR / name
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                if name not in self.catalog.packs():
-                    raise PackGone(f"pack {name} was removed by gc") from None
-                raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}") from None
-            kept = self._fds.setdefault(name, fd)  # another thread may have opened it meanwhile
-            if kept != fd:
-                os.close(fd)
-            fd = kept
-        return fd
-
-    def _pack(self, name: str) -> HDF5Store:
-        store = self._packs.get(name)
-        if store is None:
-            path = self.path / PACKS_DIR / name
-            if not path.exists():
-                if name not in self.catalog.packs():
-                    raise PackGone(f"pack {name} was removed by gc")
-                raise IntegrityError(f"pack {name} is missing from {self.path / PACKS_DIR}")
-            try:
-                store = hdf5_store.HDF5Store(path, mode="r")
-            except CoralError:
-                raise
-            except (OSError, RuntimeError, KeyError, ValueError) as exc:
-                raise CorruptObjectError(f"pack {name} cannot be opened as HDF5 ({exc}): it is damaged") from exc
-            self._packs[name] = store
-            while len(self._packs) > 64:
-                _, old = self._packs.popitem(last=False)
-                old.close()
-        else:
-            self._packs.move_to_end(name)
-        return store
+    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
+                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]:
+        """Remove those of ``candidates`` no ref keeps (see :meth:`Maintenance.release_commits`)."""
+        return self.maintenance.release_commits(candidates, dry_run=dry_run, dropping=dropping)
 
     @property
     def stale(self) -> bool:
@@ -876,12 +479,7 @@ class Repository(Maintenance):
         return _file_identity(self.path / CATALOG_NAME) != self._identity
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        for s in self._packs.values():
-            s.close()
-        self._packs.clear()
+        self.reader.close()
         self.catalog.close()
 
     def __enter__(self) -> "Repository":
@@ -922,13 +520,13 @@ class Repository(Maintenance):
             return newest[0]
         if ref == "best":
             newest = cat.newest_commit()
-            cid = cat.get_ref("best") or (cat.get_ref(f"runs/{newest[1]}/best") if newest else None)
+            cid = cat.get_ref("best") or (cat.get_ref(refnames.best_ref(newest[1])) if newest else None)
             if cid is None:
                 raise RefNotFoundError(
                     f"no 'best' commit in {self.path}: save with a monitored metric (monitor=...) first"
                 )
             return cid
-        for candidate in (ref, f"tags/{ref}", f"runs/{ref}/latest", f"runs/{ref}"):
+        for candidate in (ref, refnames.tag_ref(ref, check=False), refnames.latest_ref(ref), refnames.run_ref(ref)):
             cid = cat.get_ref(candidate)
             if cid is not None:
                 return cid
@@ -955,7 +553,8 @@ class Repository(Maintenance):
                     + "; give more characters",
                     matches,
                 )
-        hints = sorted({n.split("/")[1] for n in cat.refs("runs/")} | {n[5:] for n in cat.refs("tags/")})
+        hints = sorted({n.split("/")[1] for n in cat.refs(refnames.RUNS)}
+                       | {n[len(refnames.TAGS):] for n in cat.refs(refnames.TAGS)})
         raise RefNotFoundError(
             f"no commit matches {ref!r} in {self.path}"
             + (f"; known runs and tags: {', '.join(hints[:20])}" if hints else "")
@@ -964,9 +563,9 @@ class Repository(Maintenance):
 
     @named_errors
     def tag(self, name: str, ref: str) -> str:
-        validate_component(name, "tag")
+        tag = refnames.tag_ref(name)  # checked before the ref is resolved
         cid = self.resolve(ref)
-        self.set_ref(f"tags/{name}", cid)
+        self.set_ref(tag, cid)
         return cid
 
     @named_errors
@@ -980,7 +579,7 @@ class Repository(Maintenance):
             except KeyError:
                 raise RefNotFoundError(f"commit {commit_id} does not exist in {self.path}") from None
             if before is not None and before != commit_id:
-                self._reclaim_released([before])
+                self.maintenance.reclaim_released([before])
 
     @named_errors
     def delete_ref(self, name: str) -> bool:
@@ -990,7 +589,7 @@ class Repository(Maintenance):
         with self.lock:
             before = self.catalog.delete_ref(name)
             if before is not None:
-                self._reclaim_released([before])
+                self.maintenance.reclaim_released([before])
             return before is not None
 
     @named_errors
@@ -1082,36 +681,11 @@ class Repository(Maintenance):
 
         return pull(self, remote, progress=progress)
 
-def _renamed(w: WeightTensor, name: str) -> WeightTensor:
-    """The same bytes under a display name (metadata only, no copy)."""
-    out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
-    out._hash = w._hash
-    return out
-
-
-def _check_keep(keep: Any, keep_optimizer: Any) -> None:
-    if not isinstance(keep, (bool, Policy)):
-        raise RepositoryError(f"keep must be True, False or a retention policy (e.g. LatestN(3)), not {keep!r}")
-    if keep_optimizer is not None and not isinstance(keep_optimizer, Policy):
-        raise RepositoryError(f"keep_optimizer must be a retention policy, not {keep_optimizer!r}")
-    if keep_optimizer is not None and not isinstance(keep, Policy):
-        raise RepositoryError("keep_optimizer applies with keep=<retention policy>: give both")
-
-
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:  # the write-ahead log comes and goes
         return 0
-
-
-def _pack_signature(path: Path) -> Optional[tuple[int, int, int]]:
-    """``(inode, size, mtime_ns)`` of a pack file, None if it is gone: any rewrite changes it."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _fresh_repository_dir(path: Path) -> bool:
@@ -1144,16 +718,3 @@ def _split_ancestry(ref: str) -> tuple[str, int]:
             ref, ups = head, ups + (int(num) if num else 1)
             continue
         return ref, ups
-
-
-def _jsonable_metric(v: Any) -> Any:
-    import torch  # already loaded by a commit (adapters); not at module level: catalog readers skip it
-
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        v = v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v

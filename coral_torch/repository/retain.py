@@ -22,15 +22,32 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from .. import refnames
 from ..errors import CoralError
 from ..pointers import pointer_names, pointer_path_of_ref, write_pointer
 from ..retention import CommitFacts, KeepAll, Policy
+from .catalog import Catalog
+from .lock import RepositoryLock
 
-if TYPE_CHECKING:
-    from .repository import Repository
+
+class RetainTarget(Protocol):
+    """What applying retention needs of a repository (its :class:`Repository`, in practice)."""
+
+    path: Path
+    catalog: Catalog
+    lock: RepositoryLock
+
+    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
+                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]: ...
+
+    def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = ...) -> str: ...
+
+    def commits_with_tensor(self, run: str, pattern: str) -> list[str]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +73,7 @@ class RetentionReport:
 
 
 def apply_retention(
-    repo: "Repository",
+    repo: RetainTarget,
     run: str,
     keep: Policy,
     *,
@@ -131,7 +148,7 @@ def apply_retention(
     return report
 
 
-def _to_strip(repo: "Repository", run: str, facts: list[CommitFacts], keep_optimizer: Optional[Policy],
+def _to_strip(repo: RetainTarget, run: str, facts: list[CommitFacts], keep_optimizer: Optional[Policy],
               removed: set[str]) -> list[str]:
     """Surviving commits holding per-parameter optimizer state that ``keep_optimizer`` does not select."""
     if keep_optimizer is None or isinstance(keep_optimizer, KeepAll):
@@ -141,7 +158,7 @@ def _to_strip(repo: "Repository", run: str, facts: list[CommitFacts], keep_optim
     return [f.id for f in facts if f.id in holders and f.id not in want and f.id not in removed]
 
 
-def _packs_bytes(repo: "Repository") -> int:
+def _packs_bytes(repo: RetainTarget) -> int:
     return int(repo.stats()["disk_bytes"])
 
 

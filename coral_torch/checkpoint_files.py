@@ -1,0 +1,54 @@
+"""Checkpoint files that name commits: saving one (commit with the file's ref, then write the
+pointer) and forgetting one (remove the file, then drop its ref), for every entry point that does
+it (``coral_torch.save``, ``CoralCheckpointIO``, ``CoralModelParallelStrategy``, ``coral-torch rm``).
+
+The order keeps a crash harmless: the file's ``files/`` ref is published with the commit before
+the file is written (until then the ref is younger than gc's grace period, so gc leaves it alone),
+and a file is removed before its ref (a crash then leaves a dead ref, which gc drops).
+
+No torch at import: the CLI uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar, Union
+
+from .pointers import pointer_ref_name, write_pointer
+
+if TYPE_CHECKING:
+    from .repository import Repository
+    from .repository.options import CommitOptions
+
+R = TypeVar("R")
+
+
+def commit_with_pointer(
+    path: Union[str, os.PathLike],
+    repo_path: Union[str, os.PathLike],
+    options: "CommitOptions",
+    commit: Callable[["CommitOptions"], R],
+    *,
+    write_file: bool = True,
+) -> R:
+    """Call ``commit`` with ``options`` plus the ref of the pointer file at ``path`` (it must publish
+    them: a :class:`CommitStats` or a commit id comes back), then write the pointer naming the
+    commit in the repository at ``repo_path`` (unless ``write_file`` is false: another rank of a
+    sharded save writes it). Returns what ``commit`` returned."""
+    result = commit(options.with_refs(pointer_ref_name(path, repo_path)))
+    if write_file:
+        cid = result if isinstance(result, str) else getattr(result, "commit_id")
+        write_pointer(path, cid, repo_path)
+    return result
+
+
+def forget_pointer(path: Union[str, os.PathLike], repo: "Repository") -> bool:
+    """Remove the pointer file at ``path``, then drop its ref in ``repo``; the commit then goes
+    unless something else keeps it. Returns whether there was such a ref."""
+    ref = pointer_ref_name(path, repo.path)
+    Path(path).unlink(missing_ok=True)
+    return repo.delete_ref(ref)
+
+
+__all__ = ["commit_with_pointer", "forget_pointer"]

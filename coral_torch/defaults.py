@@ -1,0 +1,27 @@
+"""Defaults every entry point shares: one place for each.
+
+Standard library only (the CLI's read-only commands import it without torch).
+"""
+
+from __future__ import annotations
+
+import os
+
+#: zstd level of the codec, for whole objects and deltas alike
+CODEC_LEVEL = 1
+#: most encoder/decoder threads a repository uses by default
+MAX_WORKERS = 8
+#: the repository directory when none is given and ``$CORAL_REPO`` is unset
+REPOSITORY_DIR = ".coral"
+#: environment variable naming the default repository
+REPOSITORY_ENV = "CORAL_REPO"
+
+
+def default_workers() -> int:
+    """Threads for hashing, encoding and decoding: all cores, up to :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def default_repository() -> str:
+    """The repository a ``None`` repository argument means: ``$CORAL_REPO`` or ``./.coral``."""
+    return os.environ.get(REPOSITORY_ENV, REPOSITORY_DIR)
