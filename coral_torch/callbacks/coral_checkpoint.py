@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -39,6 +38,7 @@ from ..repository.retain import RetentionReport
 from ..retention import KeepAll, KeepNone, Policy, optimizer_policy, top_k_policy
 from ..storage.s3_store import S3Config
 from .checkpoint_io import CoralCheckpointIO
+from .rng import capture_rng_state, flatten_loaders, loader_generators, restore_rng_state
 from .snapshot import BackgroundCommitter, SnapshotBuffers
 
 log = logging.getLogger(__name__)
@@ -53,37 +53,6 @@ def _is_coral_sharded(strategy: Any) -> bool:
 
 class CoralCheckpointError(CoralError):
     """A background save failed; raised on the training thread (on every rank under DDP)."""
-
-
-def capture_rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        # plain values and tensors only: files exported from a commit must load with weights_only=True
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    if "python" in state:
-        v = state["python"]
-        random.setstate((v[0], tuple(v[1]), v[2]) if isinstance(v, (list, tuple)) else v)
-    if "numpy" in state:
-        n = state["numpy"]
-        if isinstance(n, dict):
-            np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                                 n["cached_gaussian"]))
-        else:
-            np.random.set_state(tuple(n))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class CoralCheckpoint(Checkpoint):
@@ -366,7 +335,7 @@ class CoralCheckpoint(Checkpoint):
             "rng": capture_rng_state(),
             # the train loaders' own generators (DataLoader(generator=...), samplers): Lightning
             # does not save them, so a resumed run would reshuffle from their initial state
-            "loader_rng": [g.get_state() for g in _loader_generators(self._train_loaders())]
+            "loader_rng": [g.get_state() for g in loader_generators(self._train_loaders())]
             if self._at_epoch_end else None,
         }
 
@@ -384,7 +353,7 @@ class CoralCheckpoint(Checkpoint):
         pending, self._loader_rng_to_restore = self._loader_rng_to_restore, None
         if pending is None:
             return
-        gens = _loader_generators(self._train_loaders())
+        gens = loader_generators(self._train_loaders())
         if len(gens) != len(pending):
             log.warning(
                 "the checkpoint has %d train-loader generator state(s), this run's loaders have %d: "
@@ -405,7 +374,7 @@ class CoralCheckpoint(Checkpoint):
     def _train_loaders(self) -> list[Any]:
         trainer = self._trainer
         loaders = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        return _flatten_loaders(loaders)
+        return flatten_loaders(loaders)
 
     # ------------------------------------------------------------------------------ save
     def _surface_errors(self, trainer: Any) -> None:
@@ -596,29 +565,3 @@ def _scalar(v: Any) -> Optional[float]:
 def _without_param_state(opt_state: Any) -> Any:
     """An optimizer ``state_dict`` without its per-parameter state (``param_groups`` kept)."""
     return dict(opt_state, state={}) if isinstance(opt_state, dict) and "state" in opt_state else opt_state
-
-
-def _flatten_loaders(loaders: Any) -> list[Any]:
-    """The loaders of Lightning's ``trainer.train_dataloader`` (one, or a list/dict of them), in order."""
-    if loaders is None:
-        return []
-    if isinstance(loaders, dict):
-        return [x for k in loaders for x in _flatten_loaders(loaders[k])]
-    if isinstance(loaders, (list, tuple)):
-        return [x for v in loaders for x in _flatten_loaders(v)]
-    return [loaders]
-
-
-def _loader_generators(loaders: list[Any]) -> list[torch.Generator]:
-    """Every distinct ``torch.Generator`` a loader draws from: its own (worker seeds), its
-    sampler's and its batch sampler's (shuffling), in a fixed discovery order."""
-    found: list[torch.Generator] = []
-    for loader in loaders:
-        sampler = getattr(loader, "sampler", None)
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        for g in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
-                  getattr(batch_sampler, "generator", None),
-                  getattr(getattr(batch_sampler, "sampler", None), "generator", None)):
-            if isinstance(g, torch.Generator) and all(g is not x for x in found):
-                found.append(g)
-    return found
