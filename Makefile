@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up, then train a tiny model with coral-torch checkpoints and show what was stored
-#   make test   - set up, then run the whole test suite
+#   make test   - set up, lint (ruff, mypy), then run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # pyproject.toml declares the normal range users get.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test lint bench setup clean
 
 $(VENV)/.ready: pyproject.toml setup.py coral_torch/_planes.c
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,17 @@ setup: $(VENV)/.ready
 demo: setup
 	$(PY) examples/demo.py
 
-test: setup
+# lint and type checks over the package: zero findings (config in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check coral_torch
+	$(VENV)/bin/ruff format --check coral_torch
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/store_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

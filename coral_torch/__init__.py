@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._version import __version__
 from .lazy import lazy_exports
 
-from ._version import __version__
-
 if TYPE_CHECKING:
-    from .api import load, save
-    from .dedup import DeduplicationResult, Deduplicator
-    from .delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
-    from .errors import CoralError
-    from .repository import CommitOptions, CommitStats, Repository, VerifyReport
-    from .repository.handles import open_repository
-    from .storage import HDF5Store, S3Config, S3Store, WeightStore
-    from .weight_tensor import WeightMetadata, WeightTensor
+    # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
+    from .api import load as load, save as save
+    from .dedup import DeduplicationResult as DeduplicationResult, Deduplicator as Deduplicator
+    from .delta import Delta as Delta, DeltaConfig as DeltaConfig, DeltaEncoder as DeltaEncoder, DeltaType as DeltaType
+    from .errors import CoralError as CoralError
+    from .repository import (
+        CommitOptions as CommitOptions,
+        CommitStats as CommitStats,
+        Repository as Repository,
+        VerifyReport as VerifyReport,
+    )
+    from .repository.handles import open_repository as open_repository
+    from .storage import HDF5Store as HDF5Store, S3Config as S3Config, S3Store as S3Store, WeightStore as WeightStore
+    from .weight_tensor import WeightMetadata as WeightMetadata, WeightTensor as WeightTensor
 
 #: public name -> module (relative to this package) that defines it
 _LAZY = {

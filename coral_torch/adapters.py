@@ -29,7 +29,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,13 +53,17 @@ class Flattened:
     slots: list[TensorSlot] = field(default_factory=list)
 
 
-def _dict_class_name(d: dict) -> Optional[str]:
+def _dict_class_name(d: dict) -> str | None:
     cls = type(d)
     if cls is dict:
         return "dict"
     if cls is collections.OrderedDict:
         return "odict"
-    if cls.__name__ == "AttributeDict" and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+    if cls.__name__ == "AttributeDict" and cls.__module__.split(".")[0] in (
+        "lightning",
+        "pytorch_lightning",
+        "lightning_fabric",
+    ):
         return "attrdict"
     return None
 
@@ -86,8 +90,15 @@ def flatten(obj: Any) -> Flattened:
         key = None
         if t.layout == torch.strided and t.device.type != "meta":
             try:
-                key = (t.untyped_storage().data_ptr(), t.device.type, t.device.index, t.storage_offset(),
-                       tuple(t.shape), tuple(t.stride()), t.dtype)
+                key = (
+                    t.untyped_storage().data_ptr(),
+                    t.device.type,
+                    t.device.index,
+                    t.storage_offset(),
+                    tuple(t.shape),
+                    tuple(t.stride()),
+                    t.dtype,
+                )
             except (RuntimeError, NotImplementedError):
                 key = None
         if key is not None and key in seen and key[0] != 0:
@@ -175,7 +186,7 @@ def flatten(obj: Any) -> Flattened:
     return Flattened(skeleton, slots)
 
 
-def kept_stride(t: torch.Tensor) -> Optional[list[int]]:
+def kept_stride(t: torch.Tensor) -> list[int] | None:
     """The strides to record for ``t``: ``None`` (nothing recorded, the node as it always was) when
     it is contiguous, or when its strides overlap (``expand``) and so cannot lay out values of
     their own."""
@@ -198,16 +209,20 @@ def _non_overlapping(shape: tuple[int, ...], stride: list[int]) -> bool:
 
 def _restride(t: torch.Tensor, stride: Any, i: int) -> torch.Tensor:
     """``t``'s values in a new tensor laid out with the stored ``stride`` (checked first)."""
-    if not (isinstance(stride, list) and len(stride) == t.dim()
-            and all(type(s) is int and 0 <= s < 2**48 for s in stride)
-            and _non_overlapping(tuple(t.shape), stride)):
+    if not (
+        isinstance(stride, list)
+        and len(stride) == t.dim()
+        and all(type(s) is int and 0 <= s < 2**48 for s in stride)
+        and _non_overlapping(tuple(t.shape), stride)
+    ):
         raise CatalogDamagedError(f"tensor {i} has malformed strides {str(stride)[:60]} for shape {list(t.shape)}")
     if t.numel() == 0 or list(t.stride()) == stride:
         return t
     out = torch.empty_strided(tuple(t.shape), stride, dtype=t.dtype, device=t.device)
     if out.device.type != "meta":
         if out.untyped_storage().nbytes() > t.numel() * t.element_size():
-            out.untyped_storage().fill_(0)  # the gaps between the values: no stale memory in them
+            # the gaps between the values: no stale memory in them (torch's stubs lack UntypedStorage.fill_)
+            out.untyped_storage().fill_(0)  # type: ignore[attr-defined]
         out.copy_(t)
     return out
 
@@ -224,7 +239,11 @@ def _blob(x: Any) -> dict:
         torch.save(x, buf)
     except Exception as exc:
         raise CoralError(f"cannot store a value of type {type(x).__name__}: torch.save refuses it ({exc})") from exc
-    return {"t": "blob", "type": f"{type(x).__module__}.{type(x).__qualname__}", "v": base64.b64encode(buf.getvalue()).decode()}
+    return {
+        "t": "blob",
+        "type": f"{type(x).__module__}.{type(x).__qualname__}",
+        "v": base64.b64encode(buf.getvalue()).decode(),
+    }
 
 
 def unflatten(
@@ -264,7 +283,7 @@ def unflatten(
         if t in ("dict", "odict", "attrdict"):
             # only an AttributeDict needs lightning imported (seconds): never for a plain dict
             cls = {"dict": dict, "odict": collections.OrderedDict}[t] if t != "attrdict" else _attrdict_class()
-            out = cls()
+            out: Any = cls()
             for k, v in zip(n["k"], n["v"]):
                 out[build(k)] = build(v)
             if "meta" in n:
@@ -386,18 +405,19 @@ def apply_map_location(t: torch.Tensor, saved_device: str, map_location: Any) ->
         else:
             target = str(getattr(result, "device", "cpu"))
     else:
-        raise CoralError(f"map_location must be None, a str, a torch.device, a dict or a callable, not {type(map_location).__name__}")
+        raise CoralError(
+            f"map_location must be None, a str, a torch.device, a dict or a callable, not {type(map_location).__name__}"
+        )
     if torch.device(target).type == "cpu":
         return t
     if torch.device(target).type == "cuda" and not torch.cuda.is_available():
         raise CoralError(
-            f"the checkpoint holds tensors saved on {saved_device} but CUDA is not available; "
-            "pass map_location='cpu'"
+            f"the checkpoint holds tensors saved on {saved_device} but CUDA is not available; pass map_location='cpu'"
         )
     return t.to(target)
 
 
-def prune(skeleton: Any, paths: Any) -> tuple[Any, Optional[list[int]]]:
+def prune(skeleton: Any, paths: Any) -> tuple[Any, list[int] | None]:
     """Empty the containers at ``paths`` in a skeleton and renumber its tensor slots.
 
     Each path is a tuple of keys from the top (``"*"`` matches any key or list index), e.g.
@@ -409,7 +429,7 @@ def prune(skeleton: Any, paths: Any) -> tuple[Any, Optional[list[int]]]:
     patterns = [tuple(str(k) for k in p) for p in paths]
     changed = False
 
-    def key_of(k: Any) -> Optional[str]:
+    def key_of(k: Any) -> str | None:
         return k if isinstance(k, str) else None
 
     def empty(n: Any) -> Any:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
+from .checkpoint_files import commit_with_pointer
+from .defaults import REPOSITORY_DIR
 from .errors import (
     CheckpointNotFoundError,
     CoralError,
@@ -24,8 +27,6 @@ from .errors import (
     RefNotFoundError,
     UnsafeCheckpointError,
 )
-from .checkpoint_files import commit_with_pointer
-from .defaults import REPOSITORY_DIR
 from .pointers import (
     MAX_POINTER_BYTES,
     Pointer,
@@ -46,24 +47,24 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def save(
     obj: Any,
-    f: Union[str, os.PathLike, io.IOBase, None] = None,
+    f: str | os.PathLike | io.IOBase | None = None,
     pickle_module: Any = None,
-    pickle_protocol: Optional[int] = None,
+    pickle_protocol: int | None = None,
     _use_new_zipfile_serialization: bool = True,
     _disable_byteorder_record: bool = False,
     *,
     repo: RepoLike = None,
-    tag: Optional[str] = None,
+    tag: str | None = None,
     tags: Sequence[str] = (),
     message: str = "",
     run: str = "default",
-    metrics: Optional[dict[str, Any]] = None,
-    monitor: Optional[str] = None,
+    metrics: dict[str, Any] | None = None,
+    monitor: str | None = None,
     mode: str = "min",
-    epoch: Optional[int] = None,
-    step: Optional[int] = None,
-    keep: Optional[Policy] = None,
-    keep_optimizer: Union[Policy, str, None] = None,
+    epoch: int | None = None,
+    step: int | None = None,
+    keep: Policy | None = None,
+    keep_optimizer: Policy | str | None = None,
 ) -> str:
     """Store ``obj`` (anything ``torch.save`` takes in practice) and return the commit id.
 
@@ -105,20 +106,32 @@ def save(
         raise CoralError(f"f must be a path, a writable binary file object or None, not {type(f).__name__}")
     # a pointer file's ref keeps the commit; without one, a keep/<id> ref does
     options = CommitOptions(
-        run=run, tags=tags, message=message, metrics=metrics, monitor=monitor, mode=mode, epoch=epoch, step=step,
-        keep=keep if keep is not None else not is_path, keep_optimizer=opt_policy, release_files=True,
+        run=run,
+        tags=tuple(tags),
+        message=message,
+        metrics=metrics or {},
+        monitor=monitor,
+        mode=mode,
+        epoch=epoch,
+        step=step,
+        keep=keep if keep is not None else not is_path,
+        keep_optimizer=opt_policy,
+        release_files=True,
     )
     # optimizer state that may be stripped later is stored whole, so it can be freed on its own
     no_delta = ("optimizer_states/",) if opt_policy is not None else ()
     if f is None:
         return open_repository(repo).commit(obj, options=options, no_delta_prefixes=no_delta).commit_id
-    if is_path:
+    if isinstance(f, (str, os.PathLike)):  # is_path, spelled out for the type checker
         pointer = Path(os.fsdecode(f))
         if pointer.is_dir():
-            raise CoralError(f"cannot save to {pointer}: it is a directory; give a file path such as {pointer / 'last.pt'}")
+            raise CoralError(
+                f"cannot save to {pointer}: it is a directory; give a file path such as {pointer / 'last.pt'}"
+            )
         r = open_repository(repo if repo is not None else pointer.parent / REPOSITORY_DIR)
-        stats = commit_with_pointer(pointer, r.path, options,
-                                    lambda o: r.commit(obj, options=o, no_delta_prefixes=no_delta))
+        stats = commit_with_pointer(
+            pointer, r.path, options, lambda o: r.commit(obj, options=o, no_delta_prefixes=no_delta)
+        )
         return stats.commit_id
     r = open_repository(repo)
     cid = r.commit(obj, options=options, no_delta_prefixes=no_delta).commit_id
@@ -126,7 +139,7 @@ def save(
     return cid
 
 
-def read_pointer(path: Union[str, os.PathLike]) -> Optional[tuple[str, Path]]:
+def read_pointer(path: str | os.PathLike) -> tuple[str, Path] | None:
     """``(commit id, repository path)`` if ``path`` is a coral-torch pointer file, ``None`` if it is
     another kind of file. A damaged pointer raises :class:`~coral_torch.errors.MalformedPointerError`."""
     p = read_pointer_file(path)
@@ -134,12 +147,12 @@ def read_pointer(path: Union[str, os.PathLike]) -> Optional[tuple[str, Path]]:
 
 
 def load(
-    f: Union[str, os.PathLike, io.IOBase],
+    f: str | os.PathLike | io.IOBase,
     map_location: Any = None,
     pickle_module: Any = None,
     *,
-    weights_only: Optional[bool] = None,
-    mmap: Optional[bool] = None,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
     repo: RepoLike = None,
     **pickle_load_args: Any,
 ) -> Any:
@@ -179,9 +192,7 @@ def load(
         return _load_ref(text, repo, map_location, wo)
     if hasattr(f, "read"):
         return _load_stream(f, repo, map_location, wo, torch_args)
-    raise CoralError(
-        f"load takes a path, a binary file object or a ref string, not {type(f).__name__}"
-    )
+    raise CoralError(f"load takes a path, a binary file object or a ref string, not {type(f).__name__}")
 
 
 def _load_ref(ref: str, repo: RepoLike, map_location: Any, weights_only: bool) -> Any:
@@ -214,8 +225,9 @@ def _load_pointer(pointer: Pointer, origin: str, repo: RepoLike, map_location: A
     return r.load(pointer.commit, map_location=map_location, weights_only=weights_only)
 
 
-def _load_path(p: Path, repo: RepoLike, map_location: Any, weights_only: bool, mmap: Optional[bool],
-               torch_args: dict[str, Any]) -> Any:
+def _load_path(
+    p: Path, repo: RepoLike, map_location: Any, weights_only: bool, mmap: bool | None, torch_args: dict[str, Any]
+) -> Any:
     with open(p, "rb") as fh:
         head = fh.read(MAX_POINTER_BYTES + 1)
     if not head:
@@ -249,8 +261,11 @@ def _load_stream(fh: Any, repo: RepoLike, map_location: Any, weights_only: bool,
         data = stream.read(MAX_POINTER_BYTES + 1)
         # a file opened from a path: its relative 'repo' is relative to that file's directory
         name = getattr(fh, "name", None)
-        base_dir = Path(os.fsdecode(name)).absolute().parent if isinstance(name, (str, bytes, os.PathLike)) \
-            and os.path.isfile(os.fsdecode(name)) else None
+        base_dir = (
+            Path(os.fsdecode(name)).absolute().parent
+            if isinstance(name, (str, bytes, os.PathLike)) and os.path.isfile(os.fsdecode(name))
+            else None
+        )
         pointer = parse_pointer(data, origin=origin, base_dir=base_dir)
         return _load_pointer(pointer, origin, repo, map_location, weights_only)
     return _torch_load(stream, origin, map_location, weights_only, torch_args)
@@ -263,8 +278,17 @@ def _torch_load(f: Any, origin: str, map_location: Any, weights_only: bool, torc
 
     try:
         return torch.load(f, map_location=map_location, weights_only=weights_only, **torch_args)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, ValueError, KeyError,
-            AttributeError, UnicodeDecodeError, OverflowError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        IndexError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+        OverflowError,
+    ) as exc:
         text = _ANSI.sub("", str(exc))
         # torch's weights-only unpickler says "Weights only load failed" for any refusal: a class
         # it will not import ("Unsupported global") is a real pickle; other refusals are garbage

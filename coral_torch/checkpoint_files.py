@@ -12,8 +12,9 @@ No torch at import: the CLI uses it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar, Union
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .pointers import pointer_ref_name, write_pointer
 
@@ -21,14 +22,21 @@ if TYPE_CHECKING:
     from .repository import Repository
     from .repository.options import CommitOptions
 
-R = TypeVar("R")
+
+class _HasCommitId(Protocol):
+    @property
+    def commit_id(self) -> str: ...
+
+
+#: what a commit callback returns: a commit id, or stats that name it (a :class:`CommitStats`)
+R = TypeVar("R", bound="str | _HasCommitId")
 
 
 def commit_with_pointer(
-    path: Union[str, os.PathLike],
-    repo_path: Union[str, os.PathLike],
-    options: "CommitOptions",
-    commit: Callable[["CommitOptions"], R],
+    path: str | os.PathLike,
+    repo_path: str | os.PathLike,
+    options: CommitOptions,
+    commit: Callable[[CommitOptions], R],
     *,
     write_file: bool = True,
 ) -> R:
@@ -38,12 +46,12 @@ def commit_with_pointer(
     sharded save writes it). Returns what ``commit`` returned."""
     result = commit(options.with_refs(pointer_ref_name(path, repo_path)))
     if write_file:
-        cid = result if isinstance(result, str) else getattr(result, "commit_id")
+        cid = result if isinstance(result, str) else result.commit_id
         write_pointer(path, cid, repo_path)
     return result
 
 
-def forget_pointer(path: Union[str, os.PathLike], repo: "Repository") -> bool:
+def forget_pointer(path: str | os.PathLike, repo: Repository) -> bool:
     """Remove the pointer file at ``path``, then drop its ref in ``repo``; the commit then goes
     unless something else keeps it. Returns whether there was such a ref."""
     ref = pointer_ref_name(path, repo.path)

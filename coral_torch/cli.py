@@ -16,8 +16,9 @@ import os
 import sys
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import refnames
 from ._version import __version__
@@ -61,14 +62,17 @@ def _open_repo(args: argparse.Namespace, *, create: bool = False) -> Repository:
         if create:
             raise
         raise CliError(
-            f"{repository_path(args.repo or None)} is not a coral-torch repository (no catalog.sqlite); point --repo or "
-            "$CORAL_REPO at one (e.g. --repo ckpts/.coral), or create one with `coral-torch import FILE.ckpt`"
+            f"{repository_path(args.repo or None)} is not a coral-torch repository (no catalog.sqlite); "
+            "point --repo or $CORAL_REPO at one (e.g. --repo ckpts/.coral), "
+            "or create one with `coral-torch import FILE.ckpt`"
         ) from exc
 
 
 def _short_metrics(metrics: dict[str, Any], limit: int = 2) -> str:
     keys = [k for k in metrics if "loss" in k] or list(metrics)
-    return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys[:limit])
+    return " ".join(
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys[:limit]
+    )
 
 
 def _remote(args: argparse.Namespace) -> S3Config:
@@ -86,17 +90,44 @@ def cmd_log(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     rows = repo.log(args.run)[: args.n] if args.n else repo.log(args.run)
     if args.json:
-        print(json.dumps([{
-            "id": r.id, "run": r.run, "epoch": r.epoch, "step": r.step, "time": r.time,
-            "metrics": r.metrics, "logical_bytes": r.logical_bytes, "stored_bytes": r.new_bytes,
-            "ratio": (r.new_bytes / r.logical_bytes) if r.logical_bytes else 0.0, "refs": r.refs,
-            "parent": r.parent, "message": r.message, "lossy": bool(r.lossy),
-        } for r in rows], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": r.id,
+                        "run": r.run,
+                        "epoch": r.epoch,
+                        "step": r.step,
+                        "time": r.time,
+                        "metrics": r.metrics,
+                        "logical_bytes": r.logical_bytes,
+                        "stored_bytes": r.new_bytes,
+                        "ratio": (r.new_bytes / r.logical_bytes) if r.logical_bytes else 0.0,
+                        "refs": r.refs,
+                        "parent": r.parent,
+                        "message": r.message,
+                        "lossy": bool(r.lossy),
+                    }
+                    for r in rows
+                ],
+                indent=1,
+            )
+        )
         return 0
-    table = [[r.short_id + (" LOSSY" if r.lossy else ""), r.run, "" if r.epoch is None else r.epoch, "" if r.step is None else r.step,
-              _short_metrics(r.metrics), _human(r.logical_bytes), _human(r.new_bytes),
-              f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
-              ", ".join(dict.fromkeys(refnames.display_name(x) for x in r.refs))] for r in rows]
+    table = [
+        [
+            r.short_id + (" LOSSY" if r.lossy else ""),
+            r.run,
+            "" if r.epoch is None else r.epoch,
+            "" if r.step is None else r.step,
+            _short_metrics(r.metrics),
+            _human(r.logical_bytes),
+            _human(r.new_bytes),
+            f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
+            ", ".join(dict.fromkeys(refnames.display_name(x) for x in r.refs)),
+        ]
+        for r in rows
+    ]
     print(_table(table, ["commit", "run", "epoch", "step", "metrics", "logical", "stored", "ratio", "refs"]))
     return 0
 
@@ -110,29 +141,63 @@ def cmd_show(args: argparse.Namespace) -> int:
         parent = {}
     hows = {n: how for n, _, how in repo.catalog.commit_objects(row.id)}
     out = []
-    for name, h, dtype, shape, device, _ in row.manifest["tensors"]:
+    for name, h, dtype, shape, _device, _ in row.manifest["tensors"]:
         how = hows.get(name, "dedup")
         if how == "dedup" and parent.get(name, (None,))[0] == h:
             how = "same as parent"
         elif how.startswith("full"):  # "full/skipN": stored whole while its delta kept losing
             how = "new"
         obj = repo.catalog.get_object(h)
-        out.append({"name": name, "dtype": dtype, "shape": shape, "stored": how, "hash": h,
-                    "stored_bytes": obj.stored_bytes if obj and how in ("new", "delta") else 0})
+        out.append(
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": shape,
+                "stored": how,
+                "hash": h,
+                "stored_bytes": obj.stored_bytes if obj and how in ("new", "delta") else 0,
+            }
+        )
     if args.json:
-        print(json.dumps({"id": row.id, "run": row.run, "epoch": row.epoch, "step": row.step,
-                          "metrics": row.metrics, "refs": row.refs, "tensors": out}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "id": row.id,
+                    "run": row.run,
+                    "epoch": row.epoch,
+                    "step": row.step,
+                    "metrics": row.metrics,
+                    "refs": row.refs,
+                    "tensors": out,
+                },
+                indent=1,
+            )
+        )
         return 0
-    print(f"commit {row.id}\nrun {row.run}  epoch {row.epoch}  step {row.step}  "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row.time))}")
+    print(
+        f"commit {row.id}\nrun {row.run}  epoch {row.epoch}  step {row.step}  "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row.time))}"
+    )
     if row.metrics:
         print("metrics " + " ".join(f"{k}={v}" for k, v in row.metrics.items()))
     if row.refs:
         print("refs " + ", ".join(row.refs))
     print(f"logical {_human(row.logical_bytes)}  written {_human(row.new_bytes)}\n")
-    print(_table([[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()", t["stored"],
-                   _human(t["stored_bytes"]) if t["stored_bytes"] else "-"] for t in out],
-                 ["tensor", "dtype", "shape", "how stored", "bytes"]))
+    print(
+        _table(
+            [
+                [
+                    t["name"],
+                    t["dtype"],
+                    "x".join(map(str, t["shape"])) or "()",
+                    t["stored"],
+                    _human(t["stored_bytes"]) if t["stored_bytes"] else "-",
+                ]
+                for t in out
+            ],
+            ["tensor", "dtype", "shape", "how stored", "bytes"],
+        )
+    )
     return 0
 
 
@@ -143,7 +208,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     differ = [n for n in a_idx if n in b_idx and a_idx[n][0] != b_idx[n][0]]
     ta = tensors_of(repo, a_id, names=differ)
     tb = tensors_of(repo, b_id, names=differ)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list(dict.fromkeys(list(a_idx) + list(b_idx))):
         if name not in a_idx:
             rows.append({"tensor": name, "status": "added"})
@@ -158,10 +223,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(json.dumps({"a": a_id, "b": b_id, "tensors": rows}, indent=1))
         return 0
     print(f"diff {a_id[:10]} -> {b_id[:10]}")
-    print(_table([[r["tensor"], r["status"],
-                   f"{r['changed_pct']:.2f}%" if "changed_pct" in r else "-",
-                   f"{r['rel_l2']:.3e}" if "rel_l2" in r else "-"] for r in rows],
-                 ["tensor", "status", "changed", "rel. L2"]))
+    print(
+        _table(
+            [
+                [
+                    r["tensor"],
+                    r["status"],
+                    f"{r['changed_pct']:.2f}%" if "changed_pct" in r else "-",
+                    f"{r['rel_l2']:.3e}" if "rel_l2" in r else "-",
+                ]
+                for r in rows
+            ],
+            ["tensor", "status", "changed", "rel. L2"],
+        )
+    )
     n_changed = sum(r["status"] != "unchanged" for r in rows)
     print(f"\n{n_changed} of {len(rows)} tensors differ")
     return 0
@@ -243,13 +318,19 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read {p}: no such file")
         kind = _torch_file_kind(p)
         if kind is None:
-            raise CliError(f"{p} is not a torch checkpoint file; import takes files written by torch.save "
-                           "or Lightning (.pt, .pth, .ckpt)")
+            raise CliError(
+                f"{p} is not a torch checkpoint file; import takes files written by torch.save "
+                "or Lightning (.pt, .pth, .ckpt)"
+            )
         try:
             obj = torch.load(p, map_location="cpu", weights_only=not args.trust, mmap=kind == "zip")
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = " (if you trust it, retry with --trust)" if "weights_only" in str(exc).lower() or "Unsupported global" in str(exc) else ""
+            hint = (
+                " (if you trust it, retry with --trust)"
+                if "weights_only" in str(exc).lower() or "Unsupported global" in str(exc)
+                else ""
+            )
             raise CliError(f"{p} is not a readable torch checkpoint: {first[:200]}{hint}") from exc
         if not _has_tensors(obj):
             raise CliError(f"{p} holds no tensors: not a checkpoint")
@@ -261,17 +342,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     ids = []
     for p in tqdm(paths, desc="import", unit="file", disable=not sys.stderr.isatty()):
         obj = torch.load(p, map_location="cpu", weights_only=not args.trust)
-        stats = repo.commit(obj, run=run, message=f"import {p.name}", keep=True,
-                            info={"source": str(p)})
+        stats = repo.commit(obj, run=run, message=f"import {p.name}", keep=True, info={"source": str(p)})
         ids.append(stats.commit_id)
         print(f"{stats.commit_id[:10]}  {p.name}  {_human(p.stat().st_size)} -> {_human(stats.written_bytes)} written")
     after = repo.stats()["disk_bytes"] - start_disk
-    print(f"imported {len(ids)} file(s): {_human(before)} as files -> {_human(after)} in the repository "
-          f"({after / before if before else 0:.3f}x)")
+    print(
+        f"imported {len(ids)} file(s): {_human(before)} as files -> {_human(after)} in the repository "
+        f"({after / before if before else 0:.3f}x)"
+    )
     return 0
 
 
-def _torch_file_kind(path: Path) -> Optional[str]:
+def _torch_file_kind(path: Path) -> str | None:
     """``"zip"`` for a torch.save file (the format since torch 1.6; Lightning .ckpt too),
     ``"legacy"`` for the older pickle-based torch.save format, None for anything else."""
     with open(path, "rb") as f:
@@ -306,7 +388,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         return 0
     if args.name is None:
         for name, cid in repo.refs(refnames.TAGS).items():
-            print(f"{name[len(refnames.TAGS):]}  {cid[:10]}")
+            print(f"{name[len(refnames.TAGS) :]}  {cid[:10]}")
         return 0
     cid = repo.tag(args.name, args.ref or "latest")
     print(f"tagged {cid[:10]} as {args.name}")
@@ -317,14 +399,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     stats = repo.gc(dry_run=not args.yes, orphan_grace_s=args.grace)
     verb = "would remove" if not args.yes else "removed"
-    print(f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
-          f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
-          f"{stats['orphan_files_removed']} orphan file(s)")
+    print(
+        f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
+        f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
+        f"{stats['orphan_files_removed']} orphan file(s)"
+    )
     if stats.get("dead_refs"):
-        print(f"{'dropped' if args.yes else 'would drop'} {len(stats['dead_refs'])} dead ref(s) "
-              "(pointer files deleted or replaced, ended resumes)")
+        print(
+            f"{'dropped' if args.yes else 'would drop'} {len(stats['dead_refs'])} dead ref(s) "
+            "(pointer files deleted or replaced, ended resumes)"
+        )
     if args.yes:
-        print(f"reclaimed {_human(stats['bytes_reclaimed'])}: {_human(stats['bytes_before'])} -> {_human(stats['bytes_after'])}")
+        print(
+            f"reclaimed {_human(stats['bytes_reclaimed'])}: "
+            f"{_human(stats['bytes_before'])} -> {_human(stats['bytes_after'])}"
+        )
     else:
         print(f"about {_human(stats['bytes_reclaimable'])} reclaimable; run `coral-torch gc --yes` to delete")
     return 0
@@ -345,8 +434,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep_every_epochs is not None:
         parts.append(EveryNEpochs(args.keep_every_epochs))
     if not parts:
-        raise CliError("say what to keep: --keep-latest N, --keep-best N --monitor M, --keep-every-steps N "
-                       "or --keep-every-epochs N (they combine: a commit any of them selects stays)")
+        raise CliError(
+            "say what to keep: --keep-latest N, --keep-best N --monitor M, --keep-every-steps N "
+            "or --keep-every-epochs N (they combine: a commit any of them selects stays)"
+        )
     keep = AnyOf(*parts)
     optimizer = LatestN(args.optimizer_latest) if args.optimizer_latest is not None else None
     repo = _open_repo(args)
@@ -372,8 +463,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.yes:
         print(f"freed {_human(total)}")
     else:
-        print(f"would free about {_human(total)} of stored objects; run again with --yes to do it"
-              + ("" if args.remove_files else " (--remove-files also releases commits that pointer files hold)"))
+        print(
+            f"would free about {_human(total)} of stored objects; run again with --yes to do it"
+            + ("" if args.remove_files else " (--remove-files also releases commits that pointer files hold)")
+        )
     return 0
 
 
@@ -398,8 +491,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
         tag = refnames.tag_ref(target, check=False)
         name = target if target in refs else tag if tag in refs else None
         if name is None:
-            raise CliError(f"{target!r} is neither a pointer file nor a ref in {repo.path}; "
-                           "`coral-torch log` shows each commit's refs")
+            raise CliError(
+                f"{target!r} is neither a pointer file nor a ref in {repo.path}; "
+                "`coral-torch log` shows each commit's refs"
+            )
         repo.delete_ref(name)
         print(f"removed ref {name}")
     print(f"freed {_human(max(0, before - repo.stats()['disk_bytes']))}")
@@ -423,7 +518,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for name, cid in report.dangling_refs.items():
         print(f"ref {name} names commit {cid[:10]}, which does not exist")
     if report.orphan_files:
-        print(f"{len(report.orphan_files)} orphan file(s) (left by interrupted saves; `coral-torch gc --yes` removes them)")
+        print(
+            f"{len(report.orphan_files)} orphan file(s) "
+            "(left by interrupted saves; `coral-torch gc --yes` removes them)"
+        )
     if not report.ok:
         print(report.RECOVERY)
     print("ok" if report.ok else "DAMAGED")
@@ -436,9 +534,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=1))
     else:
-        print(f"repository   {s['path']}\ncommits      {s['commits']}\nobjects      {s['objects']} "
-              f"({s['delta_objects']} deltas)\nlogical      {_human(s['logical_bytes'])}\n"
-              f"on disk      {_human(s['disk_bytes'])}\nratio        {s['ratio']:.3f}")
+        print(
+            f"repository   {s['path']}\ncommits      {s['commits']}\nobjects      {s['objects']} "
+            f"({s['delta_objects']} deltas)\nlogical      {_human(s['logical_bytes'])}\n"
+            f"on disk      {_human(s['disk_bytes'])}\nratio        {s['ratio']:.3f}"
+        )
     if args.plot:
         from .plots import plot_repository
 
@@ -453,9 +553,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     repo = _open_repo(args)
     with S3Store(_remote(args)) as store:
         s = repo.push(store, progress=None, verify=args.verify)
-    print(f"pushed {s['commits_uploaded']} commit(s), {s['objects_uploaded']} object(s) "
-          f"({_human(s['object_bytes'])}; {s['objects_skipped']} already there), {s['refs_updated']} ref(s) "
-          f"to {store.url} in {s['seconds']:.1f}s")
+    print(
+        f"pushed {s['commits_uploaded']} commit(s), {s['objects_uploaded']} object(s) "
+        f"({_human(s['object_bytes'])}; {s['objects_skipped']} already there), {s['refs_updated']} ref(s) "
+        f"to {store.url} in {s['seconds']:.1f}s"
+    )
     return 0
 
 
@@ -467,9 +569,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
         require_remote_repository(store)  # a mistyped or empty prefix: an error, and no local repository
         repo = _open_repo(args, create=True)
         s = repo.pull(store, progress=None)
-    print(f"pulled {s['commits_downloaded']} commit(s), {s['objects_downloaded']} object(s) "
-          f"({_human(s['bytes_transferred'])}; {s['objects_skipped']} already here), {s['refs']} ref(s) "
-          f"from {store.url} in {s['seconds']:.1f}s")
+    print(
+        f"pulled {s['commits_downloaded']} commit(s), {s['objects_downloaded']} object(s) "
+        f"({_human(s['bytes_transferred'])}; {s['objects_skipped']} already here), {s['refs']} ref(s) "
+        f"from {store.url} in {s['seconds']:.1f}s"
+    )
     return 0
 
 
@@ -529,8 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove commits no ref keeps and reclaim disk (dry run unless --yes)")
     p.add_argument("--yes", action="store_true", help="really delete")
-    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
-                   help="keep unknown pack files younger than this (written, not yet published; default 3600)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep unknown pack files younger than this (written, not yet published; default 3600)",
+    )
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("prune", help="apply a retention policy to runs (dry run unless --yes)")
@@ -541,10 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("min", "max"), default="min", help="lower (min) or higher (max) is better")
     p.add_argument("--keep-every-steps", type=int, metavar="N", help="keep one commit per N training steps")
     p.add_argument("--keep-every-epochs", type=int, metavar="N", help="keep one commit per N epochs")
-    p.add_argument("--optimizer-latest", type=int, metavar="N",
-                   help="only the N newest commits keep per-parameter optimizer state")
-    p.add_argument("--remove-files", action="store_true",
-                   help="also release commits that pointer files hold, deleting those files")
+    p.add_argument(
+        "--optimizer-latest", type=int, metavar="N", help="only the N newest commits keep per-parameter optimizer state"
+    )
+    p.add_argument(
+        "--remove-files", action="store_true", help="also release commits that pointer files hold, deleting those files"
+    )
     p.add_argument("--yes", action="store_true", help="really do it")
     p.set_defaults(func=cmd_prune)
 
@@ -561,15 +672,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run for the per-layer heatmap (default: the latest commit's run)")
     p.set_defaults(func=cmd_stats)
 
-    for name, fn, helptext in (("push", cmd_push, "send commits, refs and objects to S3"),
-                               ("pull", cmd_pull, "fetch commits, refs and objects from S3")):
+    for name, fn, helptext in (
+        ("push", cmd_push, "send commits, refs and objects to S3"),
+        ("pull", cmd_pull, "fetch commits, refs and objects from S3"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("remote", help="s3://bucket[/prefix]")
         p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, ...)")
         p.add_argument("--region")
         if name == "push":
-            p.add_argument("--verify", action="store_true",
-                           help="also check every object of every pushed commit on the remote; resend damaged ones")
+            p.add_argument(
+                "--verify",
+                action="store_true",
+                help="also check every object of every pushed commit on the remote; resend damaged ones",
+            )
         p.set_defaults(func=fn)
     return parser
 
@@ -581,8 +697,11 @@ def _error_line(exc: BaseException) -> str:
     first = text.splitlines()[0] if text else ""
     if isinstance(exc, (CliError, CoralError)):
         return first or type(exc).__name__
-    return f"{type(exc).__name__}: {first} (run with --debug for the traceback)" if first else \
-        f"{type(exc).__name__} (run with --debug for the traceback)"
+    return (
+        f"{type(exc).__name__}: {first} (run with --debug for the traceback)"
+        if first
+        else f"{type(exc).__name__} (run with --debug for the traceback)"
+    )
 
 
 STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for git, cat, ... whose reader went away
@@ -602,13 +721,15 @@ def _stdout_closed() -> int:
     return STDOUT_CLOSED
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run ``coral-torch`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0
     ok, 1 failed (one ``coral-torch: error: ...`` line on stderr; ``--debug`` raises instead), 2 bad
     usage (argparse exits), 130 interrupted, 141 stdout closed early (``| head``: no error message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

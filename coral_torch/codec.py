@@ -34,7 +34,8 @@ import os
 import struct
 import tempfile
 import threading
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -77,9 +78,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     comp = cache.get(level)
     if comp is None:
         if level == DEFAULT_LEVEL:
-            params = zstandard.ZstdCompressionParameters.from_level(
-                1, hash_log=6, min_match=7, write_content_size=True
-            )
+            params = zstandard.ZstdCompressionParameters.from_level(1, hash_log=6, min_match=7, write_content_size=True)
         else:
             params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
         comp = cache[level] = zstandard.ZstdCompressor(compression_params=params)
@@ -122,7 +121,7 @@ class FileSegment:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, s: slice) -> "FileSegment":
+    def __getitem__(self, s: slice) -> FileSegment:
         start, stop, step = s.indices(self.length)
         if step != 1:
             raise ValueError("FileSegment slices must be contiguous")
@@ -137,7 +136,7 @@ class _Spill:
     """An anonymous temporary file (``O_TMPFILE`` where there is one) that parts of blobs are
     appended to; it disappears when closed or garbage-collected."""
 
-    def __init__(self, directory: Union[str, os.PathLike]) -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.file = tempfile.TemporaryFile(dir=directory, prefix=".coral-spill-")
         self.fd = self.file.fileno()
         self.size = 0
@@ -155,7 +154,7 @@ class _Spill:
         self.file.close()
 
 
-Segment = Union[memoryview, FileSegment]
+Segment = memoryview | FileSegment
 
 
 class Blob:
@@ -167,9 +166,8 @@ class Blob:
 
     __slots__ = ("segments", "nbytes", "_xxh3", "_spill")
 
-    def __init__(self, segments: Sequence[Any], *, xxh3: Optional[str] = None, spill: Optional[_Spill] = None) -> None:
-        self.segments: List[Segment] = [x if isinstance(x, FileSegment) else memoryview(x).cast("B")
-                                        for x in segments]
+    def __init__(self, segments: Sequence[Any], *, xxh3: str | None = None, spill: _Spill | None = None) -> None:
+        self.segments: list[Segment] = [x if isinstance(x, FileSegment) else memoryview(x).cast("B") for x in segments]
         self.nbytes = sum(len(x) for x in self.segments)
         self._xxh3 = xxh3
         self._spill = spill
@@ -184,7 +182,7 @@ class Blob:
         pos = 0
         for seg in self.segments:
             if isinstance(seg, FileSegment):
-                seg.read_into(memoryview(out)[pos : pos + len(seg)])
+                seg.read_into(memoryview(out)[pos : pos + len(seg)])  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
             else:
                 out[pos : pos + len(seg)] = np.frombuffer(seg, dtype=np.uint8)
             pos += len(seg)
@@ -193,13 +191,13 @@ class Blob:
     def xxh3_64(self) -> str:
         if self._xxh3 is None:
             h = xxhash.xxh3_64()
-            buf: Optional[np.ndarray] = None
+            buf: np.ndarray | None = None
             for seg in self.segments:
                 if isinstance(seg, FileSegment):
                     buf = buf if buf is not None else np.empty(_IO_STEP, dtype=np.uint8)
                     for start in range(0, len(seg), _IO_STEP):
                         part = seg[start : start + _IO_STEP]
-                        view = memoryview(buf)[: len(part)]
+                        view = memoryview(buf)[: len(part)]  # type: ignore[arg-type]  # numpy stubs: Buffer on 3.12+ only
                         part.read_into(view)
                         h.update(view)
                 else:
@@ -225,12 +223,12 @@ def _frame_head_len(nbytes: int, itemsize: int) -> int:
     return _HEADER.size + _nplanes(nbytes, itemsize) * _PLANE.size
 
 
-def _chunk_size(chunk_bytes: Optional[int], itemsize: int) -> int:
+def _chunk_size(chunk_bytes: int | None, itemsize: int) -> int:
     c = int(chunk_bytes or CHUNK_BYTES)
     return max(itemsize, c // itemsize * itemsize)
 
 
-def _base_part(base: Any, start: int, stop: int) -> Optional[np.ndarray]:
+def _base_part(base: Any, start: int, stop: int) -> np.ndarray | None:
     """Bytes ``[start, stop)`` of a base: an array, or any object sliced like one (a streamed base,
     read on demand; see :class:`coral_torch.repository.streams.BaseStream`)."""
     if base is None:
@@ -252,7 +250,7 @@ def _check_base(base: Any, nbytes: int) -> Any:
     return base
 
 
-def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np.ndarray], split_into: Optional[np.ndarray]):
+def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: np.ndarray | None, split_into: np.ndarray | None):
     """Split (XOR ``base`` if given) and compress one frame. Returns ``(header bytes, [payload per
     plane])`` where raw planes are views of ``split_into`` (or of ``raw`` itself when nothing is split)."""
     raw = raw.reshape(-1)
@@ -269,6 +267,7 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np
         if split:
             planes.split(raw, body, itemsize, base)
         else:
+            assert base is not None  # split or base is not None
             np.bitwise_xor(raw, base, out=body)
         plane_views = [body[k * plane_len : (k + 1) * plane_len] for k in range(nplanes)]
     else:
@@ -288,7 +287,7 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int, base: Optional[np
     return head, payloads
 
 
-def _encode_into(raw: np.ndarray, itemsize: int, level: int, base: Optional[np.ndarray], out: np.ndarray) -> int:
+def _encode_into(raw: np.ndarray, itemsize: int, level: int, base: np.ndarray | None, out: np.ndarray) -> int:
     """Encode one frame into the front of ``out`` (at least ``header + raw.size`` bytes) and return
     its length. The planes are split straight into ``out`` and compacted in place, so the only full
     copy of the data is the split itself."""
@@ -316,8 +315,15 @@ def _chunked_header(nbytes: int, itemsize: int, chunk: int) -> bytes:
     return _CHUNKED.pack(MAGIC_CHUNKED, itemsize if nbytes % itemsize == 0 else 1, 0, 0, nbytes, chunk)
 
 
-def _encode_chunked(raw: np.ndarray, itemsize: int, level: int, base: Any, chunk: int,
-                    spill_dir: Union[str, os.PathLike, None], budget: int):
+def _encode_chunked(
+    raw: np.ndarray,
+    itemsize: int,
+    level: int,
+    base: Any,
+    chunk: int,
+    spill_dir: str | os.PathLike | None,
+    budget: int,
+):
     """Encode ``raw`` (more than one chunk) as a chunked blob, a frame at a time, into one buffer.
 
     Each chunk is split straight into the buffer right after the frames before it and compacted
@@ -338,14 +344,15 @@ def _encode_chunked(raw: np.ndarray, itemsize: int, level: int, base: Any, chunk
     h.update(head)
     pos = len(head)
     spilled: list = []
-    spill: Optional[_Spill] = None
+    spill: _Spill | None = None
     try:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             length = _encode_into(raw[start:stop], itemsize, level, _base_part(base, start, stop), out[pos:])
-            h.update(out[pos : pos + length])
+            h.update(out[pos : pos + length])  # type: ignore[arg-type]  # numpy stubs: Buffer on 3.12+ only
             if spill is not None or (spill_dir is not None and pos + length > budget):
                 if spill is None:
+                    assert spill_dir is not None  # no spill yet: spill_dir is set
                     spill = _Spill(spill_dir)
                 spilled.append(spill.append(out[pos : pos + length]))
             else:
@@ -358,9 +365,16 @@ def _encode_chunked(raw: np.ndarray, itemsize: int, level: int, base: Any, chunk
     return out, spilled, spill, h.hexdigest()
 
 
-def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Any = None,
-                chunk_bytes: Optional[int] = None, spill_dir: Union[str, os.PathLike, None] = None,
-                spill_after: Optional[int] = None) -> Blob:
+def encode_blob(
+    raw: np.ndarray,
+    itemsize: int,
+    level: int = DEFAULT_LEVEL,
+    *,
+    base: Any = None,
+    chunk_bytes: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    spill_after: int | None = None,
+) -> Blob:
     """Like :func:`encode` (the same bytes), as a :class:`Blob` for writers with ``pwritev``.
 
     Data up to the chunk size is one frame whose raw planes reference the split buffer, or ``raw``
@@ -381,8 +395,9 @@ def encode_blob(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, b
     return Blob([out] + spilled, xxh3=digest, spill=spill)
 
 
-def encode(raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Any = None,
-           chunk_bytes: Optional[int] = None) -> np.ndarray:
+def encode(
+    raw: np.ndarray, itemsize: int, level: int = DEFAULT_LEVEL, *, base: Any = None, chunk_bytes: int | None = None
+) -> np.ndarray:
     """Encode a contiguous 1-d uint8 array whose elements are ``itemsize`` bytes wide.
 
     With ``base`` (same size), encodes ``raw XOR base`` (the lossless delta) in the same pass.
@@ -436,7 +451,7 @@ def _frame_extent(mv: memoryview, pos: int) -> tuple[int, int, list, int]:
     return nbytes, nplanes, table, offset - pos
 
 
-def _parse_frame(mv: memoryview, pos: int = 0, end: Optional[int] = None) -> _Frame:
+def _parse_frame(mv: memoryview, pos: int = 0, end: int | None = None) -> _Frame:
     """Parse and check the frame at ``pos`` (it must end at or before ``end``) before anything is
     allocated for it: a damaged length field must raise, not allocate."""
     end = len(mv) if end is None else end
@@ -462,7 +477,7 @@ def _decode_frame(mv: memoryview, pos: int, frame: _Frame, out: np.ndarray, xor:
     offset = pos + frame.payload_start
     parts = []
     for mode, length in frame.table:
-        payload = mv[offset : offset + length]
+        payload: memoryview | bytes = mv[offset : offset + length]
         offset += length
         if mode == MODE_ZSTD:
             payload = dec.decompress(payload, max_output_size=frame.plane_len)
@@ -503,7 +518,7 @@ def _parse(mv: memoryview) -> tuple[int, list]:
     return f.nbytes, [(0, 0, f)]
 
 
-def _corrupt(exc: BaseException, hash_key: Optional[str]) -> CorruptObjectError:
+def _corrupt(exc: BaseException, hash_key: str | None) -> CorruptObjectError:
     where = f" of object {hash_key}" if hash_key else ""
     err = CorruptObjectError(
         f"stored bytes{where} are damaged and cannot be decoded ({exc}); "
@@ -514,7 +529,7 @@ def _corrupt(exc: BaseException, hash_key: Optional[str]) -> CorruptObjectError:
     return err
 
 
-def decoded_size(blob) -> Optional[int]:
+def decoded_size(blob) -> int | None:
     """The decoded size a blob declares, or None if it has no valid header."""
     try:
         magic, _, _, _, nbytes = _HEADER.unpack_from(memoryview(blob).cast("B"), 0)
@@ -523,7 +538,7 @@ def decoded_size(blob) -> Optional[int]:
     return int(nbytes) if magic in (MAGIC, MAGIC_CHUNKED) else None
 
 
-def _check_out(out: Optional[np.ndarray], nbytes: int) -> np.ndarray:
+def _check_out(out: np.ndarray | None, nbytes: int) -> np.ndarray:
     if out is None:
         return np.empty(nbytes, dtype=np.uint8)
     if out.size != nbytes or out.dtype != np.uint8 or not out.flags.c_contiguous:
@@ -531,7 +546,7 @@ def _check_out(out: Optional[np.ndarray], nbytes: int) -> np.ndarray:
     return out
 
 
-def decode(blob, *, hash_key: Optional[str] = None, out: Optional[np.ndarray] = None, xor: bool = False) -> np.ndarray:
+def decode(blob, *, hash_key: str | None = None, out: np.ndarray | None = None, xor: bool = False) -> np.ndarray:
     """Decode a blob made by :func:`encode` into ``out`` (or a new, writable, contiguous uint8
     array). With ``xor``, the decoded bytes are XORed into what ``out`` holds: applying an XOR
     delta to its base in place, without a temporary. A chunked blob is decoded a frame at a time
@@ -561,13 +576,13 @@ class BlobReader:
     :meth:`decode_into` streams the whole blob into place. A single-frame blob is read whole.
     Errors in the stored bytes raise :class:`~coral_torch.errors.CorruptObjectError`."""
 
-    def __init__(self, read: Callable[[int, int], Any], length: int, *, hash_key: Optional[str] = None) -> None:
+    def __init__(self, read: Callable[[int, int], Any], length: int, *, hash_key: str | None = None) -> None:
         self._read = read
         self.length = length
         self.hash_key = hash_key
         self._frames: list = []  # (output start, blob offset, frame length, nbytes), discovered in order
         self._next = (0, 0)  # (output start, blob offset) of the first frame not discovered yet
-        self._cached: Optional[tuple[int, np.ndarray]] = None  # (frame index, its decoded bytes)
+        self._cached: tuple[int, np.ndarray] | None = None  # (frame index, its decoded bytes)
         try:
             head = self._fetch(0, min(length, _CHUNKED.size))
             self.chunked = bytes(head[:4]) == MAGIC_CHUNKED
@@ -613,7 +628,7 @@ class BlobReader:
             raise ValueError("frame length changed between reads")
         _decode_frame(mv, 0, f, out, xor)
 
-    def release(self, before: Optional[int] = None) -> None:
+    def release(self, before: int | None = None) -> None:
         """Drop the cached frame (a range that cut a frame decoded it whole); with ``before``, only
         if that frame ends at or before this output position."""
         if self._cached is not None and before is not None:

@@ -10,9 +10,9 @@ for correctness, since every delta is verified by hash when rebuilt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FINGERPRINT_SIZE = 256
 
 
-def fingerprint(weight: WeightTensor) -> Optional[np.ndarray]:
+def fingerprint(weight: WeightTensor) -> np.ndarray | None:
     """A unit vector of up to 256 evenly strided values (floats only), for cosine similarity."""
     if weight.dtype not in ("float32", "float64", "float16") or weight.size < 2:
         return None
@@ -54,10 +54,10 @@ class DeduplicationResult(Mapping[str, WeightTensor]):
         name_to_hash: every input name -> its content hash.
     """
 
-    unique: Dict[str, WeightTensor] = field(default_factory=dict)
-    duplicates: Dict[str, str] = field(default_factory=dict)
-    deltas: Dict[str, Delta] = field(default_factory=dict)
-    name_to_hash: Dict[str, str] = field(default_factory=dict)
+    unique: dict[str, WeightTensor] = field(default_factory=dict)
+    duplicates: dict[str, str] = field(default_factory=dict)
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    name_to_hash: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> WeightTensor:
         return self.unique[name]
@@ -89,12 +89,12 @@ class Deduplicator:
 
     def __init__(
         self,
-        similarity_threshold: Optional[float] = 0.98,
-        delta_config: Optional[DeltaConfig] = None,
+        similarity_threshold: float | None = 0.98,
+        delta_config: DeltaConfig | None = None,
         enable_delta_encoding: bool = True,
-        exists: Optional[Callable[[str], bool]] = None,
+        exists: Callable[[str], bool] | None = None,
         *,
-        storage: Optional["WeightStore"] = None,
+        storage: WeightStore | None = None,
     ):
         if similarity_threshold is not None and (
             isinstance(similarity_threshold, bool)
@@ -112,15 +112,15 @@ class Deduplicator:
         self.enable_delta_encoding = enable_delta_encoding
         self.storage = storage
         self.exists = storage.exists if storage is not None else exists
-        self._known: Dict[str, WeightTensor] = {}
-        self._by_signature: Dict[tuple, list[tuple[np.ndarray, str]]] = {}
+        self._known: dict[str, WeightTensor] = {}
+        self._by_signature: dict[tuple, list[tuple[np.ndarray, str]]] = {}
         self.stats = {"seen": 0, "duplicates": 0, "deltas": 0, "unique": 0}
 
     def is_known(self, h: str) -> bool:
         return h in self._known or (self.exists is not None and self.exists(h))
 
     @staticmethod
-    def same_name_reference(name: str, weight: WeightTensor, parent: Dict[str, tuple[str, str, tuple]]) -> Optional[str]:
+    def same_name_reference(name: str, weight: WeightTensor, parent: dict[str, tuple[str, str, tuple]]) -> str | None:
         """Hash of the parent's tensor called ``name`` if it can be a delta base (same dtype/shape)."""
         entry = parent.get(name)
         if entry is None:
@@ -128,8 +128,14 @@ class Deduplicator:
         h, dtype, shape = entry
         return h if dtype == weight.dtype and tuple(shape) == weight.shape else None
 
-    def decide(self, name: str, weight: WeightTensor, parent: Dict[str, tuple[str, str, tuple]], *,
-               known: Optional[bool] = None) -> tuple[str, Optional[str]]:
+    def decide(
+        self,
+        name: str,
+        weight: WeightTensor,
+        parent: dict[str, tuple[str, str, tuple]],
+        *,
+        known: bool | None = None,
+    ) -> tuple[str, str | None]:
         """How to store ``weight`` without encoding anything: ``("duplicate", hash)`` if its content
         is known (``known`` when the caller checked in bulk, else :meth:`is_known`), else
         ``("delta", base hash)`` when the parent's tensor of the same name can be its base and
@@ -147,7 +153,7 @@ class Deduplicator:
         self.stats["unique"] += 1
         return "unique", None
 
-    def similar_reference(self, weight: WeightTensor) -> Optional[str]:
+    def similar_reference(self, weight: WeightTensor) -> str | None:
         """Hash of a known tensor of the same dtype/shape whose fingerprint is close enough."""
         if self.similarity_threshold is None:
             return None
@@ -168,7 +174,7 @@ class Deduplicator:
             self._by_signature.setdefault((weight.dtype, weight.shape), []).append((fp, h))
 
     def deduplicate(
-        self, weights: Dict[str, WeightTensor], parent: Optional[Dict[str, WeightTensor]] = None
+        self, weights: dict[str, WeightTensor], parent: dict[str, WeightTensor] | None = None
     ) -> DeduplicationResult:
         """Classify ``weights``: duplicates of known tensors, deltas against ``parent`` (same name)
         or similar known tensors when lossless and smaller than the tensor's own encoding, else

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 ARRAY_LAYOUT_KEY = "coral_data_array"
 _ARRAY_ENCODING = "czp1"  # the stored bytes are a codec blob of the array's bytes
 
-DeltaData = Union[bytes, bytearray, memoryview, np.ndarray]
+DeltaData = bytes | bytearray | memoryview | np.ndarray
 
 
 class DeltaType(str, enum.Enum):
@@ -88,9 +88,7 @@ class DeltaConfig:
     def __post_init__(self) -> None:
         self.delta_type = DeltaType(self.delta_type)
         if not self.delta_type.lossless and not self.allow_lossy:
-            raise DeltaError(
-                f"{self.delta_type.value} deltas are lossy; pass allow_lossy=True to use them on purpose"
-            )
+            raise DeltaError(f"{self.delta_type.value} deltas are lossy; pass allow_lossy=True to use them on purpose")
         if self.max_chain_length < 0:
             raise DeltaError("max_chain_length must be >= 0 (0 disables deltas)")
 
@@ -160,12 +158,20 @@ class Delta:
         if not isinstance(other, Delta):
             return NotImplemented
         return (
-            (self.delta_type, self.original_shape, self.original_dtype, self.reference_hash,
-             self.compression_ratio, self.extra)
-            == (other.delta_type, other.original_shape, other.original_dtype, other.reference_hash,
-                other.compression_ratio, other.extra)
-            and _same_data(self.data, other.data)
-        )
+            self.delta_type,
+            self.original_shape,
+            self.original_dtype,
+            self.reference_hash,
+            self.compression_ratio,
+            self.extra,
+        ) == (
+            other.delta_type,
+            other.original_shape,
+            other.original_dtype,
+            other.reference_hash,
+            other.compression_ratio,
+            other.extra,
+        ) and _same_data(self.data, other.data)
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -179,7 +185,7 @@ def _same_data(a: DeltaData, b: DeltaData) -> bool:
 
 
 # ---------------------------------------------------------------------------------- payloads
-def storage_payload(delta: Delta, level: int = codec.DEFAULT_LEVEL) -> tuple[np.ndarray, Optional[dict[str, Any]]]:
+def storage_payload(delta: Delta, level: int = codec.DEFAULT_LEVEL) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The bytes a store writes for ``delta.data`` (a contiguous uint8 array) and, when ``data`` is
     an ndarray, the layout that :func:`restore_payload` needs to give the same ndarray back.
 
@@ -201,14 +207,15 @@ def storage_payload(delta: Delta, level: int = codec.DEFAULT_LEVEL) -> tuple[np.
     return payload, {"dtype": arr.dtype.str, "shape": [int(x) for x in arr.shape], "encoding": _ARRAY_ENCODING}
 
 
-def restore_payload(payload: DeltaData, layout: Optional[dict[str, Any]], *, key: Optional[str] = None) -> DeltaData:
+def restore_payload(payload: DeltaData, layout: dict[str, Any] | None, *, key: str | None = None) -> DeltaData:
     """Inverse of :func:`storage_payload`: ``bytes`` when there is no layout, else the ndarray.
 
     Raises:
         CorruptObjectError: the layout is damaged or does not match the decoded bytes.
     """
     if layout is None:
-        return bytes(memoryview(payload).cast("B")) if not isinstance(payload, bytes) else payload
+        # numpy stubs: ndarray is a Buffer only on 3.12+
+        return bytes(memoryview(payload).cast("B")) if not isinstance(payload, bytes) else payload  # type: ignore[arg-type]
     try:
         dt = np.dtype(str(layout["dtype"]))
         shape = tuple(int(x) for x in layout["shape"])
@@ -234,7 +241,7 @@ def _payload(delta: Delta) -> DeltaData:
     return delta.data
 
 
-def _bytes_view(data: DeltaData) -> Union[bytes, bytearray, memoryview, np.ndarray]:
+def _bytes_view(data: DeltaData) -> bytes | bytearray | memoryview | np.ndarray:
     """Contiguous bytes of a payload, for the codec."""
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
@@ -262,7 +269,7 @@ def _float32_add(reference: np.ndarray, diff: np.ndarray) -> np.ndarray:
 class DeltaEncoder:
     """Encodes a target tensor against a reference and reconstructs it."""
 
-    def __init__(self, config: Optional[DeltaConfig] = None):
+    def __init__(self, config: DeltaConfig | None = None):
         self.config = config or DeltaConfig()
 
     def can_encode(self, target: WeightTensor, reference: WeightTensor) -> bool:
@@ -273,7 +280,7 @@ class DeltaEncoder:
         return target.dtype in ("float32", "float16", "bfloat16", "float64")
 
     @staticmethod
-    def exact_float32_difference(target: WeightTensor, reference: WeightTensor) -> Optional[np.ndarray]:
+    def exact_float32_difference(target: WeightTensor, reference: WeightTensor) -> np.ndarray | None:
         """``target - reference`` in float32 (shape of the target) when adding it back to the
         reference reproduces the target bit for bit on any IEEE machine, else ``None``.
 
@@ -362,11 +369,11 @@ class DeltaEncoder:
     def reconstruct(self, delta: Delta, reference: np.ndarray, *, name: str = "") -> np.ndarray: ...
 
     @overload
-    def reconstruct(self, delta: Delta, reference: "torch.Tensor", *, name: str = "") -> "torch.Tensor": ...
+    def reconstruct(self, delta: Delta, reference: torch.Tensor, *, name: str = "") -> torch.Tensor: ...
 
     def reconstruct(
-        self, delta: Delta, reference: Union[WeightTensor, np.ndarray, "torch.Tensor"], *, name: str = ""
-    ) -> Union[WeightTensor, np.ndarray, "torch.Tensor"]:
+        self, delta: Delta, reference: WeightTensor | np.ndarray | torch.Tensor, *, name: str = ""
+    ) -> WeightTensor | np.ndarray | torch.Tensor:
         """Apply ``delta`` to ``reference``. Lossless deltas give back the exact target bytes.
 
         ``reference`` may be a :class:`WeightTensor` (returns a WeightTensor named ``name``), a
@@ -388,9 +395,7 @@ class DeltaEncoder:
                 f"delta expects a {delta.original_dtype}{list(delta.original_shape)} reference, got {ref!r}"
             )
         if ref.compute_hash() != delta.reference_hash:
-            raise DeltaError(
-                f"delta was made against reference {delta.reference_hash}, not {ref.compute_hash()}"
-            )
+            raise DeltaError(f"delta was made against reference {delta.reference_hash}, not {ref.compute_hash()}")
         meta = WeightMetadata(name=name, shape=delta.original_shape, dtype=delta.original_dtype)
         out = self._apply(delta, ref, meta)
         if isinstance(reference, WeightTensor):

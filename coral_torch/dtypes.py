@@ -9,7 +9,7 @@ item size: the real numpy dtype where numpy has one, else an unsigned integer of
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +39,7 @@ _TABLE: dict[str, tuple[int, str, bool]] = {
     "complex128": (16, "<c16", True),
 }
 
-FLOAT_DTYPES = frozenset(
-    n for n in _TABLE if n.startswith(("float", "bfloat", "complex"))
-)
+FLOAT_DTYPES = frozenset(n for n in _TABLE if n.startswith(("float", "bfloat", "complex")))
 
 _NUMPY_TO_CANONICAL = {np.dtype(spec).str: name for name, (_, spec, real) in _TABLE.items() if real}
 
@@ -59,9 +57,7 @@ def canonical_dtype(dtype: Any) -> str:
         name = str(dtype).removeprefix("torch.")
         if name in _TABLE:
             return name
-        raise UnsupportedTensorError(
-            f"torch dtype {dtype} is not supported; supported: {', '.join(sorted(_TABLE))}"
-        )
+        raise UnsupportedTensorError(f"torch dtype {dtype} is not supported; supported: {', '.join(sorted(_TABLE))}")
     try:
         np_dtype = np.dtype(dtype)
     except TypeError as exc:
@@ -72,9 +68,7 @@ def canonical_dtype(dtype: Any) -> str:
             f"big-endian dtype {np_dtype} is not supported; convert with arr.astype(arr.dtype.newbyteorder('<'))"
         )
     if key not in _NUMPY_TO_CANONICAL:
-        raise UnsupportedTensorError(
-            f"numpy dtype {np_dtype} is not supported; supported: {', '.join(sorted(_TABLE))}"
-        )
+        raise UnsupportedTensorError(f"numpy dtype {np_dtype} is not supported; supported: {', '.join(sorted(_TABLE))}")
     return _NUMPY_TO_CANONICAL[key]
 
 
@@ -86,7 +80,7 @@ def _is_torch_dtype(obj: Any) -> bool:
     return isinstance(dtype_type, type) and isinstance(obj, dtype_type)
 
 
-def _canonical_or_none(dtype: Any) -> Optional[str]:
+def _canonical_or_none(dtype: Any) -> str | None:
     """The canonical name of a numpy dtype, numpy scalar type or torch dtype; ``None`` for any
     other object (never guessed from ``None``, Python types or strings) or an unsupported dtype."""
     is_numpy = isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic))
@@ -114,7 +108,7 @@ class DTypeName(str):
 
     __slots__ = ()
 
-    def __new__(cls, dtype: Any) -> "DTypeName":
+    def __new__(cls, dtype: Any) -> DTypeName:
         """Raises :class:`UnsupportedTensorError` for dtypes without a lossless representation."""
         return super().__new__(cls, canonical_dtype(dtype))
 

@@ -98,7 +98,7 @@ class RepositoryIOError(RepositoryError, OSError):
         self.filename = filename
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""  # always the message (OSError types strerror as optional)
 
 
 class DiskFullError(RepositoryIOError):
@@ -216,6 +216,6 @@ class SyncIncompleteError(RemoteError):
     ``failures`` maps each failed key to its error. Running the sync again resumes: objects already
     transferred are not sent again."""
 
-    def __init__(self, message: str, *, stats: dict, failures: dict):
+    def __init__(self, message: str, *, stats: dict | None, failures: dict):
         super().__init__(message, stats=stats)
         self.failures = failures

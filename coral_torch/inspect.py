@@ -7,7 +7,8 @@ importing this module is cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,7 @@ def tensor_index(repo: Repository, ref: str) -> dict[str, tuple[str, str, tuple[
     return {e[0]: (e[1], e[2], tuple(e[3])) for e in row.manifest["tensors"]}
 
 
-def tensors_of(repo: Repository, cid: str, names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+def tensors_of(repo: Repository, cid: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of commit ``cid`` (any ref :meth:`Repository.resolve` accepts) as CPU torch
     tensors, keyed by their flattened name (``state_dict/layer.weight``).
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def lazy_exports(package: str, names: dict[str, str], namespace: dict[str, Any]) -> tuple[
-        Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, names: dict[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``: each of ``names`` (public name -> module
     relative to the package) is imported when first looked up and then cached in ``namespace``
     (the package's ``globals()``), so later lookups cost nothing."""

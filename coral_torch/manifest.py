@@ -18,8 +18,9 @@ whose entries are not well-typed.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import xxhash
 
@@ -61,11 +62,17 @@ class TensorEntry:
         return [self.name, self.hash, self.dtype, list(self.shape), self.device, self.kind]
 
     @classmethod
-    def from_list(cls, e: Any) -> "TensorEntry":
+    def from_list(cls, e: Any) -> TensorEntry:
         """An entry from its stored list; ValueError when it is not one."""
-        if not (isinstance(e, list) and len(e) == 6 and all(isinstance(x, str) for x in (e[0], e[1], e[2]))
-                and isinstance(e[3], list) and all(type(d) is int and d >= 0 for d in e[3])
-                and isinstance(e[4], str) and isinstance(e[5], str)):
+        if not (
+            isinstance(e, list)
+            and len(e) == 6
+            and all(isinstance(x, str) for x in (e[0], e[1], e[2]))
+            and isinstance(e[3], list)
+            and all(type(d) is int and d >= 0 for d in e[3])
+            and isinstance(e[4], str)
+            and isinstance(e[5], str)
+        ):
             raise ValueError(f"not a tensor entry: {str(e)[:80]}")
         return cls(e[0], e[1], e[2], tuple(e[3]), e[4], e[5])
 
@@ -76,7 +83,7 @@ class Manifest:
 
     skeleton: Any
     tensors: list[TensorEntry] = field(default_factory=list)
-    layout: Optional[dict[str, Any]] = None
+    layout: dict[str, Any] | None = None
 
     @property
     def format(self) -> int:
@@ -92,8 +99,11 @@ class Manifest:
 
     def to_json(self) -> str:
         """The canonical text (the commit id is its hash)."""
-        doc: dict[str, Any] = {"format": self.format, "skeleton": self.skeleton,
-                               "tensors": [e.to_list() for e in self.tensors]}
+        doc: dict[str, Any] = {
+            "format": self.format,
+            "skeleton": self.skeleton,
+            "tensors": [e.to_list() for e in self.tensors],
+        }
         if self.layout is not None:
             doc["layout"] = self.layout
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -101,12 +111,12 @@ class Manifest:
     def commit_id(self) -> str:
         return manifest_id(self.to_json())
 
-    def subset(self, skeleton: Any, keep: Sequence[int]) -> "Manifest":
+    def subset(self, skeleton: Any, keep: Sequence[int]) -> Manifest:
         """The manifest with only the entries at ``keep`` and a new skeleton (plain commits)."""
         return Manifest(skeleton, [self.tensors[i] for i in keep], self.layout)
 
     @classmethod
-    def from_doc(cls, doc: Any, *, where: str = "commit") -> "Manifest":
+    def from_doc(cls, doc: Any, *, where: str = "commit") -> Manifest:
         """A manifest from its parsed JSON (no id check: see :meth:`parse`)."""
         if not isinstance(doc, dict):
             raise CatalogDamagedError(f"{where} has a malformed manifest (not an object)")
@@ -122,7 +132,9 @@ class Manifest:
             raise CatalogDamagedError(f"{where} has a malformed manifest (no skeleton or tensor list)")
         layout = doc.get("layout")
         if (fmt == FORMAT_SHARDED) != isinstance(layout, dict):
-            raise CatalogDamagedError(f"{where} has a malformed manifest (format {fmt} with layout {type(layout).__name__})")
+            raise CatalogDamagedError(
+                f"{where} has a malformed manifest (format {fmt} with layout {type(layout).__name__})"
+            )
         try:
             tensors = [TensorEntry.from_list(e) for e in doc["tensors"]]
         except ValueError as exc:
@@ -130,7 +142,7 @@ class Manifest:
         return cls(doc["skeleton"], tensors, layout)
 
     @classmethod
-    def parse(cls, text: str, expected_id: Optional[str] = None, *, where: str = "commit") -> "Manifest":
+    def parse(cls, text: str, expected_id: str | None = None, *, where: str = "commit") -> Manifest:
         """The manifest stored as ``text``, checked against ``expected_id`` (its commit id)."""
         if expected_id is not None:
             actual = manifest_id(text)

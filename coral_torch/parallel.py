@@ -12,8 +12,9 @@ job's queue and work alongside its threads.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Generic, Iterable, Optional, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,8 +97,13 @@ class HelpBoard:
 
 
 def run_parallel(
-    fn: Callable[[T], R], items: Iterable[T], workers: int, *, cost: Callable[[T], int] | None = None,
-    name: str = "coral", board: Optional[HelpBoard] = None,
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    *,
+    cost: Callable[[T], int] | None = None,
+    name: str = "coral",
+    board: HelpBoard | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]`` on ``workers`` threads (the caller's included), results in
     input order.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 HAVE_C = _c is not None
 
 
-def split(src: np.ndarray, dst: np.ndarray, itemsize: int, base: Optional[np.ndarray] = None) -> None:
+def split(src: np.ndarray, dst: np.ndarray, itemsize: int, base: np.ndarray | None = None) -> None:
     """Write byte ``k`` of every ``itemsize``-byte element of ``src`` to plane ``k`` of ``dst``
     (``dst[k*n + i] = src[i*itemsize + k]``). All are contiguous uint8 arrays of the same size.
     With ``base``, the planes of ``src XOR base`` are written (an XOR delta without a temporary)."""
@@ -41,7 +41,7 @@ def split(src: np.ndarray, dst: np.ndarray, itemsize: int, base: Optional[np.nda
         np.bitwise_xor(src.reshape(n, itemsize).T, base.reshape(n, itemsize).T, out=grid)
 
 
-def join(planes: Sequence[np.ndarray], dst: np.ndarray, xor: bool = False) -> None:
+def join(planes: Sequence[np.ndarray | bytes | bytearray | memoryview], dst: np.ndarray, xor: bool = False) -> None:
     """Interleave ``planes`` (``len(planes)`` equal-sized uint8 arrays) into ``dst``; with ``xor``,
     XOR them into what ``dst`` already holds (applying a delta in one pass)."""
     if _c is not None:

@@ -5,8 +5,9 @@ Needs matplotlib (``pip install coral-torch[plot]``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,14 +29,19 @@ def change_matrix(repo: Repository, commits: Sequence[CommitRow]) -> tuple[list[
         cur = tensors_of(repo, row.id)
         if prev is not None:
             if not names:
-                names = [n for n in cur if n in prev and not n.startswith(("optimizer_states", "callbacks", "loops"))
-                         and cur[n].is_floating_point()][:60]
+                names = [
+                    n
+                    for n in cur
+                    if n in prev
+                    and not n.startswith(("optimizer_states", "callbacks", "loops"))
+                    and cur[n].is_floating_point()
+                ][:60]
             cols.append([tensor_change(prev[n], cur[n])[1] if n in prev and n in cur else np.nan for n in names])
         prev = cur
     return names, np.array(cols, dtype=float).T if cols else np.zeros((0, 0))
 
 
-def plot_repository(repo: Repository, out: Path, run: Optional[str] = None) -> None:
+def plot_repository(repo: Repository, out: Path, run: str | None = None) -> None:
     """Write a PNG to ``out``: bytes per commit (logical vs stored) next to a heatmap of the
     per-tensor change between consecutive commits of ``run`` (default: the latest commit's run).
     Raises :class:`~coral_torch.errors.CoralError` without matplotlib or without commits."""
@@ -53,8 +59,7 @@ def plot_repository(repo: Repository, out: Path, run: Optional[str] = None) -> N
         run = commits[-1].run
         commits = [c for c in commits if c.run == run]
     names, mat = change_matrix(repo, commits)
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.18 * len(names) + 2)),
-                             gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.18 * len(names) + 2)), gridspec_kw={"width_ratios": [1, 1.4]})
     x = np.arange(len(commits))
     axes[0].bar(x - 0.2, [c.logical_bytes / 1e6 for c in commits], 0.4, label="logical (torch.save)")
     axes[0].bar(x + 0.2, [c.new_bytes / 1e6 for c in commits], 0.4, label="stored by coral")
@@ -66,8 +71,12 @@ def plot_repository(repo: Repository, out: Path, run: Optional[str] = None) -> N
         with np.errstate(divide="ignore"):
             img = axes[1].imshow(np.log10(np.maximum(mat, 1e-12)), aspect="auto", cmap="viridis")
         axes[1].set_yticks(range(len(names)), names, fontsize=6)
-        axes[1].set_xticks(range(mat.shape[1]), [f"{a.epoch}->{b.epoch}" for a, b in zip(commits, commits[1:])],
-                           rotation=45, fontsize=7)
+        axes[1].set_xticks(
+            range(mat.shape[1]),
+            [f"{a.epoch}->{b.epoch}" for a, b in zip(commits, commits[1:])],
+            rotation=45,
+            fontsize=7,
+        )
         axes[1].set_title("log10 relative L2 change per tensor")
         fig.colorbar(img, ax=axes[1])
     else:

@@ -18,7 +18,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 from .errors import MalformedPointerError
 from .refnames import FILES
@@ -38,19 +37,19 @@ class Pointer:
     repo: Path
 
 
-def pointer_bytes(commit_id: str, repo_path: Union[str, os.PathLike]) -> bytes:
+def pointer_bytes(commit_id: str, repo_path: str | os.PathLike) -> bytes:
     """The pointer file's content for ``commit_id`` in the repository at ``repo_path``."""
     doc = {POINTER_KEY: POINTER_VERSION, "commit": commit_id, "repo": os.fspath(repo_path)}
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def looks_like_pointer(head: bytes) -> bool:
+def looks_like_pointer(head: bytes | bytearray) -> bool:
     """True if a file starting with ``head`` should be read as a pointer (a JSON object). A
     ``torch.save`` file starts with a zip or pickle header, never with ``{``."""
     return head.lstrip(b" \t\r\n\xef\xbb\xbf")[:1] == b"{"
 
 
-def parse_pointer(data: bytes, *, origin: str, base_dir: Optional[Path] = None) -> Pointer:
+def parse_pointer(data: bytes, *, origin: str, base_dir: Path | None = None) -> Pointer:
     """Parse and check a pointer. ``origin`` names the file in error messages; ``base_dir`` is the
     directory a relative ``repo`` is relative to (``None``: the current directory)."""
     if len(data) > MAX_POINTER_BYTES:
@@ -66,9 +65,7 @@ def parse_pointer(data: bytes, *, origin: str, base_dir: Optional[Path] = None) 
             "checkpoint again, or load the commit by hash with coral_torch.load('<hash>', repo=...)"
         ) from None
     if not isinstance(doc, dict) or POINTER_KEY not in doc:
-        raise MalformedPointerError(
-            f"{origin} is a JSON file, not a coral-torch pointer or a torch.save file"
-        )
+        raise MalformedPointerError(f"{origin} is a JSON file, not a coral-torch pointer or a torch.save file")
     version = doc[POINTER_KEY]
     if type(version) is not int or version < 1:
         raise MalformedPointerError(f"{origin} is a damaged coral-torch pointer (version {version!r})")
@@ -94,7 +91,7 @@ def parse_pointer(data: bytes, *, origin: str, base_dir: Optional[Path] = None) 
     return Pointer(commit, Path(os.path.abspath(path)))
 
 
-def read_pointer_file(path: Union[str, os.PathLike]) -> Optional[Pointer]:
+def read_pointer_file(path: str | os.PathLike) -> Pointer | None:
     """The pointer at ``path``, or ``None`` if the file is not pointer-shaped (e.g. a torch.save
     file). Raises :class:`~coral_torch.errors.MalformedPointerError` for a damaged pointer and
     ``OSError`` if the file cannot be read."""
@@ -106,7 +103,7 @@ def read_pointer_file(path: Union[str, os.PathLike]) -> Optional[Pointer]:
     return parse_pointer(data, origin=str(p), base_dir=p.absolute().parent)
 
 
-def write_pointer(path: Union[str, os.PathLike], commit_id: str, repo_path: Union[str, os.PathLike]) -> None:
+def write_pointer(path: str | os.PathLike, commit_id: str, repo_path: str | os.PathLike) -> None:
     """Write a pointer file atomically (temp file, fsync, rename, fsync of the directory), with
     ``repo`` relative to the pointer's directory."""
     path = Path(path)
@@ -129,7 +126,7 @@ def write_pointer(path: Union[str, os.PathLike], commit_id: str, repo_path: Unio
         os.close(dir_fd)
 
 
-def pointer_ref_name(pointer: Union[str, os.PathLike], repo_path: Union[str, os.PathLike]) -> str:
+def pointer_ref_name(pointer: str | os.PathLike, repo_path: str | os.PathLike) -> str:
     """The ref that keeps a pointer file's commit alive: ``files/<path relative to the repository's
     parent directory>``, or ``files/abs/<absolute path>`` for a pointer outside that directory (a
     ref name never has a ``..`` segment)."""
@@ -143,18 +140,18 @@ def pointer_ref_name(pointer: Union[str, os.PathLike], repo_path: Union[str, os.
     return FILES + rel.replace(os.sep, "/")
 
 
-def pointer_path_of_ref(ref: str, repo_path: Union[str, os.PathLike]) -> Optional[Path]:
+def pointer_path_of_ref(ref: str, repo_path: str | os.PathLike) -> Path | None:
     """The pointer file a ``files/...`` ref stands for (the inverse of :func:`pointer_ref_name`), or
     ``None`` for another kind of ref."""
     if not ref.startswith(FILES):
         return None
-    rest = ref[len(FILES):]
+    rest = ref[len(FILES) :]
     if rest.startswith("abs/"):
-        return Path("/" + rest[len("abs/"):])
+        return Path("/" + rest[len("abs/") :])
     return Path(os.path.dirname(os.path.abspath(repo_path))) / rest
 
 
-def pointer_names(path: Union[str, os.PathLike], commit_id: str, repo_path: Union[str, os.PathLike]) -> bool:
+def pointer_names(path: str | os.PathLike, commit_id: str, repo_path: str | os.PathLike) -> bool:
     """True if ``path`` is a readable pointer file naming ``commit_id`` in the repository at
     ``repo_path``: the file a ``files/`` ref stands for still holds that commit. A damaged,
     missing or replaced file (another commit, another repository, not a pointer) does not."""

@@ -68,8 +68,8 @@ def validate_component(name: object, what: str = "ref") -> str:
     """Return ``name`` if it is a valid single-component name (a ``what``: run, tag), else raise
     :class:`~coral_torch.errors.InvalidRefNameError`."""
     why = _problem(name, component=True)
-    if why is None and not _COMPONENT.fullmatch(name):  # type: ignore[arg-type]
-        bad = sorted({ch for ch in name if not _COMPONENT.fullmatch(ch)})  # type: ignore[union-attr]
+    if why is None and isinstance(name, str) and not _COMPONENT.fullmatch(name):  # why is None: a str
+        bad = sorted({ch for ch in name if not _COMPONENT.fullmatch(ch)})
         why = f"it contains {', '.join(repr(ch) for ch in bad)}"
     if why is None and name in RESERVED:
         why = f"{name!r} is reserved (it already means something to refs)"
@@ -130,13 +130,13 @@ def display_name(name: str) -> str:
     if "/top/" in name:
         return "top-k"
     if name.startswith(TAGS):
-        return "tag:" + name[len(TAGS):]
+        return "tag:" + name[len(TAGS) :]
     if name.startswith(RUNS) and (name.endswith("/latest") or name.endswith("/best")):
-        return name[len(RUNS):]
+        return name[len(RUNS) :]
     if name.startswith(LEGACY_SAVES):
         return "dcp-save"
     if name.startswith(LEASES):
-        return "resumed-by:" + name[len(LEASES):].rsplit("/", 1)[0]
+        return "resumed-by:" + name[len(LEASES) :].rsplit("/", 1)[0]
     if name.startswith(FILES):
-        return name[len(FILES):]
+        return name[len(FILES) :]
     return name

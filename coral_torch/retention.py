@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from .errors import CoralError
 
@@ -41,8 +42,8 @@ class CommitFacts:
     id: str
     time: float
     seq: int
-    epoch: Optional[int] = None
-    step: Optional[int] = None
+    epoch: int | None = None
+    step: int | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -58,7 +59,7 @@ class Policy(ABC):
     def select(self, commits: Sequence[CommitFacts]) -> set[str]:
         """Ids of those of ``commits`` (any order) this policy keeps."""
 
-    def __or__(self, other: "Policy") -> "AnyOf":
+    def __or__(self, other: Policy) -> AnyOf:
         return AnyOf(self, other)
 
     def __repr__(self) -> str:
@@ -69,7 +70,7 @@ class Policy(ABC):
         return ()
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._args() == self._args()  # type: ignore[attr-defined]
+        return type(other) is type(self) and other._args() == self._args()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._args()))
@@ -107,7 +108,7 @@ class LatestN(Policy):
     def select(self, commits: Sequence[CommitFacts]) -> set[str]:
         if self.n == 0:
             return set()
-        return {c.id for c in chronological(commits)[-self.n:]}
+        return {c.id for c in chronological(commits)[-self.n :]}
 
 
 class BestN(Policy):
@@ -126,7 +127,7 @@ class BestN(Policy):
     def _args(self) -> tuple[Any, ...]:
         return (self.n, self.monitor, self.mode)
 
-    def score(self, commit: CommitFacts) -> Optional[float]:
+    def score(self, commit: CommitFacts) -> float | None:
         v = commit.metrics.get(self.monitor)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return None
@@ -187,7 +188,7 @@ class EveryNSeconds(Policy):
 
     def select(self, commits: Sequence[CommitFacts]) -> set[str]:
         kept: set[str] = set()
-        last: Optional[float] = None
+        last: float | None = None
         for c in chronological(commits):
             if last is None or c.time >= last + self.seconds:
                 kept.add(c.id)
@@ -226,6 +227,8 @@ class Epochs(_Listed):
 class AnyOf(Policy):
     """Keep what any of the policies keeps."""
 
+    policies: tuple[Policy, ...]
+
     def __init__(self, *policies: Policy):
         flat: list[Policy] = []
         for p in policies:
@@ -244,10 +247,10 @@ class AnyOf(Policy):
         return out
 
 
-PolicyLike = Union[Policy, str, None]
+PolicyLike = Policy | str | None
 
 
-def top_k_policy(save_top_k: int, monitor: Optional[str] = None, mode: str = "min") -> Policy:
+def top_k_policy(save_top_k: int, monitor: str | None = None, mode: str = "min") -> Policy:
     """The policy of ``ModelCheckpoint``-style ``save_top_k``: ``-1`` all, ``0`` none, ``k`` the
     best ``k`` by ``monitor`` (the newest ``k`` without one)."""
     if type(save_top_k) is not int or save_top_k < -1:
@@ -259,7 +262,7 @@ def top_k_policy(save_top_k: int, monitor: Optional[str] = None, mode: str = "mi
     return BestN(save_top_k, monitor, mode) if monitor else LatestN(save_top_k)
 
 
-def optimizer_policy(keep_optimizer: PolicyLike, monitor: Optional[str] = None, mode: str = "min") -> Policy:
+def optimizer_policy(keep_optimizer: PolicyLike, monitor: str | None = None, mode: str = "min") -> Policy:
     """Which commits keep per-parameter optimizer state: a policy, or ``"all"``, ``"none"`` or
     ``"last"`` (the newest commit, plus the best by ``monitor`` when there is one)."""
     if isinstance(keep_optimizer, Policy):
@@ -276,7 +279,20 @@ def optimizer_policy(keep_optimizer: PolicyLike, monitor: Optional[str] = None, 
 
 
 __all__ = [
-    "AnyOf", "BestN", "CommitFacts", "Epochs", "EveryNEpochs", "EveryNSeconds", "EveryNSteps", "KeepAll",
-    "KeepNone", "LatestN", "Policy", "RetentionPolicyError", "Steps", "chronological", "optimizer_policy",
+    "AnyOf",
+    "BestN",
+    "CommitFacts",
+    "Epochs",
+    "EveryNEpochs",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "KeepAll",
+    "KeepNone",
+    "LatestN",
+    "Policy",
+    "RetentionPolicyError",
+    "Steps",
+    "chronological",
+    "optimizer_policy",
     "top_k_policy",
 ]

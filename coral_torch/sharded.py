@@ -18,7 +18,8 @@ no repository, no process group.
 from __future__ import annotations
 
 import io
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from .manifest import Manifest
 LAYOUT_KIND = "dcp"
 
 
-def chunk_name(fqn: str, offsets: Optional[Sequence[int]]) -> str:
+def chunk_name(fqn: str, offsets: Sequence[int] | None) -> str:
     """The manifest entry name of a chunk (``fqn`` for a pickled value): the same chunk of the same
     tensor gets the same name in every commit, which is how delta bases are found."""
     if offsets is None:
@@ -66,7 +67,7 @@ def check_layout(manifest: Manifest) -> None:
         if not (isinstance(size, list) and all(type(d) is int and d >= 0 for d in size) and isinstance(chunks, list)):
             raise bad(f"{fqn} has a malformed size or chunk list")
         try:
-            dtypes.itemsize(item.get("dtype"))
+            dtypes.itemsize(item["dtype"])  # a missing one raises KeyError: damage too
         except Exception:  # noqa: BLE001 - an unknown dtype name is damage here
             raise bad(f"{fqn} has dtype {item.get('dtype')!r}") from None
         covered = 0
@@ -74,9 +75,13 @@ def check_layout(manifest: Manifest) -> None:
             e, off, sz = c.get("entry"), c.get("offsets"), c.get("sizes")
             if type(e) is not int or not 0 <= e < n:
                 raise bad(f"a chunk of {fqn} names entry {e!r}")
-            if not (isinstance(off, list) and isinstance(sz, list) and len(off) == len(sz) == len(size)
-                    and all(type(x) is int and x >= 0 for x in off + sz)
-                    and all(o + s <= d for o, s, d in zip(off, sz, size))):
+            if not (
+                isinstance(off, list)
+                and isinstance(sz, list)
+                and len(off) == len(sz) == len(size)
+                and all(type(x) is int and x >= 0 for x in off + sz)
+                and all(o + s <= d for o, s, d in zip(off, sz, size))
+            ):
                 raise bad(f"a chunk of {fqn} lies outside the tensor")
             ent = manifest.tensors[e]
             if list(ent.shape) != sz or ent.dtype != item["dtype"]:
@@ -92,6 +97,7 @@ def consolidate(manifest: Manifest, tensors: Sequence[torch.Tensor], *, weights_
     and the nesting DCP flattened restored. ``tensors`` are the manifest's entries, in order."""
     check_layout(manifest)
     lay = manifest.layout
+    assert lay is not None  # check_layout refuses a commit without one
     flat: dict[str, Any] = {}
     for fqn, item in lay["items"].items():
         if item["type"] == "bytes":
@@ -129,7 +135,7 @@ def load_value(t: torch.Tensor, fqn: str, *, weights_only: bool = True) -> Any:
         raise
 
 
-def unflatten(flat: dict[str, Any], paths: Optional[dict[str, list]]) -> dict:
+def unflatten(flat: dict[str, Any], paths: dict[str, list] | None) -> dict:
     """Put DCP-flattened values back at their paths (``{"model.w": ("model", "w")}``); a list
     index in a path makes a list, as DCP's own unflattening does."""
     if not paths:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -14,7 +14,7 @@ from .errors import UnsupportedTensorError
 HASH_HEX_LENGTH = 32  # xxh3-128
 
 
-def content_hasher(dtype: str, shape: tuple[int, ...]) -> "xxhash.xxh3_128":
+def content_hasher(dtype: str, shape: tuple[int, ...]) -> xxhash.xxh3_128:
     """The running :func:`content_hash` of a tensor before its bytes: ``update`` it with them in
     order, a piece at a time (streamed reads), and its ``hexdigest()`` is the content hash."""
     h = xxhash.xxh3_128()
@@ -25,7 +25,7 @@ def content_hasher(dtype: str, shape: tuple[int, ...]) -> "xxhash.xxh3_128":
 def content_hash(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
     """xxh3-128 over dtype, shape and the raw bytes of ``raw`` (a contiguous uint8 view, not copied)."""
     h = content_hasher(dtype, shape)
-    h.update(memoryview(raw))
+    h.update(memoryview(raw))  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
     return h.hexdigest()
 
 
@@ -43,10 +43,10 @@ class WeightMetadata:
     name: str
     shape: tuple[int, ...]
     dtype: Any
-    layer_type: Optional[str] = None
-    model_name: Optional[str] = None
+    layer_type: str | None = None
+    model_name: str | None = None
     compression_info: dict[str, Any] = field(default_factory=dict)
-    hash: Optional[str] = None
+    hash: str | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -69,9 +69,7 @@ def _raw_from_torch(tensor) -> tuple[np.ndarray, str, tuple[int, ...], Any]:
             f"nested tensors ({tensor.layout}) are not supported; store t.unbind() (a list of tensors) instead"
         )
     if tensor.layout != torch.strided:
-        raise UnsupportedTensorError(
-            f"{tensor.layout} tensors are not supported; call .to_dense() before storing"
-        )
+        raise UnsupportedTensorError(f"{tensor.layout} tensors are not supported; call .to_dense() before storing")
     if tensor.is_quantized:
         raise UnsupportedTensorError("quantized tensors are not supported; store int_repr() and scales")
     if tensor.device.type == "meta":
@@ -89,7 +87,7 @@ def _raw_from_torch(tensor) -> tuple[np.ndarray, str, tuple[int, ...], Any]:
     return raw, name, shape, t
 
 
-def _raw_from_numpy(array: np.ndarray, dtype_override: Optional[str]) -> tuple[np.ndarray, str, tuple[int, ...]]:
+def _raw_from_numpy(array: np.ndarray, dtype_override: str | None) -> tuple[np.ndarray, str, tuple[int, ...]]:
     array = np.asarray(array)
     shape = tuple(array.shape)
     if dtype_override is not None and dtypes.canonical_dtype(dtype_override) != _np_name(array):
@@ -106,7 +104,7 @@ def _raw_from_numpy(array: np.ndarray, dtype_override: Optional[str]) -> tuple[n
     return raw, name, shape
 
 
-def _np_name(array: np.ndarray) -> Optional[str]:
+def _np_name(array: np.ndarray) -> str | None:
     try:
         return dtypes.canonical_dtype(array.dtype)
     except UnsupportedTensorError:
@@ -125,7 +123,7 @@ class WeightTensor:
 
     __slots__ = ("_raw", "_metadata", "_owner", "_hash")
 
-    def __init__(self, data: Any, metadata: Optional[WeightMetadata] = None, *, name: str = ""):
+    def __init__(self, data: Any, metadata: WeightMetadata | None = None, *, name: str = ""):
         if metadata is not None and not isinstance(metadata, WeightMetadata):
             raise UnsupportedTensorError(
                 f"metadata must be a WeightMetadata or None, not {type(metadata).__name__}; "
@@ -140,9 +138,7 @@ class WeightTensor:
         if _is_torch_tensor(data):
             raw, dtype_name, shape, owner = _raw_from_torch(data)
             if override is not None and override != dtype_name:
-                raise UnsupportedTensorError(
-                    f"metadata says dtype {override} but the tensor is {dtype_name}"
-                )
+                raise UnsupportedTensorError(f"metadata says dtype {override} but the tensor is {dtype_name}")
         else:
             raw, dtype_name, shape = _raw_from_numpy(data, override)
             owner = data
@@ -155,10 +151,10 @@ class WeightTensor:
         self._raw = raw
         self._owner = owner
         self._metadata = metadata
-        self._hash: Optional[str] = None
+        self._hash: str | None = None
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, metadata: WeightMetadata) -> "WeightTensor":
+    def from_raw(cls, raw: np.ndarray, metadata: WeightMetadata) -> WeightTensor:
         """Wrap a contiguous uint8 buffer holding ``metadata.nbytes`` bytes (no copy, no checks of content)."""
         if raw.dtype != np.uint8 or raw.ndim != 1:
             raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
@@ -228,17 +224,13 @@ class WeightTensor:
             self._metadata.hash = self._hash
         return self._hash
 
-    def is_similar_to(self, other: "WeightTensor") -> bool:
+    def is_similar_to(self, other: WeightTensor) -> bool:
         return self.dtype == other.dtype and self.shape == other.shape
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WeightTensor):
             return NotImplemented
-        return (
-            self.dtype == other.dtype
-            and self.shape == other.shape
-            and bool(np.array_equal(self._raw, other._raw))
-        )
+        return self.dtype == other.dtype and self.shape == other.shape and bool(np.array_equal(self._raw, other._raw))
 
     __hash__ = None  # type: ignore[assignment]  # mutable buffer: use compute_hash()
 

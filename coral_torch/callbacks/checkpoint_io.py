@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -32,7 +33,7 @@ CORAL_SCHEME = "coral://"
 _RUN_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def run_name_from_path(path: Union[str, os.PathLike]) -> str:
+def run_name_from_path(path: str | os.PathLike) -> str:
     """A run name from a checkpoint path: the ``version_N`` directory if there is one, else the
     checkpoint directory's name."""
     parts = Path(path).absolute().parts
@@ -52,13 +53,13 @@ class CoralCheckpointIO(CheckpointIO):
         run: run name for commits; default derived from the checkpoint path (``version_N``).
     """
 
-    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None, run: Optional[str] = None):
+    def __init__(self, repo: str | os.PathLike | Repository | None = None, run: str | None = None):
         super().__init__()
         self._repo_arg = repo
         self.run = run
 
     # -- repository ------------------------------------------------------------------------
-    def repository(self, near: Union[str, os.PathLike, None] = None, *, create: bool = True) -> Repository:
+    def repository(self, near: str | os.PathLike | None = None, *, create: bool = True) -> Repository:
         if self._repo_arg is not None:
             return open_repository(self._repo_arg, create=create)
         if near is not None:
@@ -66,7 +67,9 @@ class CoralCheckpointIO(CheckpointIO):
         return open_repository(None, create=create)
 
     # -- CheckpointIO ----------------------------------------------------------------------
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Union[str, os.PathLike], storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 "CoralCheckpointIO.save_checkpoint takes no storage_options; configure the repository instead"
@@ -75,14 +78,19 @@ class CoralCheckpointIO(CheckpointIO):
         repo = self.repository(path)
         options = CommitOptions(run=self.run or run_name_from_path(path), keep=False, message=f"checkpoint {path.name}")
         stats = commit_with_pointer(path, repo.path, options, lambda o: repo.commit(checkpoint, options=o))
-        log.info("saved %s as coral commit %s (%.1f MB written of %.1f MB)", path, stats.commit_id[:10],
-                 stats.written_bytes / 1e6, stats.logical_bytes / 1e6)
+        log.info(
+            "saved %s as coral commit %s (%.1f MB written of %.1f MB)",
+            path,
+            stats.commit_id[:10],
+            stats.written_bytes / 1e6,
+            stats.logical_bytes / 1e6,
+        )
 
     def load_checkpoint(
         self,
-        path: Union[str, os.PathLike],
-        map_location: Optional[Callable] = lambda storage, loc: storage,
-        weights_only: Optional[bool] = None,
+        path: str | os.PathLike,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         wo = True if weights_only is None else bool(weights_only)
         text = str(path)
@@ -95,7 +103,7 @@ class CoralCheckpointIO(CheckpointIO):
             )
         return api.load(text, map_location=map_location, weights_only=wo, repo=self._repo_arg)
 
-    def remove_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
         """Remove the pointer file and its ref; the commit becomes garbage-collectable."""
         path = Path(path)
         try:
@@ -105,8 +113,9 @@ class CoralCheckpointIO(CheckpointIO):
             pointer = None
         if pointer is not None:
             try:
-                forget_pointer(path, open_repository(self._repo_arg if self._repo_arg is not None else pointer.repo,
-                                                     create=False))
+                forget_pointer(
+                    path, open_repository(self._repo_arg if self._repo_arg is not None else pointer.repo, create=False)
+                )
             except CoralError as exc:
                 log.warning("could not drop the ref of %s: %s", path, exc)
         path.unlink(missing_ok=True)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -99,26 +100,26 @@ class CoralCheckpoint(Checkpoint):
 
     def __init__(
         self,
-        repo: Union[str, os.PathLike, Repository, None] = None,
+        repo: str | os.PathLike | Repository | None = None,
         *,
-        run: Optional[str] = None,
-        monitor: Optional[str] = None,
+        run: str | None = None,
+        monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
-        keep: Optional[Policy] = None,
+        keep: Policy | None = None,
         save_top_k: int = -1,
         save_last: bool = True,
-        every_n_epochs: Optional[int] = None,
-        every_n_train_steps: Optional[int] = None,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
         save_weights_only: bool = False,
-        keep_optimizer: Union[Literal["all", "last", "none"], Policy] = "all",
+        keep_optimizer: Literal["all", "last", "none"] | Policy = "all",
         tags: Sequence[str] = (),
         async_save: bool = True,
-        s3: Optional[S3Config] = None,
-        delta_config: Optional[DeltaConfig] = None,
+        s3: S3Config | None = None,
+        delta_config: DeltaConfig | None = None,
         log_stats: bool = True,
         install_checkpoint_io: bool = True,
-        background_nice: Union[int, str] = 15,
-        background_workers: Optional[int] = None,
+        background_nice: int | str = 15,
+        background_workers: int | None = None,
     ):
         super().__init__()
         if mode not in ("min", "max"):
@@ -155,25 +156,25 @@ class CoralCheckpoint(Checkpoint):
         self.install_checkpoint_io = install_checkpoint_io
         self.background_nice = background_nice
         self.background_workers = background_workers
-        self._commit_workers: Optional[int] = None
+        self._commit_workers: int | None = None
         self._help = HelpBoard()  # the training thread joins a save it has to wait for
 
-        self.repo: Optional[Repository] = None
-        self.last_commit: Optional[str] = None
-        self.retention: Optional[RetentionReport] = None  # what the last save's retention did
-        self._lease: Optional[str] = None  # this process's hold on the commit it resumed from
+        self.repo: Repository | None = None
+        self.last_commit: str | None = None
+        self.retention: RetentionReport | None = None  # what the last save's retention did
+        self._lease: str | None = None  # this process's hold on the commit it resumed from
         self.history: list[dict[str, Any]] = []  # per-commit stats, for users and benchmarks
-        self.push_stats: Optional[dict[str, Any]] = None
-        self._resumed_from: Optional[str] = None
-        self._resumed_run: Optional[str] = None
+        self.push_stats: dict[str, Any] | None = None
+        self._resumed_from: str | None = None
+        self._resumed_run: str | None = None
         self._buffers = SnapshotBuffers()
-        self._committer: Optional[BackgroundCommitter] = None
+        self._committer: BackgroundCommitter | None = None
         self._pending_stats: list[dict[str, Any]] = []
         self._sharded = False  # the strategy writes sharded commits (set up in setup())
         self._last_step_saved = -1
         self._trainer: Any = None
         self._at_epoch_end = False
-        self._loader_rng_to_restore: Optional[list[Any]] = None
+        self._loader_rng_to_restore: list[Any] | None = None
 
     # ------------------------------------------------------------------------------ set-up
     @property
@@ -201,7 +202,9 @@ class CoralCheckpoint(Checkpoint):
         if self._sharded:
             if trainer.strategy.repo is None and self._repo_arg is not None:
                 # one repository for the callback and the strategy
-                trainer.strategy.repo = self._repo_arg.path if isinstance(self._repo_arg, Repository) else self._repo_arg
+                trainer.strategy.repo = (
+                    self._repo_arg.path if isinstance(self._repo_arg, Repository) else self._repo_arg
+                )
             self._repo_arg = trainer.strategy.repo_path
             self.async_save = False  # a sharded save is a collective of all ranks
             if not isinstance(self.optimizer_policy, KeepAll):
@@ -219,8 +222,11 @@ class CoralCheckpoint(Checkpoint):
                     self.repo = open_repository(path, delta_config=self.delta_config)
                 else:
                     self._repo_path = path
-        if self.install_checkpoint_io and not self._sharded and not isinstance(trainer.strategy.checkpoint_io,
-                                                                                 CoralCheckpointIO):
+        if (
+            self.install_checkpoint_io
+            and not self._sharded
+            and not isinstance(trainer.strategy.checkpoint_io, CoralCheckpointIO)
+        ):
             repo_for_io = self.repo if self.repo is not None else getattr(self, "_repo_path", None)
             trainer.strategy.checkpoint_io = CoralCheckpointIO(repo_for_io)
         if self._committer is None and self.async_save:
@@ -253,7 +259,12 @@ class CoralCheckpoint(Checkpoint):
         if trainer.world_size == 1:
             self._surface_errors(trainer)
         n = self.every_n_train_steps
-        if n and trainer.global_step > 0 and trainer.global_step % n == 0 and trainer.global_step != self._last_step_saved:
+        if (
+            n
+            and trainer.global_step > 0
+            and trainer.global_step % n == 0
+            and trainer.global_step != self._last_step_saved
+        ):
             self._last_step_saved = trainer.global_step
             self._save(trainer, pl_module)
 
@@ -304,9 +315,11 @@ class CoralCheckpoint(Checkpoint):
         # pressed Ctrl-C knows whether the last checkpoint exists.
         committer = self._committer
         if committer is not None and committer.pending:
-            log.warning("training stopped (%s) while a checkpoint save was in flight; waiting for it "
-                        "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
-                        type(exception).__name__)
+            log.warning(
+                "training stopped (%s) while a checkpoint save was in flight; waiting for it "
+                "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
+                type(exception).__name__,
+            )
             try:
                 stats = committer.wait()
                 if stats is not None:
@@ -314,8 +327,7 @@ class CoralCheckpoint(Checkpoint):
             except KeyboardInterrupt:
                 log.warning("the in-flight checkpoint save was abandoned: nothing of it was published")
             except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
-                log.error("the in-flight checkpoint save failed (%s): nothing of it was published",
-                          _reason(exc))
+                log.error("the in-flight checkpoint save failed (%s): nothing of it was published", _reason(exc))
         self._end_lease()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -336,7 +348,8 @@ class CoralCheckpoint(Checkpoint):
             # the train loaders' own generators (DataLoader(generator=...), samplers): Lightning
             # does not save them, so a resumed run would reshuffle from their initial state
             "loader_rng": [g.get_state() for g in loader_generators(self._train_loaders())]
-            if self._at_epoch_end else None,
+            if self._at_epoch_end
+            else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -358,7 +371,8 @@ class CoralCheckpoint(Checkpoint):
             log.warning(
                 "the checkpoint has %d train-loader generator state(s), this run's loaders have %d: "
                 "not restoring them (the data order will differ from the uninterrupted run)",
-                len(pending), len(gens),
+                len(pending),
+                len(gens),
             )
             return
         for g, state in zip(gens, pending):
@@ -390,7 +404,7 @@ class CoralCheckpoint(Checkpoint):
 
     def _sync_barrier(self, trainer: Any, *, wait: bool) -> None:
         """Finish/collect the in-flight save on rank 0 and share failure with every rank."""
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         if self._committer is not None and trainer.is_global_zero:
             try:
                 self._committer.wait(helper=self._help.help) if wait else self._committer.check()
@@ -402,7 +416,9 @@ class CoralCheckpoint(Checkpoint):
         if trainer.world_size > 1:
             failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
         if failed:
-            msg = f"background checkpoint save failed: {_reason(error)}" if error else "checkpoint save failed on rank 0"
+            msg = (
+                f"background checkpoint save failed: {_reason(error)}" if error else "checkpoint save failed on rank 0"
+            )
             raise CoralCheckpointError(msg) from error
 
     def _save(self, trainer: Any, pl_module: Any) -> None:
@@ -420,8 +436,8 @@ class CoralCheckpoint(Checkpoint):
             return
         if isinstance(self.optimizer_policy, KeepNone) and OPTIMIZER_KEY in checkpoint:
             checkpoint[OPTIMIZER_KEY] = [_without_param_state(s) for s in checkpoint[OPTIMIZER_KEY]]
-        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        scalars = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in scalars.items() if v is not None}
         epoch, step = trainer.current_epoch, trainer.global_step
         if self.async_save and self._committer is not None:
             snap = self._buffers.snapshot(checkpoint)
@@ -433,8 +449,9 @@ class CoralCheckpoint(Checkpoint):
             self._commit(checkpoint, run, epoch, step, metrics, None)
             self._pending_stats[-1]["stall_s"] = time.perf_counter() - stall_start
 
-    def _commit(self, checkpoint: dict, run: str, epoch: int, step: int, metrics: dict[str, float],
-                stall: Optional[float]) -> CommitStats:
+    def _commit(
+        self, checkpoint: dict, run: str, epoch: int, step: int, metrics: dict[str, float], stall: float | None
+    ) -> CommitStats:
         """Runs on the background thread (or inline when synchronous)."""
         repo = self.repo
         assert repo is not None
@@ -446,8 +463,9 @@ class CoralCheckpoint(Checkpoint):
         parent = self.last_commit or repo.last_loaded or self._resumed_from
         stats = repo.commit(
             checkpoint,
-            options=self._options(run, epoch, step, metrics, parent=parent, keep_optimizer=self.optimizer_policy,
-                                  head=self.save_last),
+            options=self._options(
+                run, epoch, step, metrics, parent=parent, keep_optimizer=self.optimizer_policy, head=self.save_last
+            ),
             # optimizer state that retention may strip later is stored whole: it is freed on its own
             no_delta_prefixes=() if isinstance(self.optimizer_policy, KeepAll) else (f"{OPTIMIZER_KEY}/",),
             workers=self._commit_workers if background else None,
@@ -459,33 +477,52 @@ class CoralCheckpoint(Checkpoint):
         if stats.retention is not None and cid in stats.retention.stripped:
             cid = stats.retention.stripped[cid] or cid  # keep_optimizer rewrote the new commit itself
         self.last_commit = cid
-        background = time.perf_counter() - t0
-        self._pending_stats.append({
-            "commit": cid, "epoch": epoch, "step": step,
-            "bytes_written": stats.written_bytes, "logical_bytes": stats.logical_bytes,
-            "ratio": stats.ratio, "stall_s": stall, "background_s": background,
-            "background_cpu_s": time.thread_time() - cpu0,
-            # tensors the training thread encoded itself while it waited for this save
-            "helped_items": self._help.items_helped - helped0,
-            "new_full": stats.new_full, "new_delta": stats.new_delta, "deduplicated": stats.deduplicated,
-        })
+        background_s = time.perf_counter() - t0
+        self._pending_stats.append(
+            {
+                "commit": cid,
+                "epoch": epoch,
+                "step": step,
+                "bytes_written": stats.written_bytes,
+                "logical_bytes": stats.logical_bytes,
+                "ratio": stats.ratio,
+                "stall_s": stall,
+                "background_s": background_s,
+                "background_cpu_s": time.thread_time() - cpu0,
+                # tensors the training thread encoded itself while it waited for this save
+                "helped_items": self._help.items_helped - helped0,
+                "new_full": stats.new_full,
+                "new_delta": stats.new_delta,
+                "deduplicated": stats.deduplicated,
+            }
+        )
         return stats
 
     def _commit_sharded(self, trainer: Any, checkpoint: dict, run: str, t0: float) -> None:
         """Every rank writes its shards; one commit (see :class:`CoralModelParallelStrategy`)."""
-        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        scalars = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in scalars.items() if v is not None}
         epoch, step = trainer.current_epoch, trainer.global_step
         cid = trainer.strategy.commit_sharded(checkpoint, options=self._options(run, epoch, step, metrics))
         self.last_commit = cid
         if trainer.is_global_zero:
-            self._pending_stats.append({"commit": cid, "epoch": epoch, "step": step,
-                                        "stall_s": time.perf_counter() - t0})
+            self._pending_stats.append(
+                {"commit": cid, "epoch": epoch, "step": step, "stall_s": time.perf_counter() - t0}
+            )
 
     def _options(self, run: str, epoch: int, step: int, metrics: dict[str, float], **more: Any) -> CommitOptions:
         """What a commit of this callback records: the run's retention policy keeps it."""
-        return CommitOptions(run=run, epoch=epoch, step=step, metrics=metrics, keep=self.policy, monitor=self.monitor,
-                             mode=self.mode, message=f"epoch {epoch} step {step}", **more)
+        return CommitOptions(
+            run=run,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            keep=self.policy,
+            monitor=self.monitor,
+            mode=self.mode,
+            message=f"epoch {epoch} step {step}",
+            **more,
+        )
 
     @property
     def best_k(self) -> dict[str, float]:
@@ -494,10 +531,13 @@ class CoralCheckpoint(Checkpoint):
         if self.repo is None or not self.run or not self.monitor:
             return {}
         kept = set(self.repo.refs(keep_prefix(self.run)).values())
-        return {cid: metrics[self.monitor] for cid, _, _, _, _, metrics in self.repo.catalog.run_commit_facts(self.run)
-                if cid in kept and isinstance(metrics.get(self.monitor), (int, float))}
+        return {
+            cid: metrics[self.monitor]
+            for cid, _, _, _, _, metrics in self.repo.catalog.run_commit_facts(self.run)
+            if cid in kept and isinstance(metrics.get(self.monitor), (int, float))
+        }
 
-    def _best_commit(self) -> Optional[str]:
+    def _best_commit(self) -> str | None:
         if self.repo is not None and self.run and self.monitor:
             return self.repo.refs(best_ref(self.run)).get(best_ref(self.run)) or self.last_commit
         return self.last_commit
@@ -507,8 +547,11 @@ class CoralCheckpoint(Checkpoint):
         for s in pending:
             self.history.append(s)
             if self.log_stats and trainer.logger is not None:
-                values = {f"coral/{k}": float(v) for k, v in s.items()
-                          if isinstance(v, (int, float)) and k not in ("epoch", "step") and v is not None}
+                values = {
+                    f"coral/{k}": float(v)
+                    for k, v in s.items()
+                    if isinstance(v, (int, float)) and k not in ("epoch", "step") and v is not None
+                }
                 try:
                     trainer.logger.log_metrics(values, step=s["step"])
                 except Exception as exc:  # noqa: BLE001 - stats must never break training
@@ -528,7 +571,8 @@ class CoralCheckpoint(Checkpoint):
             self.push_stats = {"error": str(exc)}
             log.error(
                 "push to S3 failed: %s. Local checkpoints are intact; retry with `%s`",
-                exc, _push_command(self.repo.path, self.s3),
+                exc,
+                _push_command(self.repo.path, self.s3),
             )
 
 
@@ -551,7 +595,7 @@ def _push_command(repo_path: Any, remote: Any) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _scalar(v: Any) -> Optional[float]:
+def _scalar(v: Any) -> float | None:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             return None

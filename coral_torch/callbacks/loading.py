@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from .. import api
 from ..repository import Repository
 
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
 
 def load_module_from_checkpoint(
-    cls: type,
-    ref: Union[str, os.PathLike],
-    repo: Union[str, os.PathLike, Repository, None] = None,
+    cls: type[pl.LightningModule] | type[pl.LightningDataModule],
+    ref: str | os.PathLike,
+    repo: str | os.PathLike | Repository | None = None,
     map_location: Any = None,
-    strict: Optional[bool] = True,
+    strict: bool | None = True,
     **kwargs: Any,
 ) -> Any:
     """Build ``cls`` (a ``LightningModule`` or ``LightningDataModule`` subclass) from a checkpoint
@@ -41,7 +44,7 @@ def load_module_from_checkpoint(
         return _load_state(cls, checkpoint, **kwargs)
     if "state_dict" not in checkpoint:
         raise TypeError(f"{ref!r} is not a Lightning checkpoint (no 'state_dict' key)")
-    model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    model = cast("pl.LightningModule", _load_state(cls, checkpoint, strict=strict, **kwargs))
     state_dict = checkpoint["state_dict"]
     device = next((t for t in state_dict.values() if isinstance(t, torch.Tensor)), torch.tensor(0)).device
     return model.to(device)

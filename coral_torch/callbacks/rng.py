@@ -5,19 +5,26 @@ their samplers'), so that 2 + 2 epochs draw the same numbers as 4 straight."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 
 def capture_rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the legacy global RandomState (MT19937) always gives the tuple; numpy's stubs say it may be a dict
+    state_tuple = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    name, keys, pos, has_gauss, gauss = state_tuple
     state: dict[str, Any] = {
         "python": random.getstate(),
         # plain values and tensors only: files exported from a commit must load with weights_only=True
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -32,8 +39,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         n = state["numpy"]
         if isinstance(n, dict):
-            np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                                 n["cached_gaussian"]))
+            np.random.set_state(
+                (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+            )
         else:
             np.random.set_state(tuple(n))
     if "torch" in state:
@@ -60,9 +68,12 @@ def loader_generators(loaders: list[Any]) -> list[torch.Generator]:
     for loader in loaders:
         sampler = getattr(loader, "sampler", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
-        for g in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
-                  getattr(batch_sampler, "generator", None),
-                  getattr(getattr(batch_sampler, "sampler", None), "generator", None)):
+        for g in (
+            getattr(loader, "generator", None),
+            getattr(sampler, "generator", None),
+            getattr(batch_sampler, "generator", None),
+            getattr(getattr(batch_sampler, "sampler", None), "generator", None),
+        ):
             if isinstance(g, torch.Generator) and all(g is not x for x in found):
                 found.append(g)
     return found

@@ -16,9 +16,9 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
+from typing import Any
 
 import torch
 
@@ -56,12 +56,19 @@ class SnapshotBuffers:
                 # a non-contiguous tensor keeps its strides in the snapshot, so the commit records them
                 stride = adapters.kept_stride(src)
                 buf = bufs.get(path)
-                if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
-                        or (stride is not None and list(buf.stride()) != stride)
-                        or (stride is None and not buf.is_contiguous())):
+                if (
+                    buf is None
+                    or buf.shape != src.shape
+                    or buf.dtype != src.dtype
+                    or (stride is not None and list(buf.stride()) != stride)
+                    or (stride is None and not buf.is_contiguous())
+                ):
                     pin = src.device.type == "cuda"
-                    buf = (torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin) if stride is None
-                           else torch.empty_strided(src.shape, stride, dtype=src.dtype, device="cpu", pin_memory=pin))
+                    buf = (
+                        torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+                        if stride is None
+                        else torch.empty_strided(src.shape, stride, dtype=src.dtype, device="cpu", pin_memory=pin)
+                    )
                     bufs[path] = buf
                 buf.copy_(src, non_blocking=src.device.type == "cuda")
                 any_cuda |= src.device.type == "cuda"
@@ -76,7 +83,7 @@ class SnapshotBuffers:
             if isinstance(x, torch.Tensor):
                 return tensor_copy(x, path)
             if isinstance(x, dict):
-                out = type(x)() if type(x) in (dict, collections.OrderedDict) or _is_attrdict(x) else {}
+                out: Any = type(x)() if type(x) in (dict, collections.OrderedDict) or _is_attrdict(x) else {}
                 for k, v in x.items():
                     out[k] = walk(v, f"{path}/{k}")
                 if hasattr(x, "_metadata"):
@@ -104,7 +111,7 @@ def _is_attrdict(x: Any) -> bool:
     return type(x).__name__ == "AttributeDict"
 
 
-def _lower_thread_priority(nice: Union[int, str]) -> None:
+def _lower_thread_priority(nice: int | str) -> None:
     """Lower this thread's CPU priority (Linux: per thread, inherited by threads it starts), so the
     training threads win the CPU and the save fills the gaps. ``nice``: a nice increment, or
     ``"idle"`` for ``SCHED_IDLE`` (run only on otherwise idle cores). Best effort elsewhere."""
@@ -127,11 +134,11 @@ class BackgroundCommitter:
     (15) and the trade-off are measured with ``bench/lightning_bench.py`` (docs/benchmarks.md).
     """
 
-    def __init__(self, nice: Union[int, str] = 15) -> None:
+    def __init__(self, nice: int | str = 15) -> None:
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix="coral-save", initializer=_lower_thread_priority, initargs=(nice,)
         )
-        self._future: Optional[Future] = None
+        self._future: Future | None = None
         self._lock = threading.Lock()
         self.last_result: Any = None
         self.last_seconds: float = 0.0
@@ -166,7 +173,7 @@ class BackgroundCommitter:
         self.last_result = fut.result()  # raises the worker's exception here
         return self.last_result
 
-    def wait(self, timeout: Optional[float] = None, *, helper: Optional[Callable[[], int]] = None) -> Any:
+    def wait(self, timeout: float | None = None, *, helper: Callable[[], int] | None = None) -> Any:
         """Block until the in-flight job is done; re-raise its error. ``helper`` is called while
         waiting (it returns how many work items it did; 0: nothing to do right now), so the
         waiting thread can take part in the job instead of idling."""

@@ -26,7 +26,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -63,8 +63,14 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         **kwargs: passed to ``ModelParallelStrategy``.
     """
 
-    def __init__(self, repo: Union[str, os.PathLike, None] = None, *, run: Optional[str] = None,
-                 keep: Optional[Policy] = None, **kwargs: Any):
+    def __init__(
+        self,
+        repo: str | os.PathLike | None = None,
+        *,
+        run: str | None = None,
+        keep: Policy | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.repo = repo  #: the repository directory, or None for the default (see :attr:`repo_path`)
         self.run = run
@@ -79,8 +85,9 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         return (Path(self.lightning_module.trainer.default_root_dir) / REPOSITORY_DIR).absolute()
 
     # -- saving -------------------------------------------------------------------------------
-    def commit_sharded(self, checkpoint: dict[str, Any], options: Optional[CommitOptions] = None,
-                       **option_kwargs: Any) -> str:
+    def commit_sharded(
+        self, checkpoint: dict[str, Any], options: CommitOptions | None = None, **option_kwargs: Any
+    ) -> str:
         """Store a Lightning checkpoint dict (its ``state_dict`` and ``optimizer_states`` sharded) as
         one commit; every rank calls it and gets the commit id. ``checkpoint`` is consumed.
         ``options`` (a :class:`CommitOptions`) or its fields as keyword arguments (``run``, ``refs``,
@@ -90,8 +97,10 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         if options is None:
             option_kwargs.setdefault("keep", False)
         options = CommitOptions.build(options, **option_kwargs)
-        options = options.replace(epoch=checkpoint.get("epoch") if options.epoch is None else options.epoch,
-                                  step=checkpoint.get("global_step") if options.step is None else options.step)
+        options = options.replace(
+            epoch=checkpoint.get("epoch") if options.epoch is None else options.epoch,
+            step=checkpoint.get("global_step") if options.step is None else options.step,
+        )
         state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
         for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim_state
@@ -100,21 +109,29 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         state[LIGHTNING_META] = buf.getvalue()
         return coral_dcp.save(state, repo=self.repo_path, options=options)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         path = Path(self.broadcast(str(filepath))).absolute()
-        options = CommitOptions(run=self.run or run_name_from_path(path), message=f"checkpoint {path.name}",
-                                keep=self.keep if self.keep is not None else False)
-        commit_with_pointer(path, self.repo_path, options, lambda o: self.commit_sharded(checkpoint, options=o),
-                            write_file=self.global_rank == 0)  # every rank commits, one writes the file
+        options = CommitOptions(
+            run=self.run or run_name_from_path(path),
+            message=f"checkpoint {path.name}",
+            keep=self.keep if self.keep is not None else False,
+        )
+        commit_with_pointer(
+            path,
+            self.repo_path,
+            options,
+            lambda o: self.commit_sharded(checkpoint, options=o),
+            write_file=self.global_rank == 0,
+        )  # every rank commits, one writes the file
         self.barrier("coral_save_checkpoint")
 
     # -- loading ------------------------------------------------------------------------------
-    def _coral_ref(self, path: str) -> Optional[tuple[Path, str]]:
+    def _coral_ref(self, path: str) -> tuple[Path, str] | None:
         """(repository, ref) for ``coral://<ref>`` or a pointer file; None for anything else."""
         if path.startswith(CORAL_SCHEME):
-            return self.repo_path, path[len(CORAL_SCHEME):]
+            return self.repo_path, path[len(CORAL_SCHEME) :]
         p = Path(path)
         if p.is_file():
             pointer = read_pointer_file(p)
@@ -122,7 +139,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
                 return Path(self.repo).absolute() if self.repo is not None else Path(pointer.repo), pointer.commit
         return None
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = str(self.broadcast(str(checkpoint_path)))
         found = self._coral_ref(path)
         if found is None:
@@ -147,8 +164,9 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             key = f"optimizer_{i}"
             optim_state = {key: get_optimizer_state_dict(module, optim)}
             coral_dcp.load(optim_state, cid, repo=repo_path)
-            set_optimizer_state_dict(module, optim, optim_state_dict=optim_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                module, optim, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
+            )
         return _lightning_meta(repo, cid, weights_only=weights_only is not False)
 
     def remove_checkpoint(self, filepath: Any) -> None:

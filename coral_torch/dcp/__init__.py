@@ -13,7 +13,8 @@ and keyword set-up arguments); older versions are refused with :class:`Unsupport
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from types import TracebackType
+from typing import Any, Literal
 
 import torch
 
@@ -40,7 +41,6 @@ import torch.distributed.checkpoint as _dcp  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 from ..errors import CoralError  # noqa: E402
-
 from ..repository import Repository  # noqa: E402
 from ..repository.options import CommitOptions  # noqa: E402
 from .reader import CoralStorageReader  # noqa: E402
@@ -49,11 +49,18 @@ from .writer import CoralStorageWriter  # noqa: E402
 __all__ = ["CommitOptions", "CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
 
 
-RepoArg = Union[str, os.PathLike, Repository, None]
+RepoArg = str | os.PathLike | Repository | None
 
 
-def save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Optional[CommitOptions] = None,
-         process_group: Any = None, planner: Any = None, **option_kwargs: Any) -> str:
+def save(
+    state_dict: dict[str, Any],
+    *,
+    repo: RepoArg = None,
+    options: CommitOptions | None = None,
+    process_group: Any = None,
+    planner: Any = None,
+    **option_kwargs: Any,
+) -> str:
     """``dcp.save`` into ``repo`` (``None``: ``$CORAL_REPO`` or ``./.coral``) on every rank; returns
     the new commit's id (on every rank). ``options`` (a :class:`CommitOptions`) or its fields as
     keyword arguments (``run``, ``tags``, ``metrics``, ``keep``, ...) say what the commit records,
@@ -66,8 +73,14 @@ def save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Optional[
     return cid
 
 
-def async_save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Optional[CommitOptions] = None,
-               process_group: Any = None, **option_kwargs: Any):
+def async_save(
+    state_dict: dict[str, Any],
+    *,
+    repo: RepoArg = None,
+    options: CommitOptions | None = None,
+    process_group: Any = None,
+    **option_kwargs: Any,
+) -> tuple[Any, CoralStorageWriter]:
     """``dcp.async_save`` into ``repo``: returns ``(future, writer)``; ``writer.commit_id`` once the
     future is done. Options as for :func:`save`."""
     writer = CoralStorageWriter(repo, options=options, **option_kwargs)
@@ -75,8 +88,15 @@ def async_save(state_dict: dict[str, Any], *, repo: RepoArg = None, options: Opt
     return fut, writer
 
 
-def load(state_dict: dict[str, Any], ref: str = "latest", *, repo: RepoArg = None,
-         process_group: Any = None, planner: Any = None, trust_pickles: bool = False) -> Optional[str]:
+def load(
+    state_dict: dict[str, Any],
+    ref: str = "latest",
+    *,
+    repo: RepoArg = None,
+    process_group: Any = None,
+    planner: Any = None,
+    trust_pickles: bool = False,
+) -> str | None:
     """``dcp.load`` of the commit ``ref`` names into ``state_dict`` (in place, resharded to its
     current layout) on every rank; returns the commit id. ``repo`` ``None``: ``$CORAL_REPO`` or ``./.coral``."""
     reader = CoralStorageReader(repo, ref, trust_pickles=trust_pickles)
@@ -92,7 +112,9 @@ class _named_failures:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         if isinstance(exc, CheckpointException):
             for failure in exc.failures.values():
                 inner = failure[0] if isinstance(failure, tuple) else failure

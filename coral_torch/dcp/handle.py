@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 from ..repository import Repository
 from ..repository.handles import open_repository, repository_path as path_of
 
-RepoArg = Union[str, os.PathLike, Repository, None]
+RepoArg = str | os.PathLike | Repository | None
 
 
 def repository_path(repo: RepoArg) -> str:
@@ -27,7 +26,7 @@ class RepositoryHandle:
 
     def __init__(self, repo: RepoArg):
         self.repo_path = repository_path(repo)
-        self._repo: Optional[Repository] = repo if isinstance(repo, Repository) else None
+        self._repo: Repository | None = repo if isinstance(repo, Repository) else None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -32,8 +32,11 @@ def layout_of(metadata: Metadata, entry_of: dict[str, int]) -> dict[str, Any]:
             "size": [int(d) for d in md.size],
             "requires_grad": bool(md.properties.requires_grad),
             "chunks": [
-                {"offsets": [int(o) for o in c.offsets], "sizes": [int(s) for s in c.sizes],
-                 "entry": entry_of[chunk_name(fqn, c.offsets)]}
+                {
+                    "offsets": [int(o) for o in c.offsets],
+                    "sizes": [int(s) for s in c.sizes],
+                    "entry": entry_of[chunk_name(fqn, c.offsets)],
+                }
                 for c in md.chunks
             ],
         }
@@ -43,6 +46,7 @@ def layout_of(metadata: Metadata, entry_of: dict[str, int]) -> dict[str, Any]:
 def metadata_of(manifest: Manifest) -> Metadata:
     """DCP ``Metadata`` for a sharded commit; ``storage_data`` maps each item's index to its entry."""
     lay = manifest.layout
+    assert lay is not None  # a sharded commit (checked by the caller)
     state: dict[str, Any] = {}
     storage: dict[MetadataIndex, int] = {}
     for fqn, item in lay["items"].items():
@@ -64,7 +68,7 @@ def metadata_of(manifest: Manifest) -> Metadata:
     return md
 
 
-def _paths(planner_data: Any) -> Optional[dict[str, list]]:
+def _paths(planner_data: Any) -> dict[str, list] | None:
     """DCP's flattening map (fqn -> path of str/int keys) as JSON, or None if it is something else."""
     if not isinstance(planner_data, dict):
         return None

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import io
 import os
-from torch.futures import Future
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from ..errors import CheckpointDamagedError, RepositoryError
 from ..manifest import Manifest
 from ..repository import Repository
 from ..sharded import load_value
 from ..weight_tensor import WeightMetadata, WeightTensor
-from .layout import metadata_of
 from .handle import RepositoryHandle
+from .layout import metadata_of
 
 _BATCH_BYTES = 256 << 20  # objects decoded per batch: a rank's load holds at most this much extra
 
@@ -40,17 +40,22 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
 
     creates_repository = False
 
-    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None, ref: str = "latest", *,
-                 trust_pickles: bool = False):
+    def __init__(
+        self,
+        repo: str | os.PathLike | Repository | None = None,
+        ref: str = "latest",
+        *,
+        trust_pickles: bool = False,
+    ):
         StorageReader.__init__(self)
         RepositoryHandle.__init__(self, repo)
         self.ref = _strip_scheme(ref)
         self.trust_pickles = trust_pickles
-        self.commit_id: Optional[str] = None
-        self._manifest: Optional[Manifest] = None
+        self.commit_id: str | None = None
+        self._manifest: Manifest | None = None
         self._storage: dict = {}
 
-    def reset(self, checkpoint_id: Union[str, os.PathLike, None] = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         """A new load begins; a ``checkpoint_id`` given to ``dcp.load`` is taken as the ref to load."""
         if checkpoint_id is not None:
             self.ref = _strip_scheme(str(checkpoint_id))
@@ -79,6 +84,7 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self._manifest is not None and self.commit_id is not None  # set by read_metadata
         entries = self._manifest.tensors
         by_entry: dict[int, list] = {}
         for req in plan.items:
@@ -87,7 +93,8 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
             except KeyError:
                 raise CheckpointDamagedError(
                     f"commit {self.commit_id[:12]} has no item {req.storage_index.fqn} at {req.storage_index.offset}",
-                    commit=self.commit_id or "", tensors=[req.storage_index.fqn],
+                    commit=self.commit_id or "",
+                    tensors=[req.storage_index.fqn],
                 ) from None
         order = list(by_entry)
         batch: list[int] = []
@@ -103,13 +110,16 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
         return fut
 
     def _read_batch(self, batch: list[int], by_entry: dict[int, list], planner: LoadPlanner) -> None:
+        assert self._manifest is not None  # set by read_metadata
         entries = self._manifest.tensors
-        raws = self.repo.materialize([entries[e].hash for e in batch], commit=self.commit_id,
-                                     names=[entries[e].name for e in batch])
+        raws = self.repo.materialize(
+            [entries[e].hash for e in batch], commit=self.commit_id, names=[entries[e].name for e in batch]
+        )
         for e in batch:
             ent = entries[e]
-            t = WeightTensor.from_raw(raws[ent.hash], WeightMetadata(name=ent.name, shape=ent.shape,
-                                                                     dtype=ent.dtype)).to_torch()
+            t = WeightTensor.from_raw(
+                raws[ent.hash], WeightMetadata(name=ent.name, shape=ent.shape, dtype=ent.dtype)
+            ).to_torch()
             for req in by_entry[e]:
                 if req.type == LoadItemType.BYTE_IO:
                     if not self.trust_pickles:
@@ -123,15 +133,17 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
                 if target.size() != src.size():
                     raise CheckpointDamagedError(
                         f"{req.storage_index.fqn}: the planner wants {list(target.size())}, the commit holds "
-                        f"{list(src.size())}", commit=self.commit_id or "", tensors=[req.storage_index.fqn],
+                        f"{list(src.size())}",
+                        commit=self.commit_id or "",
+                        tensors=[req.storage_index.fqn],
                     )
                 target.copy_(src)
                 planner.commit_tensor(req, target)
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Union[str, os.PathLike]) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False
 
 
 def _strip_scheme(ref: str) -> str:
-    return ref[len("coral://"):] if ref.startswith("coral://") else ref
+    return ref[len("coral://") :] if ref.startswith("coral://") else ref

@@ -25,14 +25,14 @@ import io
 import os
 import time
 import uuid
-from torch.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
 
 from .. import refnames
 from ..errors import RepositoryError
@@ -59,7 +59,7 @@ class _Stored:
     dtype: str
     shape: tuple[int, ...]
     kind: str
-    written: Optional[WrittenObjects] = None  # the rank's new packs, on its first result only
+    written: WrittenObjects | None = None  # the rank's new packs, on its first result only
 
 
 class CoralStorageWriter(StorageWriter, RepositoryHandle):
@@ -84,18 +84,23 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
             the run's commits instead, applied by the coordinator once the commit is published.
     """
 
-    def __init__(self, repo: Union[str, os.PathLike, Repository, None] = None,
-                 options: Optional[CommitOptions] = None, **option_kwargs: Any):
+    def __init__(
+        self,
+        repo: str | os.PathLike | Repository | None = None,
+        options: CommitOptions | None = None,
+        **option_kwargs: Any,
+    ):
         StorageWriter.__init__(self)
         RepositoryHandle.__init__(self, repo)
         self.options = CommitOptions.build(options, **option_kwargs)
         if self.options.keep_optimizer is not None:
-            raise RepositoryError("keep_optimizer is not supported for sharded commits: their optimizer "
-                                  "shards cannot be stripped")
+            raise RepositoryError(
+                "keep_optimizer is not supported for sharded commits: their optimizer shards cannot be stripped"
+            )
         self.is_coordinator = False
-        self._token: Optional[str] = None
-        self._parent: Optional[str] = None
-        self._commit_id: Optional[str] = None
+        self._token: str | None = None
+        self._parent: str | None = None
+        self._commit_id: str | None = None
 
     @property
     def run(self) -> str:
@@ -103,14 +108,14 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         return self.options.run
 
     @property
-    def commit_id(self) -> Optional[str]:
+    def commit_id(self) -> str | None:
         """The id of the commit the last save made (None before it finished)."""
         if self._commit_id is None and self._token is not None:
             self._commit_id = self.repo.catalog.save_result(self._token)
         return self._commit_id
 
     # -- the StorageWriter interface, in call order ---------------------------------------------
-    def reset(self, checkpoint_id: Union[str, os.PathLike, None] = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         """A new save begins. ``checkpoint_id`` is not used (the repository is given to the writer)."""
         self._token = self._parent = self._commit_id = None
 
@@ -127,8 +132,11 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         repo = self.repo
         repo.catalog.forget_saves(time.time() - _SAVE_RECORD_TTL_S)
         opts = self.options
-        parent = repo.resolve(opts.parent) if opts.parent is not None else repo.catalog.get_ref(
-            refnames.latest_ref(opts.run))
+        parent = (
+            repo.resolve(opts.parent)
+            if opts.parent is not None
+            else repo.catalog.get_ref(refnames.latest_ref(opts.run))
+        )
         shared = {"token": token, "parent": parent}
         return [dataclasses.replace(p, storage_data=shared) for p in plans]
 
@@ -138,7 +146,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         named: list[tuple[str, WeightTensor]] = []
         stored: list[tuple[Any, _Stored, int]] = []
         for item in plan.items:
-            data = planner.resolve_data(item)
+            data: Any = planner.resolve_data(item)  # a tensor, or a readable binary stream
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
                 t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
@@ -166,16 +174,19 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         if len(set(names)) != len(names):
             raise RepositoryError("two ranks wrote the same checkpoint item: the save plan is inconsistent")
         entry_of = {s.name: i for i, s in enumerate(stored)}
-        manifest = Manifest(None, [TensorEntry(s.name, s.hash, s.dtype, s.shape, "cpu", s.kind) for s in stored],
-                            layout_of(metadata, entry_of))
+        manifest = Manifest(
+            None,
+            [TensorEntry(s.name, s.hash, s.dtype, s.shape, "cpu", s.kind) for s in stored],
+            layout_of(metadata, entry_of),
+        )
         written = [s.written for s in stored if s.written is not None]
         options = self.options.replace(parent=self._parent, info=dict(self.options.info, world_size=len(results)))
         stats = self.repo.publish(manifest, written, options, save_token=self._token)
         self._commit_id = stats.commit_id
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Union[str, os.PathLike]) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False  # never chosen automatically from a checkpoint_id: pass the writer
 
-    def storage_meta(self) -> Optional[StorageMeta]:
+    def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.repo_path, save_id=self._token)

@@ -12,21 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import xxhash
 
 from ..errors import CorruptObjectError, StoreError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "DOC_CHECKSUM", "canonical_json", "encode_document",
-           "decode_document", "document_md5", "md5"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "DOC_CHECKSUM",
+    "canonical_json",
+    "encode_document",
+    "decode_document",
+    "document_md5",
+    "md5",
+]
 
 FORMAT_NAME = "coral-torch-s3"
 FORMAT_VERSION = 1
 DOC_CHECKSUM = "doc_xxh3"  # the field of every document that holds its checksum
 
 
-def md5() -> "hashlib._Hash":
+def md5() -> hashlib._Hash:
     """A new MD5 (an integrity check against ETags, not security: FIPS builds allow it)."""
     return hashlib.md5(usedforsecurity=False)
 
@@ -41,7 +50,7 @@ def encode_document(doc: Mapping[str, Any]) -> bytes:
     its checksum ``doc_xxh3`` (the xxh3-128 of the canonical JSON of the rest), in canonical JSON
     (sorted keys, no spaces). The same ``doc`` always gives the same bytes, so their MD5 tells
     whether a listed object's ETag is the document expected."""
-    body: Dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    body: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     body.update((k, v) for k, v in doc.items() if k != DOC_CHECKSUM)
     body[DOC_CHECKSUM] = xxhash.xxh3_128(canonical_json(body)).hexdigest()
     return canonical_json(body)
@@ -54,7 +63,7 @@ def document_md5(doc: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def decode_document(data: bytes, what: str, where: str, key: Optional[str] = None) -> Dict[str, Any]:
+def decode_document(data: bytes, what: str, where: str, key: str | None = None) -> dict[str, Any]:
     """Parse and verify a document :func:`encode_document` wrote.
 
     Args:
@@ -88,7 +97,8 @@ def decode_document(data: bytes, what: str, where: str, key: Optional[str] = Non
     if recorded is None:
         raise CorruptObjectError(
             f"{what} at {where} has no checksum (damaged, or written by an older coral-torch); it was not "
-            "used. Push it again from a repository that holds it to rewrite it", hash_key=key,
+            "used. Push it again from a repository that holds it to rewrite it",
+            hash_key=key,
         )
     actual = xxhash.xxh3_128(canonical_json(doc)).hexdigest()
     if actual != recorded:

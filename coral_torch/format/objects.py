@@ -18,8 +18,9 @@ description.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -30,10 +31,27 @@ from ..errors import CoralError, CorruptObjectError, HashMismatchError
 from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 
 __all__ = [
-    "ENCODING_CODEC", "ENCODING_VALUES", "WEIGHTS", "DELTAS", "EXTRA_PREFIX", "byte_view", "payload_checksum",
-    "payload_size", "weight_attrs", "delta_attrs", "delta_logical_bytes", "weight_document",
-    "delta_document", "weight_metadata", "delta_metadata", "delta_from_description",
-    "delta_attrs_from_document", "decode_weight", "as_text", "jsonable", "PreparedObject",
+    "ENCODING_CODEC",
+    "ENCODING_VALUES",
+    "WEIGHTS",
+    "DELTAS",
+    "EXTRA_PREFIX",
+    "byte_view",
+    "payload_checksum",
+    "payload_size",
+    "weight_attrs",
+    "delta_attrs",
+    "delta_logical_bytes",
+    "weight_document",
+    "delta_document",
+    "weight_metadata",
+    "delta_metadata",
+    "delta_from_description",
+    "delta_attrs_from_document",
+    "decode_weight",
+    "as_text",
+    "jsonable",
+    "PreparedObject",
 ]
 
 ENCODING_CODEC = "czp1"  # the payload is a codec blob
@@ -41,7 +59,7 @@ ENCODING_VALUES = "values"  # the payload holds the values (HDF5 filter, if any)
 WEIGHTS, DELTAS = "weights", "deltas"  # the two groups of objects
 EXTRA_PREFIX = "extra_"  # a delta's extra entries, as attributes
 
-Payload = Union[np.ndarray, codec.Blob, bytes, bytearray, memoryview]
+Payload = np.ndarray | codec.Blob | bytes | bytearray | memoryview
 
 
 @dataclass
@@ -51,10 +69,10 @@ class PreparedObject:
 
     key: str
     group: str  # WEIGHTS or DELTAS
-    payload: Union[np.ndarray, codec.Blob]  # a Blob only from the internal segmented encoders
-    attrs: Dict[str, Any]
+    payload: np.ndarray | codec.Blob  # a Blob only from the internal segmented encoders
+    attrs: dict[str, Any]
     logical_bytes: int
-    location: Optional[tuple[int, int]] = None  # (file offset, length) once written, if contiguous
+    location: tuple[int, int] | None = None  # (file offset, length) once written, if contiguous
 
     @property
     def stored_bytes(self) -> int:
@@ -83,7 +101,7 @@ def jsonable(v: Any) -> Any:
 def byte_view(buf: Any) -> memoryview:
     """A flat byte view of a payload (ndarray or buffer), without copying it."""
     if isinstance(buf, np.ndarray):
-        return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
+        return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
     return memoryview(buf).cast("B")
 
 
@@ -106,7 +124,7 @@ def delta_logical_bytes(shape: Any, dtype: str) -> int:
 
 
 # ------------------------------------------------------------------------------- attributes
-def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, payload: Payload) -> Dict[str, Any]:
+def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, payload: Payload) -> dict[str, Any]:
     """The description every store keeps beside a weight's payload (HDF5 attribute, S3 document)."""
     return {
         "name": meta.name or "",
@@ -121,9 +139,9 @@ def weight_attrs(meta: WeightMetadata, digest: str, nbytes: int, encoding: str, 
     }
 
 
-def delta_attrs(delta: Delta, payload: Payload) -> Dict[str, Any]:
+def delta_attrs(delta: Delta, payload: Payload) -> dict[str, Any]:
     """A delta's description as attributes (``delta.data`` is not read; ``payload`` is what is stored)."""
-    attrs: Dict[str, Any] = {
+    attrs: dict[str, Any] = {
         "delta_type": delta.delta_type.value,
         "reference_hash": delta.reference_hash,
         "original_shape": [int(x) for x in delta.original_shape],
@@ -138,7 +156,7 @@ def delta_attrs(delta: Delta, payload: Payload) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ metadata documents
-def weight_document(attrs: Mapping[str, Any], key: str, payload: Payload, logical_bytes: int) -> Dict[str, Any]:
+def weight_document(attrs: Mapping[str, Any], key: str, payload: Payload, logical_bytes: int) -> dict[str, Any]:
     """The metadata document of a codec-encoded weight from its attributes (``custom_key`` and other
     local-only attributes are not part of it); ``payload_xxh3`` is computed from ``payload``."""
     return {
@@ -156,7 +174,7 @@ def weight_document(attrs: Mapping[str, Any], key: str, payload: Payload, logica
     }
 
 
-def delta_document(delta: Delta, payload: Payload) -> Dict[str, Any]:
+def delta_document(delta: Delta, payload: Payload) -> dict[str, Any]:
     """The metadata document of a delta whose stored payload is ``payload``."""
     return {
         "kind": "delta",
@@ -173,8 +191,9 @@ def delta_document(delta: Delta, payload: Payload) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ back again
-def weight_metadata(desc: Mapping[str, Any], key: str, where: str = "", *,
-                    default_encoding: str = ENCODING_CODEC) -> WeightMetadata:
+def weight_metadata(
+    desc: Mapping[str, Any], key: str, where: str = "", *, default_encoding: str = ENCODING_CODEC
+) -> WeightMetadata:
     """The :class:`WeightMetadata` a weight's description (either form) records."""
     try:
         return WeightMetadata(
@@ -204,12 +223,12 @@ def delta_metadata(desc: Mapping[str, Any], key: str, where: str = "") -> Weight
         raise CorruptObjectError(f"metadata of delta {key}{where} is damaged: {exc}", hash_key=key) from None
 
 
-def delta_extra(desc: Mapping[str, Any]) -> Dict[str, Any]:
+def delta_extra(desc: Mapping[str, Any]) -> dict[str, Any]:
     """A delta's ``extra`` from its description: the ``extra`` object of a document, or the
     ``extra_<name>`` attributes."""
     if "extra" in desc and not any(k.startswith(EXTRA_PREFIX) for k in desc):
         return dict(desc.get("extra") or {})
-    return {k[len(EXTRA_PREFIX):]: jsonable(v) for k, v in desc.items() if k.startswith(EXTRA_PREFIX)}
+    return {k[len(EXTRA_PREFIX) :]: jsonable(v) for k, v in desc.items() if k.startswith(EXTRA_PREFIX)}
 
 
 def delta_from_description(desc: Mapping[str, Any], data: Any, key: str, where: str = "") -> Delta:
@@ -228,13 +247,20 @@ def delta_from_description(desc: Mapping[str, Any], data: Any, key: str, where: 
         raise CorruptObjectError(f"metadata of delta {key}{where} is damaged: {exc}", hash_key=key) from None
 
 
-def delta_attrs_from_document(doc: Mapping[str, Any], key: str, payload: Payload, where: str = "") -> Dict[str, Any]:
+def delta_attrs_from_document(doc: Mapping[str, Any], key: str, payload: Payload, where: str = "") -> dict[str, Any]:
     """A delta's attributes from its metadata document (``payload_xxh3`` computed from ``payload``)."""
     return delta_attrs(delta_from_description(doc, b"", key, where), payload)
 
 
-def decode_weight(payload: Any, desc: Mapping[str, Any], key: str, where: str = "",
-                  default_encoding: str = ENCODING_CODEC, *, copy: bool = True) -> WeightTensor:
+def decode_weight(
+    payload: Any,
+    desc: Mapping[str, Any],
+    key: str,
+    where: str = "",
+    default_encoding: str = ENCODING_CODEC,
+    *,
+    copy: bool = True,
+) -> WeightTensor:
     """Decode a (checksum-verified) payload with its description and check it against the content
     hash; the tensor, never bytes that do not hash to it. ``copy=False``: a ``"values"`` payload
     that is an ndarray the caller owns is wrapped, not copied.

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .catalog import CommitRow, ObjectRow
-    from .packs import PackWriter, WrittenPack
-    from .verify import VerifyReport
-    from .options import CommitOptions
-    from .repository import CommitStats, Repository, WrittenObjects
+    # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
+    from .catalog import CommitRow as CommitRow, ObjectRow as ObjectRow
+    from .options import CommitOptions as CommitOptions
+    from .packs import PackWriter as PackWriter, WrittenPack as WrittenPack
+    from .repository import CommitStats as CommitStats, Repository as Repository, WrittenObjects as WrittenObjects
+    from .verify import VerifyReport as VerifyReport
 
 #: public name -> submodule that defines it
 _LAZY = {

@@ -13,18 +13,19 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from .. import refnames
-from .rows import CommitRow, NewCommit, ObjectRow, commit_object_rows, object_row
-from .failures import catalog_error
 from ..errors import (
     CatalogDamagedError,
     ConcurrentChangeError,
     ReadOnlyRepositoryError,
     UnsupportedFormatError,
 )
+from .failures import catalog_error
+from .rows import CommitRow, NewCommit, ObjectRow, commit_object_rows, object_row
 
 SCHEMA_VERSION = 2
 
@@ -81,8 +82,10 @@ CREATE TABLE IF NOT EXISTS saves (
 """
 
 
-_INSERT_COMMIT = ("INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
-                  " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT_COMMIT = (
+    "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
+    " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 
 
 class Catalog:
@@ -98,7 +101,7 @@ class Catalog:
         self.path = Path(path)
         self.writable = writable
         self._local = threading.local()
-        self._snapshot: Optional[Path] = None
+        self._snapshot: Path | None = None
         if not writable:
             wal = Path(str(self.path) + "-wal")
             if wal.exists() and wal.stat().st_size > 0:
@@ -111,7 +114,8 @@ class Catalog:
             if version is None and create and writable:
                 # executescript commits on its own; the script is one transaction
                 self.conn.executescript(
-                    "BEGIN IMMEDIATE;" + _SCHEMA
+                    "BEGIN IMMEDIATE;"
+                    + _SCHEMA
                     + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
                 )
             elif version is not None and version > SCHEMA_VERSION:
@@ -130,10 +134,8 @@ class Catalog:
             self.close()
             raise
 
-    def _schema_version(self) -> Optional[int]:
-        row = self.conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-        ).fetchone()
+    def _schema_version(self) -> int | None:
+        row = self.conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
         if row is None:
             return None
         got = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -155,8 +157,9 @@ class Catalog:
                 got = {(r[1], r[2]) for r in self.conn.execute(f"PRAGMA table_info({table})")}
                 if not got:  # a table added since this catalog was written: its readers allow for that
                     continue
-                missing = [f"{n} {t}" for _, n, t, *_ in want.execute(f"PRAGMA table_info({table})")
-                           if (n, t) not in got]
+                missing = [
+                    f"{n} {t}" for _, n, t, *_ in want.execute(f"PRAGMA table_info({table})") if (n, t) not in got
+                ]
                 if missing:
                     problems.append(f"table {table} lacks column(s) {', '.join(missing)}")
         finally:
@@ -169,15 +172,28 @@ class Catalog:
         c = getattr(self._local, "conn", None)
         if c is None:
             if not self.writable and self._snapshot is not None:
-                c = sqlite3.connect(f"file:{self._snapshot / self.path.name}?mode=ro", uri=True, timeout=60.0,
-                                    isolation_level=None, check_same_thread=False, factory=_Connection)
+                c = sqlite3.connect(
+                    f"file:{self._snapshot / self.path.name}?mode=ro",
+                    uri=True,
+                    timeout=60.0,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    factory=_Connection,
+                )
             elif not self.writable:
                 # immutable: no -shm to create, no lock to take; there is no WAL to miss
-                c = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=60.0,
-                                    isolation_level=None, check_same_thread=False, factory=_Connection)
+                c = sqlite3.connect(
+                    f"file:{self.path}?mode=ro&immutable=1",
+                    uri=True,
+                    timeout=60.0,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    factory=_Connection,
+                )
             else:
-                c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False,
-                                    factory=_Connection)
+                c = sqlite3.connect(
+                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False, factory=_Connection
+                )
                 c.catalog_path = self.path
                 _set_wal(c)
                 c.execute("PRAGMA synchronous=FULL")
@@ -216,7 +232,7 @@ class Catalog:
                 except sqlite3.Error:  # keep the original error; SQLite rolls back on close anyway
                     pass
 
-    def transaction(self) -> "_Txn":
+    def transaction(self) -> _Txn:
         if not self.writable:
             raise ReadOnlyRepositoryError(
                 f"{self.path.parent} is read-only (read-only mount or no write permission): it can be "
@@ -226,10 +242,16 @@ class Catalog:
 
     # -- changes: each one transaction -----------------------------------------------------
     def publish_commit(
-        self, *, packs: Sequence[tuple[str, int]], objects: list[ObjectRow], commit: NewCommit,
-        commit_objects: list[tuple[str, str, str, str]], refs: list[str],
-        best: Optional[tuple[str, str, float, str]] = None, replace: Iterable[str] = (),
-        save_token: Optional[str] = None,
+        self,
+        *,
+        packs: Sequence[tuple[str, int]],
+        objects: list[ObjectRow],
+        commit: NewCommit,
+        commit_objects: list[tuple[str, str, str, str]],
+        refs: list[str],
+        best: tuple[str, str, float, str] | None = None,
+        replace: Iterable[str] = (),
+        save_token: str | None = None,
     ) -> tuple[bool, set[str]]:
         """Make a commit visible in one transaction: its packs and new objects, the commit row and
         its ``commit_objects``, the refs (``refs`` now name it) and, with ``best`` = ``(ref,
@@ -249,24 +271,31 @@ class Catalog:
         with self.transaction() as c:
             for name, size in packs:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (name, size, commit.time))
-            c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in objects if r.hash not in replace])
-            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in objects if r.hash in replace])
+            c.executemany(
+                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [r.values() for r in objects if r.hash not in replace],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [r.values() for r in objects if r.hash in replace],
+            )
             needed = {h for _, _, h, _ in commit_objects} | {r.base for r in objects if r.base}
             missing = needed - self._present(c, needed)
             if missing:
                 raise ConcurrentChangeError(
                     f"{len(missing)} object(s) this commit uses were removed while it was written "
-                    "(a concurrent gc?); save it again", missing=tuple(sorted(missing)),
+                    "(a concurrent gc?); save it again",
+                    missing=tuple(sorted(missing)),
                 )
             existed = c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is not None
             if not existed:
                 c.execute(_INSERT_COMMIT, commit.values())
                 c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
             replaced = set(self.ref_targets(refs).values()) - {commit.id}
-            c.executemany("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                          [(n, commit.id, commit.time) for n in refs])
+            c.executemany(
+                "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                [(n, commit.id, commit.time) for n in refs],
+            )
             if best is not None:
                 name, metric, value, mode = best
                 current = c.execute("SELECT commit_id FROM refs WHERE name=?", (name,)).fetchone()
@@ -278,11 +307,15 @@ class Catalog:
                         better = value < old if mode == "min" else value > old
                 if better:
                     replaced |= {current[0]} - {commit.id} if current is not None else set()
-                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                              (name, commit.id, commit.time))
+                    c.execute(
+                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                        (name, commit.id, commit.time),
+                    )
             if save_token is not None:
-                c.execute("INSERT OR REPLACE INTO saves(token, commit_id, time) VALUES (?,?,?)",
-                          (save_token, commit.id, commit.time))
+                c.execute(
+                    "INSERT OR REPLACE INTO saves(token, commit_id, time) VALUES (?,?,?)",
+                    (save_token, commit.id, commit.time),
+                )
         return existed, replaced
 
     @staticmethod
@@ -292,11 +325,12 @@ class Catalog:
         for i in range(0, len(hashes), 500):
             part = hashes[i : i + 500]
             q = f"SELECT hash FROM objects WHERE hash IN ({','.join('?' * len(part))})"
-            found.update(h for h, in c.execute(q, part))
+            found.update(h for (h,) in c.execute(q, part))
         return found
 
-    def add_derived_commit(self, commit: NewCommit, commit_objects: list[tuple[str, str, str, str]],
-                           replaces: str, now: float) -> None:
+    def add_derived_commit(
+        self, commit: NewCommit, commit_objects: list[tuple[str, str, str, str]], replaces: str, now: float
+    ) -> None:
         """Insert ``commit`` (if new) and move every ref of commit ``replaces`` onto it, in one
         transaction (``keep/<old>`` becomes ``keep/<new>``)."""
         with self.transaction() as c:
@@ -305,12 +339,17 @@ class Catalog:
                 c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
             c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (commit.id, now, replaces))
             # refs named after the commit (keep/<id>, runs/<run>/keep/<id>) follow it
-            old_names = [n for n, in c.execute("SELECT name FROM refs WHERE commit_id=? AND (name=? OR name LIKE ?)",
-                                               (commit.id, refnames.keep_ref(replaces), "%/" + refnames.keep_ref(replaces)))]
+            old_names = [
+                n
+                for (n,) in c.execute(
+                    "SELECT name FROM refs WHERE commit_id=? AND (name=? OR name LIKE ?)",
+                    (commit.id, refnames.keep_ref(replaces), "%/" + refnames.keep_ref(replaces)),
+                )
+            ]
             for n in old_names:
                 c.execute("UPDATE OR REPLACE refs SET name=? WHERE name=?", (n[: -len(replaces)] + commit.id, n))
 
-    def set_ref(self, name: str, commit_id: str, now: float) -> Optional[str]:
+    def set_ref(self, name: str, commit_id: str, now: float) -> str | None:
         """Point ``name`` at ``commit_id`` (which must exist); returns the commit it named before."""
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
@@ -319,8 +358,7 @@ class Catalog:
             c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, commit_id, now))
         return before
 
-    def update_refs(self, *, add: Sequence[tuple[str, str]] = (), drop: Iterable[str] = (),
-                    now: float) -> set[str]:
+    def update_refs(self, *, add: Sequence[tuple[str, str]] = (), drop: Iterable[str] = (), now: float) -> set[str]:
         """Add refs ``(name, commit id)`` (commits that no longer exist are skipped) and drop refs
         ``drop``, in one transaction; returns the commits the dropped refs named."""
         drop = list(dict.fromkeys(drop))
@@ -332,7 +370,7 @@ class Catalog:
             c.executemany("DELETE FROM refs WHERE name=?", [(n,) for n in drop])
         return released
 
-    def save_result(self, token: str) -> Optional[str]:
+    def save_result(self, token: str) -> str | None:
         """The commit id a sharded save with ``token`` published, if it did."""
         try:
             r = self.conn.execute("SELECT commit_id FROM saves WHERE token=?", (token,)).fetchone()
@@ -345,7 +383,7 @@ class Catalog:
         with self.transaction() as c:
             c.execute("DELETE FROM saves WHERE time < ?", (before,))
 
-    def run_commit_facts(self, run: str) -> list[tuple[str, float, int, Optional[int], Optional[int], dict[str, Any]]]:
+    def run_commit_facts(self, run: str) -> list[tuple[str, float, int, int | None, int | None, dict[str, Any]]]:
         """``(id, time, seq, epoch, step, metrics)`` of every commit of ``run`` (no manifest parsed)."""
         out = []
         for cid, t, seq, epoch, step, metrics in self.conn.execute(
@@ -363,20 +401,29 @@ class Catalog:
             out.append((cid, t, seq, epoch, step, m))
         return out
 
-    def delete_ref(self, name: str) -> Optional[str]:
+    def delete_ref(self, name: str) -> str | None:
         """Remove ref ``name``; returns the commit it named, or None if there was no such ref."""
         with self.transaction() as c:
             before = self.get_ref(name)
             c.execute("DELETE FROM refs WHERE name=?", (name,))
         return before
 
-    def apply_reclaim(self, *, new_packs: list[tuple[str, int, float]], moved: dict[str, tuple],
-                      dead_objects: Iterable[str], dead_commits: Iterable[str], dropped_packs: Iterable[str]) -> None:
+    def apply_reclaim(
+        self,
+        *,
+        new_packs: list[tuple[str, int, float]],
+        moved: dict[str, tuple],
+        dead_objects: Iterable[str],
+        dead_commits: Iterable[str],
+        dropped_packs: Iterable[str],
+    ) -> None:
         """gc's one transaction: register rewritten packs, move their objects, delete what died."""
         with self.transaction() as c:
             c.executemany("INSERT INTO packs(name, size, created) VALUES (?,?,?)", new_packs)
-            c.executemany("UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
-                          [(n, off, ln, h) for h, (n, off, ln) in moved.items()])
+            c.executemany(
+                "UPDATE objects SET pack=?, offset=?, length=? WHERE hash=?",
+                [(n, off, ln, h) for h, (n, off, ln) in moved.items()],
+            )
             c.executemany("DELETE FROM objects WHERE hash=?", [(h,) for h in dead_objects])
             dead_commits = list(dead_commits)
             c.executemany("DELETE FROM commit_objects WHERE commit_id=?", [(x,) for x in dead_commits])
@@ -387,22 +434,34 @@ class Catalog:
         """Record objects of a pack already on disk (replacing rows of the same hashes)."""
         with self.transaction() as c:
             c.execute("INSERT OR IGNORE INTO packs(name, size, created) VALUES (?,?,?)", pack)
-            c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          [r.values() for r in objects])
+            c.executemany(
+                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", [r.values() for r in objects]
+            )
 
-    def publish_pulled(self, *, pack: Optional[tuple[str, int, float]], objects: list[ObjectRow],
-                       replace: set[str], commits: list[tuple[NewCommit, list[tuple[str, str, str, str]]]],
-                       refs: dict[str, tuple[str, float]], now: float) -> None:
+    def publish_pulled(
+        self,
+        *,
+        pack: tuple[str, int, float] | None,
+        objects: list[ObjectRow],
+        replace: set[str],
+        commits: list[tuple[NewCommit, list[tuple[str, str, str, str]]]],
+        refs: dict[str, tuple[str, float]],
+        now: float,
+    ) -> None:
         """A pull's one transaction: its pack and objects (``replace``: hashes whose rows are
         replaced, e.g. damaged local copies), its commits, the remote's refs where newer than ours
         and naming a commit we have, and ``keep/<id>`` for a pulled commit no ref names."""
         with self.transaction() as c:
             if pack is not None:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", pack)
-                c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                              [r.values() for r in objects if r.hash not in replace])
-                c.executemany("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                              [r.values() for r in objects if r.hash in replace])
+                c.executemany(
+                    "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [r.values() for r in objects if r.hash not in replace],
+                )
+                c.executemany(
+                    "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [r.values() for r in objects if r.hash in replace],
+                )
             for commit, rows in commits:
                 c.execute(_INSERT_COMMIT.replace("INSERT INTO", "INSERT OR IGNORE INTO"), commit.values())
                 c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)", rows)
@@ -411,17 +470,23 @@ class Catalog:
                     continue
                 cur = c.execute("SELECT updated FROM refs WHERE name=?", (name,)).fetchone()
                 if cur is None or cur[0] < updated:
-                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                              (name, cid, updated))
+                    c.execute(
+                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, updated)
+                    )
             for commit, _ in commits:
                 if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (commit.id,)).fetchone() is None:
-                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                              (refnames.keep_ref(commit.id), commit.id, now))
+                    c.execute(
+                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
+                        (refnames.keep_ref(commit.id), commit.id, now),
+                    )
 
     def drop_empty_packs(self, packs: Iterable[str]) -> list[str]:
         """Forget those of ``packs`` that hold no object any more; returns them."""
-        empty = [p for p in dict.fromkeys(packs)
-                 if self.conn.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)).fetchone() is None]
+        empty = [
+            p
+            for p in dict.fromkeys(packs)
+            if self.conn.execute("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)).fetchone() is None
+        ]
         if empty:
             with self.transaction() as c:
                 c.executemany("DELETE FROM packs WHERE name=?", [(p,) for p in empty])
@@ -433,7 +498,9 @@ class Catalog:
 
     def ref_rows(self) -> list[tuple[str, str, float]]:
         """``(name, commit id, updated)`` of every ref."""
-        return [(str(n), str(c), float(u)) for n, c, u in self.conn.execute("SELECT name, commit_id, updated FROM refs")]
+        return [
+            (str(n), str(c), float(u)) for n, c, u in self.conn.execute("SELECT name, commit_id, updated FROM refs")
+        ]
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the database file and truncate it."""
@@ -445,9 +512,15 @@ class Catalog:
         """Commit count and logical bytes; object count, stored bytes and delta objects."""
         logical, commits = self.conn.execute("SELECT COALESCE(SUM(logical_bytes),0), COUNT(*) FROM commits").fetchone()
         objects, stored, deltas = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(stored_bytes),0), COALESCE(SUM(kind='delta'),0) FROM objects").fetchone()
-        return {"commits": commits, "logical_bytes": logical, "objects": objects, "stored_bytes": stored,
-                "delta_objects": deltas}
+            "SELECT COUNT(*), COALESCE(SUM(stored_bytes),0), COALESCE(SUM(kind='delta'),0) FROM objects"
+        ).fetchone()
+        return {
+            "commits": commits,
+            "logical_bytes": logical,
+            "objects": objects,
+            "stored_bytes": stored,
+            "delta_objects": deltas,
+        }
 
     def commit_ids(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT id FROM commits ORDER BY seq")]
@@ -463,7 +536,7 @@ class Catalog:
         return out
 
     # -- objects ---------------------------------------------------------------------------
-    def get_object(self, h: str) -> Optional[ObjectRow]:
+    def get_object(self, h: str) -> ObjectRow | None:
         r = self.conn.execute("SELECT * FROM objects WHERE hash=?", (h,)).fetchone()
         return object_row(r) if r else None
 
@@ -475,18 +548,18 @@ class Catalog:
         return [object_row(r) for r in self.conn.execute("SELECT * FROM objects")]
 
     # -- commits ---------------------------------------------------------------------------
-    def get_commit(self, cid: str) -> Optional[CommitRow]:
+    def get_commit(self, cid: str) -> CommitRow | None:
         r = self.conn.execute("SELECT * FROM commits WHERE id=?", (cid,)).fetchone()
         return self._commit(r) if r else None
 
-    def commits(self, run: Optional[str] = None) -> list[CommitRow]:
+    def commits(self, run: str | None = None) -> list[CommitRow]:
         if run is None:
             rows = self.conn.execute("SELECT * FROM commits ORDER BY seq DESC").fetchall()
         else:
             rows = self.conn.execute("SELECT * FROM commits WHERE run=? ORDER BY seq DESC", (run,)).fetchall()
         return [self._commit(r) for r in rows]
 
-    def newest_commit(self) -> Optional[tuple[str, str]]:
+    def newest_commit(self) -> tuple[str, str] | None:
         """``(id, run)`` of the newest checkpoint: the latest ``time`` (when its data was saved;
         a rewritten commit keeps its original's), newest insertion on ties."""
         r = self.conn.execute("SELECT id, run FROM commits ORDER BY time DESC, seq DESC LIMIT 1").fetchone()
@@ -504,15 +577,21 @@ class Catalog:
 
     def unreferenced(self, commit_ids: Iterable[str]) -> list[str]:
         """Those of ``commit_ids`` that exist and that no ref names."""
-        return [c for c in dict.fromkeys(commit_ids)
-                if self.conn.execute("SELECT 1 FROM commits WHERE id=?", (c,)).fetchone() is not None
-                and self.conn.execute("SELECT 1 FROM refs WHERE commit_id=? LIMIT 1", (c,)).fetchone() is None]
+        return [
+            c
+            for c in dict.fromkeys(commit_ids)
+            if self.conn.execute("SELECT 1 FROM commits WHERE id=?", (c,)).fetchone() is not None
+            and self.conn.execute("SELECT 1 FROM refs WHERE commit_id=? LIMIT 1", (c,)).fetchone() is None
+        ]
 
     def used_by_other_commits(self, h: str, excluding: Iterable[str]) -> bool:
         """True if a commit outside ``excluding`` lists object ``h``."""
         ex = list(excluding)
-        q = (f"SELECT 1 FROM commit_objects WHERE hash=? AND commit_id NOT IN ({','.join('?' * len(ex))}) LIMIT 1"
-             if ex else "SELECT 1 FROM commit_objects WHERE hash=? LIMIT 1")
+        q = (
+            f"SELECT 1 FROM commit_objects WHERE hash=? AND commit_id NOT IN ({','.join('?' * len(ex))}) LIMIT 1"
+            if ex
+            else "SELECT 1 FROM commit_objects WHERE hash=? LIMIT 1"
+        )
         return self.conn.execute(q, (h, *ex)).fetchone() is not None
 
     def delta_children(self, h: str) -> list[str]:
@@ -527,20 +606,29 @@ class Catalog:
 
     def commits_with_tensor(self, run: str, pattern: str) -> list[str]:
         """Ids of ``run``'s commits holding a tensor whose name matches the glob ``pattern``."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT DISTINCT c.id FROM commits c JOIN commit_objects o ON o.commit_id = c.id "
-            "WHERE c.run = ? AND o.name GLOB ?", (run, pattern))]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT DISTINCT c.id FROM commits c JOIN commit_objects o ON o.commit_id = c.id "
+                "WHERE c.run = ? AND o.name GLOB ?",
+                (run, pattern),
+            )
+        ]
 
-    def rewrite_of(self, cid: str) -> Optional[str]:
+    def rewrite_of(self, cid: str) -> str | None:
         """The commit that replaced ``cid`` when retention rewrote it (its ``info.derived_from``)."""
-        r = self.conn.execute("SELECT id FROM commits WHERE info LIKE ? LIMIT 1",
-                              (f'%"derived_from": "{cid}"%',)).fetchone()
+        r = self.conn.execute(
+            "SELECT id FROM commits WHERE info LIKE ? LIMIT 1", (f'%"derived_from": "{cid}"%',)
+        ).fetchone()
         return r[0] if r else None
 
     def commit_ids_with_prefix(self, prefix: str) -> list[str]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")
-        )]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM commits WHERE id >= ? AND id < ? ORDER BY id", (prefix, prefix + "\uffff")
+            )
+        ]
 
     def commit_objects(self, cid: str) -> list[tuple[str, str, str]]:
         return list(self.conn.execute("SELECT name, hash, how FROM commit_objects WHERE commit_id=?", (cid,)))
@@ -562,9 +650,21 @@ class Catalog:
             if not isinstance(manifest, dict) or not isinstance(metrics, dict) or not isinstance(info, dict):
                 raise ValueError("not a JSON object")
             return CommitRow(
-                id=d["id"], seq=d["seq"], parent=d["parent"], run=d["run"], epoch=d["epoch"], step=d["step"],
-                time=d["time"], message=d["message"], metrics=metrics, manifest=manifest, lossy=bool(d["lossy"]),
-                logical_bytes=d["logical_bytes"], new_bytes=d["new_bytes"], info=info, refs=refs,
+                id=d["id"],
+                seq=d["seq"],
+                parent=d["parent"],
+                run=d["run"],
+                epoch=d["epoch"],
+                step=d["step"],
+                time=d["time"],
+                message=d["message"],
+                metrics=metrics,
+                manifest=manifest,
+                lossy=bool(d["lossy"]),
+                logical_bytes=d["logical_bytes"],
+                new_bytes=d["new_bytes"],
+                info=info,
+                refs=refs,
                 manifest_json=d["manifest"],
             )
         except (ValueError, TypeError, KeyError) as exc:
@@ -574,25 +674,32 @@ class Catalog:
             ) from None
 
     # -- refs ------------------------------------------------------------------------------
-    def get_ref(self, name: str) -> Optional[str]:
+    def get_ref(self, name: str) -> str | None:
         r = self.conn.execute("SELECT commit_id FROM refs WHERE name=?", (name,)).fetchone()
         return r[0] if r else None
 
     def refs(self, prefix: str = "") -> dict[str, str]:
-        return dict(self.conn.execute(
-            "SELECT name, commit_id FROM refs WHERE name >= ? AND name < ? ORDER BY name", (prefix, prefix + "\uffff")
-        ))
+        return dict(
+            self.conn.execute(
+                "SELECT name, commit_id FROM refs WHERE name >= ? AND name < ? ORDER BY name",
+                (prefix, prefix + "\uffff"),
+            )
+        )
 
     def packs(self) -> dict[str, int]:
         out = dict(self.conn.execute("SELECT name, size FROM packs"))
         if any(not isinstance(n, str) or not isinstance(v, int) for n, v in out.items()):
-            raise CatalogDamagedError(f"the packs table of {self.path} is damaged (a row without a name or size); "
-                                      "restore the catalog from a backup, or pull the repository again")
+            raise CatalogDamagedError(
+                f"the packs table of {self.path} is damaged (a row without a name or size); "
+                "restore the catalog from a backup, or pull the repository again"
+            )
         return out
 
 
-_INDEXES = ("CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
-            "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);")
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
+    "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);"
+)
 
 
 class _Connection(sqlite3.Connection):

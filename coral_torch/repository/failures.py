@@ -56,7 +56,8 @@ def named_errors(fn):
             raise RepositoryIOError(
                 f"I/O error on {where} ({exc.strerror or exc}); the operation did not complete and a save "
                 "published nothing: check the disk (dmesg) and retry",
-                errno_=exc.errno, filename=exc.filename,
+                errno_=exc.errno,
+                filename=exc.filename,
             ) from exc
 
     return wrapper
@@ -95,12 +96,21 @@ def catalog_error(exc: BaseException, path: Path) -> CoralError:
     if isinstance(exc, UnicodeDecodeError):  # sqlite3 decoding the file's own text (see _Connection)
         msg = f"text stored in it is not valid UTF-8: {exc.reason}"
     low = msg.lower()
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "disk is full" in low or "database or disk is full" in low:
+    if (
+        isinstance(exc, OSError)
+        and exc.errno == errno.ENOSPC
+        or "disk is full" in low
+        or "database or disk is full" in low
+    ):
         return DiskFullError(
             f"the disk holding {path.parent} is full (catalog update failed); free some space and save again",
             path=str(path),
         )
-    if "readonly" in low or "read-only" in low or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
+    if (
+        "readonly" in low
+        or "read-only" in low
+        or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES))
+    ):
         return ReadOnlyRepositoryError(
             f"{path.parent} is read-only (read-only mount or no write permission): it can be loaded, "
             "listed and verified, not changed"
@@ -113,5 +123,3 @@ def catalog_error(exc: BaseException, path: Path) -> CoralError:
         f"the catalog {path} is damaged ({msg}); restore it from a backup, or pull the repository "
         "again from its remote (coral-torch pull)"
     )
-
-

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Optional, Union
 
 from ..defaults import default_repository
 from ..delta import DeltaConfig
 from .repository import Repository
 
-RepoLike = Union[str, os.PathLike, Repository, None]
+RepoLike = str | os.PathLike | Repository | None
 
 _open: dict[Path, Repository] = {}
 _open_lock = threading.Lock()
@@ -30,7 +29,9 @@ def repository_path(repo: RepoLike) -> Path:
     return Path(repo if repo is not None else default_repository()).absolute()
 
 
-def open_repository(repo: RepoLike = None, *, create: bool = True, delta_config: Optional[DeltaConfig] = None) -> Repository:
+def open_repository(
+    repo: RepoLike = None, *, create: bool = True, delta_config: DeltaConfig | None = None
+) -> Repository:
     """The process-wide :class:`Repository` for a path: a cache of open handles (catalog
     connections, pack descriptors), reopened if the directory was deleted or replaced. What a save
     stores never depends on it: delta bases are read back from the repository. ``None`` means

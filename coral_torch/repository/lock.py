@@ -7,14 +7,12 @@ holding process (a background save and a ``gc`` on the main thread), and re-entr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
-
-import errno
 
 from ..errors import ReadOnlyRepositoryError, RepositoryLockedError
 
@@ -23,19 +21,19 @@ class RepositoryLock:
     def __init__(self, path: Path, timeout: float = 30.0):
         self.path = Path(path)
         self.timeout = timeout
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
         self._depth = 0
         self._thread_lock = threading.RLock()  # held by the thread that holds the flock
-        self._owner: Optional[int] = None
+        self._owner: int | None = None
 
-    def holder_pid(self) -> Optional[int]:
+    def holder_pid(self) -> int | None:
         try:
             text = self.path.read_text().strip()
             return int(text) if text else None
         except (OSError, ValueError):
             return None
 
-    def acquire(self, timeout: Optional[float] = None) -> None:
+    def acquire(self, timeout: float | None = None) -> None:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._thread_lock.acquire(timeout=max(0.0, timeout)):
@@ -108,7 +106,7 @@ class RepositoryLock:
             os.close(fd)
             self._thread_lock.release()
 
-    def __enter__(self) -> "RepositoryLock":
+    def __enter__(self) -> RepositoryLock:
         self.acquire()
         return self
 

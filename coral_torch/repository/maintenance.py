@@ -12,20 +12,20 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
-
+from .. import refnames
 from ..errors import CoralError, IntegrityError, RefNotFoundError, RepositoryError
 from ..lazy import LazyModule
+from ..pointers import pointer_names, pointer_path_of_ref, read_pointer_file
+from ..weight_tensor import WeightMetadata, WeightTensor
 from .catalog import Catalog, NewCommit, ObjectRow, commit_object_rows
 from .failures import named_errors
 from .lock import RepositoryLock
-from .read import ObjectReader
-from .. import refnames
-from ..pointers import pointer_names, pointer_path_of_ref, read_pointer_file
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .packs import PACKS_DIR, PackWriter, new_pack_name, publish_file
+from .read import ObjectReader
 
 #: a lease (``leases/<host>/<pid>/<token>``) older than this is dropped by gc even if its holder
 #: cannot be checked (another host): the process that resumed from a commit saved long since
@@ -45,8 +45,15 @@ log = logging.getLogger(__name__)
 class Maintenance:
     """``gc``, reclaim and ``strip_commit`` for the repository at ``path``."""
 
-    def __init__(self, path: Path, catalog: Catalog, lock: RepositoryLock, reader: ObjectReader,
-                 resolve: Callable[[str], str], codec_level: Callable[[], int]):
+    def __init__(
+        self,
+        path: Path,
+        catalog: Catalog,
+        lock: RepositoryLock,
+        reader: ObjectReader,
+        resolve: Callable[[str], str],
+        codec_level: Callable[[], int],
+    ):
         self.path = path
         self.catalog = catalog
         self.lock = lock
@@ -80,19 +87,38 @@ class Maintenance:
             now = time.time()
             info = dict(row.info, derived_from=cid, emptied=["/".join(p) for p in empty])
             hows = {n: how for n, _, how in self.catalog.commit_objects(cid)}
-            commit = NewCommit(new_id, row.parent, row.run, row.epoch, row.step, row.time, row.message, row.metrics,
-                               stripped.to_json(), row.lossy, stripped.nbytes, 0, info)
-            self.catalog.add_derived_commit(commit, commit_object_rows(
-                new_id, [(e.name, e.hash) for e in stripped.tensors], lambda n, h: hows.get(n, "dedup")
-            ), replaces=cid, now=now)
+            commit = NewCommit(
+                new_id,
+                row.parent,
+                row.run,
+                row.epoch,
+                row.step,
+                row.time,
+                row.message,
+                row.metrics,
+                stripped.to_json(),
+                row.lossy,
+                stripped.nbytes,
+                0,
+                info,
+            )
+            self.catalog.add_derived_commit(
+                commit,
+                commit_object_rows(
+                    new_id, [(e.name, e.hash) for e in stripped.tensors], lambda n, h: hows.get(n, "dedup")
+                ),
+                replaces=cid,
+                now=now,
+            )
             if new_id != cid:
                 self.reclaim_released([cid])
             return new_id
 
     # ================================================================================= gc
     @named_errors
-    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3,
-           orphan_grace_s: float = 3600.0) -> dict[str, Any]:
+    def gc(
+        self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0
+    ) -> dict[str, Any]:
         """Remove commits no ref points to, objects no remaining commit needs, and reclaim disk by
         deleting or rewriting packs (a pack is rewritten when >= ``repack_threshold`` of it is dead).
 
@@ -112,6 +138,7 @@ class Maintenance:
             dead_commits = all_commits - live_commits
             rows = {r.hash: r for r in cat.all_objects()}
             live: set[str] = set()
+            h: str | None
             for cid in live_commits:
                 for _, h, _ in cat.commit_objects(cid):
                     while h is not None and h not in live:
@@ -125,8 +152,9 @@ class Maintenance:
             cutoff = time.time() - orphan_grace_s
             orphans = [f for f in unknown if _mtime(f) <= cutoff]
             before = _dir_bytes(packs_dir)
-            stats = self._reclaim(dead_commits, dead_objects, list(known), rows,
-                                  dry_run=dry_run, repack_threshold=repack_threshold)
+            stats = self._reclaim(
+                dead_commits, dead_objects, list(known), rows, dry_run=dry_run, repack_threshold=repack_threshold
+            )
             stats.update(
                 dead_refs=sorted(dead_refs),
                 orphan_files_removed=len(orphans),
@@ -145,17 +173,20 @@ class Maintenance:
             return stats
 
     @named_errors
-    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
-                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]:
+    def release_commits(
+        self, candidates: Iterable[str], *, dry_run: bool = False, dropping: Iterable[str] = ()
+    ) -> dict[str, Any] | None:
         """Remove those of ``candidates`` that no ref keeps (refs in ``dropping`` not counted: a
         dry run asks what dropping them would free), the objects only they needed, and the pack
         space those held; returns :meth:`gc`-style stats, or None when nothing would go."""
         with self.lock:
             if dry_run:
                 gone = set(dropping)
-                dead = [c for c in dict.fromkeys(candidates)
-                        if self.catalog.get_commit(c) is not None
-                        and not (set(self.catalog.refs_of(c)) - gone)]
+                dead = [
+                    c
+                    for c in dict.fromkeys(candidates)
+                    if self.catalog.get_commit(c) is not None and not (set(self.catalog.refs_of(c)) - gone)
+                ]
                 return self.reclaim_released(dead, dead_commits=dead, dry_run=True)
             return self.reclaim_released(candidates)
 
@@ -172,7 +203,7 @@ class Maintenance:
             if name.startswith(refnames.LEGACY_SAVES):
                 dead.append(name)
             elif name.startswith(refnames.LEASES):
-                if now - updated > LEASE_TTL_S or not lease_alive(name[len(refnames.LEASES):], host):
+                if now - updated > LEASE_TTL_S or not lease_alive(name[len(refnames.LEASES) :], host):
                     dead.append(name)
             elif name.startswith(refnames.FILES) and now - updated > grace_s:
                 path = pointer_path_of_ref(name, self.path)
@@ -193,8 +224,14 @@ class Maintenance:
         except CoralError:
             return False
 
-    def reclaim_released(self, candidates: Iterable[str], repack_threshold: float = 0.3, *,
-                          dead_commits: Optional[list[str]] = None, dry_run: bool = False) -> Optional[dict[str, Any]]:
+    def reclaim_released(
+        self,
+        candidates: Iterable[str],
+        repack_threshold: float = 0.3,
+        *,
+        dead_commits: list[str] | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any] | None:
         """Remove those of ``candidates`` (commits a ref just moved away from) that no ref keeps now,
         the objects only they needed, and the pack space those held. Bounded by what was released:
         only these commits' objects and their delta bases are examined, and only their packs are
@@ -237,13 +274,24 @@ class Maintenance:
             # frees more than it costs, so the released chain goes too; then look again
             work, moved_from = self._flatten_chains(base_only, dead)
             flattened = True
-        stats = self._reclaim(set(dead_commits), dead, [r.pack for r in rows.values()] + moved_from, None,
-                              dry_run=dry_run, repack_threshold=repack_threshold)
+        stats = self._reclaim(
+            set(dead_commits),
+            dead,
+            [r.pack for r in rows.values()] + moved_from,
+            None,
+            dry_run=dry_run,
+            repack_threshold=repack_threshold,
+        )
         stats["bytes_freed"] = sum(r.stored_bytes for r in rows.values())
         if dry_run:
             return stats
-        log.info("released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
-                 stats["commits_removed"], stats["objects_removed"], stats["packs_removed"], stats["packs_rewritten"])
+        log.info(
+            "released %d commit(s): %d object(s), %d pack(s) removed, %d rewritten",
+            stats["commits_removed"],
+            stats["objects_removed"],
+            stats["packs_removed"],
+            stats["packs_rewritten"],
+        )
         return stats
 
     def _flatten_chains(self, base_only: dict[str, ObjectRow], dead: set[str]) -> tuple[list[str], list[str]]:
@@ -297,8 +345,23 @@ class Maintenance:
                 prep = writer.store.prepare(w, h)
                 location = writer.write(prep)
                 offset, length = location if location is not None else (None, None)
-                new_rows.append(ObjectRow(h, writer.name, "full", None, 0, row.dtype, row.shape, row.nbytes,
-                                          prep.stored_bytes, prep.stored_bytes, True, offset, length))
+                new_rows.append(
+                    ObjectRow(
+                        h,
+                        writer.name,
+                        "full",
+                        None,
+                        0,
+                        row.dtype,
+                        row.shape,
+                        row.nbytes,
+                        prep.stored_bytes,
+                        prep.stored_bytes,
+                        True,
+                        offset,
+                        length,
+                    )
+                )
             if not new_rows:
                 writer.abort()
                 return [], []
@@ -307,13 +370,24 @@ class Maintenance:
             writer.abort()
             raise
         cat.add_objects((pack.name, pack.size, time.time()), new_rows)
-        log.info("stored %d delta object(s) of kept commits whole (%.1f MB) to release their bases",
-                 len(new_rows), sum(r.stored_bytes for r in new_rows) / 1e6)
+        log.info(
+            "stored %d delta object(s) of kept commits whole (%.1f MB) to release their bases",
+            len(new_rows),
+            sum(r.stored_bytes for r in new_rows) / 1e6,
+        )
         done = {r.hash for r in new_rows}
         return list(base_only), [row.pack for h, row in rewrite.items() if h in done]
 
-    def _reclaim(self, dead_commits: set[str], dead_objects: set[str], packs: Iterable[str],
-                 rows: Optional[dict[str, ObjectRow]], *, dry_run: bool, repack_threshold: float) -> dict[str, Any]:
+    def _reclaim(
+        self,
+        dead_commits: set[str],
+        dead_objects: set[str],
+        packs: Iterable[str],
+        rows: dict[str, ObjectRow] | None,
+        *,
+        dry_run: bool,
+        repack_threshold: float,
+    ) -> dict[str, Any]:
         """Delete ``dead_commits`` and ``dead_objects`` from the catalog and reclaim the space of
         ``packs``: a pack with nothing live is deleted, one with >= ``repack_threshold`` of its
         bytes dead is rewritten (temp -> fsync -> rename) with its live objects. ``rows``: every
@@ -321,7 +395,7 @@ class Maintenance:
         cat = self.catalog
         packs = list(dict.fromkeys(packs))
         per_pack: dict[str, list[ObjectRow]] = {p: [] for p in packs}
-        for r in (rows.values() if rows is not None else cat.objects_in_packs(packs)):
+        for r in rows.values() if rows is not None else cat.objects_in_packs(packs):
             if r.pack in per_pack:
                 per_pack[r.pack].append(r)
         remove_packs, rewrite_packs = [], []
@@ -375,8 +449,13 @@ class Maintenance:
                     tmp.unlink(missing_ok=True)
                     raise
                 new_pack_rows.append((name, (packs_dir / name).stat().st_size, time.time()))
-            cat.apply_reclaim(new_packs=new_pack_rows, moved=moved, dead_objects=dead_objects,
-                              dead_commits=dead_commits, dropped_packs=remove_packs + rewrite_packs)
+            cat.apply_reclaim(
+                new_packs=new_pack_rows,
+                moved=moved,
+                dead_objects=dead_objects,
+                dead_commits=dead_commits,
+                dropped_packs=remove_packs + rewrite_packs,
+            )
         except BaseException:
             for f in written:  # not published: the old packs still hold everything
                 f.unlink(missing_ok=True)

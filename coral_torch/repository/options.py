@@ -13,7 +13,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from .. import refnames
 from ..errors import RepositoryError
@@ -43,17 +43,17 @@ class CommitOptions:
     """
 
     run: str = "default"
-    parent: Optional[str] = None
+    parent: str | None = None
     message: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
-    epoch: Optional[int] = None
-    step: Optional[int] = None
+    epoch: int | None = None
+    step: int | None = None
     tags: tuple[str, ...] = ()
     refs: tuple[str, ...] = ()
-    keep: Union[bool, Policy] = True
-    keep_optimizer: Optional[Policy] = None
+    keep: bool | Policy = True
+    keep_optimizer: Policy | None = None
     release_files: bool = False
-    monitor: Optional[str] = None
+    monitor: str | None = None
     mode: str = "min"
     info: dict[str, Any] = field(default_factory=dict)
     head: bool = True
@@ -73,7 +73,7 @@ class CommitOptions:
         object.__setattr__(self, "info", dict(self.info or {}))
 
     @classmethod
-    def build(cls, options: Optional["CommitOptions"] = None, /, **changes: Any) -> "CommitOptions":
+    def build(cls, options: CommitOptions | None = None, /, **changes: Any) -> CommitOptions:
         """``options`` with ``changes`` applied (checked again), or new options from ``changes``."""
         if options is None:
             return cls(**changes)
@@ -81,11 +81,11 @@ class CommitOptions:
             raise RepositoryError(f"options must be CommitOptions, not {type(options).__name__}")
         return dataclasses.replace(options, **changes) if changes else options
 
-    def replace(self, **changes: Any) -> "CommitOptions":
+    def replace(self, **changes: Any) -> CommitOptions:
         """A copy with ``changes`` (checked again)."""
         return dataclasses.replace(self, **changes)
 
-    def with_refs(self, *refs: str) -> "CommitOptions":
+    def with_refs(self, *refs: str) -> CommitOptions:
         """A copy that also points ``refs`` (full ref names) at the commit."""
         return dataclasses.replace(self, refs=self.refs + tuple(refs))
 
@@ -94,7 +94,7 @@ class CommitOptions:
         names = [refnames.latest_ref(self.run)] if self.head else []
         return names + [refnames.tag_ref(t) for t in self.tags] + list(self.refs)
 
-    def best(self) -> Optional[tuple[str, str, Any, str]]:
+    def best(self) -> tuple[str, str, Any, str] | None:
         """``(ref, metric, value, mode)`` for the run's best ref, when a monitored value is present."""
         if self.monitor is None or self.metrics.get(self.monitor) is None:
             return None

@@ -70,8 +70,9 @@ class PackWriter:
         self.name = new_pack_name()
         self.tmp = self.dir / f"{TMP_PREFIX}{self.name}"
         try:
-            self._store = HDF5Store(self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io,
-                                    sync_every=SYNC_EVERY)
+            self._store = HDF5Store(
+                self.tmp, mode="x", compression_opts=codec_level, direct_io=direct_io, sync_every=SYNC_EVERY
+            )
         except BaseException:  # e.g. a full disk while HDF5 creates the file: leave nothing behind
             self.tmp.unlink(missing_ok=True)
             raise
@@ -102,7 +103,7 @@ class PackWriter:
         self.tmp.unlink(missing_ok=True)
         (self.dir / self.name).unlink(missing_ok=True)
 
-    def __enter__(self) -> "PackWriter":
+    def __enter__(self) -> PackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

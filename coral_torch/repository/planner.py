@@ -15,8 +15,9 @@ The probe (:meth:`DeltaPlanner.delta_may_pay`) runs at encode time, when the bas
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from ..delta import DeltaConfig
 from ..errors import CatalogDamagedError
 from ..weight_tensor import WeightTensor
 from .catalog import Catalog, ObjectRow
+
+if TYPE_CHECKING:
+    from .streams import BaseStream
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class PlannedObject:
     countdown of commits before a delta is tried again."""
 
     tensor: NamedTensor
-    base: Optional[ObjectRow]
+    base: ObjectRow | None
     skip_left: int
     replaces: bool = False  #: the catalog has this hash, but its stored object is damaged or gone
 
@@ -58,18 +62,24 @@ class DeltaPlanner:
     ``tensor_index(commit_id)`` gives ``name -> (hash, dtype, shape)`` of a commit's tensors (the
     repository's verified manifest)."""
 
-    def __init__(self, catalog: Catalog, config: DeltaConfig,
-                 tensor_index: Callable[[str], dict[str, tuple[str, str, tuple]]],
-                 intact: Callable[[set[str]], set[str]] = lambda hashes: hashes):
+    def __init__(
+        self,
+        catalog: Catalog,
+        config: DeltaConfig,
+        tensor_index: Callable[[str], dict[str, tuple[str, str, tuple]]],
+        intact: Callable[[set[str]], set[str]] = lambda hashes: hashes,
+    ):
         self.catalog = catalog
         self.config = config
         self.tensor_index = tensor_index
         self.intact = intact  #: which of the catalog's objects a commit may rely on (see Repository.intact_objects)
-        self.dedup = Deduplicator(similarity_threshold=None, delta_config=config,
-                                  enable_delta_encoding=config.max_chain_length > 0)
+        self.dedup = Deduplicator(
+            similarity_threshold=None, delta_config=config, enable_delta_encoding=config.max_chain_length > 0
+        )
 
-    def plan(self, tensors: Sequence[tuple[str, WeightTensor]], parent: Optional[str],
-             no_delta_prefixes: Sequence[str] = ()) -> dict[str, PlannedObject]:
+    def plan(
+        self, tensors: Sequence[tuple[str, WeightTensor]], parent: str | None, no_delta_prefixes: Sequence[str] = ()
+    ) -> dict[str, PlannedObject]:
         """hash -> :class:`PlannedObject` for every tensor the repository lacks (each hash once)."""
         parent_index: dict[str, tuple[str, str, tuple]] = {}
         parent_hows: dict[str, str] = {}
@@ -90,8 +100,9 @@ class DeltaPlanner:
             h = w.compute_hash()
             if h in todo:
                 continue
-            decision, base_hash = self.dedup.decide(name, w, parent_index if not (prefixes and name.startswith(prefixes))
-                                                    else {}, known=h in known)
+            decision, base_hash = self.dedup.decide(
+                name, w, parent_index if not (prefixes and name.startswith(prefixes)) else {}, known=h in known
+            )
             if decision == "duplicate":
                 continue
             # how the parent stored it: "full/skipN" says its delta lost N commits ago
@@ -105,7 +116,7 @@ class DeltaPlanner:
             todo[h] = PlannedObject(NamedTensor(name, w), base, max(0, skip - 1), replaces=h in damaged)
         return todo
 
-    def delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray) -> bool:
+    def delta_may_pay(self, w: WeightTensor, base_raw: np.ndarray | BaseStream) -> bool:
         """Encode three small slices both ways before paying for a whole delta and, when it
         loses, a second whole encode. AdamW's moments change completely every step: their XOR is
         no smaller than their own encoding. Small tensors are just tried."""
@@ -130,7 +141,7 @@ class DeltaPlanner:
         return f"full/skip{left}" if left else "full"
 
 
-def skip_left(how: Optional[str]) -> int:
+def skip_left(how: str | None) -> int:
     """Commits still to store a tensor whole after its delta lost: ``"full/skipN"`` -> N."""
     if how and how.startswith("full/skip"):
         try:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -48,7 +49,6 @@ def _max_tensor_bytes() -> int:
         return 1 << 40
 
 
-
 class ObjectReader:
     """Reads and verifies the objects of the repository at ``path``. ``encoder()`` gives the delta
     encoder lossy deltas are rebuilt with (the repository's current one)."""
@@ -57,10 +57,10 @@ class ObjectReader:
         self.path = path
         self.catalog = catalog
         self.encoder = encoder
-        self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
+        self._packs: OrderedDict[str, HDF5Store] = OrderedDict()
         self._fds: dict[str, int] = {}  # pack -> read-only descriptor for pread
 
-    def manifest(self, cid: str) -> Optional[tuple[CommitRow, Manifest]]:
+    def manifest(self, cid: str) -> tuple[CommitRow, Manifest] | None:
         """Commit ``cid``'s catalog row and its manifest, verified: the manifest must hash to the id
         (the catalog is not content-addressed on disk, so an edited or damaged row must not load),
         be of a format this version reads, and be well-formed."""
@@ -69,8 +69,14 @@ class ObjectReader:
             return None
         return row, Manifest.parse(row.manifest_json, cid, where=f"commit {cid[:12]} in {self.path / CATALOG_NAME}")
 
-    def materialize(self, hashes: Sequence[str], *, workers: int, commit: Optional[str] = None,
-                    names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    def materialize(
+        self,
+        hashes: Sequence[str],
+        *,
+        workers: int,
+        commit: str | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Raw bytes of objects (deltas rebuilt, every step verified) on ``workers`` threads. Damage
         raises :class:`CheckpointDamagedError` naming every affected tensor."""
         errors: dict[str, str] = {}
@@ -84,7 +90,7 @@ class ObjectReader:
                 errors[h] = str(exc)
         todo = [h for h in unique if h in chains]
 
-        def one(h: str) -> Optional[np.ndarray]:
+        def one(h: str) -> np.ndarray | None:
             try:
                 try:
                     return self.build(chains[h])
@@ -96,8 +102,7 @@ class ObjectReader:
                 errors[h] = str(exc) if isinstance(exc, CoralError) else f"{type(exc).__name__}: {exc}"
                 return None
 
-        built = run_parallel(one, todo, workers, cost=lambda h: sum(r.nbytes for r in chains[h]),
-                             name="coral-load")
+        built = run_parallel(one, todo, workers, cost=lambda h: sum(r.nbytes for r in chains[h]), name="coral-load")
         if errors:
             names = list(names) if names is not None else list(hashes)
             bad = [n for n, h in zip(names, hashes) if h in errors]
@@ -107,14 +112,15 @@ class ObjectReader:
                 f"{where} in {self.path} is damaged: {len(bad)} tensor(s) cannot be restored: "
                 f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (first error: {first}). "
                 "Other checkpoints are unaffected unless `coral-torch verify` lists them.",
-                commit=commit or "", tensors=bad,
+                commit=commit or "",
+                tensors=bad,
             )
-        return dict(zip(todo, built))
+        return dict(zip(todo, cast("list[np.ndarray]", built)))  # no errors: nothing is None
 
     def chain(self, h: str) -> list[ObjectRow]:
         """The rows that rebuild ``h``: a full object first, then each delta on top of it."""
         chain: list[ObjectRow] = []
-        cur: Optional[str] = h
+        cur: str | None = h
         while cur is not None:
             row = self.catalog.get_object(cur)
             if row is None:
@@ -126,7 +132,7 @@ class ObjectReader:
         chain.reverse()
         return chain
 
-    def build(self, chain: list[ObjectRow], raw: Optional[np.ndarray] = None) -> np.ndarray:
+    def build(self, chain: list[ObjectRow], raw: np.ndarray | None = None) -> np.ndarray:
         """Decode the chain's full object, then XOR each delta into the same buffer, checking the
         content hash after every step (a damaged step is named, not just the end result).
         ``raw``: the bytes of the first row's base when the chain starts with a delta (modified)."""
@@ -144,19 +150,23 @@ class ObjectReader:
                 delta = store.load_delta(row.hash)
                 if delta is None:
                     raise IntegrityError(f"delta {row.hash} is missing from pack {row.pack}", hash_key=row.hash)
-                ref = WeightTensor.from_raw(raw, WeightMetadata(name="", shape=row.shape, dtype=row.dtype))
+                # a chain starts with a full object (or the caller gives its base): raw is set
+                ref = WeightTensor.from_raw(
+                    cast(np.ndarray, raw), WeightMetadata(name="", shape=row.shape, dtype=row.dtype)
+                )
                 w = self.encoder().reconstruct(delta, ref)
                 actual = w.compute_hash()
                 if row.lossless and actual != row.hash:  # a lossy delta is an approximation by design
                     raise IntegrityError(
                         f"object {row.hash} rebuilt from its delta hashes to {actual}: the delta or its "
-                        "base is damaged", hash_key=row.hash,
+                        "base is damaged",
+                        hash_key=row.hash,
                     )
                 raw = w.raw
         assert raw is not None
         return raw
 
-    def read_object(self, row: ObjectRow, base: Optional[np.ndarray]) -> np.ndarray:
+    def read_object(self, row: ObjectRow, base: np.ndarray | None) -> np.ndarray:
         """Read one object straight from its pack with ``pread`` (no HDF5 call, no GIL held while
         reading) into this thread's reusable buffer, decode it (a delta: XORed into ``base`` in
         place), and check the content hash."""
@@ -192,16 +202,19 @@ class ObjectReader:
         if row.nbytes != n * itemsize:
             raise CorruptObjectError(
                 f"object {row.hash}: catalog says {row.nbytes} bytes for {row.dtype}{list(row.shape)} "
-                f"({n * itemsize}): the catalog is damaged", hash_key=row.hash,
+                f"({n * itemsize}): the catalog is damaged",
+                hash_key=row.hash,
             )
         if row.nbytes > _max_tensor_bytes():
             raise CorruptObjectError(
                 f"object {row.hash} claims {row.nbytes / 2**30:.1f} GiB, more than this machine's memory: "
-                "refused before allocating (a damaged or crafted catalog?)", hash_key=row.hash,
+                "refused before allocating (a damaged or crafted catalog?)",
+                hash_key=row.hash,
             )
         if row.kind not in ("full", "delta") or (row.kind == "delta") != bool(row.base):
-            raise CorruptObjectError(f"object {row.hash} has a malformed kind/base ({row.kind}, {row.base})",
-                                     hash_key=row.hash)
+            raise CorruptObjectError(
+                f"object {row.hash} has a malformed kind/base ({row.kind}, {row.base})", hash_key=row.hash
+            )
 
     def pack_fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -259,7 +272,7 @@ class ObjectReader:
         finally:
             stream.release()
 
-    def read_base(self, chain: list[ObjectRow], *, streamed: bool) -> "np.ndarray | streams.BaseStream":
+    def read_base(self, chain: list[ObjectRow], *, streamed: bool) -> np.ndarray | streams.BaseStream:
         """A delta base's bytes: a :class:`~.streams.BaseStream` where the chain allows (``streamed``;
         decoded a chunk at a time as the encoder reads it, each level hash-checked by the read that
         completes it), else the whole object, verified."""

@@ -22,6 +22,7 @@ def resolve_ref(cat: Catalog, ref: str, *, where: Path) -> str:
         raise RefNotFoundError(f"a ref must be a non-empty string, not {ref!r}")
     ref = ref.removeprefix("coral://").strip()
     base, ups = _split_ancestry(ref)
+    cid: str | None
     if ups:
         cid = resolve_ref(cat, base, where=where)
         for i in range(ups):
@@ -45,9 +46,7 @@ def resolve_ref(cat: Catalog, ref: str, *, where: Path) -> str:
         newest = cat.newest_commit()
         cid = cat.get_ref("best") or (cat.get_ref(refnames.best_ref(newest[1])) if newest else None)
         if cid is None:
-            raise RefNotFoundError(
-                f"no 'best' commit in {where}: save with a monitored metric (monitor=...) first"
-            )
+            raise RefNotFoundError(f"no 'best' commit in {where}: save with a monitored metric (monitor=...) first")
         return cid
     for candidate in (ref, refnames.tag_ref(ref, check=False), refnames.latest_ref(ref), refnames.run_ref(ref)):
         cid = cat.get_ref(candidate)
@@ -76,8 +75,9 @@ def resolve_ref(cat: Catalog, ref: str, *, where: Path) -> str:
                 + "; give more characters",
                 matches,
             )
-    hints = sorted({n.split("/")[1] for n in cat.refs(refnames.RUNS)}
-                   | {n[len(refnames.TAGS):] for n in cat.refs(refnames.TAGS)})
+    hints = sorted(
+        {n.split("/")[1] for n in cat.refs(refnames.RUNS)} | {n[len(refnames.TAGS) :] for n in cat.refs(refnames.TAGS)}
+    )
     raise RefNotFoundError(
         f"no commit matches {ref!r} in {where}"
         + (f"; known runs and tags: {', '.join(hints[:20])}" if hints else "")

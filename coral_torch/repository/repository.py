@@ -26,14 +26,14 @@ import sqlite3
 import time
 import uuid
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import defaults
-from ..parallel import HelpBoard
+from .. import defaults, refnames
 from ..delta import DeltaConfig, DeltaEncoder
 from ..errors import (
     CatalogDamagedError,
@@ -46,36 +46,34 @@ from ..errors import (
     RepositoryError,
 )
 from ..lazy import LazyModule
-from ..weight_tensor import WeightMetadata, WeightTensor
 from ..manifest import Manifest, TensorEntry
-from .. import refnames
+from ..parallel import HelpBoard
 from ..refnames import validate_ref_name
 from ..retention import Policy
+from ..weight_tensor import WeightMetadata, WeightTensor
 from .catalog import Catalog, CommitRow, NewCommit, catalog_error, commit_object_rows
 from .failures import CATALOG_NAME, named_errors
-from .planner import DeltaPlanner
-from .maintenance import Maintenance, lease_holder
-from .verify import Verifier, VerifyReport
-from .options import CommitOptions
-from .retain import RetentionReport, apply_retention
-from .packs import PACKS_DIR
 from .lock import RepositoryLock
+from .maintenance import Maintenance, lease_holder
+from .options import CommitOptions
+from .packs import PACKS_DIR
+from .planner import DeltaPlanner
 from .read import ObjectReader
 from .refs import resolve_ref
+from .retain import RetentionReport, apply_retention
+from .verify import Verifier, VerifyReport
 from .write import ObjectWriter, WrittenObjects
 
 if TYPE_CHECKING:
     from .. import adapters, sharded
     from ..storage import hdf5_store
 else:
-
     # adapters and sharded import torch, seconds that catalog-only readers (coral-torch log) must not pay
     adapters = LazyModule("coral_torch.adapters")
     sharded = LazyModule("coral_torch.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -92,7 +90,7 @@ class CommitStats:
     seconds: float = 0.0
     existed: bool = False
     replaced: set = field(default_factory=set, repr=False)  #: commits the new refs moved away from
-    retention: Optional[RetentionReport] = field(default=None, repr=False)  #: when saved with a keep policy
+    retention: RetentionReport | None = field(default=None, repr=False)  #: when saved with a keep policy
 
     @property
     def ratio(self) -> float:
@@ -119,13 +117,13 @@ class Repository:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike] = defaults.REPOSITORY_DIR,
+        path: str | os.PathLike = defaults.REPOSITORY_DIR,
         *,
         create: bool = True,
-        delta_config: Optional[DeltaConfig] = None,
-        workers: Optional[int] = None,
+        delta_config: DeltaConfig | None = None,
+        workers: int | None = None,
         lock_timeout: float = 60.0,
-        codec_level: Optional[int] = None,
+        codec_level: int | None = None,
     ):
         self.path = Path(path).absolute()
         catalog_path = self.path / CATALOG_NAME
@@ -142,11 +140,12 @@ class Repository:
             try:
                 (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ReadOnlyRepositoryError(
-                    f"cannot create a repository at {self.path}: {exc.strerror}"
-                ) from exc
-        writable = os.access(self.path, os.W_OK) and os.access(catalog_path, os.W_OK) if catalog_path.exists() \
+                raise ReadOnlyRepositoryError(f"cannot create a repository at {self.path}: {exc.strerror}") from exc
+        writable = (
+            os.access(self.path, os.W_OK) and os.access(catalog_path, os.W_OK)
+            if catalog_path.exists()
             else os.access(self.path, os.W_OK)
+        )
         try:
             self.catalog = Catalog(catalog_path, create=True, writable=writable)
         except sqlite3.Error as exc:
@@ -156,14 +155,15 @@ class Repository:
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.reader = ObjectReader(self.path, self.catalog, lambda: self.encoder)  #: verified object bytes
         self.writer = ObjectWriter(self.path, self.catalog, self.reader)  #: plan -> encode -> pack
-        self.maintenance = Maintenance(self.path, self.catalog, self.lock, self.reader, self.resolve,
-                                       lambda: self.delta_config.codec_level)  #: gc, reclaim, strip
+        self.maintenance = Maintenance(
+            self.path, self.catalog, self.lock, self.reader, self.resolve, lambda: self.delta_config.codec_level
+        )  #: gc, reclaim, strip
         config = delta_config or DeltaConfig()
         if codec_level is not None and codec_level != config.codec_level:
             config = dataclasses.replace(config, codec_level=codec_level)
         self.delta_config = config  # builds the encoder and the planner (see the property)
         self.workers = workers or defaults.default_workers()
-        self.last_loaded: Optional[str] = None  # commit id of the latest load (resume parent)
+        self.last_loaded: str | None = None  # commit id of the latest load (resume parent)
 
     @property
     def delta_config(self) -> DeltaConfig:
@@ -185,11 +185,11 @@ class Repository:
     def commit(
         self,
         obj: Any,
-        options: Optional[CommitOptions] = None,
+        options: CommitOptions | None = None,
         *,
         no_delta_prefixes: Sequence[str] = (),
-        workers: Optional[int] = None,
-        help_board: Optional[HelpBoard] = None,
+        workers: int | None = None,
+        help_board: HelpBoard | None = None,
         direct_io: bool = False,
         **option_kwargs: Any,
     ) -> CommitStats:
@@ -226,12 +226,18 @@ class Repository:
             if opts.step is None and isinstance(obj.get("global_step"), int):
                 opts = opts.replace(step=obj["global_step"])
         hashes = [s.weight.compute_hash() for s in slots]
-        manifest = Manifest(flat.skeleton, [
-            TensorEntry(s.name, h, s.weight.dtype, tuple(s.weight.shape), s.device, s.kind)
-            for s, h in zip(slots, hashes)
-        ])
-        parent_id = self.resolve(opts.parent) if opts.parent is not None \
+        manifest = Manifest(
+            flat.skeleton,
+            [
+                TensorEntry(s.name, h, s.weight.dtype, tuple(s.weight.shape), s.device, s.kind)
+                for s, h in zip(slots, hashes)
+            ],
+        )
+        parent_id = (
+            self.resolve(opts.parent)
+            if opts.parent is not None
             else self.catalog.get_ref(refnames.latest_ref(opts.run))
+        )
         if parent_id is not None and self.catalog.get_commit(parent_id) is None:
             parent_id = None  # removed meanwhile: no deltas against it, and no dangling parent
         opts = opts.replace(parent=parent_id)
@@ -239,8 +245,12 @@ class Repository:
         # that what the plan relied on is still there, and a lost race re-plans
         for attempt in range(3):
             written = self.write_objects(
-                [(s.name, s.weight) for s in slots], parent=parent_id, no_delta_prefixes=no_delta_prefixes,
-                workers=workers, help_board=help_board, direct_io=direct_io,
+                [(s.name, s.weight) for s in slots],
+                parent=parent_id,
+                no_delta_prefixes=no_delta_prefixes,
+                workers=workers,
+                help_board=help_board,
+                direct_io=direct_io,
             )
             try:
                 stats = self.publish(manifest, [written], opts)
@@ -252,8 +262,15 @@ class Repository:
         stats.seconds = time.perf_counter() - t0
         log.info(
             "commit %s run=%s: %d tensors, %.1f MB logical, %.1f MB written (%d full, %d delta, %d dedup) in %.2fs",
-            stats.commit_id[:10], opts.run, stats.tensors, stats.logical_bytes / 1e6, stats.written_bytes / 1e6,
-            stats.new_full, stats.new_delta, stats.deduplicated, stats.seconds,
+            stats.commit_id[:10],
+            opts.run,
+            stats.tensors,
+            stats.logical_bytes / 1e6,
+            stats.written_bytes / 1e6,
+            stats.new_full,
+            stats.new_delta,
+            stats.deduplicated,
+            stats.seconds,
         )
         return stats
 
@@ -262,10 +279,10 @@ class Repository:
         self,
         tensors: Sequence[tuple[str, WeightTensor]],
         *,
-        parent: Optional[str] = None,
+        parent: str | None = None,
         no_delta_prefixes: Sequence[str] = (),
-        workers: Optional[int] = None,
-        help_board: Optional[HelpBoard] = None,
+        workers: int | None = None,
+        help_board: HelpBoard | None = None,
         direct_io: bool = False,
     ) -> WrittenObjects:
         """Plan and write the objects of named tensors that the repository lacks, into one new
@@ -293,9 +310,9 @@ class Repository:
         self,
         manifest: Manifest,
         written: Sequence[WrittenObjects],
-        options: Optional[CommitOptions] = None,
+        options: CommitOptions | None = None,
         *,
-        save_token: Optional[str] = None,
+        save_token: str | None = None,
         **option_kwargs: Any,
     ) -> CommitStats:
         """Make ``manifest`` a commit, with the objects ``written`` by :meth:`write_objects` (by
@@ -326,7 +343,10 @@ class Repository:
         replace = {h for w in written for h in getattr(w, "replace", ())}
         healed_packs = {r.pack for h in replace if (r := self.catalog.get_object(h)) is not None}
         stats = CommitStats(
-            cid, manifest.nbytes, sum(r.stored_bytes for r in new_rows), len(manifest.tensors),
+            cid,
+            manifest.nbytes,
+            sum(r.stored_bytes for r in new_rows),
+            len(manifest.tensors),
             new_full=sum(1 for r in new_rows if r.kind == "full"),
             new_delta=sum(1 for r in new_rows if r.kind == "delta"),
             deduplicated=len(manifest.tensors) - len(new_rows),
@@ -350,19 +370,37 @@ class Repository:
                             f"pack {p.name} written for this commit is {'gone' if size is None else f'{size} bytes'}"
                             f", not {p.size} (removed by gc or overwritten?); save it again"
                         )
-                commit = NewCommit(cid, opts.parent, run, opts.epoch, opts.step, time.time(), opts.message,
-                                   opts.metrics, manifest.to_json(), any(not r.lossless for r in new_rows),
-                                   stats.logical_bytes, stats.written_bytes, opts.info)
+                commit = NewCommit(
+                    cid,
+                    opts.parent,
+                    run,
+                    opts.epoch,
+                    opts.step,
+                    time.time(),
+                    opts.message,
+                    opts.metrics,
+                    manifest.to_json(),
+                    any(not r.lossless for r in new_rows),
+                    stats.logical_bytes,
+                    stats.written_bytes,
+                    opts.info,
+                )
                 stats.existed, stats.replaced = self.catalog.publish_commit(
-                    packs=[(p.name, p.size) for p in packs], objects=new_rows, commit=commit,
-                    commit_objects=object_rows, refs=ref_names, best=best, replace=replace,
+                    packs=[(p.name, p.size) for p in packs],
+                    objects=new_rows,
+                    commit=commit,
+                    commit_objects=object_rows,
+                    refs=ref_names,
+                    best=best,
+                    replace=replace,
                     save_token=save_token,
                 )
                 published = True
                 self.writer.trust_written(new_rows)
                 if replace:
-                    log.warning("stored %d damaged object(s) again; the commits sharing them are repaired",
-                                len(replace))
+                    log.warning(
+                        "stored %d damaged object(s) again; the commits sharing them are repaired", len(replace)
+                    )
                     self.reader.drop(self.catalog.drop_empty_packs(healed_packs))
                 self.maintenance.reclaim_released(stats.replaced)
         except BaseException:
@@ -371,13 +409,14 @@ class Repository:
             raise
         if isinstance(keep, Policy):
             try:
-                stats.retention = self.retain(run, keep, keep_optimizer=opts.keep_optimizer,
-                                              release_files=opts.release_files)
+                stats.retention = self.retain(
+                    run, keep, keep_optimizer=opts.keep_optimizer, release_files=opts.release_files
+                )
             except CoralError as exc:  # the commit is safe; what retention did not free, the next one will
                 log.error("commit %s is saved, but applying retention to run %s failed: %s", cid[:10], run, exc)
         return stats
 
-    def _commit_row(self, cid: str) -> Optional[CommitRow]:
+    def _commit_row(self, cid: str) -> CommitRow | None:
         """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
         got = self.reader.manifest(cid)
         return got[0] if got is not None else None
@@ -399,8 +438,12 @@ class Repository:
             raise RefNotFoundError(f"commit {cid} no longer exists in {self.path}")
         row, manifest = got
         if row.lossy:
-            warnings.warn(f"checkpoint {cid[:10]} was saved with lossy deltas (DeltaConfig(allow_lossy=True)): "
-                          "some tensors are approximations of what was saved", LossyCheckpointWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint {cid[:10]} was saved with lossy deltas (DeltaConfig(allow_lossy=True)): "
+                "some tensors are approximations of what was saved",
+                LossyCheckpointWarning,
+                stacklevel=3,
+            )
         entries = manifest.tensors
         raws = self.materialize([e.hash for e in entries], commit=cid, names=[e.name for e in entries])
         tensors = []
@@ -415,7 +458,8 @@ class Repository:
             except CoralError as exc:  # the manifest entry disagrees with the object it names
                 raise CheckpointDamagedError(
                     f"checkpoint {cid[:10]} in {self.path} is damaged: tensor {e.name} ({exc})",
-                    commit=cid, tensors=[e.name],
+                    commit=cid,
+                    tensors=[e.name],
                 ) from exc
             tensors.append(adapters.apply_map_location(w.to_torch(), e.device, map_location))
         del raws
@@ -444,7 +488,7 @@ class Repository:
 
     @named_errors
     def materialize(
-        self, hashes: Sequence[str], *, commit: Optional[str] = None, names: Optional[Sequence[str]] = None
+        self, hashes: Sequence[str], *, commit: str | None = None, names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Raw bytes of objects (deltas rebuilt, every step verified). Damage raises
         :class:`CheckpointDamagedError` naming every affected tensor."""
@@ -456,7 +500,9 @@ class Repository:
         (see :class:`~.verify.Verifier`)."""
         return Verifier(self.path, self.catalog, self.reader).verify(progress=progress)
 
-    def gc(self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0) -> dict[str, Any]:
+    def gc(
+        self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0
+    ) -> dict[str, Any]:
         """Remove commits no ref keeps and reclaim their disk space (see :meth:`Maintenance.gc`)."""
         return self.maintenance.gc(dry_run=dry_run, repack_threshold=repack_threshold, orphan_grace_s=orphan_grace_s)
 
@@ -464,8 +510,9 @@ class Repository:
         """Replace a commit by one without the containers at ``empty`` (see :meth:`Maintenance.strip_commit`)."""
         return self.maintenance.strip_commit(ref, empty)
 
-    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
-                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]:
+    def release_commits(
+        self, candidates: Iterable[str], *, dry_run: bool = False, dropping: Iterable[str] = ()
+    ) -> dict[str, Any] | None:
         """Remove those of ``candidates`` no ref keeps (see :meth:`Maintenance.release_commits`)."""
         return self.maintenance.release_commits(candidates, dry_run=dry_run, dropping=dropping)
 
@@ -479,7 +526,7 @@ class Repository:
         self.reader.close()
         self.catalog.close()
 
-    def __enter__(self) -> "Repository":
+    def __enter__(self) -> Repository:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -529,16 +576,24 @@ class Repository:
         return self.catalog.refs(prefix)
 
     @named_errors
-    def retain(self, run: str, keep: Policy, *, keep_optimizer: Optional[Policy] = None,
-               release_files: bool = False, dry_run: bool = False) -> RetentionReport:
+    def retain(
+        self,
+        run: str,
+        keep: Policy,
+        *,
+        keep_optimizer: Policy | None = None,
+        release_files: bool = False,
+        dry_run: bool = False,
+    ) -> RetentionReport:
         """Keep the commits of ``run`` that the policy ``keep`` selects (decided from the catalog,
         so every process decides the same) and release the others, unless another ref (``latest``,
         ``best``, a tag, a pointer file, a lease) holds them; commits that survive but that
         ``keep_optimizer`` does not select lose their per-parameter optimizer state.
         ``release_files``: also release the pointer files of dropped commits (deleting the files).
         ``dry_run``: change nothing, say what would go. See :mod:`coral_torch.repository.retain`."""
-        return apply_retention(self, run, keep, keep_optimizer=keep_optimizer, release_files=release_files,
-                               dry_run=dry_run)
+        return apply_retention(
+            self, run, keep, keep_optimizer=keep_optimizer, release_files=release_files, dry_run=dry_run
+        )
 
     @named_errors
     def lease(self, ref: str) -> str:
@@ -559,7 +614,7 @@ class Repository:
 
     # ================================================================================ info
     @named_errors
-    def log(self, run: Optional[str] = None) -> list[CommitRow]:
+    def log(self, run: str | None = None) -> list[CommitRow]:
         """Commits, newest first (of one run, or of all runs)."""
         return self.catalog.commits(run)
 
@@ -597,7 +652,7 @@ class Repository:
 
     # ============================================================================= remote
     @named_errors
-    def push(self, remote: Any, progress: Optional[bool] = None, *, verify: bool = False) -> dict[str, Any]:
+    def push(self, remote: Any, progress: bool | None = None, *, verify: bool = False) -> dict[str, Any]:
         """Send commits that refs name, the objects they need, then the refs, to an S3 remote
         (:class:`~coral_torch.S3Config` or :class:`~coral_torch.S3Store`). Re-run to resume.
         ``verify=True`` also checks every object of every pushed commit on the remote and sends
@@ -607,11 +662,12 @@ class Repository:
         return push(self, remote, progress=progress, verify=verify)
 
     @named_errors
-    def pull(self, remote: Any, progress: Optional[bool] = None) -> dict[str, Any]:
+    def pull(self, remote: Any, progress: bool | None = None) -> dict[str, Any]:
         """Fetch every commit the remote has and this repository lacks, with its objects and refs."""
         from .remote import pull
 
         return pull(self, remote, progress=progress)
+
 
 def _file_size(path: Path) -> int:
     try:
@@ -630,11 +686,9 @@ def _fresh_repository_dir(path: Path) -> bool:
     return PACKS_DIR not in names or (packs.is_dir() and not any(packs.iterdir()))
 
 
-def _file_identity(path: Path) -> Optional[tuple[int, int]]:
+def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
-
-

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 from .. import refnames
 from ..errors import CoralError
@@ -39,8 +40,9 @@ class RetainTarget(Protocol):
     catalog: Catalog
     lock: RepositoryLock
 
-    def release_commits(self, candidates: Iterable[str], *, dry_run: bool = False,
-                        dropping: Iterable[str] = ()) -> Optional[dict[str, Any]]: ...
+    def release_commits(
+        self, candidates: Iterable[str], *, dry_run: bool = False, dropping: Iterable[str] = ()
+    ) -> dict[str, Any] | None: ...
 
     def strip_commit(self, ref: str, empty: Sequence[Sequence[str]] = ...) -> str: ...
 
@@ -77,7 +79,7 @@ def apply_retention(
     run: str,
     keep: Policy,
     *,
-    keep_optimizer: Optional[Policy] = None,
+    keep_optimizer: Policy | None = None,
     release_files: bool = False,
     dry_run: bool = False,
 ) -> RetentionReport:
@@ -86,8 +88,10 @@ def apply_retention(
     cat = repo.catalog
     report = RetentionReport(run, dry_run)
     with repo.lock:
-        facts = [CommitFacts(cid, t, seq, epoch, step, metrics)
-                 for cid, t, seq, epoch, step, metrics in cat.run_commit_facts(run)]
+        facts = [
+            CommitFacts(cid, t, seq, epoch, step, metrics)
+            for cid, t, seq, epoch, step, metrics in cat.run_commit_facts(run)
+        ]
         ids = [f.id for f in facts]
         kept = keep.select(facts)
         report.kept = [c for c in ids if c in kept]
@@ -143,13 +147,20 @@ def apply_retention(
                     write_pointer(path, new, repo.path)
         report.bytes_freed = max(0, before - _packs_bytes(repo))
     if report.removed or report.stripped:
-        log.info("retention of run %s: kept %d commit(s), removed %d, stripped %d of optimizer state, freed %.1f MB",
-                 run, len(report.kept), len(report.removed), len(report.stripped), report.bytes_freed / 1e6)
+        log.info(
+            "retention of run %s: kept %d commit(s), removed %d, stripped %d of optimizer state, freed %.1f MB",
+            run,
+            len(report.kept),
+            len(report.removed),
+            len(report.stripped),
+            report.bytes_freed / 1e6,
+        )
     return report
 
 
-def _to_strip(repo: RetainTarget, run: str, facts: list[CommitFacts], keep_optimizer: Optional[Policy],
-              removed: set[str]) -> list[str]:
+def _to_strip(
+    repo: RetainTarget, run: str, facts: list[CommitFacts], keep_optimizer: Policy | None, removed: set[str]
+) -> list[str]:
     """Surviving commits holding per-parameter optimizer state that ``keep_optimizer`` does not select."""
     if keep_optimizer is None or isinstance(keep_optimizer, KeepAll):
         return []

@@ -7,8 +7,9 @@ modules (planner, reader, writer, maintenance).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from ..errors import CatalogDamagedError
 
@@ -18,7 +19,7 @@ class ObjectRow:
     hash: str
     pack: str
     kind: str
-    base: Optional[str]
+    base: str | None
     depth: int
     dtype: str
     shape: tuple[int, ...]
@@ -26,23 +27,36 @@ class ObjectRow:
     stored_bytes: int
     full_estimate: int
     lossless: bool = True
-    offset: Optional[int] = None
-    length: Optional[int] = None
+    offset: int | None = None
+    length: int | None = None
 
     def values(self) -> tuple:
         """The row as the objects table's columns, in order."""
-        return (self.hash, self.pack, self.kind, self.base, self.depth, self.dtype, json.dumps(list(self.shape)),
-                self.nbytes, self.stored_bytes, self.full_estimate, int(self.lossless), self.offset, self.length)
+        return (
+            self.hash,
+            self.pack,
+            self.kind,
+            self.base,
+            self.depth,
+            self.dtype,
+            json.dumps(list(self.shape)),
+            self.nbytes,
+            self.stored_bytes,
+            self.full_estimate,
+            int(self.lossless),
+            self.offset,
+            self.length,
+        )
 
 
 @dataclass
 class CommitRow:
     id: str
     seq: int
-    parent: Optional[str]
+    parent: str | None
     run: str
-    epoch: Optional[int]
-    step: Optional[int]
+    epoch: int | None
+    step: int | None
     time: float
     message: str
     metrics: dict[str, Any]
@@ -64,10 +78,10 @@ class NewCommit:
     """A commit row to insert (see :meth:`Catalog.publish_commit`)."""
 
     id: str
-    parent: Optional[str]
+    parent: str | None
     run: str
-    epoch: Optional[int]
-    step: Optional[int]
+    epoch: int | None
+    step: int | None
     time: float
     message: str
     metrics: dict[str, Any]
@@ -78,13 +92,26 @@ class NewCommit:
     info: dict[str, Any]
 
     def values(self) -> tuple:
-        return (self.id, self.parent, self.run, self.epoch, self.step, self.time, self.message,
-                json.dumps(self.metrics), self.manifest_json, int(self.lossy), self.logical_bytes,
-                self.new_bytes, json.dumps(self.info))
+        return (
+            self.id,
+            self.parent,
+            self.run,
+            self.epoch,
+            self.step,
+            self.time,
+            self.message,
+            json.dumps(self.metrics),
+            self.manifest_json,
+            int(self.lossy),
+            self.logical_bytes,
+            self.new_bytes,
+            json.dumps(self.info),
+        )
 
 
-def commit_object_rows(cid: str, pairs: Iterable[tuple[str, str]],
-                       how: Callable[[str, str], str]) -> list[tuple[str, str, str, str]]:
+def commit_object_rows(
+    cid: str, pairs: Iterable[tuple[str, str]], how: Callable[[str, str], str]
+) -> list[tuple[str, str, str, str]]:
     """``commit_objects`` rows: one per distinct (name, hash). gc and verify find a commit's objects
     through these rows, so none may be lost: two different tensors whose paths flatten to the same
     name (keys ``1`` and ``"1"``, or ``"a/b"`` and ``["a"]["b"]``) get ``#1``, ``#2``... suffixes."""
@@ -106,13 +133,16 @@ def object_row(r: tuple) -> ObjectRow:
     try:
         h, pack, kind, base, depth, dtype, shape, nbytes, stored, full, lossless, offset, length = r
     except ValueError:  # a damaged schema: the table has other columns
-        raise CatalogDamagedError(f"the catalog's objects table has {len(r)} columns, not 13: its schema is "
-                                  "damaged; restore it from a backup, or pull the repository again") from None
+        raise CatalogDamagedError(
+            f"the catalog's objects table has {len(r)} columns, not 13: its schema is "
+            "damaged; restore it from a backup, or pull the repository again"
+        ) from None
     try:
         dims = json.loads(shape)
         if not isinstance(dims, list):
             raise ValueError("shape is not a list")
-        return ObjectRow(h, pack, kind, base, depth, dtype, tuple(dims), nbytes, stored, full,
-                         bool(lossless), offset, length)
+        return ObjectRow(
+            h, pack, kind, base, depth, dtype, tuple(dims), nbytes, stored, full, bool(lossless), offset, length
+        )
     except (ValueError, TypeError) as exc:
         raise CatalogDamagedError(f"the catalog row of object {str(h)[:12]} is damaged ({exc})") from None

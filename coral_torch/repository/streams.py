@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,19 +31,19 @@ class ReadBuffer:
     """A growing byte buffer that several readers take turns with (one read in use at a time)."""
 
     def __init__(self) -> None:
-        self._buf: Optional[np.ndarray] = None
+        self._buf: np.ndarray | None = None
 
     def get(self, n: int) -> memoryview:
         if self._buf is None or self._buf.size < n:
             self._buf = None  # free the smaller one first
             self._buf = np.empty(max(n, 1), dtype=np.uint8)
-        return memoryview(self._buf)[:n]
+        return memoryview(self._buf)[:n]  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
 
     def release(self) -> None:
         self._buf = None
 
 
-def pread_source(fd: int, offset: int, buffer: Optional[ReadBuffer] = None) -> Callable[[int, int], memoryview]:
+def pread_source(fd: int, offset: int, buffer: ReadBuffer | None = None) -> Callable[[int, int], memoryview]:
     """``read(pos, length)`` for a :class:`BlobReader` over the blob at ``offset`` of file ``fd``:
     the bytes, in ``buffer`` (shared by the readers of one stream; valid until its next read), or
     fewer if the file ends first."""
@@ -70,21 +71,24 @@ class BaseStream:
     before the end of what was read so far) are hashed per level; reading past the end that way
     completes the check. Slices elsewhere (a sampling probe) are decoded but not hashed."""
 
-    def __init__(self, levels: Sequence[tuple[BlobReader, str]], dtype: str, shape: tuple, nbytes: int,
-                 *, name: str = "") -> None:
+    def __init__(
+        self, levels: Sequence[tuple[BlobReader, str]], dtype: str, shape: tuple, nbytes: int, *, name: str = ""
+    ) -> None:
         if not levels:
             raise ValueError("a base stream needs at least one level")
         for reader, h in levels:
             if reader.nbytes != nbytes:
                 raise HashMismatchError(
                     f"object {h} of the chain of delta base {levels[-1][1]} decodes to {reader.nbytes} bytes, "
-                    f"not {nbytes}", hash_key=h)
+                    f"not {nbytes}",
+                    hash_key=h,
+                )
         self.levels = list(levels)
         self.size = nbytes
         self.name = name
         self._hashers = [content_hasher(dtype, tuple(shape)) for _ in self.levels]
         self._hashed = 0  # bytes [0, _hashed) went through every level's hasher
-        self._buf: Optional[np.ndarray] = None
+        self._buf: np.ndarray | None = None
         self.verified = nbytes == 0 and self._check()
 
     def __len__(self) -> int:
@@ -96,7 +100,8 @@ class BaseStream:
             if actual != h:
                 raise HashMismatchError(
                     f"delta base {self.levels[-1][1]}: object {h} of its chain hashes to {actual} when read "
-                    "back: its pack is damaged (run `coral-torch verify`)", hash_key=h,
+                    "back: its pack is damaged (run `coral-torch verify`)",
+                    hash_key=h,
                 )
         return True
 
@@ -116,7 +121,7 @@ class BaseStream:
         for i, ((reader, _), hasher) in enumerate(zip(self.levels, self._hashers)):
             reader.decode_range(start, stop, out, xor=i > 0)
             if hash_from is not None:
-                hasher.update(out[hash_from - start :])
+                hasher.update(out[hash_from - start :])  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
         if hash_from is not None:
             self._hashed = stop
             for reader, _ in self.levels:  # in-order reads decode whole frames in place
@@ -148,7 +153,7 @@ def _located(row: Any) -> bool:
     return row.offset is not None and row.length is not None and row.offset >= 0 and row.length > 0
 
 
-def open_stored(fd: int, row: Any, *, buffer: Optional[ReadBuffer] = None, where: str = "") -> BlobReader:
+def open_stored(fd: int, row: Any, *, buffer: ReadBuffer | None = None, where: str = "") -> BlobReader:
     """A :class:`BlobReader` over the object of catalog row ``row`` (``hash``, ``offset``,
     ``length``, ``nbytes``) in the pack open as ``fd``. Its claimed extent and the size its blob
     declares are checked against the file and the row before anything is allocated."""
@@ -156,19 +161,22 @@ def open_stored(fd: int, row: Any, *, buffer: Optional[ReadBuffer] = None, where
     if not _located(row) or row.offset + row.length > size:
         raise CorruptObjectError(
             f"object {row.hash} claims bytes {row.offset}..{(row.offset or 0) + (row.length or 0)} of pack "
-            f"{where}, which has {size}: the catalog row or the pack is damaged", hash_key=row.hash,
+            f"{where}, which has {size}: the catalog row or the pack is damaged",
+            hash_key=row.hash,
         )
-    reader = BlobReader(pread_source(fd, row.offset, buffer if buffer is not None else thread_buffer()),
-                        row.length, hash_key=row.hash)
+    reader = BlobReader(
+        pread_source(fd, row.offset, buffer if buffer is not None else thread_buffer()), row.length, hash_key=row.hash
+    )
     if reader.nbytes != row.nbytes:
         raise CorruptObjectError(
             f"object {row.hash} in pack {where} decodes to {reader.nbytes} bytes, its catalog row says "
-            f"{row.nbytes}: the pack or the catalog is damaged", hash_key=row.hash,
+            f"{row.nbytes}: the pack or the catalog is damaged",
+            hash_key=row.hash,
         )
     return reader
 
 
-def stream_base(chain: Sequence[Any], pack_fd: Callable[[str], int]) -> Optional[BaseStream]:
+def stream_base(chain: Sequence[Any], pack_fd: Callable[[str], int]) -> BaseStream | None:
     """A :class:`BaseStream` over a delta base's chain of catalog rows (full object first), or None
     when it cannot be streamed (a row without a recorded location, a lossy row, a chain that does
     not start with a full object): then decode it whole. ``pack_fd(name)`` opens a pack for pread.

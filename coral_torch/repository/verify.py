@@ -12,7 +12,7 @@ import math
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,11 +53,19 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged_objects or self.damaged_commits or self.missing_packs or self.damaged_manifests
-                    or self.dangling_refs or self.unreadable_packs)
+        return not (
+            self.damaged_objects
+            or self.damaged_commits
+            or self.missing_packs
+            or self.damaged_manifests
+            or self.dangling_refs
+            or self.unreadable_packs
+        )
 
-    RECOVERY = ("to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
-                "s3://...), or restore the repository from a backup; undamaged commits load as they are")
+    RECOVERY = (
+        "to recover, pull the damaged commits again from a remote that has them (coral-torch pull "
+        "s3://...), or restore the repository from a backup; undamaged commits load as they are"
+    )
 
 
 class Verifier:
@@ -93,9 +101,11 @@ class Verifier:
         packs_dir = self.path / PACKS_DIR
         pack_sizes = self.catalog.packs()
         if not all(isinstance(p, str) and p and "/" not in p for p in pack_sizes):
-            raise CatalogDamagedError(f"a pack name in the catalog {self.catalog.path} is damaged "
-                                      f"({sorted(map(repr, pack_sizes))[:3]}); restore the catalog from a backup, "
-                                      "or pull the repository again")
+            raise CatalogDamagedError(
+                f"a pack name in the catalog {self.catalog.path} is damaged "
+                f"({sorted(map(repr, pack_sizes))[:3]}); restore the catalog from a backup, "
+                "or pull the repository again"
+            )
         known_packs = set(pack_sizes)
         report.missing_packs = sorted(p for p in known_packs if not (packs_dir / p).exists())
         # a pack whose size changed since it was published was truncated or overwritten: even
@@ -111,9 +121,9 @@ class Verifier:
         # HDF5 never returns from decoding some damaged global heaps (where the objects' JSON
         # attributes live): such a pack is not handed to HDF5 here, and gc and push would hang on it
         hangs = {p: f"pack {p}: {why}" for p in pack_sizes if (why := _global_heap_problem(packs_dir / p))}
-        report.orphan_files = sorted(
-            p.name for p in packs_dir.iterdir() if p.name not in known_packs
-        ) if packs_dir.exists() else []
+        report.orphan_files = (
+            sorted(p.name for p in packs_dir.iterdir() if p.name not in known_packs) if packs_dir.exists() else []
+        )
 
         def mark_damaged(r: ObjectRow, why: str) -> None:
             stack = [(r, why)]
@@ -128,7 +138,7 @@ class Verifier:
             # depth-first along delta chains; memory holds one chain at a time. A delta is XORed
             # into its base's buffer in place, so siblings get copies, and the sibling that owns
             # the buffer is pushed first (popped last, after the others copied it).
-            stack: list[tuple[ObjectRow, Optional[np.ndarray], bool]] = [(r, None, True)]
+            stack: list[tuple[ObjectRow, np.ndarray | None, bool]] = [(r, None, True)]
             while stack:
                 o, braw, owned = stack.pop()
                 report.objects_checked += 1
@@ -172,38 +182,51 @@ class Verifier:
                 for e in manifest.tensors:
                     o = by_hash.get(e.hash)
                     if o is not None and (o.dtype != e.dtype or tuple(o.shape) != e.shape):
-                        raise CatalogDamagedError(f"tensor {e.name}: manifest says {e.dtype}{list(e.shape)}, "
-                                                  f"object row {o.dtype}{list(o.shape)}")
+                        raise CatalogDamagedError(
+                            f"tensor {e.name}: manifest says {e.dtype}{list(e.shape)}, "
+                            f"object row {o.dtype}{list(o.shape)}"
+                        )
                 if manifest.sharded:
                     sharded.check_layout(manifest)
                 else:
                     adapters.check_skeleton(manifest.skeleton, len(manifest.tensors))
                 # what gc trusts and push sends besides the manifest: the object list, the other fields
                 if {h for _, h, _ in self.catalog.commit_objects(cid)} != {e.hash for e in manifest.tensors}:
-                    raise CatalogDamagedError("its object list in the catalog is not its manifest's (gc would "
-                                              "remove objects it needs)")
+                    raise CatalogDamagedError(
+                        "its object list in the catalog is not its manifest's (gc would remove objects it needs)"
+                    )
                 row = got[0]
                 refnames.validate_component(row.run, "run")
-                if not (row.parent is None or (isinstance(row.parent, str) and len(row.parent) == 32)) or not all(
-                        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (row.epoch, row.step)) \
-                        or not isinstance(row.time, (int, float)) or not math.isfinite(row.time) or not all(
-                        isinstance(v, int) and v >= 0 for v in (row.logical_bytes, row.new_bytes)):
+                if (
+                    not (row.parent is None or (isinstance(row.parent, str) and len(row.parent) == 32))
+                    or not all(
+                        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (row.epoch, row.step)
+                    )
+                    or not isinstance(row.time, (int, float))
+                    or not math.isfinite(row.time)
+                    or not all(isinstance(v, int) and v >= 0 for v in (row.logical_bytes, row.new_bytes))
+                ):
                     raise CatalogDamagedError("its parent, epoch, step, time or sizes have the wrong type")
             except CoralError as exc:
                 report.damaged_manifests[cid] = str(exc)
         try:
             ref_rows = self.catalog.ref_rows()
         except (ValueError, TypeError) as exc:  # push reads these
-            raise CatalogDamagedError(f"a ref row of the catalog {self.catalog.path} is damaged ({exc}); restore "
-                                      "the catalog from a backup, or pull the repository again") from None
+            raise CatalogDamagedError(
+                f"a ref row of the catalog {self.catalog.path} is damaged ({exc}); restore "
+                "the catalog from a backup, or pull the repository again"
+            ) from None
         for name, cid, _ in ref_rows:
             if self.catalog.get_commit(cid) is None:
                 report.dangling_refs[name] = cid
             try:
                 refnames.validate_ref_name(name)
             except CoralError as exc:
-                report.damaged_manifests.setdefault(cid, f"a ref naming it cannot be pushed ({exc}): the catalog "
-                                                         "is damaged, or the ref is from an older coral-torch")
+                report.damaged_manifests.setdefault(
+                    cid,
+                    f"a ref naming it cannot be pushed ({exc}): the catalog "
+                    "is damaged, or the ref is from an older coral-torch",
+                )
         for cid, names in self.catalog.commits_using(report.damaged_objects).items():
             report.damaged_commits[cid] = sorted(names)
         # commits whose objects are missing from the catalog
@@ -211,7 +234,7 @@ class Verifier:
             report.damaged_commits.setdefault(cid, []).extend(missing)
         return report
 
-    def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[Optional[str], dict[str, str]]:
+    def _check_pack_structure(self, name: str, objects: list[ObjectRow]) -> tuple[str | None, dict[str, str]]:
         """What push and gc would meet reading the pack through HDF5: ``(why the pack cannot be
         opened, or None; {object hash: why HDF5 cannot give it back as the catalog records it}``).
 
@@ -238,8 +261,10 @@ class Verifier:
                 if why is None and o.offset is not None:
                     where = store.location(o.hash, group)
                     if where != (o.offset, o.length) or int(prep.payload.nbytes) != o.length:
-                        why = (f"HDF5 reads it at {where} in pack {name}, the catalog says {(o.offset, o.length)} "
-                               "(the pack's HDF5 metadata is damaged)")
+                        why = (
+                            f"HDF5 reads it at {where} in pack {name}, the catalog says {(o.offset, o.length)} "
+                            "(the pack's HDF5 metadata is damaged)"
+                        )
             except Exception as exc:  # noqa: BLE001 - whatever gc and push would meet
                 why = f"HDF5 cannot read it from pack {name} ({type(exc).__name__}: {exc})"
             if why is not None:
@@ -247,19 +272,30 @@ class Verifier:
         return None, bad
 
 
-def _attrs_mismatch(o: ObjectRow, a: dict[str, Any]) -> Optional[str]:
+def _attrs_mismatch(o: ObjectRow, a: dict[str, Any]) -> str | None:
     """Why an object's HDF5 attribute (what push uploads as its description and decodes the
     payload against) does not describe catalog row ``o``; None when it does."""
+    got: tuple[Any, ...]
+    want: tuple[Any, ...]
     try:
         if o.kind == "delta":
             kind = DeltaType(str(a["delta_type"]))
-            got = (tuple(int(x) for x in a["original_shape"]), str(a["original_dtype"]), str(a["reference_hash"]),
-                   kind.lossless)
+            got = (
+                tuple(int(x) for x in a["original_shape"]),
+                str(a["original_dtype"]),
+                str(a["reference_hash"]),
+                kind.lossless,
+            )
             float(a.get("compression_ratio", 1.0))
             want = (tuple(o.shape), o.dtype, o.base, o.lossless)
         else:
-            got = (tuple(int(x) for x in np.asarray(a["shape"]).reshape(-1)), str(a["dtype"]),
-                   str(a.get("hash", o.hash)), int(a["nbytes"]), str(a.get("encoding", hdf5_store.ENCODING_VALUES)))
+            got = (
+                tuple(int(x) for x in np.asarray(a["shape"]).reshape(-1)),
+                str(a["dtype"]),
+                str(a.get("hash", o.hash)),
+                int(a["nbytes"]),
+                str(a.get("encoding", hdf5_store.ENCODING_VALUES)),
+            )
             encoding = hdf5_store.ENCODING_CODEC if o.offset is not None else got[-1]
             want = (tuple(o.shape), o.dtype, o.hash, o.nbytes, encoding)
     except (KeyError, ValueError, TypeError, CoralError) as exc:
@@ -269,7 +305,7 @@ def _attrs_mismatch(o: ObjectRow, a: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _global_heap_problem(path: Path) -> Optional[str]:
+def _global_heap_problem(path: Path) -> str | None:
     """Why HDF5 would loop forever reading the file at ``path``, or None. It decodes a global heap
     collection (signature ``GCOL``) object header by object header, and an index-0 header of size
     0 (a damaged size or index) does not move it on: it spins there, holding h5py's lock. The same
@@ -287,12 +323,12 @@ def _global_heap_problem(path: Path) -> Optional[str]:
                         n = int.from_bytes(mm[p + 8 : p + 16], "little")
                         step = 16 + (n + 7) // 8 * 8 if index else n  # index 0: free space, size as is
                         if step == 0:
-                            return (f"its HDF5 global heap at byte {at} is damaged (object header at byte {p}); "
-                                    "HDF5 would not return reading it")
+                            return (
+                                f"its HDF5 global heap at byte {at} is damaged (object header at byte {p}); "
+                                "HDF5 would not return reading it"
+                            )
                         p += step
                 at = mm.find(b"GCOL", at + 4)
     except (OSError, ValueError):  # unreadable or empty: the other checks name that
         return None
     return None
-
-

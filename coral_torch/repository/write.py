@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class ObjectWriter:
         self.reader = reader
         self.delta_config = DeltaConfig()
         self.encoder = DeltaEncoder(self.delta_config)
-        self.planner: Optional[DeltaPlanner] = None
+        self.planner: DeltaPlanner | None = None
         # object hash -> (inode, size, mtime) of the packs of its chain when this process last
         # verified or wrote it: a save relies on it again without re-reading while they match
         self._trusted: dict[str, tuple] = {}
@@ -88,7 +89,7 @@ class ObjectWriter:
         (decoded, every step hash-checked) by this process since those packs last changed, or is
         verified now. What fails is stored again by the save (see :meth:`publish`)."""
         recorded = self.catalog.packs()
-        sigs: dict[str, Optional[tuple]] = {}
+        sigs: dict[str, tuple | None] = {}
         ok: set[str] = set()
         for h in hashes:
             try:
@@ -118,7 +119,7 @@ class ObjectWriter:
 
     def trust_written(self, rows: Sequence[ObjectRow]) -> None:
         """Objects this process just wrote and published need no re-read while their packs stay as they are."""
-        sigs: dict[str, Optional[tuple]] = {}
+        sigs: dict[str, tuple | None] = {}
         for row in rows:
             try:
                 chain = self.reader.chain(row.hash)
@@ -143,47 +144,81 @@ class ObjectWriter:
         lossless = cfg.delta_type.lossless
         # a lossless delta reads its base a chunk at a time (streams.BaseStream), hash-checked as read
         base_raw = self._read_base(base_row, streamed=lossless) if base_row is not None else None
-        full: Optional[PreparedObject] = None
+        full: PreparedObject | None = None
         lost = False
-        blob: Optional[codec.Blob] = None
+        blob: codec.Blob | None = None
+        planner = self.planner
+        assert planner is not None  # configure() ran
         try:
-            if base_raw is not None and lossless and not self.planner.delta_may_pay(w, base_raw):
+            if base_raw is not None and lossless and not planner.delta_may_pay(w, base_raw):
                 base_raw, lost = None, True
             if base_raw is not None and lossless:
-                blob = codec.encode_blob(w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw,
-                                         spill_dir=store.spill_dir)
+                blob = codec.encode_blob(
+                    w.raw, dtypes.itemsize(w.dtype), cfg.codec_level, base=base_raw, spill_dir=store.spill_dir
+                )
         except (CoralError, OSError) as exc:  # the streamed base turned out unreadable or damaged
+            assert base_row is not None  # only a read base fails
             log.warning("delta base %s is unreadable (%s); storing the tensor whole", base_row.hash[:12], exc)
             base_raw = None
         if base_raw is not None and not lossless:  # DeltaConfig(allow_lossy=True) only
+            assert base_row is not None and isinstance(base_raw, np.ndarray)  # not streamed when lossy
             ref = WeightTensor.from_raw(base_raw, WeightMetadata(name=slot.name, shape=w.shape, dtype=w.dtype))
             delta = self.encoder.encode(w, ref)
             prep = store.prepare_delta(delta, h)
             prep.attrs["name"] = slot.name
-            row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape, w.nbytes,
-                            prep.stored_bytes, base_row.full_estimate, delta.lossless)
+            row = ObjectRow(
+                h,
+                "",
+                "delta",
+                base_row.hash,
+                base_row.depth + 1,
+                w.dtype,
+                w.shape,
+                w.nbytes,
+                prep.stored_bytes,
+                base_row.full_estimate,
+                delta.lossless,
+            )
             return prep, row, "delta"
         base_raw = None  # a streamed base's buffers go before a full encode
         if blob is not None:
+            assert base_row is not None  # a delta blob has a base
             if blob.nbytes > cfg.min_saving * base_row.full_estimate:
                 full = store.prepare(_renamed(w, slot.name), segmented=True)
             if full is None or blob.nbytes < full.stored_bytes:
                 estimate = full.stored_bytes if full is not None else base_row.full_estimate
-                delta = Delta(DeltaType.XOR, b"", w.shape, w.dtype, base_row.hash,
-                              compression_ratio=blob.nbytes / max(w.nbytes, 1))
+                delta = Delta(
+                    DeltaType.XOR,
+                    b"",
+                    w.shape,
+                    w.dtype,
+                    base_row.hash,
+                    compression_ratio=blob.nbytes / max(w.nbytes, 1),
+                )
                 prep = hdf5_store.delta_object(delta, h, blob)
                 prep.attrs["name"] = slot.name
-                row = ObjectRow(h, "", "delta", base_row.hash, base_row.depth + 1, w.dtype, w.shape,
-                                w.nbytes, prep.stored_bytes, estimate, True)
+                row = ObjectRow(
+                    h,
+                    "",
+                    "delta",
+                    base_row.hash,
+                    base_row.depth + 1,
+                    w.dtype,
+                    w.shape,
+                    w.nbytes,
+                    prep.stored_bytes,
+                    estimate,
+                    True,
+                )
                 return prep, row, "delta"
             lost = True
         blob = None
         if full is None:
             full = store.prepare(_renamed(w, slot.name), segmented=True)
         row = ObjectRow(h, "", "full", None, 0, w.dtype, w.shape, w.nbytes, full.stored_bytes, full.stored_bytes, True)
-        return full, row, self.planner.how_stored_whole(lost, planned.skip_left)
+        return full, row, planner.how_stored_whole(lost, planned.skip_left)
 
-    def _read_base(self, row: ObjectRow, streamed: bool = False) -> Union[np.ndarray, streams.BaseStream, None]:
+    def _read_base(self, row: ObjectRow, streamed: bool = False) -> np.ndarray | streams.BaseStream | None:
         """The bytes of a delta base, read back and verified (see :meth:`ObjectReader.read_base`);
         None (store the tensor whole) if they cannot be read. One tensor at a time: no copy of a
         checkpoint is kept."""
@@ -194,15 +229,19 @@ class ObjectWriter:
             return None
 
     def write_pack(
-        self, todo: dict[str, PlannedObject], workers: int,
-        board: Optional[HelpBoard] = None, direct_io: bool = False,
+        self,
+        todo: dict[str, PlannedObject],
+        workers: int,
+        board: HelpBoard | None = None,
+        direct_io: bool = False,
     ) -> WrittenObjects:
         if not todo:
             return WrittenObjects([], [], {})
         hows: dict[str, str] = {}
-        writer: Optional[PackWriter] = None
+        writer: PackWriter | None = None
 
         def encode_and_write(item: PlannedObject) -> ObjectRow:
+            assert writer is not None  # created before the workers start
             prep, row, how = self._encode_one(writer.store, item)
             location = writer.write(prep)
             row.pack = writer.name
@@ -219,8 +258,14 @@ class ObjectWriter:
         smallest_first = workers <= 1 and board is not None
         try:
             writer = PackWriter(self.path, codec_level=self.delta_config.codec_level, direct_io=direct_io)
-            rows = run_parallel(encode_and_write, list(todo.values()), workers, name="coral-encode", board=board,
-                                cost=lambda it: -it.tensor.weight.nbytes if smallest_first else it.tensor.weight.nbytes)
+            rows = run_parallel(
+                encode_and_write,
+                list(todo.values()),
+                workers,
+                name="coral-encode",
+                board=board,
+                cost=lambda it: -it.tensor.weight.nbytes if smallest_first else it.tensor.weight.nbytes,
+            )
             pack = writer.finish()
         except BaseException as exc:
             if writer is not None:
@@ -233,11 +278,13 @@ class ObjectWriter:
                     f"no space left on the disk holding {packs}: this save needs up to {needed / 1e6:.1f} MB "
                     f"({free / 1e6:.1f} MB free); nothing was saved and earlier checkpoints are intact. "
                     "Free space (e.g. coral-torch gc --yes) and save again",
-                    path=str(packs), needed=needed,
+                    path=str(packs),
+                    needed=needed,
                 ) from exc
             raise
         # finished and renamed: gc's grace period for young orphans protects it until publish
         return WrittenObjects([pack], rows, hows, [h for h, item in todo.items() if item.replaces])
+
 
 def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     """The same bytes under a display name (metadata only, no copy)."""
@@ -246,12 +293,10 @@ def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     return out
 
 
-def _pack_signature(path: Path) -> Optional[tuple[int, int, int]]:
+def _pack_signature(path: Path) -> tuple[int, int, int] | None:
     """``(inode, size, mtime_ns)`` of a pack file, None if it is gone: any rewrite changes it."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-

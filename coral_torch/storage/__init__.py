@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .hdf5_store import HDF5Store
-    from .s3.config import S3Config
-    from .s3.store import S3Store
-    from .weight_store import WeightStore
+    # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
+    from .hdf5_store import HDF5Store as HDF5Store
+    from .s3.config import S3Config as S3Config
+    from .s3.store import S3Store as S3Store
+    from .weight_store import WeightStore as WeightStore
 
 #: public name -> submodule that defines it
 _LAZY = {

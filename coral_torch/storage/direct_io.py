@@ -24,8 +24,8 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -93,13 +93,13 @@ def _copy_from_file(seg: FileSegment, fd: int, offset: int) -> None:
         with _staging_buffer() as stage:
             while done < seg.length:
                 n = min(STAGE_BYTES, seg.length - done)
-                view = memoryview(stage)[:n]
+                view = memoryview(stage)[:n]  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
                 seg[done : done + n].read_into(view)
                 pwritev_all(fd, [view], offset + done)
                 done += n
 
 
-def write_segments(fd: int, segments: Sequence["memoryview | FileSegment"], offset: int) -> None:
+def write_segments(fd: int, segments: Sequence[memoryview | FileSegment], offset: int) -> None:
     """Write segments back to back at ``offset``: runs of memory with ``pwritev``, spilled
     :class:`~coral_torch.codec.FileSegment` parts by :func:`_copy_from_file`."""
     run: list[memoryview] = []
@@ -117,7 +117,7 @@ def write_segments(fd: int, segments: Sequence["memoryview | FileSegment"], offs
         pwritev_all(fd, run, offset)
 
 
-def _chunks(segments: Sequence[memoryview], start: int, stop: int) -> Iterator[memoryview]:
+def _chunks(segments: Sequence[memoryview | FileSegment], start: int, stop: int) -> Iterator[memoryview | FileSegment]:
     """The bytes ``[start, stop)`` of the segments laid end to end, as slices of the segments."""
     pos = 0
     for seg in segments:
@@ -144,7 +144,7 @@ class BackgroundSync:
         self.every = max(1, int(every))
         self._pending = 0
         self._closed = False
-        self._error: Optional[OSError] = None
+        self._error: OSError | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="coral-sync", daemon=True)
         self._thread.start()
@@ -197,12 +197,11 @@ class PayloadWriter:
     :class:`BackgroundSync` of the file every that many payload bytes. Thread-safe (positional I/O).
     """
 
-    def __init__(self, path: "os.PathLike[str] | str", *, direct: bool = True,
-                 sync_every: Optional[int] = None) -> None:
+    def __init__(self, path: os.PathLike[str] | str, *, direct: bool = True, sync_every: int | None = None) -> None:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_WRONLY)
         self._sync = BackgroundSync(self._fd, sync_every) if sync_every else None
-        self._direct_fd: Optional[int] = None
+        self._direct_fd: int | None = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
@@ -218,7 +217,7 @@ class PayloadWriter:
         """Whether payloads can still go around the page cache."""
         return self._direct_ok
 
-    def write(self, segments: Sequence["memoryview | FileSegment"], offset: int) -> None:
+    def write(self, segments: Sequence[memoryview | FileSegment], offset: int) -> None:
         """Write the segments (memory, or spilled parts of a blob) back to back at ``offset``."""
         segments = [s for s in segments if len(s)]
         total = sum(len(s) for s in segments)
@@ -244,7 +243,7 @@ class PayloadWriter:
         if self._sync is not None:
             self._sync.wrote(total)
 
-    def _write_direct(self, fd: int, segments: List[memoryview], offset: int, length: int) -> None:
+    def _write_direct(self, fd: int, segments: Sequence[memoryview | FileSegment], offset: int, length: int) -> None:
         with _staging_buffer() as stage:
             done = 0
             while done < length:
@@ -252,11 +251,11 @@ class PayloadWriter:
                 pos = 0
                 for piece in _chunks(segments, done, done + n):
                     if isinstance(piece, FileSegment):
-                        piece.read_into(memoryview(stage)[pos : pos + len(piece)])
+                        piece.read_into(memoryview(stage)[pos : pos + len(piece)])  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
                     else:
                         stage[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                     pos += len(piece)
-                pwritev_all(fd, [memoryview(stage)[:n]], offset + done)
+                pwritev_all(fd, [memoryview(stage)[:n]], offset + done)  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
                 done += n
 
     def close(self) -> None:

@@ -24,17 +24,16 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, cast
 
 import h5py
 import numpy as np
 
 from .. import codec, dtypes
-from ..parallel import run_parallel
 from ..delta import ARRAY_LAYOUT_KEY, Delta, restore_payload, storage_payload
 from ..errors import (
-    CoralError,
     CompressionUnavailableError,
+    CoralError,
     CorruptObjectError,
     HashMismatchError,
     NotAStoreError,
@@ -58,6 +57,7 @@ from ..format.objects import (  # the one description of a stored object (re-exp
     weight_attrs,
     weight_metadata,
 )
+from ..parallel import run_parallel
 from ..weight_tensor import WeightMetadata, WeightTensor
 from .direct_io import MIN_DIRECT_BYTES, PAGE, PayloadWriter
 from .weight_store import WeightStore
@@ -86,6 +86,7 @@ _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 def _read_only(path: Path, exc: OSError) -> ReadOnlyStoreError:
     """h5py's "cannot create/open" error (HDF5's flags and all) as one line; ``errno`` and
     ``filename`` are kept, so a repository can name its own read-only error."""
+    assert exc.errno is not None  # one of _READ_ONLY_ERRNOS
     err = ReadOnlyStoreError(
         f"cannot write {path}: {os.strerror(exc.errno)} (read-only mount or no write permission); "
         "open it with mode='r' to read it, or write to a writable location"
@@ -94,10 +95,15 @@ def _read_only(path: Path, exc: OSError) -> ReadOnlyStoreError:
     return err
 
 
-def delta_object(delta: Delta, key: str, payload: Union[np.ndarray, codec.Blob]) -> PreparedObject:
+def delta_object(delta: Delta, key: str, payload: np.ndarray | codec.Blob) -> PreparedObject:
     """A delta's payload and description, ready for any store (``delta.data`` is not read)."""
-    return PreparedObject(key, "deltas", payload, delta_attrs(delta, payload),
-                          delta_logical_bytes(delta.original_shape, delta.original_dtype))
+    return PreparedObject(
+        key,
+        "deltas",
+        payload,
+        delta_attrs(delta, payload),
+        delta_logical_bytes(delta.original_shape, delta.original_dtype),
+    )
 
 
 def _values_view(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -137,13 +143,13 @@ class HDF5Store(WeightStore):
 
     def __init__(
         self,
-        filepath: Union[str, os.PathLike],
-        compression: Optional[str] = CODEC_COMPRESSION,
+        filepath: str | os.PathLike,
+        compression: str | None = CODEC_COMPRESSION,
         compression_opts: Any = None,
         mode: str = "a",
-        workers: Optional[int] = None,
+        workers: int | None = None,
         direct_io: bool = False,
-        sync_every: Optional[int] = None,
+        sync_every: int | None = None,
     ):
         self.filepath = Path(filepath)
         self.compression, self.compression_opts = self._check_compression(compression, compression_opts)
@@ -153,19 +159,17 @@ class HDF5Store(WeightStore):
         self.workers = workers or _default_workers()
         self.direct_io = direct_io
         self.sync_every = sync_every
-        self._writer: Optional[PayloadWriter] = None  # payload bytes, outside h5py (see _create_for_pwrite)
+        self._writer: PayloadWriter | None = None  # payload bytes, outside h5py (see _create_for_pwrite)
         self._lock = threading.RLock()  # HDF5 calls of concurrent writers (see write_prepared)
-        self._groups: Dict[str, h5py.Group] = {}
+        self._groups: dict[str, h5py.Group] = {}
         self._pwrite_dcpl: Any = None  # dataset creation property list of _create_for_pwrite
         self.file = self._open(mode)
 
     # ---------------------------------------------------------------------------------- set-up
     @staticmethod
-    def _check_compression(compression: Optional[str], opts: Any) -> tuple[Optional[str], Any]:
+    def _check_compression(compression: str | None, opts: Any) -> tuple[str | None, Any]:
         if compression not in COMPRESSIONS:
-            raise CompressionUnavailableError(
-                f"unknown compression {compression!r}; choose one of {COMPRESSIONS}"
-            )
+            raise CompressionUnavailableError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
         if compression == CODEC_COMPRESSION:
             level = codec.DEFAULT_LEVEL if opts is None else int(opts)
             if not -7 <= level <= 22:
@@ -242,7 +246,7 @@ class HDF5Store(WeightStore):
         :func:`coral_torch.codec.encode_blob`): beside the file, so the copy into it stays in the kernel."""
         return self.filepath.parent
 
-    def _alignment(self) -> Dict[str, int]:
+    def _alignment(self) -> dict[str, int]:
         """With direct I/O, large datasets start on a page boundary (O_DIRECT needs aligned
         offsets); otherwise HDF5 packs them back to back."""
         return _ALIGNMENT if self.direct_io else {}
@@ -252,9 +256,7 @@ class HDF5Store(WeightStore):
         if isinstance(fmt, bytes):
             fmt = fmt.decode()
         if fmt != FORMAT_NAME or not all(g in f for g in ("weights", "deltas")):
-            raise NotAStoreError(
-                f"{self.filepath} is an HDF5 file but not a coral-torch store; it was left untouched"
-            )
+            raise NotAStoreError(f"{self.filepath} is an HDF5 file but not a coral-torch store; it was left untouched")
         version = int(f.attrs.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise NotAStoreError(
@@ -275,8 +277,7 @@ class HDF5Store(WeightStore):
         return self.file
 
     # ------------------------------------------------------------------------- encode (no h5py)
-    def prepare(self, weight: WeightTensor, hash_key: Optional[str] = None, *, segmented: bool = False
-                ) -> PreparedObject:
+    def prepare(self, weight: WeightTensor, hash_key: str | None = None, *, segmented: bool = False) -> PreparedObject:
         """Hash and encode ``weight`` for writing. Thread-safe; touches no HDF5 state.
 
         ``segmented``: the payload may be a :class:`codec.Blob` that references the encoder's split
@@ -284,17 +285,20 @@ class HDF5Store(WeightStore):
         :meth:`write_prepared` before ``weight`` changes."""
         return self._prepare(weight, hash_key, segmented=segmented)
 
-    def _prepare(self, weight: WeightTensor, hash_key: Optional[str], segmented: bool) -> PreparedObject:
+    def _prepare(self, weight: WeightTensor, hash_key: str | None, segmented: bool) -> PreparedObject:
         """``segmented``: the payload may be a :class:`codec.Blob` that references the split buffer
         and ``weight``'s own bytes; only for callers that write it before ``weight`` changes."""
         digest = weight.compute_hash()
         meta = weight.metadata
-        payload: Union[np.ndarray, codec.Blob]
+        payload: np.ndarray | codec.Blob
         if self.compression == CODEC_COMPRESSION:
             level = self.compression_opts
             itemsize = dtypes.itemsize(meta.dtype)
-            payload = (codec.encode_blob(weight.raw, itemsize, level, spill_dir=self.spill_dir) if segmented
-                       else codec.encode(weight.raw, itemsize, level))
+            payload = (
+                codec.encode_blob(weight.raw, itemsize, level, spill_dir=self.spill_dir)
+                if segmented
+                else codec.encode(weight.raw, itemsize, level)
+            )
             encoding = ENCODING_CODEC
         else:
             payload = _values_view(weight.raw, meta.dtype, meta.shape)
@@ -334,10 +338,12 @@ class HDF5Store(WeightStore):
             group = self._group(obj.group)
             if _has_link(group, obj.key):
                 return False
+            offset: int | None
             try:
                 if by_pwrite:
                     dsid, offset = self._create_for_pwrite(group, obj.key, payload.nbytes)
                 else:
+                    assert isinstance(payload, np.ndarray)  # a Blob became an array above
                     kwargs = self._filter_kwargs(obj)
                     ds = group.create_dataset(obj.key, data=payload, **kwargs)
                     dsid = ds.id
@@ -353,6 +359,7 @@ class HDF5Store(WeightStore):
                     del group[obj.key]
                 raise
         if by_pwrite:
+            assert offset is not None  # _create_for_pwrite always gives one
             try:
                 self._pwrite_all(payload, offset)
             except BaseException:
@@ -370,13 +377,17 @@ class HDF5Store(WeightStore):
             g = self._groups[name] = self.file[name]
         return g
 
-    def _filter_kwargs(self, obj: PreparedObject) -> Dict[str, Any]:
+    def _filter_kwargs(self, obj: PreparedObject) -> dict[str, Any]:
         # HDF5 filters need chunked layout; below a few KiB they only add overhead (and szip refuses
         # chunks smaller than its block), so tiny datasets are stored plain.
-        payload = obj.payload
-        if (obj.attrs.get("encoding") == ENCODING_VALUES and payload.nbytes >= _MIN_FILTER_BYTES
-                and payload.ndim > 0 and self.compression is not None):
-            kwargs: Dict[str, Any] = {"compression": self.compression}
+        payload = cast(np.ndarray, obj.payload)  # not a Blob: those are written by pwrite
+        if (
+            obj.attrs.get("encoding") == ENCODING_VALUES
+            and payload.nbytes >= _MIN_FILTER_BYTES
+            and payload.ndim > 0
+            and self.compression is not None
+        ):
+            kwargs: dict[str, Any] = {"compression": self.compression}
             if self.compression_opts is not None:
                 kwargs["compression_opts"] = self.compression_opts
             return kwargs
@@ -386,8 +397,13 @@ class HDF5Store(WeightStore):
         p = obj.payload
         if isinstance(p, codec.Blob):
             return p.nbytes >= _PWRITE_MIN_BYTES
-        return (obj.attrs.get("encoding", ENCODING_CODEC) == ENCODING_CODEC and p.dtype == np.uint8
-                and p.ndim == 1 and p.nbytes >= _PWRITE_MIN_BYTES and p.flags.c_contiguous)
+        return (
+            obj.attrs.get("encoding", ENCODING_CODEC) == ENCODING_CODEC
+            and p.dtype == np.uint8
+            and p.ndim == 1
+            and p.nbytes >= _PWRITE_MIN_BYTES
+            and p.flags.c_contiguous
+        )
 
     def _create_for_pwrite(self, group: h5py.Group, key: str, size: int) -> tuple[Any, int]:
         """Create a contiguous uint8 dataset with its space allocated at once and return it with
@@ -410,12 +426,12 @@ class HDF5Store(WeightStore):
             self._writer = PayloadWriter(self.filepath, direct=self.direct_io, sync_every=self.sync_every)
         return dsid, int(offset)
 
-    def _pwrite_all(self, payload: Union[np.ndarray, codec.Blob], offset: int) -> None:
-        segments = payload.segments if isinstance(payload, codec.Blob) else [memoryview(payload).cast("B")]
+    def _pwrite_all(self, payload: np.ndarray | codec.Blob, offset: int) -> None:
+        segments = payload.segments if isinstance(payload, codec.Blob) else [memoryview(payload).cast("B")]  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
         assert self._writer is not None
         self._writer.write(segments, offset)
 
-    def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
+    def store(self, weight: WeightTensor, hash_key: str | None = None) -> str:
         """Store one tensor (idempotent) and return its key."""
         self._writable()
         key = hash_key or weight.compute_hash()
@@ -424,10 +440,10 @@ class HDF5Store(WeightStore):
             self.file.flush()
         return key
 
-    def store_batch(self, weights: Dict[str, WeightTensor]) -> Dict[str, str]:
+    def store_batch(self, weights: dict[str, WeightTensor]) -> dict[str, str]:
         """Store many tensors: hashing and encoding run on ``workers`` threads, writes in order."""
         self._writable()
-        result: Dict[str, str] = {}
+        result: dict[str, str] = {}
         todo: list[WeightTensor] = []
         seen: set[str] = set()
         group = self.file["weights"]
@@ -439,8 +455,13 @@ class HDF5Store(WeightStore):
                 todo.append(w)
         # each worker encodes and writes its own objects (largest first): no payload waits in a
         # queue for one writer, and no thread idles behind a large tensor
-        run_parallel(lambda w: self.write_prepared(self._prepare(w, None, True)), todo, self.workers,
-                     cost=lambda w: w.nbytes, name="coral-encode")
+        run_parallel(
+            lambda w: self.write_prepared(self._prepare(w, None, True)),
+            todo,
+            self.workers,
+            cost=lambda w: w.nbytes,
+            name="coral-encode",
+        )
         self.file.flush()
         return result
 
@@ -451,7 +472,7 @@ class HDF5Store(WeightStore):
     def exists(self, hash_key: str) -> bool:
         return hash_key in self._readable()["weights"]
 
-    def _read_payload(self, ds: h5py.Dataset, hash_key: str, attrs: Optional[Dict[str, Any]] = None) -> np.ndarray:
+    def _read_payload(self, ds: h5py.Dataset, hash_key: str, attrs: dict[str, Any] | None = None) -> np.ndarray:
         try:
             payload = ds[()]
         except (OSError, ValueError) as exc:
@@ -462,13 +483,12 @@ class HDF5Store(WeightStore):
         expected = (attrs if attrs is not None else _read_attrs(ds, hash_key)).get("payload_xxh3")
         if expected is not None and payload_checksum(payload) != as_text(expected):
             raise CorruptObjectError(
-                f"object {hash_key} in {self.filepath} is damaged (payload checksum mismatch); "
-                "it was not returned",
+                f"object {hash_key} in {self.filepath} is damaged (payload checksum mismatch); it was not returned",
                 hash_key=hash_key,
             )
         return payload
 
-    def _dataset(self, group: str, key: str) -> Optional[h5py.Dataset]:
+    def _dataset(self, group: str, key: str) -> h5py.Dataset | None:
         """The dataset of ``key`` in ``group``, None if there is none. What HDF5 meets finding and
         opening it in a damaged file (group index, object header) is :class:`CorruptObjectError`."""
         self._readable()
@@ -478,14 +498,20 @@ class HDF5Store(WeightStore):
         except (KeyError, RuntimeError, ValueError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:  # the OS's I/O error: named as such above
                 raise
-            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
-                                     f"damaged ({type(exc).__name__}: {exc})", hash_key=key) from exc
+            raise CorruptObjectError(
+                f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
+                f"damaged ({type(exc).__name__}: {exc})",
+                hash_key=key,
+            ) from exc
         if ds is not None and not isinstance(ds, h5py.Dataset):  # a damaged object header's type
-            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: HDF5 finds a "
-                                     f"{type(ds).__name__} there, not a dataset (its header is damaged)", hash_key=key)
+            raise CorruptObjectError(
+                f"object {key} in {self.filepath} cannot be read: HDF5 finds a "
+                f"{type(ds).__name__} there, not a dataset (its header is damaged)",
+                hash_key=key,
+            )
         return ds
 
-    def location(self, key: str, group: str = "weights") -> Optional[tuple[int, int]]:
+    def location(self, key: str, group: str = "weights") -> tuple[int, int] | None:
         """``(file offset, length)`` of the bytes HDF5 reads as the payload of ``key`` (its dataset's
         contiguous storage), or None if it is stored otherwise; :class:`CorruptObjectError` if HDF5
         cannot open it."""
@@ -497,10 +523,13 @@ class HDF5Store(WeightStore):
         except (KeyError, RuntimeError, ValueError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
-            raise CorruptObjectError(f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
-                                     f"damaged ({type(exc).__name__}: {exc})", hash_key=key) from exc
+            raise CorruptObjectError(
+                f"object {key} in {self.filepath} cannot be read: its HDF5 structure is "
+                f"damaged ({type(exc).__name__}: {exc})",
+                hash_key=key,
+            ) from exc
 
-    def read_prepared(self, key: str, group: str = "weights") -> Optional[PreparedObject]:
+    def read_prepared(self, key: str, group: str = "weights") -> PreparedObject | None:
         """The stored payload and attributes of one object, exactly as written, checksum-verified
         but not decoded. Used to copy objects between stores without re-encoding."""
         ds = self._dataset(group, key)
@@ -514,11 +543,12 @@ class HDF5Store(WeightStore):
             else:
                 logical = delta_logical_bytes(attrs["original_shape"], as_text(attrs["original_dtype"]))
         except (KeyError, ValueError, TypeError, CoralError) as exc:
-            raise CorruptObjectError(f"metadata of object {key} in {self.filepath} is damaged: {exc!r}",
-                                     hash_key=key) from exc
+            raise CorruptObjectError(
+                f"metadata of object {key} in {self.filepath} is damaged: {exc!r}", hash_key=key
+            ) from exc
         return PreparedObject(key, group, payload, attrs, logical)
 
-    def load(self, hash_key: str) -> Optional[WeightTensor]:
+    def load(self, hash_key: str) -> WeightTensor | None:
         """Load and verify one tensor; ``None`` if the key is unknown.
 
         Raises:
@@ -536,18 +566,19 @@ class HDF5Store(WeightStore):
                 hash_key=hash_key,
             )
         payload = self._read_payload(ds, hash_key, attrs)
-        return decode_weight(payload, attrs, hash_key, f" in {self.filepath}", default_encoding=ENCODING_VALUES,
-                             copy=False)
+        return decode_weight(
+            payload, attrs, hash_key, f" in {self.filepath}", default_encoding=ENCODING_VALUES, copy=False
+        )
 
-    def load_batch(self, hash_keys: List[str]) -> Dict[str, WeightTensor]:
-        out: Dict[str, WeightTensor] = {}
+    def load_batch(self, hash_keys: list[str]) -> dict[str, WeightTensor]:
+        out: dict[str, WeightTensor] = {}
         for key in hash_keys:
             w = self.load(key)
             if w is not None:
                 out[key] = w
         return out
 
-    def get_metadata(self, hash_key: str) -> Optional[WeightMetadata]:
+    def get_metadata(self, hash_key: str) -> WeightMetadata | None:
         f = self._readable()
         if hash_key in f["weights"]:
             return self._metadata_from_attrs(_read_attrs(f["weights"][hash_key], hash_key), hash_key)
@@ -559,7 +590,7 @@ class HDF5Store(WeightStore):
     def _metadata_from_attrs(attrs: Any, hash_key: str) -> WeightMetadata:
         return weight_metadata(attrs, hash_key, default_encoding=ENCODING_VALUES)
 
-    def list_weights(self) -> List[str]:
+    def list_weights(self) -> list[str]:
         return list(self._readable()["weights"].keys())
 
     def delete(self, hash_key: str) -> bool:
@@ -580,7 +611,7 @@ class HDF5Store(WeightStore):
             self.file.flush()
         return delta_hash
 
-    def load_delta(self, delta_hash: str) -> Optional[Delta]:
+    def load_delta(self, delta_hash: str) -> Delta | None:
         """Load and checksum-verify a delta; ``None`` if absent. ``data`` has the type it was
         stored with: ``bytes``, or an ndarray of the stored dtype and shape.
 
@@ -599,7 +630,7 @@ class HDF5Store(WeightStore):
     def delta_exists(self, delta_hash: str) -> bool:
         return delta_hash in self._readable()["deltas"]
 
-    def list_deltas(self) -> List[str]:
+    def list_deltas(self) -> list[str]:
         return list(self._readable()["deltas"].keys())
 
     def delete_delta(self, delta_hash: str) -> bool:
@@ -610,7 +641,7 @@ class HDF5Store(WeightStore):
         return True
 
     # ------------------------------------------------------------------------------- stats
-    def get_storage_info(self) -> Dict[str, Any]:
+    def get_storage_info(self) -> dict[str, Any]:
         """Statistics of the store's weights (full tensors; deltas are counted apart).
 
         Keys: ``filepath``; ``file_size`` (bytes of the .h5 file, HDF5 overhead and deltas
@@ -651,7 +682,7 @@ class HDF5Store(WeightStore):
             "delta_bytes": deltas["total_delta_bytes"],
         }
 
-    def get_delta_storage_info(self) -> Dict[str, Any]:
+    def get_delta_storage_info(self) -> dict[str, Any]:
         """Keys: ``total_deltas``; ``total_delta_bytes`` (their datasets' bytes on disk);
         ``total_original_bytes`` (size of the tensors they rebuild); ``average_ratio``:
         ``total_delta_bytes / total_original_bytes`` (stored/original, smaller is better; 1.0
@@ -701,7 +732,7 @@ def _has_link(group: h5py.Group, key: str) -> bool:
     return bool(group.id.links.exists(key.encode()))
 
 
-def _read_attrs(ds: h5py.Dataset, key: str) -> Dict[str, Any]:
+def _read_attrs(ds: h5py.Dataset, key: str) -> dict[str, Any]:
     """A dataset's metadata: the JSON attribute, or (files from before it) one attribute per field."""
     try:
         raw = ds.attrs.get(META_ATTR)
@@ -710,8 +741,9 @@ def _read_attrs(ds: h5py.Dataset, key: str) -> Dict[str, Any]:
     except (KeyError, RuntimeError, ValueError, OSError) as exc:  # HDF5 attribute storage damaged
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        raise CorruptObjectError(f"metadata of object {key} cannot be read: {type(exc).__name__}: {exc}",
-                                 hash_key=key) from exc
+        raise CorruptObjectError(
+            f"metadata of object {key} cannot be read: {type(exc).__name__}: {exc}", hash_key=key
+        ) from exc
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):

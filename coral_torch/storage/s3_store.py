@@ -29,5 +29,17 @@ from .s3.client import RemoteEntry
 from .s3.config import MiB, S3Config, TransferConfig
 from .s3.store import S3Store
 
-__all__ = ["S3Config", "S3Store", "RemoteEntry", "encode_document", "decode_document", "document_md5",
-           "TransferConfig", "FORMAT_NAME", "FORMAT_VERSION", "DOC_CHECKSUM", "MiB", "_payload_hash"]
+__all__ = [
+    "S3Config",
+    "S3Store",
+    "RemoteEntry",
+    "encode_document",
+    "decode_document",
+    "document_md5",
+    "TransferConfig",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "DOC_CHECKSUM",
+    "MiB",
+    "_payload_hash",
+]

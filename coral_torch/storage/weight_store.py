@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Optional
+from typing import Any, TypeVar
 
 from ..weight_tensor import WeightMetadata, WeightTensor
+
+_S = TypeVar("_S", bound="WeightStore")
 
 
 class WeightStore(ABC):
@@ -18,11 +20,11 @@ class WeightStore(ABC):
     """
 
     @abstractmethod
-    def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
+    def store(self, weight: WeightTensor, hash_key: str | None = None) -> str:
         """Store a weight tensor and return its hash key."""
 
     @abstractmethod
-    def load(self, hash_key: str) -> Optional[WeightTensor]:
+    def load(self, hash_key: str) -> WeightTensor | None:
         """Load a weight tensor by hash; ``None`` if absent."""
 
     @abstractmethod
@@ -34,23 +36,23 @@ class WeightStore(ABC):
         """Delete a weight; ``True`` if it existed."""
 
     @abstractmethod
-    def list_weights(self) -> List[str]:
+    def list_weights(self) -> list[str]:
         """All weight hashes in the store."""
 
     @abstractmethod
-    def get_metadata(self, hash_key: str) -> Optional[WeightMetadata]:
+    def get_metadata(self, hash_key: str) -> WeightMetadata | None:
         """Metadata of a weight without loading its data; ``None`` if absent."""
 
     @abstractmethod
-    def store_batch(self, weights: Dict[str, WeightTensor]) -> Dict[str, str]:
+    def store_batch(self, weights: dict[str, WeightTensor]) -> dict[str, str]:
         """Store many weights; returns ``{input key: hash}``."""
 
     @abstractmethod
-    def load_batch(self, hash_keys: List[str]) -> Dict[str, WeightTensor]:
+    def load_batch(self, hash_keys: list[str]) -> dict[str, WeightTensor]:
         """Load many weights; returns ``{hash: WeightTensor}`` for those present."""
 
     @abstractmethod
-    def get_storage_info(self) -> Dict[str, Any]:
+    def get_storage_info(self) -> dict[str, Any]:
         """Statistics about the store (see each backend for the keys).
 
         Where a backend reports ``compression_ratio`` it is ``compressed_bytes / total_bytes``:
@@ -58,10 +60,10 @@ class WeightStore(ABC):
         not the "fraction saved" some Coral documentation calls compression ratio.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, deliberately not abstract
         """Release resources. Default: nothing to do."""
 
-    def __enter__(self):
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(self, *exc: object) -> None:

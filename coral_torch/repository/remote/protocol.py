@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Union
+from typing import Any, TypeGuard
 
 from ...errors import (
     CatalogDamagedError,
@@ -38,15 +39,27 @@ from ...storage.s3.store import S3Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteLike", "COMMITS", "REFS", "open_remote", "ref_doc", "check_commit_doc", "check_ref_doc",
-           "json_names", "get_docs", "listed_documents", "refused", "is_commit_id"]
+__all__ = [
+    "RemoteLike",
+    "COMMITS",
+    "REFS",
+    "open_remote",
+    "ref_doc",
+    "check_commit_doc",
+    "check_ref_doc",
+    "json_names",
+    "get_docs",
+    "listed_documents",
+    "refused",
+    "is_commit_id",
+]
 
-RemoteLike = Union[S3Config, S3Store]
+RemoteLike = S3Config | S3Store
 COMMITS, REFS = "commits/", "refs/"
 _CID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def is_commit_id(v: Any) -> bool:
+def is_commit_id(v: Any) -> TypeGuard[str]:
     return isinstance(v, str) and bool(_CID_RE.match(v))
 
 
@@ -118,13 +131,16 @@ def check_commit_doc(doc: dict[str, Any], cid: str, where: str) -> str:
     for f in ("logical_bytes", "new_bytes"):
         if not _is_int(doc.get(f)) or doc[f] < 0:
             raise bad(f"its {f} {doc.get(f)!r} is not a size")
-    if not isinstance(doc.get("message", ""), str) or not isinstance(doc.get("metrics", {}), dict) \
-            or not isinstance(doc.get("info", {}), dict) or not isinstance(doc.get("lossy", False), (bool, int)):
+    if (
+        not isinstance(doc.get("message", ""), str)
+        or not isinstance(doc.get("metrics", {}), dict)
+        or not isinstance(doc.get("info", {}), dict)
+        or not isinstance(doc.get("lossy", False), (bool, int))
+    ):
         raise bad("its message, metrics, info or lossy field has the wrong type")
     objects = doc.get("objects")
     if not isinstance(objects, list) or not all(
-        isinstance(o, list) and len(o) == 3 and all(isinstance(x, str) for x in o) and o[0] and o[1]
-        for o in objects
+        isinstance(o, list) and len(o) == 3 and all(isinstance(x, str) for x in o) and o[0] and o[1] for o in objects
     ):
         raise bad("its object list is malformed")
     try:
@@ -156,16 +172,16 @@ def _what(key: str) -> str:
     """How messages name the document at ``key`` ("commit document <id>", "ref document <name>")."""
     for sub, what in ((COMMITS, "commit document"), (REFS, "ref document")):
         if key.startswith(sub) and key.endswith(".json"):
-            return f"{what} {key[len(sub):-len('.json')]}"
+            return f"{what} {key[len(sub) : -len('.json')]}"
     return f"document {key}"
 
 
-def get_docs(client: S3Client, keys: list[str]) -> dict[str, Union[dict[str, Any], None, CorruptObjectError]]:
+def get_docs(client: S3Client, keys: list[str]) -> dict[str, dict[str, Any] | None | CorruptObjectError]:
     """``{key: document, None (missing) or the CorruptObjectError (damaged)}``, in parallel."""
     if not keys:
         return {}
 
-    def one(key: str) -> Union[dict[str, Any], None, CorruptObjectError]:
+    def one(key: str) -> dict[str, Any] | None | CorruptObjectError:
         try:
             return client.get_document(client.document_key(key), _what(key))
         except CorruptObjectError as exc:
@@ -175,8 +191,7 @@ def get_docs(client: S3Client, keys: list[str]) -> dict[str, Union[dict[str, Any
         return dict(zip(keys, pool.map(one, keys)))
 
 
-def listed_documents(client: S3Client, sub: str,
-                     skip: Callable[[str, RemoteEntry], bool]) -> dict[str, dict[str, Any]]:
+def listed_documents(client: S3Client, sub: str, skip: Callable[[str, RemoteEntry], bool]) -> dict[str, dict[str, Any]]:
     """``{name: document}`` for the ``<sub><name>.json`` documents listed (``skip(name, entry)``
     True: not read). A listed document that is then missing means the listing was damaged on the
     way or the remote changed: the listing is made again (``max_attempts`` times in all).
@@ -194,7 +209,7 @@ def listed_documents(client: S3Client, sub: str,
         for key, doc in get_docs(client, [f"{sub}{k}.json" for k in todo]).items():
             if isinstance(doc, CorruptObjectError):
                 raise refused(client.url, doc) from None
-            name = key[len(sub):-len(".json")]
+            name = key[len(sub) : -len(".json")]
             if doc is None:
                 vanished.append(name)
             else:
@@ -205,8 +220,13 @@ def listed_documents(client: S3Client, sub: str,
         if not vanished:
             return got
         if attempt < n:
-            log.warning("%d document(s) listed under %s%s were not there (first: %s); listing again",
-                        len(vanished), client.url, sub, vanished[0])
+            log.warning(
+                "%d document(s) listed under %s%s were not there (first: %s); listing again",
+                len(vanished),
+                client.url,
+                sub,
+                vanished[0],
+            )
             vanished = []
     raise RemoteError(
         f"the listing of {client.url}{sub} keeps naming documents that are not there (first: {vanished[0]}); "
@@ -216,11 +236,16 @@ def listed_documents(client: S3Client, sub: str,
 
 def refused(url: str, exc: CoralError) -> CoralError:
     """The error a pull raises for a document it refuses: the same kind, saying nothing was pulled."""
-    msg = (f"pull from {url} refused: {exc}. Nothing was pulled. Run the pull again; if it persists, "
-           "push again from a repository that holds it to rewrite it")
+    msg = (
+        f"pull from {url} refused: {exc}. Nothing was pulled. Run the pull again; if it persists, "
+        "push again from a repository that holds it to rewrite it"
+    )
     if isinstance(exc, IntegrityError):
-        return type(exc)(msg, hash_key=exc.hash_key) if type(exc) in (CorruptObjectError, IntegrityError) \
+        return (
+            type(exc)(msg, hash_key=exc.hash_key)
+            if type(exc) in (CorruptObjectError, IntegrityError)
             else CorruptObjectError(msg, hash_key=exc.hash_key)
+        )
     if isinstance(exc, InvalidRefNameError):
         return InvalidRefNameError(msg)
     return RemoteError(msg)

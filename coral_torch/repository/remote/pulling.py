@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from ... import codec
-from ...errors import CorruptObjectError, IntegrityError, InvalidRefNameError, RemoteRepositoryNotFoundError, \
-    SyncIncompleteError
+from ...errors import (
+    CorruptObjectError,
+    IntegrityError,
+    InvalidRefNameError,
+    RemoteRepositoryNotFoundError,
+    SyncIncompleteError,
+)
 from ...format.documents import document_md5
 from ...format.objects import DELTAS, WEIGHTS
 from ...refnames import validate_ref_name
@@ -21,8 +27,19 @@ from ...storage.s3.endpoints import S3ObjectSource
 from ...storage.s3.objects import S3Objects, check_key
 from ..catalog import NewCommit, ObjectRow
 from ..packs import PACKS_DIR, PackWriter, WrittenPack
-from .protocol import COMMITS, REFS, RemoteLike, check_commit_doc, check_ref_doc, is_commit_id, json_names, \
-    listed_documents, open_remote, ref_doc, refused
+from .protocol import (
+    COMMITS,
+    REFS,
+    RemoteLike,
+    check_commit_doc,
+    check_ref_doc,
+    is_commit_id,
+    json_names,
+    listed_documents,
+    open_remote,
+    ref_doc,
+    refused,
+)
 from .pushing import Repository
 
 log = logging.getLogger(__name__)
@@ -44,8 +61,8 @@ class PackSink:
         known = [r for r in repo.catalog.all_objects() if r.hash not in skip]
         self._full = {r.hash for r in known if r.kind == "full"}
         self._delta = {r.hash for r in known if r.kind == "delta"}
-        self.writer: Optional[PackWriter] = None
-        self.pack: Optional[WrittenPack] = None
+        self.writer: PackWriter | None = None
+        self.pack: WrittenPack | None = None
         self.rows: list[ObjectRow] = []
 
     def present(self) -> dict[str, dict[str, None]]:
@@ -56,7 +73,7 @@ class PackSink:
     def accept(self, group: str, key: str) -> None:
         check_key(key)
 
-    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+    def check(self, group: str, key: str, entry: Any) -> str | None:
         return None
 
     def write(self, obj: PreparedObject) -> int:
@@ -66,13 +83,42 @@ class PackSink:
         a, name = obj.attrs, self.writer.name
         if obj.group == WEIGHTS:
             shape = tuple(int(x) for x in a["shape"])
-            self.rows.append(ObjectRow(obj.key, name, "full", None, 0, str(a["dtype"]), shape,
-                                       obj.logical_bytes, obj.stored_bytes, obj.stored_bytes, True, offset, length))
+            self.rows.append(
+                ObjectRow(
+                    obj.key,
+                    name,
+                    "full",
+                    None,
+                    0,
+                    str(a["dtype"]),
+                    shape,
+                    obj.logical_bytes,
+                    obj.stored_bytes,
+                    obj.stored_bytes,
+                    True,
+                    offset,
+                    length,
+                )
+            )
         else:
             shape = tuple(int(x) for x in a["original_shape"])
-            self.rows.append(ObjectRow(obj.key, name, "delta", str(a["reference_hash"]), -1,
-                                       str(a["original_dtype"]), shape, obj.logical_bytes, obj.stored_bytes,
-                                       obj.logical_bytes, bool(a.get("lossless", True)), offset, length))
+            self.rows.append(
+                ObjectRow(
+                    obj.key,
+                    name,
+                    "delta",
+                    str(a["reference_hash"]),
+                    -1,
+                    str(a["original_dtype"]),
+                    shape,
+                    obj.logical_bytes,
+                    obj.stored_bytes,
+                    obj.logical_bytes,
+                    bool(a.get("lossless", True)),
+                    offset,
+                    length,
+                )
+            )
         return 0
 
     def flush(self) -> None:
@@ -83,7 +129,7 @@ class PackSink:
     def touched(self) -> bool:
         return self.writer is not None
 
-    def publish(self) -> Optional[WrittenPack]:
+    def publish(self) -> WrittenPack | None:
         """Close, fsync and rename the pack into ``packs/``; None if nothing was written."""
         if self.pack is None and self.writer is not None:
             self.pack = self.writer.finish()
@@ -121,14 +167,20 @@ def require_remote_repository(store: Any) -> None:
     )
 
 
-def download_objects(objects: S3Objects, sink: PackSink, progress: Optional[bool]) -> dict[str, Any]:
+def download_objects(objects: S3Objects, sink: PackSink, progress: bool | None) -> dict[str, Any]:
     client = objects.client
-    return engine.sync(S3ObjectSource(objects), sink, verb="downloaded", max_concurrency=client.transfer.max_concurrency,
-                       progress=progress if progress is not None else client.config.progress,
-                       desc=f"pull {client.url}", read_ahead_bytes=client.transfer.read_ahead_bytes)
+    return engine.sync(
+        S3ObjectSource(objects),
+        sink,
+        verb="downloaded",
+        max_concurrency=client.transfer.max_concurrency,
+        progress=progress if progress is not None else client.config.progress,
+        desc=f"pull {client.url}",
+        read_ahead_bytes=client.transfer.read_ahead_bytes,
+    )
 
 
-def pull(repo: Repository, remote: RemoteLike, progress: Optional[bool] = None) -> dict[str, Any]:
+def pull(repo: Repository, remote: RemoteLike, progress: bool | None = None) -> dict[str, Any]:
     """Fetch every remote commit this repository lacks, the objects they need, and the refs.
 
     Every document is verified before anything is stored: ref documents (checksum, name), commit
@@ -158,8 +210,9 @@ def pull(repo: Repository, remote: RemoteLike, progress: Optional[bool] = None) 
             client.close()
 
 
-def _pull_locked(repo: Repository, client: S3Client, objects: S3Objects, progress: Optional[bool],
-                 t0: float) -> dict[str, Any]:
+def _pull_locked(
+    repo: Repository, client: S3Client, objects: S3Objects, progress: bool | None, t0: float
+) -> dict[str, Any]:
     local_refs = {n: (c, u) for n, c, u in repo.catalog.ref_rows()}
     # refs first: a push writes a ref only after its commit document, so every commit a ref listed
     # now names is in the commit listing made after it
@@ -180,8 +233,10 @@ def _pull_locked(repo: Repository, client: S3Client, objects: S3Objects, progres
     have = set(repo.catalog.commit_ids())
     docs = []
     try:
-        remote_refs = {name: check_ref_doc(doc, name, client.url)
-                       for name, doc in listed_documents(client, REFS, same_as_local).items()}
+        remote_refs = {
+            name: check_ref_doc(doc, name, client.url)
+            for name, doc in listed_documents(client, REFS, same_as_local).items()
+        }
         fetched = listed_documents(client, COMMITS, lambda cid, _e: cid in have)
         for cid, doc in fetched.items():
             if not is_commit_id(cid):
@@ -205,16 +260,24 @@ def _pull_locked(repo: Repository, client: S3Client, objects: S3Objects, progres
     docs.sort(key=lambda d: (float(d[0].get("time") or 0.0), d[0]["id"]))
     replace, bad_packs = _damaged_local_objects(repo)
     if replace:
-        log.warning("%d object(s) of %s are in missing or damaged packs: fetching them again from %s",
-                    len(replace), repo.path, client.url)
+        log.warning(
+            "%d object(s) of %s are in missing or damaged packs: fetching them again from %s",
+            len(replace),
+            repo.path,
+            client.url,
+        )
     sink = PackSink(repo, replace)
     try:
         try:
             obj_stats = download_objects(objects, sink, progress)
             missing = _missing_objects(repo, sink, docs, replace)
             if missing:  # a listing damaged on the way can hide objects: one more pass, listed again
-                log.warning("%d object(s) the pulled commits need were not in the listing of %s (first: %s); "
-                            "listing again", len(missing), client.url, next(iter(missing)))
+                log.warning(
+                    "%d object(s) the pulled commits need were not in the listing of %s (first: %s); listing again",
+                    len(missing),
+                    client.url,
+                    next(iter(missing)),
+                )
                 more = download_objects(objects, sink, progress)
                 for k in ("downloaded", "deltas_downloaded", "bytes_transferred"):
                     obj_stats[k] += more[k]
@@ -229,8 +292,12 @@ def _pull_locked(repo: Repository, client: S3Client, objects: S3Objects, progres
         _drop_emptied_packs(repo, bad_packs)
     left = replace - {r.hash for r in sink.rows}
     if left:
-        log.warning("%d damaged object(s) of %s are not on %s either; `coral-torch verify` lists the commits "
-                    "they break", len(left), repo.path, client.url)
+        log.warning(
+            "%d damaged object(s) of %s are not on %s either; `coral-torch verify` lists the commits they break",
+            len(left),
+            repo.path,
+            client.url,
+        )
     stats = {
         "objects_downloaded": obj_stats["downloaded"] + obj_stats["deltas_downloaded"],
         "objects_skipped": obj_stats["skipped"],
@@ -270,8 +337,7 @@ def _drop_emptied_packs(repo: Repository, packs: set[str]) -> None:
         log.info("removed %d damaged pack(s) of %s whose objects were all fetched again", len(empty), repo.path)
 
 
-def _missing_objects(repo: Repository, sink: PackSink, docs: list[tuple[dict, str]],
-                     replace: set[str]) -> set[str]:
+def _missing_objects(repo: Repository, sink: PackSink, docs: list[tuple[dict, str]], replace: set[str]) -> set[str]:
     """Objects the pulled commits (or their delta bases) need that neither side has here."""
     rows = {r.hash: r for r in repo.catalog.all_objects() if r.hash not in replace}
     rows.update((r.hash, r) for r in sink.rows)
@@ -317,15 +383,19 @@ def _pull_stopped(repo: Repository, url: str, sink: PackSink, exc: SyncIncomplet
     first_key, first = next(iter(exc.failures.items()), ("?", exc))
     damaged = [k for k, e in exc.failures.items() if isinstance(e, IntegrityError)]
     if damaged and len(damaged) == len(exc.failures):
-        msg = (f"pull from {url} into {repo.path} refused: {len(damaged)} object(s) arrived damaged, "
-               f"every read of them (first: {first_key}: {first}). No commit or ref was pulled. Run the pull "
-               "again; if they stay damaged, they are damaged on the remote: repair it from an intact copy "
-               "(push again with verification from a repository that holds them, or delete the damaged "
-               "objects' metadata/<hash>[.delta].json there and push again)")
+        msg = (
+            f"pull from {url} into {repo.path} refused: {len(damaged)} object(s) arrived damaged, "
+            f"every read of them (first: {first_key}: {first}). No commit or ref was pulled. Run the pull "
+            "again; if they stay damaged, they are damaged on the remote: repair it from an intact copy "
+            "(push again with verification from a repository that holds them, or delete the damaged "
+            "objects' metadata/<hash>[.delta].json there and push again)"
+        )
     else:
-        msg = (f"pull from {url} into {repo.path} stopped: {len(exc.failures)} object(s) not downloaded "
-               f"(first: {first_key}: {first}). No commit or ref was pulled yet; run the pull again to "
-               "finish it (objects already downloaded are not downloaded again)")
+        msg = (
+            f"pull from {url} into {repo.path} stopped: {len(exc.failures)} object(s) not downloaded "
+            f"(first: {first_key}: {first}). No commit or ref was pulled yet; run the pull again to "
+            "finish it (objects already downloaded are not downloaded again)"
+        )
     if kept:
         msg += f". Kept {kept} verified object(s) that did arrive"
     return SyncIncompleteError(msg, stats=exc.stats, failures=exc.failures)
@@ -344,7 +414,7 @@ def _keep_downloaded(repo: Repository, sink: PackSink) -> int:
     known = {r.hash: r for r in cat.all_objects()}
     new = {r.hash: r for r in sink.rows}
 
-    def depth(h: str, seen: int = 0) -> Optional[int]:
+    def depth(h: str, seen: int = 0) -> int | None:
         r = new.get(h)
         if r is None:
             k = known.get(h)
@@ -374,9 +444,14 @@ def _keep_downloaded(repo: Repository, sink: PackSink) -> int:
     return len(rows)
 
 
-def _commit_pull(repo: Repository, pack: Optional[WrittenPack], rows: list[ObjectRow],
-                 docs: list[tuple[dict, str]], remote_refs: dict[str, tuple[str, float]],
-                 replace: set[str]) -> None:
+def _commit_pull(
+    repo: Repository,
+    pack: WrittenPack | None,
+    rows: list[ObjectRow],
+    docs: list[tuple[dict, str]],
+    remote_refs: dict[str, tuple[str, float]],
+    replace: set[str],
+) -> None:
     cat = repo.catalog
     known = {r.hash: r for r in cat.all_objects() if r.hash not in replace}
     new = {r.hash: r for r in rows}
@@ -387,15 +462,17 @@ def _commit_pull(repo: Repository, pack: Optional[WrittenPack], rows: list[Objec
         if r is None:
             raise CorruptObjectError(
                 f"object {h} is needed as a delta base but is neither here nor on the remote: the remote is "
-                "incomplete; nothing was pulled. Push again from the repository that made it", hash_key=h,
+                "incomplete; nothing was pulled. Push again from the repository that made it",
+                hash_key=h,
             )
         if r.kind == "full":
             return 0
         if r.depth >= 0:
             return r.depth
         if seen > 10_000:
-            raise CorruptObjectError(f"the delta chain of object {h} on the remote loops: it is damaged; "
-                                     "nothing was pulled", hash_key=h)
+            raise CorruptObjectError(
+                f"the delta chain of object {h} on the remote loops: it is damaged; nothing was pulled", hash_key=h
+            )
         r.depth = depth(r.base or "", seen + 1) + 1
         return r.depth
 
@@ -411,9 +488,26 @@ def _commit_pull(repo: Repository, pack: Optional[WrittenPack], rows: list[Objec
                 hash_key=missing[0],
             )
     now = time.time()
-    commits = [(NewCommit(doc["id"], doc.get("parent"), doc["run"], doc.get("epoch"), doc.get("step"), doc["time"],
-                          doc.get("message", ""), doc.get("metrics", {}), manifest_json, bool(doc.get("lossy", 0)),
-                          doc["logical_bytes"], doc["new_bytes"], doc.get("info", {})),
-                [(doc["id"], n, h, how) for n, h, how in doc["objects"]]) for doc, manifest_json in docs]
+    commits = [
+        (
+            NewCommit(
+                doc["id"],
+                doc.get("parent"),
+                doc["run"],
+                doc.get("epoch"),
+                doc.get("step"),
+                doc["time"],
+                doc.get("message", ""),
+                doc.get("metrics", {}),
+                manifest_json,
+                bool(doc.get("lossy", 0)),
+                doc["logical_bytes"],
+                doc["new_bytes"],
+                doc.get("info", {}),
+            ),
+            [(doc["id"], n, h, how) for n, h, how in doc["objects"]],
+        )
+        for doc, manifest_json in docs
+    ]
     pack_row = (pack.name, pack.size, now) if pack is not None else None
     cat.publish_pulled(pack=pack_row, objects=rows, replace=replace, commits=commits, refs=remote_refs, now=now)

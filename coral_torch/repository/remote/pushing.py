@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...errors import CorruptObjectError, IntegrityError, InvalidRefNameError
 from ...format.documents import document_md5
@@ -19,8 +20,17 @@ from ...storage.s3.client import S3Client
 from ...storage.s3.endpoints import LocalSource, S3ObjectSink
 from ...storage.s3.objects import S3Objects
 from ..packs import PACKS_DIR
-from .protocol import COMMITS, REFS, RemoteLike, check_commit_doc, check_ref_doc, get_docs, json_names, \
-    open_remote, ref_doc
+from .protocol import (
+    COMMITS,
+    REFS,
+    RemoteLike,
+    check_commit_doc,
+    check_ref_doc,
+    get_docs,
+    json_names,
+    open_remote,
+    ref_doc,
+)
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -37,8 +47,8 @@ class Repository(Protocol):
     """What push and pull use of a repository (the facade calls into this package, not back)."""
 
     path: Path
-    catalog: "Catalog"
-    lock: "RepositoryLock"
+    catalog: Catalog
+    lock: RepositoryLock
 
 
 class RepositoryObjects:
@@ -50,7 +60,7 @@ class RepositoryObjects:
         self.path = repo.path
         wanted = set(hashes)
         self._rows = {r.hash: r for r in repo.catalog.all_objects() if r.hash in wanted}
-        self._packs: "OrderedDict[str, HDF5Store]" = OrderedDict()
+        self._packs: OrderedDict[str, HDF5Store] = OrderedDict()
 
     def list_weights(self) -> list[str]:
         return [h for h, r in self._rows.items() if r.kind == "full"]
@@ -79,12 +89,13 @@ class RepositoryObjects:
             self._packs.popitem()[1].close()
 
 
-def live_closure(repo: Repository, live: Optional[set[str]] = None) -> tuple[set[str], set[str]]:
+def live_closure(repo: Repository, live: set[str] | None = None) -> tuple[set[str], set[str]]:
     """(live commit ids, object hashes they need incl. delta bases)."""
     if live is None:
         live = set(repo.catalog.refs().values())
     rows = {r.hash: r for r in repo.catalog.all_objects()}
     needed: set[str] = set()
+    h: str | None
     for cid in live:
         for _, h, _ in repo.catalog.commit_objects(cid):
             while h is not None and h not in needed:
@@ -112,16 +123,26 @@ def _local_refs(repo: Repository) -> dict[str, tuple[str, float]]:
     return refs
 
 
-def _commit_doc(repo: Repository, cid: str) -> Optional[dict[str, Any]]:
+def _commit_doc(repo: Repository, cid: str) -> dict[str, Any] | None:
     """The document a push writes for a local commit (None if it is gone: a concurrent gc)."""
     row = repo.catalog.get_commit(cid)
     if row is None:
         return None
     return {
-        "kind": "commit", "id": row.id, "parent": row.parent, "run": row.run, "epoch": row.epoch,
-        "step": row.step, "time": row.time, "message": row.message, "metrics": row.metrics,
-        "manifest": row.manifest, "lossy": bool(row.lossy), "logical_bytes": row.logical_bytes,
-        "new_bytes": row.new_bytes, "info": row.info,
+        "kind": "commit",
+        "id": row.id,
+        "parent": row.parent,
+        "run": row.run,
+        "epoch": row.epoch,
+        "step": row.step,
+        "time": row.time,
+        "message": row.message,
+        "metrics": row.metrics,
+        "manifest": row.manifest,
+        "lossy": bool(row.lossy),
+        "logical_bytes": row.logical_bytes,
+        "new_bytes": row.new_bytes,
+        "info": row.info,
         "objects": sorted([n, h, how] for n, h, how in repo.catalog.commit_objects(cid)),
     }
 
@@ -131,23 +152,33 @@ def write_document(client: S3Client, key: str, doc: Mapping[str, Any]) -> int:
     return client.put_document(client.document_key(key), doc).size
 
 
-def upload_objects(repo: Repository, objects: S3Objects, hashes: Collection[str],
-                   verify: Union[bool, Collection[str]], progress: Optional[bool]) -> dict[str, Any]:
+def upload_objects(
+    repo: Repository,
+    objects: S3Objects,
+    hashes: Collection[str],
+    verify: bool | Collection[str],
+    progress: bool | None,
+) -> dict[str, Any]:
     """Upload the repository's objects ``hashes`` that the remote lacks or (``verify``) holds
     damaged; the sync engine's stats."""
     local = RepositoryObjects(repo, hashes)
     client = objects.client
     try:
-        return engine.sync(LocalSource(local, where=str(repo.path)), S3ObjectSink(objects), verb="uploaded",
-                           verify=verify, max_concurrency=client.transfer.max_concurrency,
-                           progress=progress if progress is not None else client.config.progress,
-                           desc=f"push {client.url}", read_ahead_bytes=client.transfer.read_ahead_bytes)
+        return engine.sync(
+            LocalSource(local, where=str(repo.path)),
+            S3ObjectSink(objects),
+            verb="uploaded",
+            verify=verify,
+            max_concurrency=client.transfer.max_concurrency,
+            progress=progress if progress is not None else client.config.progress,
+            desc=f"push {client.url}",
+            read_ahead_bytes=client.transfer.read_ahead_bytes,
+        )
     finally:
         local.close()
 
 
-def push(repo: Repository, remote: RemoteLike, progress: Optional[bool] = None, *,
-         verify: bool = False) -> dict[str, Any]:
+def push(repo: Repository, remote: RemoteLike, progress: bool | None = None, *, verify: bool = False) -> dict[str, Any]:
     """Send the commits that refs name, the objects they need, then the refs (see the package
     docstring for what is verified; ``verify=True`` also checks every object of every pushed commit
     already on the remote).
@@ -182,9 +213,10 @@ def push(repo: Repository, remote: RemoteLike, progress: Optional[bool] = None, 
         differ = [cid for cid in docs if cid in remote_commits and remote_commits[cid].etag != document_md5(docs[cid])]
         repaired_commits = 0
         for key, got in get_docs(client, [f"{COMMITS}{cid}.json" for cid in differ]).items():
-            cid = key[len(COMMITS):-len(".json")]
+            cid = key[len(COMMITS) : -len(".json")]
             problem = str(got) if isinstance(got, CorruptObjectError) else "it vanished" if got is None else None
             if problem is None:
+                assert isinstance(got, dict)  # neither damaged nor gone
                 try:
                     check_commit_doc(got, cid, client.url)  # another machine's intact document: kept
                 except (CorruptObjectError, InvalidRefNameError) as exc:
@@ -208,7 +240,7 @@ def push(repo: Repository, remote: RemoteLike, progress: Optional[bool] = None, 
                 differ_refs.append(name)
         kept_remote = 0
         for key, got in get_docs(client, [f"{REFS}{n}.json" for n in differ_refs]).items():
-            name = key[len(REFS):-len(".json")]
+            name = key[len(REFS) : -len(".json")]
             cid, updated = local_refs[name]
             if isinstance(got, dict):
                 try:

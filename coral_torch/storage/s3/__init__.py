@@ -12,9 +12,15 @@ from typing import TYPE_CHECKING
 from ...lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .client import PreconditionFailedError, PutResult, RemoteEntry, S3Client
-    from .config import S3Config, TransferConfig
-    from .store import S3Store
+    # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
+    from .client import (
+        PreconditionFailedError as PreconditionFailedError,
+        PutResult as PutResult,
+        RemoteEntry as RemoteEntry,
+        S3Client as S3Client,
+    )
+    from .config import S3Config as S3Config, TransferConfig as TransferConfig
+    from .store import S3Store as S3Store
 
 _LAZY = {
     "S3Config": ".config",

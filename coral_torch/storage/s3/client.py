@@ -31,7 +31,8 @@ import base64
 import io
 import logging
 import threading
-from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import boto3
 import numpy as np
@@ -131,7 +132,7 @@ class _ProvideSize(BaseSubscriber):
     def __init__(self, size: int):
         self._size = int(size)
 
-    def on_queued(self, future, **kwargs):  # noqa: D401 - s3transfer callback
+    def on_queued(self, future: Any, **kwargs: Any) -> None:  # noqa: D401 - s3transfer callback
         future.meta.provide_transfer_size(self._size)
 
 
@@ -146,14 +147,17 @@ class S3Client:
         self.transfer = t = config.transfer
         self.bucket, self.prefix, self.url = config.bucket, config.prefix, config.url
         self.max_attempts = t.max_attempts
-        self._etag_md5: Optional[bool] = None  # whether ETags are MD5s: None until an upload tells
+        self._etag_md5: bool | None = None  # whether ETags are MD5s: None until an upload tells
         self._etag_lock = threading.Lock()
         self._closed = False
         c = config
         try:
             session = boto3.session.Session(
-                aws_access_key_id=c.access_key, aws_secret_access_key=c.secret_key,
-                aws_session_token=c.session_token, region_name=c.region, profile_name=c.profile,
+                aws_access_key_id=c.access_key,
+                aws_secret_access_key=c.secret_key,
+                aws_session_token=c.session_token,
+                region_name=c.region,
+                profile_name=c.profile,
             )
         except ProfileNotFound as exc:
             raise RemoteConfigError(f"AWS profile {c.profile!r} is not in the shared config files: {exc}") from None
@@ -174,14 +178,19 @@ class S3Client:
         except (BotoCoreError, ValueError) as exc:
             raise RemoteConfigError(f"cannot set up an S3 client for {c.url}: {exc}") from None
         self.endpoint = c.endpoint_url or self._s3.meta.endpoint_url
-        self._transfer = create_transfer_manager(self._s3, BotoTransferConfig(
-            multipart_threshold=t.multipart_threshold, multipart_chunksize=t.multipart_chunksize,
-            max_concurrency=t.max_concurrency, num_download_attempts=t.max_attempts,
-            preferred_transfer_client="classic",
-        ))
+        self._transfer = create_transfer_manager(
+            self._s3,
+            BotoTransferConfig(
+                multipart_threshold=t.multipart_threshold,
+                multipart_chunksize=t.multipart_chunksize,
+                max_concurrency=t.max_concurrency,
+                num_download_attempts=t.max_attempts,
+                preferred_transfer_client="classic",
+            ),
+        )
 
     @property
-    def etags_are_md5(self) -> Optional[bool]:
+    def etags_are_md5(self) -> bool | None:
         """Whether this server's ETags are the MD5s of what it stores (``None`` until an upload tells)."""
         return self._etag_md5
 
@@ -193,10 +202,10 @@ class S3Client:
     def where(self, rel: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{rel}"
 
-    def translate(self, exc: BaseException, doing: str, rel: Optional[str] = None) -> CoralError:
+    def translate(self, exc: BaseException, doing: str, rel: str | None = None) -> CoralError:
         return translate(self, exc, doing, None if rel is None else self.key(rel))
 
-    def _call(self, doing: str, rel: Optional[str], fn: Any, **kwargs: Any) -> Any:
+    def _call(self, doing: str, rel: str | None, fn: Any, **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
         except ANY_EXC as exc:
@@ -241,26 +250,28 @@ class S3Client:
     def delete(self, rel: str) -> None:
         self._call("deleting", rel, self._s3.delete_object, Bucket=self.bucket, Key=self.key(rel))
 
-    def get_bytes(self, rel: str, size: Optional[int] = None, *, what: str = "object", key: str = "") -> np.ndarray:
+    def get_bytes(self, rel: str, size: int | None = None, *, what: str = "object", key: str = "") -> np.ndarray:
         """The object's bytes as a uint8 array, checked against ``size`` when given (content checks
         are the caller's). A short or missing payload is :class:`CorruptObjectError` naming ``what``
         ``key`` (it was described elsewhere, so it should be there)."""
         sink = io.BytesIO()
         key = key or rel
         try:
-            fut = self._transfer.download(self.bucket, self.key(rel), sink,
-                                          subscribers=[_ProvideSize(size)] if size is not None else None)
+            fut = self._transfer.download(
+                self.bucket, self.key(rel), sink, subscribers=[_ProvideSize(size)] if size is not None else None
+            )
             fut.result()
         except ClientError as exc:
             if error_code(exc) == "InvalidRange":
                 raise CorruptObjectError(
-                    f"{what} {key} at {self.url} is damaged: its payload is shorter than recorded; "
-                    "it was not returned", hash_key=key,
+                    f"{what} {key} at {self.url} is damaged: its payload is shorter than recorded; it was not returned",
+                    hash_key=key,
                 ) from None
             if is_missing(exc):
                 raise CorruptObjectError(
                     f"{what} {key} at {self.url} is damaged: its metadata exists but its payload "
-                    f"{self.key(rel)} is missing; it was not returned", hash_key=key,
+                    f"{self.key(rel)} is missing; it was not returned",
+                    hash_key=key,
                 ) from None
             raise self.translate(exc, "downloading", rel) from None
         except ANY_EXC as exc:
@@ -269,7 +280,8 @@ class S3Client:
         if size is not None and payload.size != size:
             raise CorruptObjectError(
                 f"{what} {key} at {self.url} is damaged: its payload has {payload.size} bytes, "
-                f"not {size}; it was not returned", hash_key=key,
+                f"not {size}; it was not returned",
+                hash_key=key,
             )
         return payload
 
@@ -277,20 +289,26 @@ class S3Client:
         """``length`` bytes of the object from ``start`` (fewer at its end); one GET."""
         if length <= 0:
             return b""
-        resp = self._call("reading", rel, self._s3.get_object, Bucket=self.bucket, Key=self.key(rel),
-                          Range=f"bytes={int(start)}-{int(start) + int(length) - 1}")
+        resp = self._call(
+            "reading",
+            rel,
+            self._s3.get_object,
+            Bucket=self.bucket,
+            Key=self.key(rel),
+            Range=f"bytes={int(start)}-{int(start) + int(length) - 1}",
+        )
         try:
             return resp["Body"].read()
         except ANY_EXC as exc:
             raise self.translate(exc, "reading", rel) from None
 
     # ----------------------------------------------------------------------------- listing
-    def _list_raw(self, sub: str) -> Iterator[Dict[str, Any]]:
+    def _list_raw(self, sub: str) -> Iterator[dict[str, Any]]:
         paginator = self._s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + sub):
             yield from page.get("Contents", []) or []
 
-    def iter_entries(self, sub: str = "") -> Iterator[Tuple[str, RemoteEntry]]:
+    def iter_entries(self, sub: str = "") -> Iterator[tuple[str, RemoteEntry]]:
         """``(key relative to the prefix, entry)`` for every object under ``<prefix><sub>``, as listed
         (paginated; errors translated, no consistency check: see :meth:`list_entries`)."""
         n = len(self.prefix)
@@ -302,11 +320,12 @@ class S3Client:
 
     def has_any(self, sub: str = "") -> bool:
         """Whether anything is stored under ``<prefix><sub>``: one listing request of one key."""
-        page = self._call("listing", None, self._s3.list_objects_v2, Bucket=self.bucket,
-                          Prefix=self.prefix + sub, MaxKeys=1)
+        page = self._call(
+            "listing", None, self._s3.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix + sub, MaxKeys=1
+        )
         return bool(page.get("Contents"))
 
-    def list_entries(self, sub: str = "") -> Dict[str, RemoteEntry]:
+    def list_entries(self, sub: str = "") -> dict[str, RemoteEntry]:
         """Every object under ``<prefix><sub>``: ``{key relative to <prefix><sub>: RemoteEntry}`` from one
         paginated listing. A listing that contradicts itself (a key twice, a key outside the prefix,
         an answer that does not parse: damaged on the way) is made again, ``max_attempts`` times in all.
@@ -318,12 +337,12 @@ class S3Client:
         n = self.max_attempts
         bad = ""
         for attempt in range(1, n + 1):
-            out: Dict[str, RemoteEntry] = {}
+            out: dict[str, RemoteEntry] = {}
             bad = ""
             try:
                 for o in self._list_raw(sub):
                     k = str(o.get("Key", ""))
-                    rel = k[len(base):]
+                    rel = k[len(base) :]
                     if not k.startswith(base) or rel in out:
                         bad = f"key {k!r} " + ("listed twice" if rel in out else f"is not under {base!r}")
                         break
@@ -335,16 +354,29 @@ class S3Client:
             if not bad:
                 return out
             if attempt < n:
-                log.warning("listing s3://%s/%s was damaged on the way (%s); listing again (attempt %d of %d)",
-                            self.bucket, base, bad, attempt + 1, n)
+                log.warning(
+                    "listing s3://%s/%s was damaged on the way (%s); listing again (attempt %d of %d)",
+                    self.bucket,
+                    base,
+                    bad,
+                    attempt + 1,
+                    n,
+                )
         raise RemoteError(
             f"listing s3://{self.bucket}/{base} at {self.endpoint} kept coming back damaged ({bad}) after "
             f"{n} attempts; try again (a proxy or the network may be damaging responses)"
         )
 
     # --------------------------------------------------------------------------- documents
-    def get_document(self, rel: str, what: Optional[str] = None, *, key: Optional[str] = None,
-                     attempts: Optional[int] = None, with_etag: bool = False) -> Any:
+    def get_document(
+        self,
+        rel: str,
+        what: str | None = None,
+        *,
+        key: str | None = None,
+        attempts: int | None = None,
+        with_etag: bool = False,
+    ) -> Any:
         """GET and verify one document (:func:`~coral_torch.format.documents.decode_document`);
         ``None`` if there is none (``(None, None)`` with ``with_etag``, else ``(doc, etag)``).
 
@@ -365,8 +397,13 @@ class S3Client:
             except ANY_EXC as exc:
                 cut += 1
                 if cut < n_cut and isinstance(exc, CONNECTION_ERRORS):
-                    log.warning("reading %s was cut (%s); reading it again (attempt %d of %d)", where,
-                                type(exc).__name__, cut + 1, n_cut)
+                    log.warning(
+                        "reading %s was cut (%s); reading it again (attempt %d of %d)",
+                        where,
+                        type(exc).__name__,
+                        cut + 1,
+                        n_cut,
+                    )
                     continue
                 raise self.translate(exc, "reading", rel) from None
             try:
@@ -378,8 +415,15 @@ class S3Client:
                     raise
                 log.warning("%s; reading it again (attempt %d of %d)", exc, damaged + 1, n_damaged)
 
-    def put_document(self, rel: str, doc: Mapping[str, Any], what: Optional[str] = None, *,
-                     if_none_match: bool = False, if_match: Optional[str] = None) -> PutResult:
+    def put_document(
+        self,
+        rel: str,
+        doc: Mapping[str, Any],
+        what: str | None = None,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> PutResult:
         """Write ``doc`` at ``rel`` in the canonical encoding (format fields and checksum added) and
         verify what the server stored. ``if_none_match``: only if nothing is there yet;
         ``if_match``: only if the object's ETag is still that one.
@@ -388,7 +432,7 @@ class S3Client:
             PreconditionFailedError: a condition did not hold; nothing was written.
             RemoteError and subclasses: refused, unreachable, or the server kept storing damaged bytes.
         """
-        cond: Dict[str, str] = {}
+        cond: dict[str, str] = {}
         if if_none_match:
             cond["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -396,7 +440,7 @@ class S3Client:
         return self.put_bytes(rel, encode_document(doc), what or f"document {rel}", "application/json", cond)
 
     # -------------------------------------------------------------------- verified uploads
-    def _md5s(self, view: memoryview, multipart: bool) -> Tuple[str, Optional[str]]:
+    def _md5s(self, view: memoryview, multipart: bool) -> tuple[str, str | None]:
         """(MD5 hex of the bytes, the ETag S3 gives a multipart upload of them in our part size)."""
         whole = new_md5()
         if not multipart:
@@ -414,20 +458,31 @@ class S3Client:
             both.update(p.digest())
         return whole.hexdigest(), f"{both.hexdigest()}-{len(parts)}"
 
-    def _send(self, rel: str, view: memoryview, md5: str, multipart: bool, content_type: str,
-              cond: Mapping[str, str]) -> str:
+    def _send(
+        self, rel: str, view: memoryview, md5: str, multipart: bool, content_type: str, cond: Mapping[str, str]
+    ) -> str:
         """One upload (Content-MD5 on single-part uploads); returns the server's ETag (normalised).
         Raises _Rejected when the server refuses the body as damaged or holds another size."""
         b, obj = self.bucket, self.key(rel)
         try:
             if not multipart or cond:
                 resp = self._s3.put_object(
-                    Bucket=b, Key=obj, Body=_BufferReader(view), ContentLength=len(view),
-                    ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(), ContentType=content_type, **cond,
+                    Bucket=b,
+                    Key=obj,
+                    Body=_BufferReader(view),
+                    ContentLength=len(view),
+                    ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(),
+                    ContentType=content_type,
+                    **cond,
                 )
                 return norm_etag(resp.get("ETag"))
-            fut = self._transfer.upload(_BufferReader(view), b, obj, extra_args={"ContentType": content_type},
-                                        subscribers=[_ProvideSize(len(view))])
+            fut = self._transfer.upload(
+                _BufferReader(view),
+                b,
+                obj,
+                extra_args={"ContentType": content_type},
+                subscribers=[_ProvideSize(len(view))],
+            )
             fut.result()
             head = self._s3.head_object(Bucket=b, Key=obj)
         except ClientError as exc:
@@ -442,7 +497,7 @@ class S3Client:
             raise _Rejected(f"the server holds {stored} bytes, {len(view)} were sent")
         return norm_etag(head.get("ETag"))
 
-    def _read_back(self, rel: str, view: memoryview) -> Optional[str]:
+    def _read_back(self, rel: str, view: memoryview) -> str | None:
         """None if the server holds exactly ``view`` at ``rel``, else what is wrong."""
         try:
             got = self.get_bytes(rel, len(view), what="uploaded object", key=self.key(rel))
@@ -461,11 +516,18 @@ class S3Client:
             log.info(
                 "S3 at %s answers ETags that are not the MD5 of the data (encryption, or its own scheme): "
                 "documents are read back after each upload, payloads rely on the server's Content-MD5 and "
-                "checksum checks (upload_verification='read-back' reads them back too)", self.endpoint,
+                "checksum checks (upload_verification='read-back' reads them back too)",
+                self.endpoint,
             )
 
-    def put_bytes(self, rel: str, payload: Any, what: str, content_type: str = "application/octet-stream",
-                  cond: Optional[Mapping[str, str]] = None) -> PutResult:
+    def put_bytes(
+        self,
+        rel: str,
+        payload: Any,
+        what: str,
+        content_type: str = "application/octet-stream",
+        cond: Mapping[str, str] | None = None,
+    ) -> PutResult:
         """Upload ``payload`` to ``rel`` and make sure the server holds exactly those bytes (see the
         module docstring); sent again when it does not (a conditional write only while the server
         refused the body as damaged: nothing was stored).
@@ -503,8 +565,14 @@ class S3Client:
                 if cond:  # stored, but damaged: a conditional write cannot be sent again as is
                     break
             if attempt < n:
-                log.warning("upload of %s to %s arrived damaged: %s; sending it again (attempt %d of %d)",
-                            what, self.url, problem, attempt + 1, n)
+                log.warning(
+                    "upload of %s to %s arrived damaged: %s; sending it again (attempt %d of %d)",
+                    what,
+                    self.url,
+                    problem,
+                    attempt + 1,
+                    n,
+                )
         raise RemoteError(
             f"could not upload {what} to s3://{self.bucket}/{self.key(rel)} intact after {n} attempts: {problem}. "
             f"Something between here and {self.endpoint} damages data (a proxy, the network, the server); "

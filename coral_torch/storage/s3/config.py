@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from ... import codec
 from ...errors import RemoteConfigError
@@ -112,24 +111,24 @@ class S3Config:
     """
 
     bucket: str
-    region: Optional[str] = None
+    region: str | None = None
     prefix: str = ""
-    endpoint_url: Optional[str] = None
-    access_key: Optional[str] = None
-    secret_key: Optional[str] = field(default=None, repr=False)
-    session_token: Optional[str] = field(default=None, repr=False)
-    profile: Optional[str] = None
+    endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
     max_concurrency: int = _T.max_concurrency
     multipart_threshold: int = _T.multipart_threshold
     multipart_chunksize: int = _T.multipart_chunksize
     max_attempts: int = _T.max_attempts
     addressing_style: str = "auto"
-    verify_ssl: Union[bool, str] = True
+    verify_ssl: bool | str = True
     connect_timeout: float = _T.connect_timeout
     read_timeout: float = _T.read_timeout
     codec_level: int = codec.DEFAULT_LEVEL
     check_bucket: bool = True
-    progress: Optional[bool] = None
+    progress: bool | None = None
     request_checksum_calculation: str = _T.request_checksum_calculation
     response_checksum_validation: str = _T.response_checksum_validation
     upload_verification: str = _T.upload_verification
@@ -145,10 +144,15 @@ class S3Config:
         prefix = (self.prefix or "").lstrip("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        if "//" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix) or "\\" in prefix \
-                or any(seg in (".", "..") for seg in prefix.split("/")):
+        if (
+            "//" in prefix
+            or any(ord(c) < 32 or ord(c) == 127 for c in prefix)
+            or "\\" in prefix
+            or any(seg in (".", "..") for seg in prefix.split("/"))
+        ):
             raise RemoteConfigError(
-                f"invalid prefix {self.prefix!r}: no empty, '.' or '..' path segments, backslashes or control characters"
+                f"invalid prefix {self.prefix!r}: "
+                "no empty, '.' or '..' path segments, backslashes or control characters"
             )
         self.prefix = prefix
         if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
@@ -173,9 +177,12 @@ class S3Config:
     def transfer(self) -> TransferConfig:
         """The transfer knobs of this config (validated)."""
         return TransferConfig(
-            max_concurrency=self.max_concurrency, multipart_threshold=self.multipart_threshold,
-            multipart_chunksize=self.multipart_chunksize, max_attempts=self.max_attempts,
-            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+            max_concurrency=self.max_concurrency,
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_attempts=self.max_attempts,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
             request_checksum_calculation=self.request_checksum_calculation,
             response_checksum_validation=self.response_checksum_validation,
             upload_verification=self.upload_verification,

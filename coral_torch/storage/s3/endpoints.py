@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from ...format.objects import DELTAS, WEIGHTS, PreparedObject
 from .objects import S3Objects, check_key
@@ -14,17 +15,17 @@ __all__ = ["S3ObjectSource", "S3ObjectSink", "LocalSource", "LocalSink"]
 class LocalSource:
     """Objects of a local store, read (checksum-verified, not decoded) on the calling thread."""
 
-    def __init__(self, store: Any, where: Optional[str] = None, keys: Optional[Mapping[str, List[str]]] = None):
+    def __init__(self, store: Any, where: str | None = None, keys: Mapping[str, list[str]] | None = None):
         self.store = store
         self.where = where or str(getattr(store, "filepath", store))
         self._keys = keys
 
-    def list_objects(self) -> Mapping[str, List[str]]:
+    def list_objects(self) -> Mapping[str, list[str]]:
         if self._keys is not None:
             return self._keys
         return {WEIGHTS: self.store.list_weights(), DELTAS: self.store.list_deltas()}
 
-    def open(self, group: str, key: str) -> Optional[Pending]:
+    def open(self, group: str, key: str) -> Pending | None:
         obj = self.store.read_prepared(key, group)
         if obj is None:
             return None
@@ -36,7 +37,7 @@ class LocalSink:
 
     concurrent = False
 
-    def __init__(self, store: Any, where: Optional[str] = None):
+    def __init__(self, store: Any, where: str | None = None):
         self.store = store
         self.where = where or str(getattr(store, "filepath", store))
 
@@ -46,7 +47,7 @@ class LocalSink:
     def accept(self, group: str, key: str) -> None:
         check_key(key)  # a key from the remote: it must be one a store can hold
 
-    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+    def check(self, group: str, key: str, entry: Any) -> str | None:
         return None
 
     def write(self, obj: PreparedObject) -> int:
@@ -64,11 +65,11 @@ class S3ObjectSource:
         self.objects = objects
         self.where = objects.url
 
-    def list_objects(self) -> Mapping[str, List[str]]:
+    def list_objects(self) -> Mapping[str, list[str]]:
         weights, deltas = self.objects.list_metadata()
         return {WEIGHTS: weights, DELTAS: deltas}
 
-    def open(self, group: str, key: str) -> Optional[Pending]:
+    def open(self, group: str, key: str) -> Pending | None:
         return Pending(0, lambda: self.objects.fetch(group, key))
 
 
@@ -81,13 +82,13 @@ class S3ObjectSink:
         self.objects = objects
         self.where = objects.url
 
-    def present(self) -> Dict[str, Dict[str, Any]]:
-        return self.objects.present()  # type: ignore[return-value]
+    def present(self) -> dict[str, dict[str, Any]]:
+        return self.objects.present()
 
     def accept(self, group: str, key: str) -> None:
         check_key(key)
 
-    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+    def check(self, group: str, key: str, entry: Any) -> str | None:
         return self.objects.check_remote_object(group, key, entry)
 
     def write(self, obj: PreparedObject) -> int:

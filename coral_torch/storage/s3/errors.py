@@ -4,7 +4,7 @@ error translation; only :mod:`.client` and this module know botocore)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from botocore.exceptions import (
     BotoCoreError,
@@ -30,15 +30,23 @@ from ...errors import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PreconditionFailedError", "translate", "error_code", "is_missing", "ANY_EXC", "CONNECTION_ERRORS",
-           "DIGEST_CODES", "PRECONDITION_CODES"]
+__all__ = [
+    "PreconditionFailedError",
+    "translate",
+    "error_code",
+    "is_missing",
+    "ANY_EXC",
+    "CONNECTION_ERRORS",
+    "DIGEST_CODES",
+    "PRECONDITION_CODES",
+]
 
 
 class PreconditionFailedError(RemoteError):
     """A conditional write was refused: ``If-None-Match: *`` and the key exists, or ``If-Match`` and
     the key's ETag is no longer the one given (someone else wrote it first). Nothing was written."""
 
-    def __init__(self, msg: str, *, key: str = "", etag: Optional[str] = None):
+    def __init__(self, msg: str, *, key: str = "", etag: str | None = None):
         super().__init__(msg)
         self.key = key
         self.etag = etag
@@ -80,7 +88,7 @@ def error_code(exc: BaseException) -> str:
     return str((exc.response.get("Error", {}) or {}).get("Code", ""))
 
 
-def http_status(exc: BaseException) -> Optional[int]:
+def http_status(exc: BaseException) -> int | None:
     if not isinstance(exc, ClientError):
         return None
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -94,7 +102,7 @@ def is_missing(exc: BaseException) -> bool:
     return code in MISSING_KEY_CODES or http_status(exc) == 404 and code != "NoSuchBucket"
 
 
-def translate(client: Any, exc: BaseException, doing: str, key: Optional[str] = None) -> CoralError:
+def translate(client: Any, exc: BaseException, doing: str, key: str | None = None) -> CoralError:
     """A coral-torch error with a plain message for a boto/botocore/s3transfer exception.
 
     ``client`` gives the context: ``bucket``, ``prefix``, ``endpoint``, ``url``, ``max_attempts``;
@@ -125,7 +133,8 @@ def translate(client: Any, exc: BaseException, doing: str, key: Optional[str] = 
         if code in PRECONDITION_CODES or status == 412:
             return PreconditionFailedError(
                 f"S3 at {endpoint} refused the conditional write of {where}: another writer changed it "
-                f"first ({code or status}); nothing was written", key=key or "",
+                f"first ({code or status}); nothing was written",
+                key=key or "",
             )
         if code in AUTH_CODES:
             return RemoteAuthError(

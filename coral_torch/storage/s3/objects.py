@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ... import codec, dtypes
 from ...delta import Delta
 from ...errors import CorruptObjectError, HashMismatchError, IntegrityError, StoreError
-from ...format.documents import encode_document
 from ...format import objects as fmt
-from ...weight_tensor import WeightTensor
+from ...format.documents import encode_document
 from ...format.objects import PreparedObject
+from ...weight_tensor import WeightTensor
 from .client import RemoteEntry, S3Client, norm_etag
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def meta_key(group: str, key: str) -> str:
     return f"metadata/{key}{_SUFFIX[group]}"
 
 
-def _opt_int(v: Any) -> Optional[int]:
+def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
@@ -77,16 +78,19 @@ class S3Objects:
         self.url = client.url
 
     # ------------------------------------------------------------------------------ writes
-    def encode_weight(self, weight: WeightTensor) -> Tuple[np.ndarray, Dict[str, Any]]:
+    def encode_weight(self, weight: WeightTensor) -> tuple[np.ndarray, dict[str, Any]]:
         """Hash and encode one tensor: the payload and its metadata document. No I/O."""
         digest = weight.compute_hash()
         meta = weight.metadata
         payload = codec.encode(weight.raw, dtypes.itemsize(meta.dtype), self.codec_level)
-        doc = {"kind": "weight", **fmt.weight_attrs(meta, digest, weight.nbytes, fmt.ENCODING_CODEC, payload),
-               "payload_bytes": int(payload.size)}
+        doc = {
+            "kind": "weight",
+            **fmt.weight_attrs(meta, digest, weight.nbytes, fmt.ENCODING_CODEC, payload),
+            "payload_bytes": int(payload.size),
+        }
         return payload, doc
 
-    def put_pair(self, group: str, key: str, payload: Any, doc: Dict[str, Any]) -> int:
+    def put_pair(self, group: str, key: str, payload: Any, doc: dict[str, Any]) -> int:
         """Upload the payload (verified), then its metadata, which makes the object visible. The
         metadata records the payload's MD5 and the ETag the server gave it. Returns bytes sent."""
         noun = _NOUN[group]
@@ -124,7 +128,8 @@ class S3Objects:
         if fmt.as_text(obj.attrs.get("hash", key)) != key and not obj.attrs.get("custom_key"):
             raise HashMismatchError(
                 f"object stored under {key} describes itself as {obj.attrs.get('hash')}: the store was "
-                "tampered with or damaged; it was not sent", hash_key=key,
+                "tampered with or damaged; it was not sent",
+                hash_key=key,
             )
         weight = fmt.decode_weight(obj.payload, obj.attrs, key, "", default_encoding=fmt.ENCODING_VALUES)
         payload, doc = self.encode_weight(weight)
@@ -140,21 +145,23 @@ class S3Objects:
     def exists(self, group: str, key: str) -> bool:
         return self.client.exists(meta_key(group, key))
 
-    def read_meta(self, group: str, key: str, attempts: Optional[int] = None) -> Optional[Dict[str, Any]]:
-        return self.client.get_document(meta_key(group, key), f"metadata of {_NOUN[group]} {key}",
-                                        key=key, attempts=attempts)
+    def read_meta(self, group: str, key: str, attempts: int | None = None) -> dict[str, Any] | None:
+        return self.client.get_document(
+            meta_key(group, key), f"metadata of {_NOUN[group]} {key}", key=key, attempts=attempts
+        )
 
-    def _check_doc_names(self, doc: Dict[str, Any], key: str, kind: str) -> None:
+    def _check_doc_names(self, doc: dict[str, Any], key: str, kind: str) -> None:
         if doc.get("key", key) != key or doc.get("kind", kind) != kind:
             raise CorruptObjectError(
-                f"metadata of {kind} {key} at {self.url} describes {doc.get('kind')} {doc.get('key')}; "
-                "it was not used", hash_key=key,
+                f"metadata of {kind} {key} at {self.url} describes {doc.get('kind')} {doc.get('key')}; it was not used",
+                hash_key=key,
             )
 
-    def _payload(self, group: str, key: str, doc: Dict[str, Any]) -> np.ndarray:
+    def _payload(self, group: str, key: str, doc: dict[str, Any]) -> np.ndarray:
         """The object's payload, size- and checksum-verified against its metadata."""
-        payload = self.client.get_bytes(payload_key(group, key), _opt_int(doc.get("payload_bytes")),
-                                        what=_NOUN[group], key=key)
+        payload = self.client.get_bytes(
+            payload_key(group, key), _opt_int(doc.get("payload_bytes")), what=_NOUN[group], key=key
+        )
         expected = doc.get("payload_xxh3")
         if expected is None or fmt.payload_checksum(payload) != str(expected):
             raise CorruptObjectError(
@@ -176,34 +183,34 @@ class S3Objects:
                 log.warning("%s; downloading it again (attempt %d of %d)", exc, attempt + 1, n)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _fetch_once(self, group: str, key: str) -> Optional[Tuple[Dict[str, Any], np.ndarray]]:
+    def _fetch_once(self, group: str, key: str) -> tuple[dict[str, Any], np.ndarray] | None:
         doc = self.read_meta(group, key, attempts=1)
         if doc is None:
             return None
         self._check_doc_names(doc, key, KINDS[group])
         return doc, self._payload(group, key, doc)
 
-    def load_weight(self, key: str) -> Optional[WeightTensor]:
-        def once() -> Optional[WeightTensor]:
+    def load_weight(self, key: str) -> WeightTensor | None:
+        def once() -> WeightTensor | None:
             got = self._fetch_once(fmt.WEIGHTS, key)
             return None if got is None else fmt.decode_weight(got[1], got[0], key, f" at {self.url}")
 
         return self.again_if_damaged(once)
 
-    def load_delta(self, key: str) -> Optional[Delta]:
-        def once() -> Optional[Delta]:
+    def load_delta(self, key: str) -> Delta | None:
+        def once() -> Delta | None:
             got = self._fetch_once(fmt.DELTAS, key)
             return None if got is None else fmt.delta_from_description(got[0], got[1].tobytes(), key, f" at {self.url}")
 
         return self.again_if_damaged(once)
 
-    def fetch(self, group: str, key: str) -> Optional[Tuple[PreparedObject, int]]:
+    def fetch(self, group: str, key: str) -> tuple[PreparedObject, int] | None:
         """Download and verify one object into a PreparedObject for a local store, and the bytes
         received (None: no such object). Damaged bytes are fetched again before failing."""
         check_key(key)
         return self.again_if_damaged(lambda: self._fetch_prepared(group, key))
 
-    def _fetch_prepared(self, group: str, key: str) -> Optional[Tuple[PreparedObject, int]]:
+    def _fetch_prepared(self, group: str, key: str) -> tuple[PreparedObject, int] | None:
         got = self._fetch_once(group, key)
         if got is None:  # deleted since the listing
             return None
@@ -213,8 +220,9 @@ class S3Objects:
             weight = fmt.decode_weight(payload, doc, key, where)
             meta = weight.metadata
             del weight
-            attrs = fmt.weight_attrs(meta, meta.hash or key, meta.nbytes,
-                                     str(doc.get("encoding", fmt.ENCODING_CODEC)), payload)
+            attrs = fmt.weight_attrs(
+                meta, meta.hash or key, meta.nbytes, str(doc.get("encoding", fmt.ENCODING_CODEC)), payload
+            )
             if attrs["encoding"] != fmt.ENCODING_CODEC:
                 raise CorruptObjectError(
                     f"object {key}{where} has encoding {attrs['encoding']!r}, which cannot be copied as is",
@@ -227,13 +235,14 @@ class S3Objects:
                 check_key(delta.reference_hash)
             except StoreError:
                 raise CorruptObjectError(
-                    f"metadata of delta {key}{where} names an invalid base {delta.reference_hash!r}", hash_key=key,
+                    f"metadata of delta {key}{where} names an invalid base {delta.reference_hash!r}",
+                    hash_key=key,
                 ) from None
             logical = fmt.delta_logical_bytes(delta.original_shape, delta.original_dtype)
             obj = PreparedObject(key, group, payload, fmt.delta_attrs(delta, payload), logical)
         return obj, int(payload.nbytes) + len(encode_document(doc))
 
-    def check_remote_object(self, group: str, key: str, payload: Optional[RemoteEntry] = None) -> Optional[str]:
+    def check_remote_object(self, group: str, key: str, payload: RemoteEntry | None = None) -> str | None:
         """Check one object without downloading its payload: its metadata (verified against its
         checksum) must describe it, and the payload's listed size and ETag (``payload``; listed here
         when not given) must be what the metadata recorded. ``None`` if intact, else what is wrong."""
@@ -261,12 +270,12 @@ class S3Objects:
         return None
 
     # ----------------------------------------------------------------------------- listing
-    def list_metadata(self) -> Tuple[List[str], List[str]]:
+    def list_metadata(self) -> tuple[list[str], list[str]]:
         """(weight keys, delta keys), from one listing of ``metadata/``."""
-        weights: List[str] = []
-        deltas: List[str] = []
+        weights: list[str] = []
+        deltas: list[str] = []
         for rel, _ in self.client.iter_entries("metadata/"):
-            name = rel[len("metadata/"):]
+            name = rel[len("metadata/") :]
             if "/" in name:
                 continue
             if name.endswith(".delta.json"):
@@ -275,11 +284,11 @@ class S3Objects:
                 weights.append(name[: -len(".json")])
         return weights, deltas
 
-    def present(self) -> Dict[str, Dict[str, Optional[RemoteEntry]]]:
+    def present(self) -> dict[str, dict[str, RemoteEntry | None]]:
         """``{group: {key: payload entry}}`` of the objects whose metadata and payload are both
         listed (consistency-checked listings)."""
         meta = self.client.list_entries("metadata/")
-        out: Dict[str, Dict[str, Optional[RemoteEntry]]] = {}
+        out: dict[str, dict[str, RemoteEntry | None]] = {}
         for group in (fmt.WEIGHTS, fmt.DELTAS):
             payloads = self.client.list_entries(f"{group}/")
             suffix = _SUFFIX[group]

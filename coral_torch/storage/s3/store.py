@@ -12,11 +12,11 @@ documents, retries and errors are the client's (see :mod:`coral_torch.storage.s3
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
-
-import numpy as np
+from typing import Any
 
 from ...delta import Delta
 from ...errors import ReadOnlyStoreError, RemoteConfigError, StoreError
@@ -70,11 +70,11 @@ class S3Store(WeightStore):
     def _pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="coral-s3")
 
-    def _progress(self, progress: Optional[bool]) -> Optional[bool]:
+    def _progress(self, progress: bool | None) -> bool | None:
         return progress if progress is not None else self.config.progress
 
     # --------------------------------------------------------------------------- documents
-    def get_document(self, rel_key: str, what: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    def get_document(self, rel_key: str, what: str | None = None) -> dict[str, Any] | None:
         """Read the JSON document at ``<prefix><rel_key>`` (written by :meth:`put_document`), verified
         against its checksum; ``None`` if there is none. ``what`` names it in messages.
 
@@ -103,7 +103,7 @@ class S3Store(WeightStore):
         self._live()
         return self.client.has_any(sub)
 
-    def list_entries(self, sub: str = "") -> Dict[str, RemoteEntry]:
+    def list_entries(self, sub: str = "") -> dict[str, RemoteEntry]:
         """Every object under ``<prefix><sub>``: ``{key relative to <prefix><sub>: RemoteEntry}``
         (consistency-checked, see :meth:`S3Client.list_entries`)."""
         self._live()
@@ -111,14 +111,14 @@ class S3Store(WeightStore):
 
     # ------------------------------------------------------------------------------ writes
 
-    def store(self, weight: WeightTensor, hash_key: Optional[str] = None) -> str:
+    def store(self, weight: WeightTensor, hash_key: str | None = None) -> str:
         """Store one tensor (idempotent: nothing is sent if the key is present) and return its key."""
         self._live()
         key = check_key(hash_key or weight.compute_hash())
         self.objects.store_weight(weight, key)
         return key
 
-    def store_batch(self, weights: Dict[str, WeightTensor], progress: Optional[bool] = None) -> Dict[str, str]:
+    def store_batch(self, weights: dict[str, WeightTensor], progress: bool | None = None) -> dict[str, str]:
         """Store many tensors, ``max_concurrency`` at a time; returns ``{input key: hash}``."""
         self._live()
         items = list(weights.items())
@@ -127,19 +127,28 @@ class S3Store(WeightStore):
         with self._pool() as pool:
             hashes = list(pool.map(lambda kv: kv[1].compute_hash(), items))
             result = {name: h for (name, _), h in zip(items, hashes)}
-            unique: Dict[str, WeightTensor] = {}
+            unique: dict[str, WeightTensor] = {}
             for (_, w), h in zip(items, hashes):
                 unique.setdefault(h, w)
-            self._run_all(pool, [(h, lambda w=w, h=h: self.objects.store_weight(w, check_key(h)))
-                                 for h, w in unique.items()], "upload", progress)
+
+            def upload(w: WeightTensor, h: str) -> Any:
+                return self.objects.store_weight(w, check_key(h))
+
+            self._run_all(
+                pool,
+                [(h, functools.partial(upload, w, h)) for h, w in unique.items()],
+                "upload",
+                progress,
+            )
         return result
 
-    def _run_all(self, pool: ThreadPoolExecutor, tasks: List[Tuple[str, Callable[[], Any]]],
-                 desc: str, progress: Optional[bool]) -> Dict[str, Any]:
+    def _run_all(
+        self, pool: ThreadPoolExecutor, tasks: list[tuple[str, Callable[[], Any]]], desc: str, progress: bool | None
+    ) -> dict[str, Any]:
         """Run tasks on ``pool`` with a progress bar; on the first error cancel the rest and raise it."""
-        out: Dict[str, Any] = {}
+        out: dict[str, Any] = {}
         futures = {pool.submit(fn): key for key, fn in tasks}
-        first: Optional[BaseException] = None
+        first: BaseException | None = None
         with engine.progress_bar(len(tasks), desc, self._progress(progress)) as bar:
             try:
                 for fut in engine.as_completed(futures):
@@ -168,7 +177,7 @@ class S3Store(WeightStore):
         self._live()
         return self.objects.exists(fmt.WEIGHTS, check_key(hash_key))
 
-    def load(self, hash_key: str) -> Optional[WeightTensor]:
+    def load(self, hash_key: str) -> WeightTensor | None:
         """Download, verify and return one tensor; ``None`` if the key is unknown.
 
         Raises:
@@ -178,17 +187,17 @@ class S3Store(WeightStore):
         self._live()
         return self.objects.load_weight(check_key(hash_key))
 
-    def load_batch(self, hash_keys: List[str], progress: Optional[bool] = None) -> Dict[str, WeightTensor]:
+    def load_batch(self, hash_keys: list[str], progress: bool | None = None) -> dict[str, WeightTensor]:
         """Load many tensors, ``max_concurrency`` at a time; ``{hash: WeightTensor}`` for those present."""
         self._live()
         keys = list(dict.fromkeys(hash_keys))
         for k in keys:
             check_key(k)
         with self._pool() as pool:
-            got = self._run_all(pool, [(k, lambda k=k: self.load(k)) for k in keys], "download", progress)
+            got = self._run_all(pool, [(k, functools.partial(self.load, k)) for k in keys], "download", progress)
         return {k: got[k] for k in keys if got.get(k) is not None}
 
-    def get_metadata(self, hash_key: str) -> Optional[WeightMetadata]:
+    def get_metadata(self, hash_key: str) -> WeightMetadata | None:
         """Metadata of a tensor (or, like HDF5Store, of a delta) without downloading its payload."""
         self._live()
         key = check_key(hash_key)
@@ -199,7 +208,7 @@ class S3Store(WeightStore):
         doc = self.objects.read_meta(fmt.DELTAS, key)
         return None if doc is None else fmt.delta_metadata(doc, key, where)
 
-    def list_weights(self) -> List[str]:
+    def list_weights(self) -> list[str]:
         self._live()
         return self.objects.list_metadata()[0]
 
@@ -211,7 +220,7 @@ class S3Store(WeightStore):
         self.objects.store_delta(delta, key)
         return key
 
-    def load_delta(self, delta_hash: str) -> Optional[Delta]:
+    def load_delta(self, delta_hash: str) -> Delta | None:
         """Download and checksum-verify a delta; ``None`` if absent."""
         self._live()
         return self.objects.load_delta(check_key(delta_hash))
@@ -220,7 +229,7 @@ class S3Store(WeightStore):
         self._live()
         return self.objects.exists(fmt.DELTAS, check_key(delta_hash))
 
-    def list_deltas(self) -> List[str]:
+    def list_deltas(self) -> list[str]:
         self._live()
         return self.objects.list_metadata()[1]
 
@@ -229,16 +238,16 @@ class S3Store(WeightStore):
         return self.objects.delete_pair(fmt.DELTAS, check_key(delta_hash))
 
     # ------------------------------------------------------------------------------- stats
-    def get_storage_info(self, logical_sizes: bool = True) -> Dict[str, Any]:
+    def get_storage_info(self, logical_sizes: bool = True) -> dict[str, Any]:
         """Keys: backend ("s3"), url, bucket, prefix, endpoint_url, total_weights, total_bytes (logical,
         from the metadata; needs one GET per weight, skipped with ``logical_sizes=False``),
         compressed_bytes (weight payloads), compression_ratio (compressed/total), total_deltas,
         delta_bytes, metadata_bytes, stored_bytes (all objects), orphaned_payloads (payloads without
         metadata: leftovers of interrupted uploads, invisible and overwritten by the next upload)."""
         self._live()
-        sizes: Dict[str, Dict[str, int]] = {fmt.WEIGHTS: {}, fmt.DELTAS: {}}
+        sizes: dict[str, dict[str, int]] = {fmt.WEIGHTS: {}, fmt.DELTAS: {}}
         meta_bytes = 0
-        wkeys: List[str] = []
+        wkeys: list[str] = []
         dkeys: set[str] = set()
         for rel, entry in self.client.iter_entries(""):
             group, _, name = rel.partition("/")
@@ -255,7 +264,9 @@ class S3Store(WeightStore):
         wset = set(wkeys)
         compressed = sum(s for k, s in sizes[fmt.WEIGHTS].items() if k in wset)
         delta_bytes = sum(s for k, s in sizes[fmt.DELTAS].items() if k in dkeys)
-        orphans = sum(1 for k in sizes[fmt.WEIGHTS] if k not in wset) + sum(1 for k in sizes[fmt.DELTAS] if k not in dkeys)
+        orphans = sum(1 for k in sizes[fmt.WEIGHTS] if k not in wset) + sum(
+            1 for k in sizes[fmt.DELTAS] if k not in dkeys
+        )
         total = 0
         if logical_sizes and wkeys:
             with self._pool() as pool:
@@ -280,7 +291,7 @@ class S3Store(WeightStore):
         }
 
     # -------------------------------------------------------------------------------- sync
-    def check_remote_object(self, group: str, key: str, payload: Optional[RemoteEntry] = None) -> Optional[str]:
+    def check_remote_object(self, group: str, key: str, payload: RemoteEntry | None = None) -> str | None:
         """Check one object on the remote without downloading its payload: its metadata (read and
         verified against its checksum) must describe it, and the payload's listed size and ETag
         (``payload``; listed here when not given) must be what the metadata recorded. Returns
@@ -292,8 +303,9 @@ class S3Store(WeightStore):
         self._live()
         return self.objects.check_remote_object(group, key, payload)
 
-    def sync_from_local(self, local: HDF5Store, progress: Optional[bool] = None, *,
-                        verify: Union[bool, Collection[str]] = False) -> Dict[str, Any]:
+    def sync_from_local(
+        self, local: HDF5Store, progress: bool | None = None, *, verify: bool | Collection[str] = False
+    ) -> dict[str, Any]:
         """Upload every weight and delta of ``local`` that the remote lacks or holds damaged.
 
         Incremental (the remote is listed once; present objects are skipped), parallel
@@ -317,11 +329,18 @@ class S3Store(WeightStore):
             RemoteAuthError, BucketNotFoundError, RemoteConnectionError: before anything was sent.
         """
         self._live()
-        return engine.sync(LocalSource(local), S3ObjectSink(self.objects), verb="uploaded", verify=verify,
-                           max_concurrency=self.config.max_concurrency, progress=self._progress(progress),
-                           desc=f"push {self.url}", read_ahead_bytes=self.client.transfer.read_ahead_bytes)
+        return engine.sync(
+            LocalSource(local),
+            S3ObjectSink(self.objects),
+            verb="uploaded",
+            verify=verify,
+            max_concurrency=self.config.max_concurrency,
+            progress=self._progress(progress),
+            desc=f"push {self.url}",
+            read_ahead_bytes=self.client.transfer.read_ahead_bytes,
+        )
 
-    def sync_to_local(self, local: HDF5Store, progress: Optional[bool] = None) -> Dict[str, Any]:
+    def sync_to_local(self, local: HDF5Store, progress: bool | None = None) -> dict[str, Any]:
         """Download every weight and delta the remote has and ``local`` lacks.
 
         Downloads and verification (payload checksum, decode, content hash) run on
@@ -341,9 +360,15 @@ class S3Store(WeightStore):
         self._live()
         if getattr(local, "mode", "a") == "r":
             raise ReadOnlyStoreError(f"cannot sync into {local.filepath}: it is open read-only (mode='r')")
-        return engine.sync(S3ObjectSource(self.objects), LocalSink(local), verb="downloaded",
-                           max_concurrency=self.config.max_concurrency, progress=self._progress(progress),
-                           desc=f"pull {self.url}", read_ahead_bytes=self.client.transfer.read_ahead_bytes)
+        return engine.sync(
+            S3ObjectSource(self.objects),
+            LocalSink(local),
+            verb="downloaded",
+            max_concurrency=self.config.max_concurrency,
+            progress=self._progress(progress),
+            desc=f"pull {self.url}",
+            read_ahead_bytes=self.client.transfer.read_ahead_bytes,
+        )
 
     # ---------------------------------------------------------------------------- lifetime
     def close(self) -> None:

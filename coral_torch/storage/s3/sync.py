@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -29,11 +30,20 @@ from ...format.objects import DELTAS, WEIGHTS, PreparedObject
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ObjectSource", "ObjectSink", "Pending", "sync", "new_stats", "progress_bar", "human",
-           "as_completed", "raise_incomplete"]
+__all__ = [
+    "ObjectSource",
+    "ObjectSink",
+    "Pending",
+    "sync",
+    "new_stats",
+    "progress_bar",
+    "human",
+    "as_completed",
+    "raise_incomplete",
+]
 
 #: what a reader gives back: the object and the bytes received for it (None: it is gone)
-Fetched = Optional[Tuple[PreparedObject, int]]
+Fetched = tuple[PreparedObject, int] | None
 
 
 @dataclass
@@ -53,7 +63,7 @@ class ObjectSource(Protocol):
     def list_objects(self) -> Mapping[str, Collection[str]]:
         """``{"weights": keys, "deltas": keys}`` of every object it has."""
 
-    def open(self, group: str, key: str) -> Optional[Pending]:
+    def open(self, group: str, key: str) -> Pending | None:
         """Called on the calling thread; ``None`` if the object is gone. Raises a CoralError for an
         object that cannot be read (damaged: IntegrityError)."""
 
@@ -71,7 +81,7 @@ class ObjectSink(Protocol):
     def accept(self, group: str, key: str) -> None:
         """Raise a CoralError if this sink cannot hold an object of that key."""
 
-    def check(self, group: str, key: str, entry: Any) -> Optional[str]:
+    def check(self, group: str, key: str, entry: Any) -> str | None:
         """What is wrong with an object it holds (``None``: intact)."""
 
     def write(self, obj: PreparedObject) -> int:
@@ -81,9 +91,19 @@ class ObjectSink(Protocol):
         """Make what was written durable enough to survive this process (called at the end too)."""
 
 
-def new_stats() -> Dict[str, Any]:
-    return {"uploaded": 0, "deltas_uploaded": 0, "downloaded": 0, "deltas_downloaded": 0, "skipped": 0,
-            "verified": 0, "repaired": 0, "failed": 0, "bytes_transferred": 0, "seconds": 0.0}
+def new_stats() -> dict[str, Any]:
+    return {
+        "uploaded": 0,
+        "deltas_uploaded": 0,
+        "downloaded": 0,
+        "deltas_downloaded": 0,
+        "skipped": 0,
+        "verified": 0,
+        "repaired": 0,
+        "failed": 0,
+        "bytes_transferred": 0,
+        "seconds": 0.0,
+    }
 
 
 def human(n: float) -> str:
@@ -94,7 +114,7 @@ def human(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def progress_bar(total: int, desc: str, show: Optional[bool]):
+def progress_bar(total: int, desc: str, show: bool | None) -> Any:
     if show is None:
         show = bool(getattr(sys.stderr, "isatty", lambda: False)())
     return tqdm(total=total, desc=desc, unit="obj", disable=not show, leave=False, dynamic_ncols=True)
@@ -110,9 +130,18 @@ def as_completed(futures: Mapping[Future, Any]) -> Iterator[Future]:
                 yield f
 
 
-def sync(source: ObjectSource, sink: ObjectSink, *, verb: str, max_concurrency: int,
-         verify: Union[bool, Collection[str]] = False, progress: Optional[bool] = None, desc: str = "",
-         read_ahead_bytes: int = 1 << 30, stats: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def sync(
+    source: ObjectSource,
+    sink: ObjectSink,
+    *,
+    verb: str,
+    max_concurrency: int,
+    verify: bool | Collection[str] = False,
+    progress: bool | None = None,
+    desc: str = "",
+    read_ahead_bytes: int = 1 << 30,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Move every object of ``source`` that ``sink`` lacks or (``verify``: ``True`` for all, else the
     keys named) holds damaged. ``verb``: ``"uploaded"`` or ``"downloaded"`` (which stats count).
 
@@ -127,8 +156,8 @@ def sync(source: ObjectSource, sink: ObjectSink, *, verb: str, max_concurrency: 
     stats = stats if stats is not None else new_stats()
     present = sink.present()
     listed = source.list_objects()
-    todo: List[Tuple[str, str]] = []
-    there: List[Tuple[str, str]] = []
+    todo: list[tuple[str, str]] = []
+    there: list[tuple[str, str]] = []
     total = 0
     for group in (WEIGHTS, DELTAS):
         have = present.get(group, {})
@@ -142,25 +171,33 @@ def sync(source: ObjectSource, sink: ObjectSink, *, verb: str, max_concurrency: 
     stats["repaired"] += len(damaged)
     todo += [(g, k) for g, k in check if k in damaged]
     stats["skipped"] += total - len(todo)
-    log.info("sync %s -> %s: %d objects to move (%d of them damaged there), %d already there (%d checked)",
-             source.where, sink.where, len(todo), len(damaged), total - len(todo), len(check))
+    log.info(
+        "sync %s -> %s: %d objects to move (%d of them damaged there), %d already there (%d checked)",
+        source.where,
+        sink.where,
+        len(todo),
+        len(damaged),
+        total - len(todo),
+        len(check),
+    )
     failures = _pipeline(source, sink, todo, stats, verb, max_concurrency, desc, progress, read_ahead_bytes)
     stats["seconds"] = time.monotonic() - t0
     raise_incomplete(stats, failures, f"sync from {source.where} to {sink.where}", verb, len(todo))
     return stats
 
 
-def _check_present(sink: ObjectSink, check: List[Tuple[str, str]], present: Mapping[str, Mapping[str, Any]],
-                   max_concurrency: int) -> Dict[str, str]:
+def _check_present(
+    sink: ObjectSink, check: list[tuple[str, str]], present: Mapping[str, Mapping[str, Any]], max_concurrency: int
+) -> dict[str, str]:
     """{key: what is wrong} for the objects of ``check`` the sink holds damaged (parallel)."""
     if not check:
         return {}
 
-    def one(item: Tuple[str, str]) -> Tuple[str, Optional[str]]:
+    def one(item: tuple[str, str]) -> tuple[str, str | None]:
         group, key = item
         return key, sink.check(group, key, present[group].get(key))
 
-    damaged: Dict[str, str] = {}
+    damaged: dict[str, str] = {}
     with ThreadPoolExecutor(max_concurrency, thread_name_prefix="coral-sync") as pool:
         for key, problem in pool.map(one, check):
             if problem is not None:
@@ -169,18 +206,26 @@ def _check_present(sink: ObjectSink, check: List[Tuple[str, str]], present: Mapp
     return damaged
 
 
-def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]], stats: Dict[str, Any],
-              verb: str, max_concurrency: int, desc: str, progress: Optional[bool],
-              read_ahead_bytes: int) -> Dict[str, BaseException]:
+def _pipeline(
+    source: ObjectSource,
+    sink: ObjectSink,
+    todo: list[tuple[str, str]],
+    stats: dict[str, Any],
+    verb: str,
+    max_concurrency: int,
+    desc: str,
+    progress: bool | None,
+    read_ahead_bytes: int,
+) -> dict[str, BaseException]:
     """Open objects on the calling thread, move them on a pool, hand results back to the calling
     thread. Memory stays bounded: at most ``2 * max_concurrency`` objects (and ``read_ahead_bytes``
     of opened payload) wait at once."""
-    failures: Dict[str, BaseException] = {}
+    failures: dict[str, BaseException] = {}
     window = 2 * max_concurrency
-    pending: Dict[Future, Tuple[str, str, int]] = {}
+    pending: dict[Future, tuple[str, str, int]] = {}
     queued = [0]
     written = [0]
-    stop: List[BaseException] = []
+    stop: list[BaseException] = []
 
     def record(key: str, exc: BaseException) -> None:
         if not isinstance(exc, CoralError):
@@ -192,7 +237,7 @@ def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]
             stop.append(exc)
         log.warning("%s: %s", key, exc)
 
-    def move(job: Pending) -> Tuple[Optional[PreparedObject], int, int]:
+    def move(job: Pending) -> tuple[PreparedObject | None, int, int]:
         got = job.read()
         if got is None:
             return None, 0, 0
@@ -201,7 +246,7 @@ def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]
             return obj, received, sink.write(obj)
         return obj, received, -1  # written on the calling thread
 
-    def finish(group: str, result: Tuple[Optional[PreparedObject], int, int]) -> None:
+    def finish(group: str, result: tuple[PreparedObject | None, int, int]) -> None:
         obj, received, sent = result
         if obj is None:  # gone since the listing
             stats["skipped"] += 1
@@ -215,7 +260,7 @@ def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]
         stats[verb if group == WEIGHTS else f"deltas_{verb}"] += 1
         stats["bytes_transferred"] += received + sent
 
-    def drain(bar) -> None:
+    def drain(bar: Any) -> None:
         done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in done:
             group, key, size = pending.pop(fut)
@@ -232,8 +277,10 @@ def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]
             bar.set_postfix_str(human(stats["bytes_transferred"]), refresh=False)
 
     try:
-        with ThreadPoolExecutor(max_concurrency, thread_name_prefix="coral-sync") as pool, \
-                progress_bar(len(todo), desc, progress) as bar:
+        with (
+            ThreadPoolExecutor(max_concurrency, thread_name_prefix="coral-sync") as pool,
+            progress_bar(len(todo), desc, progress) as bar,
+        ):
             try:
                 for group, key in todo:
                     while pending and (len(pending) >= window or queued[0] >= read_ahead_bytes):
@@ -261,31 +308,38 @@ def _pipeline(source: ObjectSource, sink: ObjectSink, todo: List[Tuple[str, str]
                     fut.cancel()
     finally:
         sink.flush()
-    for exc in stop:
-        if not isinstance(exc, CoralError):
-            raise exc
+    for err in stop:
+        if not isinstance(err, CoralError):
+            raise err
     return failures
 
 
-def raise_incomplete(stats: Dict[str, Any], failures: Mapping[str, BaseException], what: str, verb: str,
-                     planned: int) -> None:
+def raise_incomplete(
+    stats: dict[str, Any], failures: Mapping[str, BaseException], what: str, verb: str, planned: int
+) -> None:
     """Log a finished sync, or raise SyncIncompleteError saying what failed and what to do."""
     moved = stats[verb] + stats[f"deltas_{verb}"]
     if not failures:
-        log.info("%s: %d objects %s, %d skipped, %s", what, moved, verb, stats["skipped"],
-                 human(stats["bytes_transferred"]))
+        log.info(
+            "%s: %d objects %s, %d skipped, %s", what, moved, verb, stats["skipped"], human(stats["bytes_transferred"])
+        )
         return
     keys = list(failures)
     first_key = keys[0]
     others = ", ".join(keys[1:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
     shown = f"{first_key}: {failures[first_key]}" + (f" (also failed: {others})" if others else "")
     if all(isinstance(e, IntegrityError) for e in failures.values()):
-        hint = ("the damaged objects were not copied; every other object was. Repair them from a good "
-                "copy (delete them, then sync again from a store that has them intact)")
+        hint = (
+            "the damaged objects were not copied; every other object was. Repair them from a good "
+            "copy (delete them, then sync again from a store that has them intact)"
+        )
     else:
-        hint = (f"{planned - moved} of {planned} objects were not transferred. Run the sync again to "
-                "resume: objects already transferred are not sent again")
+        hint = (
+            f"{planned - moved} of {planned} objects were not transferred. Run the sync again to "
+            "resume: objects already transferred are not sent again"
+        )
     raise SyncIncompleteError(
         f"{what} incomplete: {moved} objects {verb}, {len(failures)} failed. {hint}. First failure: {shown}",
-        stats=stats, failures=dict(failures),
+        stats=stats,
+        failures=dict(failures),
     ) from None
