@@ -96,25 +96,18 @@ class ObjectWriter:
                 chain = self.reader.chain(h)
             except IntegrityError:
                 continue
-            key = []
-            for r in chain:
-                if r.pack not in sigs:
-                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
-                sig = sigs[r.pack]
-                if sig is None or sig[1] != recorded.get(r.pack):
-                    break
-                key.append(sig)
-            else:
-                if self._trusted.get(h) != tuple(key):
-                    try:
-                        self.reader.verify_chain(chain)
-                    except (CoralError, OSError, KeyError, ValueError, RuntimeError, PackGone) as exc:
-                        log.warning("object %s is damaged (%s): this save stores it again", h[:12], exc)
-                        continue
-                    self._trusted[h] = tuple(key)
-                ok.add(h)
+            key = self._chain_key(chain, sigs, recorded)
+            if key is None:
+                log.warning("object %s is in a pack that is missing or resized: this save stores it again", h[:12])
                 continue
-            log.warning("object %s is in a pack that is missing or resized: this save stores it again", h[:12])
+            if self._trusted.get(h) != key:
+                try:
+                    self.reader.verify_chain(chain)
+                except (CoralError, OSError, KeyError, ValueError, RuntimeError, PackGone) as exc:
+                    log.warning("object %s is damaged (%s): this save stores it again", h[:12], exc)
+                    continue
+                self._trusted[h] = key
+            ok.add(h)
         return ok
 
     def trust_written(self, rows: Sequence[ObjectRow]) -> None:
@@ -122,16 +115,26 @@ class ObjectWriter:
         sigs: dict[str, tuple | None] = {}
         for row in rows:
             try:
-                chain = self.reader.chain(row.hash)
+                key = self._chain_key(self.reader.chain(row.hash), sigs)
             except IntegrityError:
                 continue
-            key = []
-            for r in chain:
-                if r.pack not in sigs:
-                    sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
-                key.append(sigs[r.pack])
-            if all(k is not None for k in key):
-                self._trusted[row.hash] = tuple(key)
+            if key is not None:
+                self._trusted[row.hash] = key
+
+    def _chain_key(
+        self, chain: Sequence[ObjectRow], sigs: dict[str, tuple | None], recorded: dict[str, int] | None = None
+    ) -> tuple | None:
+        """The packs' signatures along ``chain`` (``sigs`` caches them per call), or None if a pack is
+        gone or, with ``recorded``, not at its recorded size."""
+        key = []
+        for r in chain:
+            if r.pack not in sigs:
+                sigs[r.pack] = _pack_signature(self.path / PACKS_DIR / r.pack)
+            sig = sigs[r.pack]
+            if sig is None or (recorded is not None and sig[1] != recorded.get(r.pack)):
+                return None
+            key.append(sig)
+        return tuple(key)
 
     def _encode_one(self, store: HDF5Store, planned: PlannedObject) -> tuple[PreparedObject, ObjectRow, str]:
         """Encode one tensor as a delta against its planned base (when that pays) or whole; returns
