@@ -1,4 +1,4 @@
-"""Child process for tests/test_crash_safety.py: saves checkpoints into one repository until killed.
+"""Child process for tests/repository/test_crash_safety.py: saves checkpoints into one repository until killed.
 
     python tests/_crash_worker.py REPO SEED            save forever, continuing from the repository's
                                                        latest epoch

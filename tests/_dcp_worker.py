@@ -1,4 +1,4 @@
-"""One rank of a multi-process FSDP2 (gloo, CPU) run for tests/test_dcp.py.
+"""One rank of a multi-process FSDP2 (gloo, CPU) run for tests/integrations/test_dcp.py.
 
     python tests/_dcp_worker.py <scenario> <json args>   (RANK, WORLD_SIZE, MASTER_* in the env)
 

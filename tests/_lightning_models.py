@@ -1,4 +1,4 @@
-"""Tiny LightningModules and helpers shared by tests/test_lightning.py and tests/_lightning_worker.py.
+"""Tiny LightningModules and helpers shared by tests/integrations/test_lightning.py and tests/_lightning_worker.py.
 
 Everything here is deterministic on CPU: data comes from fixed generators, the train loader
 shuffles with the global torch RNG (which `seed_everything` and the callback's RNG state control).

@@ -1,4 +1,4 @@
-"""Subprocess worker for tests/test_lightning.py: ``python _lightning_worker.py '<json args>'``.
+"""Subprocess worker for tests/integrations/test_lightning.py: ``python _lightning_worker.py '<json args>'``.
 
 Modes:
   resume  train TinyModel with CoralCheckpoint (optionally from ``ckpt``) and torch.save the final

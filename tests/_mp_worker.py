@@ -1,4 +1,4 @@
-"""A Lightning run with CoralModelParallelStrategy (FSDP2, 2 CPU ranks, gloo) for tests/test_dcp.py.
+"""A Lightning run with CoralModelParallelStrategy (FSDP2, 2 CPU ranks, gloo) for tests/integrations/test_dcp.py.
 
     python tests/_mp_worker.py '<json args>'
 

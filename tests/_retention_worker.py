@@ -1,4 +1,4 @@
-"""Saves epochs into a repository with a retention policy until killed (tests/test_retention.py).
+"""Saves epochs into a repository with a retention policy until killed (tests/repository/test_retention.py).
 
     python tests/_retention_worker.py <repo> <first epoch> <count>
 

@@ -29,7 +29,7 @@ import torch
 
 from coral_torch import DeltaConfig, Repository
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the workers and shared helpers
 WORKER = HERE / "_crash_worker.py"
 
 _spec = importlib.util.spec_from_file_location("_crash_worker", WORKER)

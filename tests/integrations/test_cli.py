@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from coral_torch import Repository
 from coral_torch.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, tiny_loaders  # noqa: E402
 
 
@@ -284,7 +284,7 @@ def test_console_script_runs_as_a_subprocess(repo_path):
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("argv, code, says", [

@@ -22,7 +22,7 @@ import coral_torch
 from coral_torch import Repository
 from coral_torch.errors import CoralError, DiskFullError, ReadOnlyRepositoryError
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the workers and shared helpers
 sys.path.insert(0, str(HERE))
 
 from _fuzz_worker import KINDS as DAMAGE_KINDS  # noqa: E402

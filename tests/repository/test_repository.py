@@ -39,7 +39,7 @@ from coral_torch.errors import (
 )
 from conftest import assert_same  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 from s3_server import REGION, TEST_KEY, TEST_SECRET, MotoS3Server  # noqa: E402
 
 pytestmark = pytest.mark.slow

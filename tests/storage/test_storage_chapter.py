@@ -74,7 +74,7 @@ from coral_torch.storage import HDF5Store, S3Config, S3Store
 from coral_torch.storage.weight_store import WeightStore
 from coral_torch.weight_tensor import WeightMetadata, WeightTensor
 
-SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "SPEC-storage.md"
+SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "SPEC-storage.md"
 SKIP_REASON = f"the storage chapter is not at {SPEC} (it lives in the shared folder beside the checkout)"
 
 # (b) the chapter's module names -> the coral_torch modules that hold those names
@@ -725,7 +725,7 @@ def coral_aliases():
     parents = {"coral": None, "coral.core": None, "coral.delta": None}
     with pytest.MonkeyPatch.context() as mp:
         for name in parents:
-            mod = types.ModuleType(name, "test alias of coral_torch modules (tests/test_storage_chapter.py)")
+            mod = types.ModuleType(name, "test alias of coral_torch modules (tests/storage/test_storage_chapter.py)")
             mod.__path__ = []  # a package
             parents[name] = mod
             mp.setitem(sys.modules, name, mod)

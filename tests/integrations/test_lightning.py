@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
 import coral_torch  # noqa: E402
 from _lightning_models import (  # noqa: E402
@@ -46,7 +46,7 @@ from coral_torch.callbacks import (  # noqa: E402
 )
 from coral_torch.errors import CoralError  # noqa: E402
 
-WORKER = Path(__file__).resolve().with_name("_lightning_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "_lightning_worker.py"
 STEPS_PER_EPOCH = 8  # 256 samples / batch 32
 # Epoch 0 is the best, then 2: top-2 keeps epochs 0 and 2 (by val_loss), never "the newest two".
 VAL_SCHEDULE = [0.1, 0.5, 0.3, 0.4]

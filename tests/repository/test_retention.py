@@ -322,7 +322,7 @@ def test_trusted_objects_are_not_read_again(in_tmp, monkeypatch):
 
 
 # ================================================================ Lightning: resume and sharded
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the workers and shared helpers
 
 
 def _run(script: str, args: dict, timeout: float = 300) -> None:

@@ -17,7 +17,7 @@ import coral_torch
 import coral_torch.repository
 import coral_torch.storage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "lightning", "boto3", "botocore", "h5py")
 
 

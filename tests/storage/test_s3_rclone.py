@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
 from s3_checks import remote_problems  # noqa: E402
 from s3_proxy import Fault, FaultProxy  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def test_lightning_cli_config_runs_an_epoch(tmp_path, config):
             "--trainer.max_epochs", "1"]
     if config == "coral_s3.yaml":
         # a local S3 server stands in for the bucket the config names
-        sys.path.insert(0, str(Path(__file__).parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
         from s3_server import REGION, TEST_KEY, TEST_SECRET, MotoS3Server
 
         with MotoS3Server() as server:

@@ -28,7 +28,7 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
 from s3_proxy import FaultProxy  # noqa: E402

@@ -15,10 +15,10 @@ import torch
 import coral_torch
 from coral_torch import Repository
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from s3_server import free_port  # noqa: E402
 
-WORKER = Path(__file__).with_name("_dcp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -185,7 +185,7 @@ def test_pickled_values_are_not_executed_on_load_unless_trusted(tmp_path):
     assert coral_torch.load(cid, repo=tmp_path / ".coral", weights_only=False)["obj"].v == 3
 
 
-MP_WORKER = Path(__file__).with_name("_mp_worker.py")
+MP_WORKER = Path(__file__).resolve().parents[1] / "_mp_worker.py"
 
 
 def run_lightning(args: dict, timeout: float = 300) -> dict:
