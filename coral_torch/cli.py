@@ -22,72 +22,28 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import refnames
 from ._version import __version__
-from .errors import CoralError, NotARepositoryError, RefNotFoundError
+from .cli_common import CliError, format_table, human, open_repo, short_metrics
+from .cli_maintenance import (
+    cmd_gc,
+    cmd_prune,
+    cmd_pull,
+    cmd_push,
+    cmd_rm,
+    cmd_stats,
+    cmd_tag,
+    cmd_verify,
+)
+from .errors import CoralError, RefNotFoundError
 from .inspect import tensor_change, tensor_index, tensors_of
 
 if TYPE_CHECKING:
-    from .repository import Repository
-    from .storage.s3_store import S3Config
+    pass
 
 log = logging.getLogger("coral_torch.cli")
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 1."""
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    lines += [fmt.format(*[str(c) for c in r]) for r in rows]
-    return "\n".join(lines)
-
-
-def _open_repo(args: argparse.Namespace, *, create: bool = False) -> Repository:
-    from .repository.handles import open_repository, repository_path
-
-    try:
-        return open_repository(args.repo or None, create=create)
-    except NotARepositoryError as exc:
-        if create:
-            raise
-        raise CliError(
-            f"{repository_path(args.repo or None)} is not a coral-torch repository (no catalog.sqlite); "
-            "point --repo or $CORAL_REPO at one (e.g. --repo ckpts/.coral), "
-            "or create one with `coral-torch import FILE.ckpt`"
-        ) from exc
-
-
-def _short_metrics(metrics: dict[str, Any], limit: int = 2) -> str:
-    keys = [k for k in metrics if "loss" in k] or list(metrics)
-    return " ".join(
-        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys[:limit]
-    )
-
-
-def _remote(args: argparse.Namespace) -> S3Config:
-    from .storage.s3_store import S3Config
-
-    url = args.remote
-    if not url.startswith("s3://"):
-        raise CliError(f"remote must look like s3://bucket[/prefix], not {url!r}")
-    bucket, _, prefix = url[5:].partition("/")
-    return S3Config(bucket=bucket, prefix=prefix, endpoint_url=args.endpoint_url, region=args.region)
-
-
-# ------------------------------------------------------------------------------------ commands
 def cmd_log(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
+    repo = open_repo(args)
     rows = repo.log(args.run)[: args.n] if args.n else repo.log(args.run)
     if args.json:
         print(
@@ -114,26 +70,26 @@ def cmd_log(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    table = [
+    rows_out = [
         [
             r.short_id + (" LOSSY" if r.lossy else ""),
             r.run,
             "" if r.epoch is None else r.epoch,
             "" if r.step is None else r.step,
-            _short_metrics(r.metrics),
-            _human(r.logical_bytes),
-            _human(r.new_bytes),
+            short_metrics(r.metrics),
+            human(r.logical_bytes),
+            human(r.new_bytes),
             f"{(r.new_bytes / r.logical_bytes) if r.logical_bytes else 0:.3f}",
             ", ".join(dict.fromkeys(refnames.display_name(x) for x in r.refs)),
         ]
         for r in rows
     ]
-    print(_table(table, ["commit", "run", "epoch", "step", "metrics", "logical", "stored", "ratio", "refs"]))
+    print(format_table(rows_out, ["commit", "run", "epoch", "step", "metrics", "logical", "stored", "ratio", "refs"]))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
+    repo = open_repo(args)
     row = repo.get_commit(args.ref)
     try:
         parent = tensor_index(repo, row.parent) if row.parent else {}
@@ -182,16 +138,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("metrics " + " ".join(f"{k}={v}" for k, v in row.metrics.items()))
     if row.refs:
         print("refs " + ", ".join(row.refs))
-    print(f"logical {_human(row.logical_bytes)}  written {_human(row.new_bytes)}\n")
+    print(f"logical {human(row.logical_bytes)}  written {human(row.new_bytes)}\n")
     print(
-        _table(
+        format_table(
             [
                 [
                     t["name"],
                     t["dtype"],
                     "x".join(map(str, t["shape"])) or "()",
                     t["stored"],
-                    _human(t["stored_bytes"]) if t["stored_bytes"] else "-",
+                    human(t["stored_bytes"]) if t["stored_bytes"] else "-",
                 ]
                 for t in out
             ],
@@ -202,7 +158,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
+    repo = open_repo(args)
     a_id, b_id = repo.resolve(args.ref_a), repo.resolve(args.ref_b)
     a_idx, b_idx = tensor_index(repo, a_id), tensor_index(repo, b_id)
     differ = [n for n in a_idx if n in b_idx and a_idx[n][0] != b_idx[n][0]]
@@ -224,7 +180,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return 0
     print(f"diff {a_id[:10]} -> {b_id[:10]}")
     print(
-        _table(
+        format_table(
             [
                 [
                     r["tensor"],
@@ -243,7 +199,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
+    repo = open_repo(args)
     out = Path(args.output)
     suffix = out.suffix.lower()
     if out.is_dir():
@@ -272,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"exported {cid[:10]} to {out} ({_human(out.stat().st_size)})")
+    print(f"exported {cid[:10]} to {out} ({human(out.stat().st_size)})")
     return 0
 
 
@@ -335,7 +291,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if not _has_tensors(obj):
             raise CliError(f"{p} holds no tensors: not a checkpoint")
         del obj
-    repo = _open_repo(args, create=True)
+    repo = open_repo(args, create=True)
     run = args.run or "import"
     before = sum(p.stat().st_size for p in paths)
     start_disk = repo.stats()["disk_bytes"]
@@ -344,10 +300,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         obj = torch.load(p, map_location="cpu", weights_only=not args.trust)
         stats = repo.commit(obj, run=run, message=f"import {p.name}", keep=True, info={"source": str(p)})
         ids.append(stats.commit_id)
-        print(f"{stats.commit_id[:10]}  {p.name}  {_human(p.stat().st_size)} -> {_human(stats.written_bytes)} written")
+        print(f"{stats.commit_id[:10]}  {p.name}  {human(p.stat().st_size)} -> {human(stats.written_bytes)} written")
     after = repo.stats()["disk_bytes"] - start_disk
     print(
-        f"imported {len(ids)} file(s): {_human(before)} as files -> {_human(after)} in the repository "
+        f"imported {len(ids)} file(s): {human(before)} as files -> {human(after)} in the repository "
         f"({after / before if before else 0:.3f}x)"
     )
     return 0
@@ -379,205 +335,6 @@ def _has_tensors(obj: Any, depth: int = 0) -> bool:
     return False
 
 
-def cmd_tag(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    if args.delete:
-        if not repo.delete_ref(refnames.tag_ref(args.delete, check=False)):
-            raise CliError(f"no tag {args.delete!r}")
-        print(f"deleted tag {args.delete}")
-        return 0
-    if args.name is None:
-        for name, cid in repo.refs(refnames.TAGS).items():
-            print(f"{name[len(refnames.TAGS) :]}  {cid[:10]}")
-        return 0
-    cid = repo.tag(args.name, args.ref or "latest")
-    print(f"tagged {cid[:10]} as {args.name}")
-    return 0
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    stats = repo.gc(dry_run=not args.yes, orphan_grace_s=args.grace)
-    verb = "would remove" if not args.yes else "removed"
-    print(
-        f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
-        f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "
-        f"{stats['orphan_files_removed']} orphan file(s)"
-    )
-    if stats.get("dead_refs"):
-        print(
-            f"{'dropped' if args.yes else 'would drop'} {len(stats['dead_refs'])} dead ref(s) "
-            "(pointer files deleted or replaced, ended resumes)"
-        )
-    if args.yes:
-        print(
-            f"reclaimed {_human(stats['bytes_reclaimed'])}: "
-            f"{_human(stats['bytes_before'])} -> {_human(stats['bytes_after'])}"
-        )
-    else:
-        print(f"about {_human(stats['bytes_reclaimable'])} reclaimable; run `coral-torch gc --yes` to delete")
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .retention import AnyOf, BestN, EveryNEpochs, EveryNSteps, LatestN, Policy
-
-    parts: list[Policy] = []
-    if args.keep_latest is not None:
-        parts.append(LatestN(args.keep_latest))
-    if args.keep_best is not None:
-        if not args.monitor:
-            raise CliError("--keep-best needs --monitor METRIC (a metric logged with the commits)")
-        parts.append(BestN(args.keep_best, args.monitor, args.mode))
-    if args.keep_every_steps is not None:
-        parts.append(EveryNSteps(args.keep_every_steps))
-    if args.keep_every_epochs is not None:
-        parts.append(EveryNEpochs(args.keep_every_epochs))
-    if not parts:
-        raise CliError(
-            "say what to keep: --keep-latest N, --keep-best N --monitor M, --keep-every-steps N "
-            "or --keep-every-epochs N (they combine: a commit any of them selects stays)"
-        )
-    keep = AnyOf(*parts)
-    optimizer = LatestN(args.optimizer_latest) if args.optimizer_latest is not None else None
-    repo = _open_repo(args)
-    runs = [args.run] if args.run else sorted({c.run for c in repo.log()})
-    if not runs:
-        print("no commits")
-        return 0
-    total = 0
-    for run in runs:
-        if not repo.log(run):
-            raise CliError(f"no run {run!r} in {repo.path}; `coral-torch log` lists the runs")
-        r = repo.retain(run, keep, keep_optimizer=optimizer, release_files=args.remove_files, dry_run=not args.yes)
-        total += r.bytes_freed
-        verb = "would remove" if r.dry_run else "removed"
-        line = f"run {run}: keep {len(r.kept)}, {verb} {len(r.removed)} commit(s)"
-        if r.stripped:
-            line += f", {'would strip' if r.dry_run else 'stripped'} optimizer state of {len(r.stripped)}"
-        if r.files_removed:
-            line += f", {'would delete' if r.dry_run else 'deleted'} {len(r.files_removed)} pointer file(s)"
-        print(line)
-        for cid, names in r.held.items():
-            print(f"  {cid[:10]} stays: held by {', '.join(refnames.display_name(n) for n in names)}")
-    if args.yes:
-        print(f"freed {_human(total)}")
-    else:
-        print(
-            f"would free about {_human(total)} of stored objects; run again with --yes to do it"
-            + ("" if args.remove_files else " (--remove-files also releases commits that pointer files hold)")
-        )
-    return 0
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    from .checkpoint_files import forget_pointer
-    from .pointers import read_pointer_file
-
-    repo = _open_repo(args)
-    before = repo.stats()["disk_bytes"]
-    for target in args.targets:
-        p = Path(target)
-        if p.is_file():
-            pointer = read_pointer_file(p)
-            if pointer is None:
-                raise CliError(f"{p} is not a coral-torch pointer file; refusing to delete it")
-            if not pointer.repo.exists() or not os.path.samefile(pointer.repo, repo.path):
-                raise CliError(f"{p} points into {pointer.repo}, not {repo.path}; pass --repo {pointer.repo}")
-            forget_pointer(p, repo)  # the file first: a crash leaves a dead ref, which gc drops
-            print(f"removed {p} (commit {pointer.commit[:10]})")
-            continue
-        refs = repo.refs()
-        tag = refnames.tag_ref(target, check=False)
-        name = target if target in refs else tag if tag in refs else None
-        if name is None:
-            raise CliError(
-                f"{target!r} is neither a pointer file nor a ref in {repo.path}; "
-                "`coral-torch log` shows each commit's refs"
-            )
-        repo.delete_ref(name)
-        print(f"removed ref {name}")
-    print(f"freed {_human(max(0, before - repo.stats()['disk_bytes']))}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    report = repo.verify()
-    print(f"checked {report.objects_checked} object(s), {report.commits_checked} commit(s)")
-    for p in report.missing_packs:
-        print(f"missing pack: {p}")
-    for p, why in report.unreadable_packs.items():
-        print(f"unreadable pack {p}: {why}")
-    for h, why in report.damaged_objects.items():
-        print(f"damaged object {h[:12]}: {why}")
-    for cid, names in report.damaged_commits.items():
-        print(f"damaged checkpoint {cid[:10]}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
-    for cid, why in report.damaged_manifests.items():
-        print(f"damaged checkpoint {cid[:10]} (catalog): {why}")
-    for name, cid in report.dangling_refs.items():
-        print(f"ref {name} names commit {cid[:10]}, which does not exist")
-    if report.orphan_files:
-        print(
-            f"{len(report.orphan_files)} orphan file(s) "
-            "(left by interrupted saves; `coral-torch gc --yes` removes them)"
-        )
-    if not report.ok:
-        print(report.RECOVERY)
-    print("ok" if report.ok else "DAMAGED")
-    return 0 if report.ok else 1
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    s = repo.stats()
-    if args.json:
-        print(json.dumps(s, indent=1))
-    else:
-        print(
-            f"repository   {s['path']}\ncommits      {s['commits']}\nobjects      {s['objects']} "
-            f"({s['delta_objects']} deltas)\nlogical      {_human(s['logical_bytes'])}\n"
-            f"on disk      {_human(s['disk_bytes'])}\nratio        {s['ratio']:.3f}"
-        )
-    if args.plot:
-        from .plots import plot_repository
-
-        plot_repository(repo, Path(args.plot), run=args.run)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from .storage.s3_store import S3Store
-
-    repo = _open_repo(args)
-    with S3Store(_remote(args)) as store:
-        s = repo.push(store, progress=None, verify=args.verify)
-    print(
-        f"pushed {s['commits_uploaded']} commit(s), {s['objects_uploaded']} object(s) "
-        f"({_human(s['object_bytes'])}; {s['objects_skipped']} already there), {s['refs_updated']} ref(s) "
-        f"to {store.url} in {s['seconds']:.1f}s"
-    )
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    from .repository.remote import require_remote_repository
-    from .storage.s3_store import S3Store
-
-    with S3Store(_remote(args)) as store:  # reach the remote before creating anything locally
-        require_remote_repository(store)  # a mistyped or empty prefix: an error, and no local repository
-        repo = _open_repo(args, create=True)
-        s = repo.pull(store, progress=None)
-    print(
-        f"pulled {s['commits_downloaded']} commit(s), {s['objects_downloaded']} object(s) "
-        f"({_human(s['bytes_transferred'])}; {s['objects_skipped']} already here), {s['refs']} ref(s) "
-        f"from {store.url} in {s['seconds']:.1f}s"
-    )
-    return 0
-
-
-# ------------------------------------------------------------------------------------ parser
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error (exit code 2)."""
 
