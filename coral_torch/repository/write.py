@@ -169,20 +169,7 @@ class ObjectWriter:
             delta = self.encoder.encode(w, ref)
             prep = store.prepare_delta(delta, h)
             prep.attrs["name"] = slot.name
-            row = ObjectRow(
-                h,
-                "",
-                "delta",
-                base_row.hash,
-                base_row.depth + 1,
-                w.dtype,
-                w.shape,
-                w.nbytes,
-                prep.stored_bytes,
-                base_row.full_estimate,
-                delta.lossless,
-            )
-            return prep, row, "delta"
+            return prep, _delta_row(h, base_row, w, prep.stored_bytes, base_row.full_estimate, delta.lossless), "delta"
         base_raw = None  # a streamed base's buffers go before a full encode
         if blob is not None:
             assert base_row is not None  # a delta blob has a base
@@ -200,19 +187,7 @@ class ObjectWriter:
                 )
                 prep = hdf5_store.delta_object(delta, h, blob)
                 prep.attrs["name"] = slot.name
-                row = ObjectRow(
-                    h,
-                    "",
-                    "delta",
-                    base_row.hash,
-                    base_row.depth + 1,
-                    w.dtype,
-                    w.shape,
-                    w.nbytes,
-                    prep.stored_bytes,
-                    estimate,
-                    True,
-                )
+                row = _delta_row(h, base_row, w, prep.stored_bytes, estimate, True)
                 return prep, row, "delta"
             lost = True
         blob = None
@@ -287,6 +262,11 @@ class ObjectWriter:
             raise
         # finished and renamed: gc's grace period for young orphans protects it until publish
         return WrittenObjects([pack], rows, hows, [h for h, item in todo.items() if item.replaces])
+
+
+def _delta_row(h: str, base: ObjectRow, w: WeightTensor, stored: int, estimate: int, lossless: bool) -> ObjectRow:
+    """The catalog row of a new delta of ``w`` against ``base`` (its pack and location set once written)."""
+    return ObjectRow(h, "", "delta", base.hash, base.depth + 1, w.dtype, w.shape, w.nbytes, stored, estimate, lossless)
 
 
 def _renamed(w: WeightTensor, name: str) -> WeightTensor:
