@@ -271,14 +271,7 @@ class Catalog:
         with self.transaction() as c:
             for name, size in packs:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", (name, size, commit.time))
-            c.executemany(
-                "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [r.values() for r in objects if r.hash not in replace],
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [r.values() for r in objects if r.hash in replace],
-            )
+            _insert_objects(c, objects, replace)
             needed = {h for _, _, h, _ in commit_objects} | {r.base for r in objects if r.base}
             missing = needed - self._present(c, needed)
             if missing:
@@ -454,14 +447,7 @@ class Catalog:
         with self.transaction() as c:
             if pack is not None:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", pack)
-                c.executemany(
-                    "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [r.values() for r in objects if r.hash not in replace],
-                )
-                c.executemany(
-                    "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [r.values() for r in objects if r.hash in replace],
-                )
+                _insert_objects(c, objects, replace)
             for commit, rows in commits:
                 c.execute(_INSERT_COMMIT.replace("INSERT INTO", "INSERT OR IGNORE INTO"), commit.values())
                 c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)", rows)
@@ -747,3 +733,15 @@ def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
 
 
 __all__ = ["Catalog", "CommitRow", "NewCommit", "ObjectRow", "SCHEMA_VERSION", "catalog_error", "commit_object_rows"]
+
+
+def _insert_objects(c: sqlite3.Connection, objects: Sequence[ObjectRow], replace: set[str]) -> None:
+    """Insert object rows; those whose hash is in ``replace`` replace the rows already there."""
+    c.executemany(
+        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [r.values() for r in objects if r.hash not in replace],
+    )
+    c.executemany(
+        "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [r.values() for r in objects if r.hash in replace],
+    )
