@@ -42,8 +42,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import coral_torch  # noqa: E402
-from coral_torch import DeltaConfig, Repository  # noqa: E402
 from minilm import (  # noqa: E402
     MiniLMClassifier,
     freeze_backbone,
@@ -53,6 +51,9 @@ from minilm import (  # noqa: E402
     load_tokenizer,
     no_decay_param_groups,
 )
+
+import coral_torch  # noqa: E402
+from coral_torch import DeltaConfig, Repository  # noqa: E402
 
 TARGETS = {"bytes_full": 0.55, "bytes_frozen": 0.20, "save_time": 2.5, "load_time": 2.0}
 MB = 1e6
@@ -239,7 +240,7 @@ class Batches:
 # ========================================================================= plane analysis
 def _zstd():
     try:  # the codec coral_torch uses (read-only use of its compressor settings)
-        from coral_torch import codec
+        from coral_torch.format import codec
 
         return codec._compressor(codec.DEFAULT_LEVEL)
     except Exception:  # pragma: no cover

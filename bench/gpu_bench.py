@@ -56,10 +56,11 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import coral_torch  # noqa: E402
 from epochs_bench import dir_bytes, iter_tensors  # noqa: E402
 from memory_bench import LAYERS, build_mlp, mlp_width, quiet_logs  # noqa: E402
 from peers_bench import CallbackDriver  # noqa: E402
+
+import coral_torch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GOAL_STALL_VS_COPY = 2.0

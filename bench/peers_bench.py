@@ -72,11 +72,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import coral_torch  # noqa: E402
-from coral_torch.api import close_repositories  # noqa: E402
 from epochs_bench import Batches, build_checkpoint, compare, dir_bytes, iter_tensors, raw_bytes, seed_all  # noqa: E402
 from memory_bench import quiet_logs, release_free_memory, reset_peak, vm_rss_bytes  # noqa: E402
 from minilm import MiniLMClassifier, linear_warmup_lambda, load_minilm, load_tokenizer, no_decay_param_groups  # noqa: E402
+
+import coral_torch  # noqa: E402
+from coral_torch.api import close_repositories  # noqa: E402
 
 METHODS = ("torch.save", "torch.save+zstd", "dcp", "dcp-zstd", "dcp-async", "zipnn", "coral", "coral-async")
 WORKLOADS = ("text", "random")

@@ -34,8 +34,8 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epochs_bench import Batches  # noqa: E402
 import minilm  # noqa: E402
+from epochs_bench import Batches  # noqa: E402
 
 from coral_torch import Repository  # noqa: E402
 from coral_torch.callbacks import CoralCheckpoint  # noqa: E402

@@ -50,9 +50,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import boto3  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config as BotoConfig  # noqa: E402
+from s3_server import CuttingProxy, free_port  # noqa: E402
 
 from coral_torch import Repository, S3Config  # noqa: E402
-from s3_server import CuttingProxy, free_port  # noqa: E402
 
 MiB = 1 << 20
 MB = 1e6
@@ -100,8 +100,14 @@ def seed_all(seed: int) -> None:
 
 def train_and_checkpoint(args, root: Path) -> dict[str, Any]:
     """Fine-tune; after every epoch commit the checkpoint and torch.save it. Returns what was made."""
-    from minilm import (MiniLMClassifier, labeled_corpus, linear_warmup_lambda, load_minilm, load_tokenizer,
-                        no_decay_param_groups)
+    from minilm import (
+        MiniLMClassifier,
+        labeled_corpus,
+        linear_warmup_lambda,
+        load_minilm,
+        load_tokenizer,
+        no_decay_param_groups,
+    )
 
     seed_all(args.seed)
     items, label_names = labeled_corpus()

@@ -65,9 +65,9 @@ import h5py  # noqa: E402
 import xxhash  # noqa: E402
 import zstandard  # noqa: E402
 
-from coral_torch import codec  # noqa: E402
+from coral_torch.format import codec  # noqa: E402
+from coral_torch.format.weight_tensor import WeightTensor, content_hash  # noqa: E402
 from coral_torch.storage.hdf5_store import HDF5Store  # noqa: E402
-from coral_torch.weight_tensor import WeightTensor, content_hash  # noqa: E402
 
 MB = 1e6
 GB = 1e9
@@ -233,8 +233,7 @@ def bench_torch(sd, path, reps) -> Dict[str, Any]:
 
 
 def bench_safetensors(sd, path, reps, backend: str = "mmap") -> Dict[str, Any]:
-    from safetensors.torch import save_file
-    from safetensors.torch import load_file as _load_file
+    from safetensors.torch import load_file as _load_file, save_file
 
     def load_file(p):
         return _load_file(p, backend=backend)
@@ -442,7 +441,7 @@ class _StageClock:
 def stage_breakdown(sd, path: str, reps: int) -> Dict[str, Any]:
     """One thread, coral compression: the real ``store_batch`` and ``load`` with their inner steps
     timed in place (the functions are wrapped, nothing is re-implemented). Best of ``reps``."""
-    from coral_torch import planes as planes_mod
+    from coral_torch.format import planes as planes_mod
     from coral_torch.storage import hdf5_store as hs
 
     best: Dict[str, float] = {}

@@ -18,8 +18,14 @@ if TYPE_CHECKING:
     # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
     from .api import load as load, save as save
     from .dedup import DeduplicationResult as DeduplicationResult, Deduplicator as Deduplicator
-    from .delta import Delta as Delta, DeltaConfig as DeltaConfig, DeltaEncoder as DeltaEncoder, DeltaType as DeltaType
     from .errors import CoralError as CoralError
+    from .format.delta import (
+        Delta as Delta,
+        DeltaConfig as DeltaConfig,
+        DeltaEncoder as DeltaEncoder,
+        DeltaType as DeltaType,
+    )
+    from .format.weight_tensor import WeightMetadata as WeightMetadata, WeightTensor as WeightTensor
     from .repository import (
         CommitOptions as CommitOptions,
         CommitStats as CommitStats,
@@ -28,7 +34,6 @@ if TYPE_CHECKING:
     )
     from .repository.handles import open_repository as open_repository
     from .storage import HDF5Store as HDF5Store, S3Config as S3Config, S3Store as S3Store, WeightStore as WeightStore
-    from .weight_tensor import WeightMetadata as WeightMetadata, WeightTensor as WeightTensor
 
 #: public name -> module (relative to this package) that defines it
 _LAZY = {
@@ -40,18 +45,18 @@ _LAZY = {
     "CommitOptions": ".repository",
     "VerifyReport": ".repository",
     "CoralError": ".errors",
-    "WeightTensor": ".weight_tensor",
-    "WeightMetadata": ".weight_tensor",
+    "WeightTensor": ".format.weight_tensor",
+    "WeightMetadata": ".format.weight_tensor",
     "WeightStore": ".storage",
     "HDF5Store": ".storage",
     "S3Store": ".storage",
     "S3Config": ".storage",
     "Deduplicator": ".dedup",
     "DeduplicationResult": ".dedup",
-    "Delta": ".delta",
-    "DeltaConfig": ".delta",
-    "DeltaEncoder": ".delta",
-    "DeltaType": ".delta",
+    "Delta": ".format.delta",
+    "DeltaConfig": ".format.delta",
+    "DeltaEncoder": ".format.delta",
+    "DeltaType": ".format.delta",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_files import commit_with_pointer
+from .checkpoint.checkpoint_files import commit_with_pointer
+from .checkpoint.pointers import (
+    MAX_POINTER_BYTES,
+    Pointer,
+    looks_like_pointer,
+    parse_pointer,
+    pointer_bytes,
+    read_pointer_file,
+)
 from .defaults import REPOSITORY_DIR
 from .errors import (
     CheckpointNotFoundError,
@@ -26,14 +34,6 @@ from .errors import (
     NotARepositoryError,
     RefNotFoundError,
     UnsafeCheckpointError,
-)
-from .pointers import (
-    MAX_POINTER_BYTES,
-    Pointer,
-    looks_like_pointer,
-    parse_pointer,
-    pointer_bytes,
-    read_pointer_file,
 )
 from .repository.handles import RepoLike, close_repositories, open_repository
 from .repository.options import CommitOptions

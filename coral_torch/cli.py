@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import refnames
 from ._version import __version__
 from .cli_common import CliError, format_table, human, open_repo, short_metrics
 from .cli_maintenance import (
@@ -34,6 +33,7 @@ from .cli_maintenance import (
     cmd_verify,
 )
 from .errors import CoralError, RefNotFoundError
+from .format import refnames
 from .inspect import tensor_change, tensor_index, tensors_of
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from . import refnames
 from .cli_common import CliError, human, open_repo, remote_config
+from .format import refnames
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -104,8 +104,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .checkpoint_files import forget_pointer
-    from .pointers import read_pointer_file
+    from .checkpoint.checkpoint_files import forget_pointer
+    from .checkpoint.pointers import read_pointer_file
 
     repo = open_repo(args)
     before = repo.stats()["disk_bytes"]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .delta import Delta, DeltaConfig, DeltaEncoder, stored_nbytes
 from .errors import DeltaError
-from .weight_tensor import WeightTensor
+from .format.delta import Delta, DeltaConfig, DeltaEncoder, stored_nbytes
+from .format.weight_tensor import WeightTensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from .storage.weight_store import WeightStore
@@ -180,7 +180,7 @@ class Deduplicator:
         or similar known tensors when lossless and smaller than the tensor's own encoding, else
         unique. Tensors seen by earlier calls (and, with ``storage``/``exists``, stored ones) are
         known."""
-        from . import codec, dtypes
+        from .format import codec, dtypes
 
         result = DeduplicationResult()
         parent = parent or {}

@@ -37,7 +37,7 @@ def tensors_of(repo: Repository, cid: str, names: Iterable[str] | None = None) -
 
     Raises :class:`~coral_torch.errors.CheckpointDamagedError` if a tensor cannot be rebuilt.
     """
-    from .weight_tensor import WeightMetadata, WeightTensor
+    from .format.weight_tensor import WeightMetadata, WeightTensor
 
     row = repo.get_commit(cid)
     entries = row.manifest["tensors"]

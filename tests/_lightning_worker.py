@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-
 from _lightning_models import TRAINER_DEFAULTS, BigModel, TinyModel, big_loader, tiny_loaders, train_state  # noqa: E402
+
 from coral_torch import Repository  # noqa: E402
 from coral_torch.callbacks import CoralCheckpoint  # noqa: E402
 

@@ -19,10 +19,10 @@ from typing import Any
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .. import api
-from ..checkpoint_files import commit_with_pointer, forget_pointer
+from ..checkpoint.checkpoint_files import commit_with_pointer, forget_pointer
+from ..checkpoint.pointers import read_pointer_file
 from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
-from ..pointers import read_pointer_file
 from ..repository import Repository
 from ..repository.handles import open_repository
 from ..repository.options import CommitOptions

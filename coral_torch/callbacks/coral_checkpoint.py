@@ -28,10 +28,10 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..defaults import REPOSITORY_DIR
-from ..delta import DeltaConfig
 from ..errors import CoralError
+from ..format.delta import DeltaConfig
+from ..format.refnames import best_ref, run_keep_prefix as keep_prefix
 from ..parallel import HelpBoard
-from ..refnames import best_ref, run_keep_prefix as keep_prefix
 from ..repository import CommitStats, Repository
 from ..repository.handles import open_repository
 from ..repository.options import CommitOptions

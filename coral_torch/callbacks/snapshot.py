@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .. import adapters
+from ..checkpoint import adapters
 
 log = logging.getLogger(__name__)
 

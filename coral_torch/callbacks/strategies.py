@@ -32,15 +32,15 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from .. import dcp as coral_dcp
-from ..checkpoint_files import commit_with_pointer, forget_pointer
+from ..checkpoint.checkpoint_files import commit_with_pointer, forget_pointer
+from ..checkpoint.pointers import read_pointer_file
+from ..checkpoint.sharded import load_value
 from ..defaults import REPOSITORY_DIR, default_repository
 from ..errors import CoralError
-from ..pointers import read_pointer_file
 from ..repository import Repository
 from ..repository.handles import open_repository
 from ..repository.options import CommitOptions
 from ..retention import Policy
-from ..sharded import load_value
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from .. import dtypes
-from ..manifest import Manifest
-from ..sharded import LAYOUT_KIND, chunk_name
+from ..checkpoint.sharded import LAYOUT_KIND, chunk_name
+from ..format import dtypes
+from ..format.manifest import Manifest
 
 
 def layout_of(metadata: Metadata, entry_of: dict[str, int]) -> dict[str, Any]:

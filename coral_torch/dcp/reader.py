@@ -20,11 +20,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from ..checkpoint.sharded import load_value
 from ..errors import CheckpointDamagedError, RepositoryError
-from ..manifest import Manifest
+from ..format.manifest import Manifest
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..repository import Repository
-from ..sharded import load_value
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .handle import RepositoryHandle
 from .layout import metadata_of
 

@@ -34,13 +34,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .. import refnames
+from ..checkpoint.sharded import chunk_name
 from ..errors import RepositoryError
-from ..manifest import Manifest, TensorEntry
+from ..format import refnames
+from ..format.manifest import Manifest, TensorEntry
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..repository import Repository, WrittenObjects
 from ..repository.options import CommitOptions
-from ..sharded import chunk_name
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .handle import RepositoryHandle
 from .layout import layout_of
 

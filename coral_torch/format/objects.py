@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .. import codec, dtypes
-from ..delta import Delta, DeltaType
 from ..errors import CoralError, CorruptObjectError, HashMismatchError
-from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
+from . import codec, dtypes
+from .delta import Delta, DeltaType
+from .weight_tensor import WeightMetadata, WeightTensor, content_hash
 
 __all__ = [
     "ENCODING_CODEC",

@@ -17,13 +17,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import refnames
 from ..errors import (
     CatalogDamagedError,
     ConcurrentChangeError,
     ReadOnlyRepositoryError,
     UnsupportedFormatError,
 )
+from ..format import refnames
 from .failures import catalog_error
 from .rows import CommitRow, NewCommit, ObjectRow, commit_object_rows, object_row
 

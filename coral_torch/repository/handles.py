@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from ..defaults import default_repository
-from ..delta import DeltaConfig
+from ..format.delta import DeltaConfig
 from .repository import Repository
 
 RepoLike = str | os.PathLike | Repository | None

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import refnames
+from ..checkpoint.pointers import pointer_names, pointer_path_of_ref, read_pointer_file
 from ..errors import CoralError, IntegrityError, RefNotFoundError, RepositoryError
+from ..format import refnames
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..lazy import LazyModule
-from ..pointers import pointer_names, pointer_path_of_ref, read_pointer_file
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .catalog import Catalog, NewCommit, ObjectRow, commit_object_rows
 from .failures import named_errors
 from .lock import RepositoryLock
@@ -32,11 +32,11 @@ from .read import ObjectReader
 LEASE_TTL_S = 7 * 86400.0
 
 if TYPE_CHECKING:
-    from .. import adapters, sharded
+    from ..checkpoint import adapters, sharded
     from ..storage import hdf5_store
 else:
-    adapters = LazyModule("coral_torch.adapters")
-    sharded = LazyModule("coral_torch.sharded")
+    adapters = LazyModule("coral_torch.checkpoint.adapters")
+    sharded = LazyModule("coral_torch.checkpoint.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import refnames
 from ..errors import RepositoryError
+from ..format import refnames
 from ..retention import Policy
 
 #: the modes a monitored metric is ranked by

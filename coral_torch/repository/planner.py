@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .. import codec, dtypes
 from ..dedup import Deduplicator
-from ..delta import DeltaConfig
 from ..errors import CatalogDamagedError
-from ..weight_tensor import WeightTensor
+from ..format import codec, dtypes
+from ..format.delta import DeltaConfig
+from ..format.weight_tensor import WeightTensor
 from .catalog import Catalog, ObjectRow
 
 if TYPE_CHECKING:

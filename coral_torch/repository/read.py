@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from .. import dtypes
-from ..delta import DeltaEncoder
 from ..errors import CheckpointDamagedError, CoralError, CorruptObjectError, HashMismatchError, IntegrityError
+from ..format import dtypes
+from ..format.delta import DeltaEncoder
+from ..format.manifest import Manifest
+from ..format.weight_tensor import WeightMetadata, WeightTensor, content_hash
 from ..lazy import LazyModule
-from ..manifest import Manifest
 from ..parallel import run_parallel
-from ..weight_tensor import WeightMetadata, WeightTensor, content_hash
 from . import streams
 from .catalog import Catalog, CommitRow, ObjectRow
 from .failures import CATALOG_NAME

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import refnames
 from ..errors import AmbiguousRefError, RefNotFoundError
+from ..format import refnames
 from .catalog import Catalog
 
 _MIN_PREFIX = 4

@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import defaults, refnames
-from ..delta import DeltaConfig, DeltaEncoder
+from .. import defaults
 from ..errors import (
     CatalogDamagedError,
     CheckpointDamagedError,
@@ -45,12 +44,14 @@ from ..errors import (
     RefNotFoundError,
     RepositoryError,
 )
+from ..format import refnames
+from ..format.delta import DeltaConfig, DeltaEncoder
+from ..format.manifest import Manifest, TensorEntry
+from ..format.refnames import validate_ref_name
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..lazy import LazyModule
-from ..manifest import Manifest, TensorEntry
 from ..parallel import HelpBoard
-from ..refnames import validate_ref_name
 from ..retention import Policy
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .catalog import Catalog, CommitRow, NewCommit, catalog_error, commit_object_rows
 from .failures import CATALOG_NAME, named_errors
 from .lock import RepositoryLock
@@ -65,12 +66,12 @@ from .verify import Verifier, VerifyReport
 from .write import ObjectWriter, WrittenObjects
 
 if TYPE_CHECKING:
-    from .. import adapters, sharded
+    from ..checkpoint import adapters, sharded
     from ..storage import hdf5_store
 else:
     # adapters and sharded import torch, seconds that catalog-only readers (coral-torch log) must not pay
-    adapters = LazyModule("coral_torch.adapters")
-    sharded = LazyModule("coral_torch.sharded")
+    adapters = LazyModule("coral_torch.checkpoint.adapters")
+    sharded = LazyModule("coral_torch.checkpoint.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import refnames
+from ..checkpoint.pointers import pointer_names, pointer_path_of_ref, write_pointer
 from ..errors import CoralError
-from ..pointers import pointer_names, pointer_path_of_ref, write_pointer
+from ..format import refnames
 from ..retention import CommitFacts, KeepAll, Policy
 from .catalog import Catalog
 from .lock import RepositoryLock

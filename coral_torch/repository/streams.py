@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..codec import BlobReader
 from ..errors import CorruptObjectError, HashMismatchError
-from ..weight_tensor import content_hasher
+from ..format.codec import BlobReader
+from ..format.weight_tensor import content_hasher
 
 
 class ReadBuffer:

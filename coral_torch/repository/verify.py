@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import refnames
-from ..delta import DeltaType
 from ..errors import CatalogDamagedError, CoralError
+from ..format import refnames
+from ..format.delta import DeltaType
 from ..lazy import LazyModule
 from .catalog import Catalog, ObjectRow
 from .failures import named_errors
@@ -26,11 +26,11 @@ from .packs import PACKS_DIR, PackGone
 from .read import ObjectReader
 
 if TYPE_CHECKING:
-    from .. import adapters, sharded
+    from ..checkpoint import adapters, sharded
     from ..storage import hdf5_store
 else:
-    adapters = LazyModule("coral_torch.adapters")
-    sharded = LazyModule("coral_torch.sharded")
+    adapters = LazyModule("coral_torch.checkpoint.adapters")
+    sharded = LazyModule("coral_torch.checkpoint.sharded")
     hdf5_store = LazyModule("coral_torch.storage.hdf5_store")
 
 

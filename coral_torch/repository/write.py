@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import codec, dtypes
-from ..delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from ..errors import CoralError, DiskFullError, IntegrityError
+from ..format import codec, dtypes
+from ..format.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..lazy import LazyModule
 from ..parallel import HelpBoard, run_parallel
-from ..weight_tensor import WeightMetadata, WeightTensor
 from . import streams
 from .catalog import Catalog, ObjectRow
 from .failures import is_disk_full

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..codec import FileSegment
+from ..format.codec import FileSegment
 
 log = logging.getLogger(__name__)
 

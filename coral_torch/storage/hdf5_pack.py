@@ -19,7 +19,6 @@ from typing import Any, cast
 import h5py
 import numpy as np
 
-from .. import codec
 from ..errors import (
     CoralError,
     CorruptObjectError,
@@ -28,6 +27,7 @@ from ..errors import (
     StoreError,
     StoreNotFoundError,
 )
+from ..format import codec
 from ..format.objects import (
     ENCODING_CODEC,
     ENCODING_VALUES,

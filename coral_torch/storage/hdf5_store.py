@@ -24,9 +24,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import codec, dtypes
-from ..delta import ARRAY_LAYOUT_KEY, Delta, restore_payload, storage_payload
 from ..errors import CompressionUnavailableError, HashMismatchError
+from ..format import codec, dtypes
+from ..format.delta import ARRAY_LAYOUT_KEY, Delta, restore_payload, storage_payload
 from ..format.objects import (  # the one description of a stored object (re-exported here)
     ENCODING_CODEC,
     ENCODING_VALUES,
@@ -41,8 +41,8 @@ from ..format.objects import (  # the one description of a stored object (re-exp
     weight_attrs,
     weight_metadata,
 )
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 from ..parallel import run_parallel
-from ..weight_tensor import WeightMetadata, WeightTensor
 from .hdf5_pack import (  # the file mechanics (FORMAT_*, META_ATTR re-exported here)
     FORMAT_NAME as FORMAT_NAME,
     FORMAT_VERSION as FORMAT_VERSION,

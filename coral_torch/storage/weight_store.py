@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, TypeVar
 
-from ..weight_tensor import WeightMetadata, WeightTensor
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 
 _S = TypeVar("_S", bound="WeightStore")
 

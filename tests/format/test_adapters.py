@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from conftest import assert_same  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import coral_torch
-from coral_torch import Repository, adapters
+from coral_torch import Repository
+from coral_torch.checkpoint import adapters
 from coral_torch.errors import CatalogDamagedError, CoralError, UnsupportedTensorError
-from conftest import assert_same  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import DTYPE_NAMES, make_tensor, raw_bytes
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from coral_torch import codec, dtypes, planes
 from coral_torch.errors import CorruptObjectError, IntegrityError
+from coral_torch.format import codec, dtypes, planes
 
 ITEMSIZES = [1, 2, 4, 8, 16]
 
@@ -300,7 +299,7 @@ def test_numpy_fallback_round_trips_through_a_repository(tmp_path):
     """With CORAL_TORCH_NO_C=1 (as without a compiler) save/load work and give the same bytes."""
     code = textwrap.dedent(f"""
         import torch, coral_torch
-        from coral_torch import planes
+        from coral_torch.format import planes
         assert not planes.HAVE_C
         g = torch.Generator().manual_seed(0)
         sd = {{"w": torch.randn(300, 7, generator=g), "h": torch.randn(40, generator=g).half()}}

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_NAMES, make_tensor, raw_bytes, tensor_cases
-from hypothesis import event, given, settings
-from hypothesis import strategies as st
+from hypothesis import event, given, settings, strategies as st
 
-from coral_torch import codec
-from coral_torch.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from coral_torch.errors import CoralError, DeltaError, IntegrityError
-from coral_torch.weight_tensor import WeightMetadata, WeightTensor
+from coral_torch.format import codec
+from coral_torch.format.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
+from coral_torch.format.weight_tensor import WeightMetadata, WeightTensor
 
 
 def _bits_perturbed(t: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from coral_torch import dtypes
+from coral_torch.checkpoint.sharded import LAYOUT_KIND, check_layout, chunk_name, consolidate
 from coral_torch.errors import CatalogDamagedError
-from coral_torch.manifest import Manifest, TensorEntry
-from coral_torch.sharded import LAYOUT_KIND, chunk_name, check_layout, consolidate
+from coral_torch.format import dtypes
+from coral_torch.format.manifest import Manifest, TensorEntry
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.uint8]
 

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_NAMES, make_tensor, raw_bytes, tensor_cases
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from coral_torch import dtypes
 from coral_torch.errors import CoralError, UnsupportedTensorError
-from coral_torch.weight_tensor import HASH_HEX_LENGTH, WeightMetadata, WeightTensor
+from coral_torch.format import dtypes
+from coral_torch.format.weight_tensor import HASH_HEX_LENGTH, WeightMetadata, WeightTensor
 
 
 # ------------------------------------------------------------------------------------ dtypes
@@ -330,8 +329,8 @@ def test_dtype_names_need_no_torch():
 
     code = (
         "import sys, numpy as np\n"
-        "from coral_torch.dtypes import canonical_dtype\n"
-        "from coral_torch.weight_tensor import WeightMetadata\n"
+        "from coral_torch.format.dtypes import canonical_dtype\n"
+        "from coral_torch.format.weight_tensor import WeightMetadata\n"
         "m = WeightMetadata(name='x', shape=(2,), dtype=np.float32)\n"
         "assert m.dtype == np.float32 and m.dtype != 5 and m.dtype != None and m.dtype == 'float32'\n"
         "assert canonical_dtype(np.dtype('<i8')) == 'int64' and WeightMetadata('y', (1,), 'bfloat16').nbytes == 2\n"

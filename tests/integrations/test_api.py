@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
+from conftest import assert_same  # noqa: E402
 
 import coral_torch
 from coral_torch import Repository
 from coral_torch.api import read_pointer
 from coral_torch.errors import CheckpointNotFoundError, RefNotFoundError
-from conftest import assert_same  # noqa: E402
 
 
 def model_state(seed: int, scale: float = 0.0) -> collections.OrderedDict:

@@ -131,8 +131,9 @@ def test_sharded_commit_is_first_class_verify_gc_tag_export(fsdp_run, tmp_path):
 
 
 def test_sharded_commits_push_and_pull_through_s3(fsdp_run, server, bucket, tmp_path):
-    from coral_torch.storage import S3Config
     from s3_server import REGION, TEST_KEY, TEST_SECRET
+
+    from coral_torch.storage import S3Config
 
     repo_path, out = fsdp_run
     r0 = report(out, 0)

@@ -27,7 +27,6 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
-import coral_torch  # noqa: E402
 from _lightning_models import (  # noqa: E402
     TRAINER_DEFAULTS,
     TinyDataModule,
@@ -36,6 +35,8 @@ from _lightning_models import (  # noqa: E402
     tiny_loaders,
     train_state,
 )
+
+import coral_torch  # noqa: E402
 from coral_torch import Repository  # noqa: E402
 from coral_torch.api import read_pointer  # noqa: E402
 from coral_torch.callbacks import (  # noqa: E402

@@ -34,8 +34,10 @@ from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, t
 from s3_proxy import FaultProxy  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
 
-from coral_torch import Repository  # noqa: E402
-from coral_torch import cli  # noqa: E402
+from coral_torch import (
+    Repository,  # noqa: E402
+    cli,  # noqa: E402
+)
 from coral_torch.callbacks import CoralCheckpoint, CoralCheckpointIO  # noqa: E402
 from coral_torch.errors import (  # noqa: E402
     BucketNotFoundError,

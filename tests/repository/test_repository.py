@@ -25,6 +25,7 @@ import h5py
 import pytest
 import torch
 import xxhash
+from conftest import assert_same  # noqa: E402
 from torch import nn
 
 import coral_torch
@@ -37,7 +38,6 @@ from coral_torch.errors import (
     RepositoryLockedError,
     UnsafeCheckpointError,
 )
-from conftest import assert_same  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -899,7 +899,7 @@ def test_sampled_probe_skips_deltas_that_cannot_pay_and_keeps_those_that_do(tmp_
     repo = Repository(tmp_path / "repo")
     repo.commit({"m": moment, "w": weight}, run="r")
     attempts = []
-    real = coral_torch.codec.encode_blob
+    real = coral_torch.format.codec.encode_blob
 
     def spy(raw, itemsize, level=1, *, base=None, **kw):
         if base is not None and raw.size == n * 4:
@@ -909,11 +909,11 @@ def test_sampled_probe_skips_deltas_that_cannot_pay_and_keeps_those_that_do(tmp_
     moment2 = torch.randn(n, generator=g)
     weight2 = weight.clone()
     weight2.view(torch.int32).add_(torch.randint(-8, 8, (n,), generator=g, dtype=torch.int32))
-    coral_torch.codec.encode_blob = spy
+    coral_torch.format.codec.encode_blob = spy
     try:
         cid = repo.commit({"m": moment2, "w": weight2}, run="r").commit_id
     finally:
-        coral_torch.codec.encode_blob = real
+        coral_torch.format.codec.encode_blob = real
     assert object_of(repo, cid, "m").kind == "full"
     assert object_of(repo, cid, "w").kind == "delta"
     assert attempts == [n * 4]  # only w was delta-encoded in full
@@ -1011,8 +1011,8 @@ def test_lossy_deltas_only_behind_allow_lossy_marked_shown_and_warned(tmp_path, 
     import warnings
 
     from coral_torch.cli import main as cli
-    from coral_torch.delta import DeltaConfig, DeltaType
     from coral_torch.errors import CoralError
+    from coral_torch.format.delta import DeltaConfig, DeltaType
     from coral_torch.repository.repository import LossyCheckpointWarning
 
     with pytest.raises(CoralError):
@@ -1065,7 +1065,7 @@ def test_a_commit_that_loses_a_race_with_gc_is_planned_again(tmp_path, monkeypat
 
 def test_manifest_format_is_checked_and_ids_are_stable():
     from coral_torch.errors import CatalogDamagedError, UnsupportedFormatError
-    from coral_torch.manifest import Manifest, TensorEntry
+    from coral_torch.format.manifest import Manifest, TensorEntry
 
     m = Manifest({"t": "tensor", "i": 0}, [TensorEntry("w", "ab" * 16, "float32", (2, 3))])
     text = m.to_json()
@@ -1083,7 +1083,7 @@ def test_manifest_format_is_checked_and_ids_are_stable():
 
 
 def test_setting_delta_config_changes_what_the_next_commit_plans(tmp_path):
-    from coral_torch.delta import DeltaConfig
+    from coral_torch.format.delta import DeltaConfig
 
     repo = Repository(tmp_path / "repo")
     w = torch.randn(100_000, generator=torch.Generator().manual_seed(0))

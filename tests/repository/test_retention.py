@@ -3,8 +3,8 @@ refs that died with their files, leases of resumed runs, and saves that never bu
 
 from __future__ import annotations
 
-import random
 import os
+import random
 import subprocess
 import sys
 import time
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import coral_torch
 from coral_torch import Repository

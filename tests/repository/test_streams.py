@@ -13,12 +13,13 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from coral_torch import Repository, codec
-from coral_torch.errors import CorruptObjectError, HashMismatchError
-from coral_torch.repository import streams
-from coral_torch.weight_tensor import content_hash
 from conftest import assert_same  # noqa: E402
+
+from coral_torch import Repository
+from coral_torch.errors import CorruptObjectError, HashMismatchError
+from coral_torch.format import codec
+from coral_torch.format.weight_tensor import content_hash
+from coral_torch.repository import streams
 
 CHUNK = 64 << 10
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from coral_torch.format.weight_tensor import WeightTensor
 from coral_torch.storage import HDF5Store, direct_io
 from coral_torch.storage.direct_io import MIN_DIRECT_BYTES, PAGE, STAGE_BYTES, PayloadWriter
-from coral_torch.weight_tensor import WeightTensor
 
 
 def _file_with_sentinel(path: Path, size: int) -> np.ndarray:
@@ -189,7 +188,7 @@ def test_hdf5_store_writes_buffered_by_default(tmp_path: Path) -> None:
 def _spilled_segments(payload: np.ndarray, cuts: list[int], spill: Path, every: int = 2) -> list:
     """The payload cut into segments, every ``every``-th one a FileSegment of a spill file (as a
     large encoded blob past its memory budget holds them)."""
-    from coral_torch.codec import FileSegment
+    from coral_torch.format.codec import FileSegment
 
     fd = os.open(spill, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     segs: list = []
@@ -232,7 +231,7 @@ def test_spilled_segments_are_copied_in_place(tmp_path: Path, monkeypatch: pytes
 
 
 def test_hdf5_store_writes_a_spilled_blob_and_reads_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from coral_torch import codec
+    from coral_torch.format import codec
 
     monkeypatch.setattr(codec, "CHUNK_BYTES", 64 << 10)
     monkeypatch.setattr(codec, "SPILL_AFTER", 100 << 10)
@@ -289,8 +288,7 @@ def test_a_failed_background_sync_aborts_the_pack(tmp_path: Path, monkeypatch: p
     import torch
 
     from coral_torch.errors import RepositoryIOError
-    from coral_torch.repository import Repository
-    from coral_torch.repository import packs as packs_mod
+    from coral_torch.repository import Repository, packs as packs_mod
 
     repo = Repository(tmp_path / "repo")
     first = {"w": torch.arange(1 << 16, dtype=torch.float32)}

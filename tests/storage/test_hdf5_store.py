@@ -15,8 +15,6 @@ import torch
 import xxhash
 from conftest import make_tensor, raw_bytes, tensor_cases
 
-from coral_torch import codec
-from coral_torch.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType, stored_nbytes
 from coral_torch.errors import (
     CompressionUnavailableError,
     CorruptObjectError,
@@ -27,8 +25,10 @@ from coral_torch.errors import (
     StoreError,
     StoreNotFoundError,
 )
+from coral_torch.format import codec
+from coral_torch.format.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType, stored_nbytes
+from coral_torch.format.weight_tensor import WeightMetadata, WeightTensor
 from coral_torch.storage.hdf5_store import META_ATTR, HDF5Store
-from coral_torch.weight_tensor import WeightMetadata, WeightTensor
 
 COMPRESSIONS = [
     pytest.param("coral", None, id="coral"),

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from coral_torch.delta import DeltaEncoder
 from coral_torch.errors import (
     BucketNotFoundError,
     CorruptObjectError,
@@ -29,9 +28,10 @@ from coral_torch.errors import (
     StoreError,
     SyncIncompleteError,
 )
+from coral_torch.format.delta import DeltaEncoder
+from coral_torch.format.weight_tensor import WeightTensor
 from coral_torch.storage.hdf5_store import HDF5Store
 from coral_torch.storage.s3_store import S3Config, S3Store
-from coral_torch.weight_tensor import WeightTensor
 
 try:
     from .s3_proxy import Fault, FaultProxy

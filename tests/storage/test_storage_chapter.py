@@ -30,8 +30,8 @@ Substitutions: the only changes made to the chapter's code before it runs
     (b) Module names: the chapter's upstream modules ``coral.core.weight_tensor``,
         ``coral.storage``, ``coral.storage.s3_store``, ``coral.delta.delta_encoder`` and
         ``coral.core.deduplicator`` are aliases of the coral_torch modules holding those names
-        (``coral_torch.weight_tensor``, ``coral_torch.storage``, ``coral_torch.storage.s3_store``,
-        ``coral_torch.delta``, ``coral_torch.dedup``), put into ``sys.modules`` by this test only
+        (``coral_torch.format.weight_tensor``, ``coral_torch.storage``, ``coral_torch.storage.s3_store``,
+        ``coral_torch.format.delta``, ``coral_torch.dedup``), put into ``sys.modules`` by this test only
         and removed afterwards. coral-torch ships no ``coral`` package.
     (c) S3: the S3 examples run against a local moto S3 server on 127.0.0.1 (``tests/s3_server.py``),
         never the network: ``AWS_ENDPOINT_URL`` points at it, the environment holds test
@@ -63,26 +63,26 @@ import pytest
 import xxhash
 
 import coral_torch.dedup
-import coral_torch.delta
+import coral_torch.format.delta
+import coral_torch.format.weight_tensor
 import coral_torch.storage
 import coral_torch.storage.s3_store
-import coral_torch.weight_tensor
 from coral_torch.dedup import Deduplicator
-from coral_torch.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
 from coral_torch.errors import DeltaError, UnsupportedTensorError
+from coral_torch.format.delta import Delta, DeltaConfig, DeltaEncoder, DeltaType
+from coral_torch.format.weight_tensor import WeightMetadata, WeightTensor
 from coral_torch.storage import HDF5Store, S3Config, S3Store
 from coral_torch.storage.weight_store import WeightStore
-from coral_torch.weight_tensor import WeightMetadata, WeightTensor
 
 SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "SPEC-storage.md"
 SKIP_REASON = f"the storage chapter is not at {SPEC} (it lives in the shared folder beside the checkout)"
 
 # (b) the chapter's module names -> the coral_torch modules that hold those names
 ALIASES = {
-    "coral.core.weight_tensor": coral_torch.weight_tensor,
+    "coral.core.weight_tensor": coral_torch.format.weight_tensor,
     "coral.storage": coral_torch.storage,
     "coral.storage.s3_store": coral_torch.storage.s3_store,
-    "coral.delta.delta_encoder": coral_torch.delta,
+    "coral.delta.delta_encoder": coral_torch.format.delta,
     "coral.core.deduplicator": coral_torch.dedup,
 }
 

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shar
 from conftest import DTYPE_NAMES, make_tensor, raw_bytes, tensor_cases  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
 
-from coral_torch.delta import Delta, DeltaEncoder, DeltaType  # noqa: E402
 from coral_torch.errors import IntegrityError, StoreError  # noqa: E402
+from coral_torch.format.delta import Delta, DeltaEncoder, DeltaType  # noqa: E402
+from coral_torch.format.weight_tensor import WeightMetadata, WeightTensor  # noqa: E402
 from coral_torch.storage import WeightStore  # noqa: E402
 from coral_torch.storage.hdf5_store import HDF5Store  # noqa: E402
 from coral_torch.storage.s3_store import S3Config, S3Store  # noqa: E402
-from coral_torch.weight_tensor import WeightMetadata, WeightTensor  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::UserWarning")]
 

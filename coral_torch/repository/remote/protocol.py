@@ -30,8 +30,8 @@ from ...errors import (
     RemoteError,
     UnsupportedFormatError,
 )
-from ...manifest import Manifest, manifest_id
-from ...refnames import validate_component
+from ...format.manifest import Manifest, manifest_id
+from ...format.refnames import validate_component
 from ...storage.s3.client import RemoteEntry, S3Client
 from ...storage.s3.config import S3Config
 from ...storage.s3.objects import S3Objects

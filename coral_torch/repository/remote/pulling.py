@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ... import codec
 from ...errors import (
     CorruptObjectError,
     IntegrityError,
@@ -17,9 +16,10 @@ from ...errors import (
     RemoteRepositoryNotFoundError,
     SyncIncompleteError,
 )
+from ...format import codec
 from ...format.documents import document_md5
 from ...format.objects import DELTAS, WEIGHTS
-from ...refnames import validate_ref_name
+from ...format.refnames import validate_ref_name
 from ...storage.hdf5_store import PreparedObject
 from ...storage.s3 import sync as engine
 from ...storage.s3.client import RemoteEntry, S3Client

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ...errors import CorruptObjectError, IntegrityError, InvalidRefNameError
 from ...format.documents import document_md5
 from ...format.objects import WEIGHTS
-from ...refnames import validate_ref_name
+from ...format.refnames import validate_ref_name
 from ...storage.hdf5_store import HDF5Store
 from ...storage.s3 import sync as engine
 from ...storage.s3.client import S3Client

@@ -47,7 +47,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from ...errors import CoralError, CorruptObjectError, IntegrityError, RemoteConfigError, RemoteError, StoreError
 from ...format.documents import decode_document, encode_document, md5 as new_md5
 from ...format.objects import byte_view
-from ...refnames import validate_ref_name
+from ...format.refnames import validate_ref_name
 from .config import S3Config
 from .errors import (
     ANY_EXC,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ... import codec
 from ...errors import RemoteConfigError
+from ...format import codec
 
 __all__ = ["S3Config", "TransferConfig", "MiB"]
 

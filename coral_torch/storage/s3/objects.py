@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from ... import codec, dtypes
-from ...delta import Delta
 from ...errors import CorruptObjectError, HashMismatchError, IntegrityError, StoreError
-from ...format import objects as fmt
+from ...format import codec, dtypes, objects as fmt
+from ...format.delta import Delta
 from ...format.documents import encode_document
 from ...format.objects import PreparedObject
-from ...weight_tensor import WeightTensor
+from ...format.weight_tensor import WeightTensor
 from .client import RemoteEntry, S3Client, norm_etag
 
 log = logging.getLogger(__name__)

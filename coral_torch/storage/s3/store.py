@@ -18,10 +18,10 @@ from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ...delta import Delta
 from ...errors import ReadOnlyStoreError, RemoteConfigError, StoreError
 from ...format import objects as fmt
-from ...weight_tensor import WeightMetadata, WeightTensor
+from ...format.delta import Delta
+from ...format.weight_tensor import WeightMetadata, WeightTensor
 from ..hdf5_store import HDF5Store
 from ..weight_store import WeightStore
 from . import sync as engine

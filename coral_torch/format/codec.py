@@ -44,6 +44,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from ..defaults import CODEC_LEVEL
 from . import planes
 from .codec_layout import (
     CHUNKED as _CHUNKED,
@@ -56,7 +57,6 @@ from .codec_layout import (
     PLANE as _PLANE,
 )
 from .codec_reader import BlobReader as BlobReader, decode as decode, decoded_size as decoded_size
-from .defaults import CODEC_LEVEL
 
 DEFAULT_LEVEL = CODEC_LEVEL  # coral_torch.defaults holds every default
 # Byte planes of weights are entropy-dominated: few long matches. Level 1 with a tiny match table

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UnsupportedTensorError
+from ..errors import UnsupportedTensorError
 
 # canonical name -> (itemsize, numpy dtype holding the bytes, numpy dtype is the real type?)
 _TABLE: dict[str, tuple[int, str, bool]] = {

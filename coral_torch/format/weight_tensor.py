@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ..errors import UnsupportedTensorError
 from . import dtypes
-from .errors import UnsupportedTensorError
 
 HASH_HEX_LENGTH = 32  # xxh3-128
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from .pointers import pointer_ref_name, write_pointer
 
 if TYPE_CHECKING:
-    from .repository import Repository
-    from .repository.options import CommitOptions
+    from ..repository import Repository
+    from ..repository.options import CommitOptions
 
 
 class _HasCommitId(Protocol):

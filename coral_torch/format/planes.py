@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 try:
     if os.environ.get("CORAL_TORCH_NO_C"):
         raise ImportError("disabled by CORAL_TORCH_NO_C")
-    from . import _planes as _c
+    from .. import _planes as _c
 except ImportError as exc:  # pragma: no cover - depends on the build
     _c = None
     log.debug("coral_torch._planes not available (%s): using numpy byte-plane copies", exc)

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from . import codec, defaults, dtypes
-from .errors import CorruptObjectError, DeltaError, HashMismatchError, UnsupportedTensorError
+from .. import defaults
+from ..errors import CorruptObjectError, DeltaError, HashMismatchError, UnsupportedTensorError
+from . import codec, dtypes
 from .weight_tensor import WeightMetadata, WeightTensor, _is_torch_tensor
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CatalogDamagedError, CoralError, UnsafeCheckpointError, UnsupportedTensorError
-from .weight_tensor import WeightMetadata, WeightTensor
+from ..errors import CatalogDamagedError, CoralError, UnsafeCheckpointError, UnsupportedTensorError
+from ..format.weight_tensor import WeightMetadata, WeightTensor
 
 
 @dataclass

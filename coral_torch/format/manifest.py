@@ -24,8 +24,8 @@ from typing import Any
 
 import xxhash
 
+from ..errors import CatalogDamagedError, UnsupportedFormatError
 from . import dtypes
-from .errors import CatalogDamagedError, UnsupportedFormatError
 
 #: a plain checkpoint (``Repository.commit``)
 FORMAT_PLAIN = 1

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import zstandard
 
+from ..errors import CorruptObjectError
 from . import planes
 from .codec_layout import (
     CHUNKED as _CHUNKED,
@@ -25,7 +26,6 @@ from .codec_layout import (
     MODE_ZSTD,
     PLANE as _PLANE,
 )
-from .errors import CorruptObjectError
 
 _local = threading.local()
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from . import dtypes
-from .errors import CatalogDamagedError, UnsafeCheckpointError
-from .manifest import Manifest
+from ..errors import CatalogDamagedError, UnsafeCheckpointError
+from ..format import dtypes
+from ..format.manifest import Manifest
 
 LAYOUT_KIND = "dcp"
 

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MalformedPointerError
-from .refnames import FILES
+from ..errors import MalformedPointerError
+from ..format.refnames import FILES
 
 POINTER_KEY = "coral_torch_pointer"
 POINTER_VERSION = 1

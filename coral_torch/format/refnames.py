@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidRefNameError
+from ..errors import InvalidRefNameError
 
 #: names that :meth:`Repository.resolve` interprets itself; refused as tag and run names
 RESERVED = frozenset({"latest", "best", "HEAD"})
