@@ -32,7 +32,7 @@ import numpy as np
 from .. import defaults
 from ..errors import CorruptObjectError, DeltaError, HashMismatchError, UnsupportedTensorError
 from . import codec, dtypes
-from .weight_tensor import WeightMetadata, WeightTensor, _is_torch_tensor
+from .weight_tensor import WeightMetadata, WeightTensor, is_torch_tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -135,7 +135,7 @@ class Delta:
         self.original_shape = tuple(int(s) for s in self.original_shape)
         self.original_dtype = dtypes.DTypeName(self.original_dtype)  # UnsupportedTensorError if unknown
         if not isinstance(self.data, (bytes, bytearray, memoryview, np.ndarray)):
-            hint = " (call .numpy() on a CPU tensor)" if _is_torch_tensor(self.data) else ""
+            hint = " (call .numpy() on a CPU tensor)" if is_torch_tensor(self.data) else ""
             raise DeltaError(f"Delta.data must be bytes or a numpy array, not {type(self.data).__name__}{hint}")
         self.compression_ratio = float(self.compression_ratio)
 
@@ -409,7 +409,7 @@ class DeltaEncoder:
     def _reference(delta: Delta, reference: Any) -> WeightTensor:
         if isinstance(reference, WeightTensor):
             return reference
-        if _is_torch_tensor(reference):
+        if is_torch_tensor(reference):
             try:
                 return WeightTensor(reference)
             except UnsupportedTensorError as exc:

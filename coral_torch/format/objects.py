@@ -292,6 +292,4 @@ def decode_weight(
             f"object {key}{where} is corrupt: its bytes hash to {actual}, not {expected}; it was not returned",
             hash_key=key,
         )
-    weight = WeightTensor.from_raw(raw, meta)
-    weight._hash = actual  # verified above: no second pass over the bytes
-    return weight
+    return WeightTensor.from_raw(raw, meta, known_hash=actual)  # verified above: no second pass

@@ -135,7 +135,7 @@ class WeightTensor:
             )
         owner = None
         override = metadata.dtype if metadata is not None else None
-        if _is_torch_tensor(data):
+        if is_torch_tensor(data):
             raw, dtype_name, shape, owner = _raw_from_torch(data)
             if override is not None and override != dtype_name:
                 raise UnsupportedTensorError(f"metadata says dtype {override} but the tensor is {dtype_name}")
@@ -154,8 +154,9 @@ class WeightTensor:
         self._hash: str | None = None
 
     @classmethod
-    def from_raw(cls, raw: np.ndarray, metadata: WeightMetadata) -> WeightTensor:
-        """Wrap a contiguous uint8 buffer holding ``metadata.nbytes`` bytes (no copy, no checks of content)."""
+    def from_raw(cls, raw: np.ndarray, metadata: WeightMetadata, *, known_hash: str | None = None) -> WeightTensor:
+        """Wrap a contiguous uint8 buffer holding ``metadata.nbytes`` bytes (no copy, no checks of content).
+        ``known_hash``: the content hash the caller already computed or verified for these bytes (no second pass)."""
         if raw.dtype != np.uint8 or raw.ndim != 1:
             raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
         if raw.size != metadata.nbytes:
@@ -166,7 +167,7 @@ class WeightTensor:
         obj._raw = raw
         obj._owner = None
         obj._metadata = metadata
-        obj._hash = None
+        obj._hash = known_hash
         return obj
 
     # -- description --------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class WeightTensor:
         )
 
 
-def _is_torch_tensor(obj: Any) -> bool:
+def is_torch_tensor(obj: Any) -> bool:
     mod = type(obj).__module__
     if not (mod.startswith("torch") or hasattr(obj, "__torch_function__")):
         return False

@@ -168,14 +168,16 @@ class HDF5PackFile:
                 f"understands ({FORMAT_VERSION}); upgrade coral-torch"
             )
 
-    def _writable(self) -> h5py.File:
+    def writable_file(self) -> h5py.File:
+        """The open file, for a change: a clear error if the store is closed or read-only."""
         if self.file is None or not self.file.id.valid:
             raise StoreError(f"store {self.filepath} is closed")
         if self.mode == "r":
             raise ReadOnlyStoreError(f"store {self.filepath} is open read-only (mode='r')")
         return self.file
 
-    def _readable(self) -> h5py.File:
+    def readable_file(self) -> h5py.File:
+        """The open file, for a read: a clear error if the store is closed."""
         if self.file is None or not self.file.id.valid:
             raise StoreError(f"store {self.filepath} is closed")
         return self.file
@@ -187,7 +189,7 @@ class HDF5PackFile:
         Thread-safe: HDF5 calls run under the store's lock, the payload bytes of large encoded
         objects are written after it is released (``pwrite``, no GIL), so several threads can
         encode and write at once."""
-        self._writable()
+        self.writable_file()
         by_pwrite = self._pwrite_ok(obj)
         if isinstance(obj.payload, codec.Blob) and not by_pwrite:
             obj.payload = obj.payload.to_array()  # small: one contiguous buffer for h5py
@@ -290,10 +292,11 @@ class HDF5PackFile:
         self._writer.write(segments, offset)
 
     def flush(self) -> None:
-        self._writable().flush()
+        self.writable_file().flush()
 
     # -------------------------------------------------------------------------------- read
-    def _read_payload(self, ds: h5py.Dataset, hash_key: str, attrs: dict[str, Any] | None = None) -> np.ndarray:
+    def read_payload(self, ds: h5py.Dataset, hash_key: str, attrs: dict[str, Any] | None = None) -> np.ndarray:
+        """The stored payload of ``ds``, checked against its recorded payload checksum."""
         try:
             payload = ds[()]
         except (OSError, ValueError) as exc:
@@ -301,7 +304,7 @@ class HDF5PackFile:
                 f"object {hash_key} in {self.filepath} cannot be read: {exc}", hash_key=hash_key
             ) from exc
         payload = np.asarray(payload)
-        expected = (attrs if attrs is not None else _read_attrs(ds, hash_key)).get("payload_xxh3")
+        expected = (attrs if attrs is not None else read_attrs(ds, hash_key)).get("payload_xxh3")
         if expected is not None and payload_checksum(payload) != as_text(expected):
             raise CorruptObjectError(
                 f"object {hash_key} in {self.filepath} is damaged (payload checksum mismatch); it was not returned",
@@ -309,10 +312,10 @@ class HDF5PackFile:
             )
         return payload
 
-    def _dataset(self, group: str, key: str) -> h5py.Dataset | None:
+    def dataset(self, group: str, key: str) -> h5py.Dataset | None:
         """The dataset of ``key`` in ``group``, None if there is none. What HDF5 meets finding and
         opening it in a damaged file (group index, object header) is :class:`CorruptObjectError`."""
-        self._readable()
+        self.readable_file()
         try:
             g = self._group(group)
             ds = g[key] if key in g else None  # not g.get(): that takes HDF5's failure to open it for absence
@@ -336,7 +339,7 @@ class HDF5PackFile:
         """``(file offset, length)`` of the bytes HDF5 reads as the payload of ``key`` (its dataset's
         contiguous storage), or None if it is stored otherwise; :class:`CorruptObjectError` if HDF5
         cannot open it."""
-        self._readable()
+        self.readable_file()
         try:
             dsid = h5py.h5d.open(self._group(group).id, key.encode())
             offset = dsid.get_offset()
@@ -353,11 +356,11 @@ class HDF5PackFile:
     def read_prepared(self, key: str, group: str = "weights") -> PreparedObject | None:
         """The stored payload and attributes of one object, exactly as written, checksum-verified
         but not decoded. Used to copy objects between stores without re-encoding."""
-        ds = self._dataset(group, key)
+        ds = self.dataset(group, key)
         if ds is None:
             return None
-        attrs = _read_attrs(ds, key)
-        payload = self._read_payload(ds, key, attrs)
+        attrs = read_attrs(ds, key)
+        payload = self.read_payload(ds, key, attrs)
         try:
             if group == "weights":
                 logical = int(attrs.get("nbytes", payload.nbytes))
@@ -396,7 +399,7 @@ def _has_link(group: h5py.Group, key: str) -> bool:
     return bool(group.id.links.exists(key.encode()))
 
 
-def _read_attrs(ds: h5py.Dataset, key: str) -> dict[str, Any]:
+def read_attrs(ds: h5py.Dataset, key: str) -> dict[str, Any]:
     """A dataset's metadata: the JSON attribute, or (files from before it) one attribute per field."""
     try:
         raw = ds.attrs.get(META_ATTR)

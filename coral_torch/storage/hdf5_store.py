@@ -48,7 +48,7 @@ from .hdf5_pack import (  # the file mechanics (FORMAT_*, META_ATTR re-exported 
     FORMAT_VERSION as FORMAT_VERSION,
     META_ATTR as META_ATTR,
     HDF5PackFile,
-    _read_attrs,
+    read_attrs,
 )
 from .weight_store import WeightStore
 
@@ -193,7 +193,7 @@ class HDF5Store(HDF5PackFile, WeightStore):
 
     def store(self, weight: WeightTensor, hash_key: str | None = None) -> str:
         """Store one tensor (idempotent) and return its key."""
-        self._writable()
+        self.writable_file()
         key = hash_key or weight.compute_hash()
         if key not in self.file["weights"]:
             self.write_prepared(self.prepare(weight, key))
@@ -202,7 +202,7 @@ class HDF5Store(HDF5PackFile, WeightStore):
 
     def store_batch(self, weights: dict[str, WeightTensor]) -> dict[str, str]:
         """Store many tensors: hashing and encoding run on ``workers`` threads, writes in order."""
-        self._writable()
+        self.writable_file()
         result: dict[str, str] = {}
         todo: list[WeightTensor] = []
         seen: set[str] = set()
@@ -227,7 +227,7 @@ class HDF5Store(HDF5PackFile, WeightStore):
 
     # -------------------------------------------------------------------------------- read
     def exists(self, hash_key: str) -> bool:
-        return hash_key in self._readable()["weights"]
+        return hash_key in self.readable_file()["weights"]
 
     def load(self, hash_key: str) -> WeightTensor | None:
         """Load and verify one tensor; ``None`` if the key is unknown.
@@ -235,10 +235,10 @@ class HDF5Store(HDF5PackFile, WeightStore):
         Raises:
             HashMismatchError / CorruptObjectError: the stored bytes are damaged.
         """
-        ds = self._dataset("weights", hash_key)
+        ds = self.dataset("weights", hash_key)
         if ds is None:
             return None
-        attrs = _read_attrs(ds, hash_key)
+        attrs = read_attrs(ds, hash_key)
         meta = self._metadata_from_attrs(attrs, hash_key)
         if meta.hash != hash_key and not attrs.get("custom_key"):
             raise HashMismatchError(
@@ -246,7 +246,7 @@ class HDF5Store(HDF5PackFile, WeightStore):
                 "the store was tampered with or damaged; it was not returned",
                 hash_key=hash_key,
             )
-        payload = self._read_payload(ds, hash_key, attrs)
+        payload = self.read_payload(ds, hash_key, attrs)
         return decode_weight(
             payload, attrs, hash_key, f" in {self.filepath}", default_encoding=ENCODING_VALUES, copy=False
         )
@@ -260,11 +260,11 @@ class HDF5Store(HDF5PackFile, WeightStore):
         return out
 
     def get_metadata(self, hash_key: str) -> WeightMetadata | None:
-        f = self._readable()
+        f = self.readable_file()
         if hash_key in f["weights"]:
-            return self._metadata_from_attrs(_read_attrs(f["weights"][hash_key], hash_key), hash_key)
+            return self._metadata_from_attrs(read_attrs(f["weights"][hash_key], hash_key), hash_key)
         if hash_key in f["deltas"]:
-            return delta_metadata(_read_attrs(f["deltas"][hash_key], hash_key), hash_key)
+            return delta_metadata(read_attrs(f["deltas"][hash_key], hash_key), hash_key)
         return None
 
     @staticmethod
@@ -272,10 +272,10 @@ class HDF5Store(HDF5PackFile, WeightStore):
         return weight_metadata(attrs, hash_key, default_encoding=ENCODING_VALUES)
 
     def list_weights(self) -> list[str]:
-        return list(self._readable()["weights"].keys())
+        return list(self.readable_file()["weights"].keys())
 
     def delete(self, hash_key: str) -> bool:
-        group = self._writable()["weights"]
+        group = self.writable_file()["weights"]
         if hash_key not in group:
             return False
         del group[hash_key]
@@ -286,7 +286,7 @@ class HDF5Store(HDF5PackFile, WeightStore):
         """Store a delta under ``delta_hash`` (normally the hash of the tensor it rebuilds;
         idempotent) and return the key. ``delta.data`` may be bytes or an ndarray; either comes
         back as it went in from :meth:`load_delta`."""
-        self._writable()
+        self.writable_file()
         if delta_hash not in self.file["deltas"]:
             self.write_prepared(self.prepare_delta(delta, delta_hash))
             self.file.flush()
@@ -299,23 +299,23 @@ class HDF5Store(HDF5PackFile, WeightStore):
         Raises:
             CorruptObjectError: the payload or its description is damaged.
         """
-        ds = self._dataset("deltas", delta_hash)
+        ds = self.dataset("deltas", delta_hash)
         if ds is None:
             return None
-        a = _read_attrs(ds, delta_hash)
-        payload = self._read_payload(ds, delta_hash, a)
+        a = read_attrs(ds, delta_hash)
+        payload = self.read_payload(ds, delta_hash, a)
         layout_attr = f"{EXTRA_PREFIX}{ARRAY_LAYOUT_KEY}"  # how data is given back; not one of the delta's extras
         data = restore_payload(payload.reshape(-1).view(np.uint8), a.get(layout_attr), key=delta_hash)
         return delta_from_description({k: v for k, v in a.items() if k != layout_attr}, data, delta_hash)
 
     def delta_exists(self, delta_hash: str) -> bool:
-        return delta_hash in self._readable()["deltas"]
+        return delta_hash in self.readable_file()["deltas"]
 
     def list_deltas(self) -> list[str]:
-        return list(self._readable()["deltas"].keys())
+        return list(self.readable_file()["deltas"].keys())
 
     def delete_delta(self, delta_hash: str) -> bool:
-        group = self._writable()["deltas"]
+        group = self.writable_file()["deltas"]
         if delta_hash not in group:
             return False
         del group[delta_hash]
@@ -334,13 +334,13 @@ class HDF5Store(HDF5PackFile, WeightStore):
         saved" that some Coral documentation calls compression ratio. ``total_deltas`` and
         ``delta_bytes`` (see :meth:`get_delta_storage_info`).
         """
-        f = self._readable()
+        f = self.readable_file()
         total = compressed = 0
         found: set[str] = set()
         weights = f["weights"]
         for key in weights:
             ds = weights[key]
-            a = _read_attrs(ds, key)
+            a = read_attrs(ds, key)
             total += int(a.get("nbytes", ds.nbytes))
             compressed += int(ds.id.get_storage_size())
             if as_text(a.get("encoding", ENCODING_VALUES)) == ENCODING_CODEC:
@@ -368,13 +368,13 @@ class HDF5Store(HDF5PackFile, WeightStore):
         ``total_original_bytes`` (size of the tensors they rebuild); ``average_ratio``:
         ``total_delta_bytes / total_original_bytes`` (stored/original, smaller is better; 1.0
         when there are none)."""
-        group = self._readable()["deltas"]
+        group = self.readable_file()["deltas"]
         n = size = original = 0
         for key in group:
             ds = group[key]
             n += 1
             size += int(ds.id.get_storage_size())
-            a = _read_attrs(ds, key)
+            a = read_attrs(ds, key)
             original += delta_logical_bytes(a["original_shape"], as_text(a["original_dtype"]))
         return {
             "total_deltas": n,

@@ -531,7 +531,7 @@ def test_metadata_without_loading_data(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("get_metadata must not read the data")
 
-    monkeypatch.setattr(HDF5Store, "_read_payload", boom)
+    monkeypatch.setattr(HDF5Store, "read_payload", boom)
     monkeypatch.setattr(codec, "decode", boom)
     with HDF5Store(tmp_path / "m.h5", mode="r") as store:
         m = store.get_metadata(h)
