@@ -13,15 +13,16 @@ from ..lazy import lazy_exports
 if TYPE_CHECKING:
     # `X as X`: re-exported names (for type checkers; at run time they load lazily below)
     from .catalog import CommitRow as CommitRow, ObjectRow as ObjectRow
+    from .commit import CommitStats as CommitStats
     from .options import CommitOptions as CommitOptions
     from .packs import PackWriter as PackWriter, WrittenPack as WrittenPack
-    from .repository import CommitStats as CommitStats, Repository as Repository, WrittenObjects as WrittenObjects
+    from .repository import Repository as Repository, WrittenObjects as WrittenObjects
     from .verify import VerifyReport as VerifyReport
 
 #: public name -> submodule that defines it
 _LAZY = {
     "Repository": ".repository",
-    "CommitStats": ".repository",
+    "CommitStats": ".commit",
     "CommitOptions": ".options",
     "VerifyReport": ".verify",
     "WrittenObjects": ".repository",

@@ -8,12 +8,10 @@ killed at any instant leaves either all of it or none of it.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,68 +22,10 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..format import refnames
+from .catalog_connection import connect, drop_snapshot, wal_snapshot
+from .catalog_schema import INDEXES, INSERT_COMMIT, SCHEMA, SCHEMA_VERSION, SET_REF
 from .failures import catalog_error
-from .rows import CommitRow, NewCommit, ObjectRow, commit_object_rows, object_row
-
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS packs (
-    name TEXT PRIMARY KEY, size INTEGER NOT NULL, created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS objects (
-    hash TEXT PRIMARY KEY,
-    pack TEXT NOT NULL REFERENCES packs(name),
-    kind TEXT NOT NULL,              -- 'full' | 'delta'
-    base TEXT,                       -- delta reference object
-    depth INTEGER NOT NULL,          -- deltas between this object and a full one
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,             -- JSON list
-    nbytes INTEGER NOT NULL,         -- logical bytes
-    stored_bytes INTEGER NOT NULL,   -- payload bytes on disk
-    full_estimate INTEGER NOT NULL,  -- size of this tensor's own encoding (measured or inherited)
-    lossless INTEGER NOT NULL DEFAULT 1,
-    offset INTEGER,                  -- payload's byte offset in the pack file (contiguous datasets)
-    length INTEGER                   -- payload's length: loads read it with pread, no HDF5 call
-);
-CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack);
-CREATE INDEX IF NOT EXISTS objects_base ON objects(base);
-CREATE TABLE IF NOT EXISTS commits (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    parent TEXT,
-    run TEXT NOT NULL,
-    epoch INTEGER,
-    step INTEGER,
-    time REAL NOT NULL,
-    message TEXT NOT NULL DEFAULT '',
-    metrics TEXT NOT NULL DEFAULT '{}',
-    manifest TEXT NOT NULL,
-    lossy INTEGER NOT NULL DEFAULT 0,
-    logical_bytes INTEGER NOT NULL,
-    new_bytes INTEGER NOT NULL,
-    info TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS commit_objects (
-    commit_id TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, how TEXT NOT NULL,
-    PRIMARY KEY (commit_id, name)
-);
-CREATE INDEX IF NOT EXISTS commit_objects_hash ON commit_objects(hash);
-CREATE TABLE IF NOT EXISTS refs (
-    name TEXT PRIMARY KEY, commit_id TEXT NOT NULL, updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS refs_commit ON refs(commit_id);
-CREATE TABLE IF NOT EXISTS saves (
-    token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL
-);
-"""
-
-
-_INSERT_COMMIT = (
-    "INSERT INTO commits(id, parent, run, epoch, step, time, message, metrics, manifest, lossy,"
-    " logical_bytes, new_bytes, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+from .rows import CommitRow, NewCommit, ObjectRow, commit_metrics, commit_object_rows, commit_row, object_row
 
 
 class Catalog:
@@ -101,21 +41,14 @@ class Catalog:
         self.path = Path(path)
         self.writable = writable
         self._local = threading.local()
-        self._snapshot: Path | None = None
-        if not writable:
-            wal = Path(str(self.path) + "-wal")
-            if wal.exists() and wal.stat().st_size > 0:
-                tmp = Path(tempfile.mkdtemp(prefix="coral-catalog-"))
-                shutil.copyfile(self.path, tmp / self.path.name)
-                shutil.copyfile(wal, tmp / wal.name)
-                self._snapshot = tmp
+        self._snapshot = None if writable else wal_snapshot(self.path)
         try:
             version = self._schema_version()
             if version is None and create and writable:
                 # executescript commits on its own; the script is one transaction
                 self.conn.executescript(
                     "BEGIN IMMEDIATE;"
-                    + _SCHEMA
+                    + SCHEMA
                     + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');COMMIT;"
                 )
             elif version is not None and version > SCHEMA_VERSION:
@@ -124,7 +57,7 @@ class Catalog:
                     f"reads up to {SCHEMA_VERSION}): upgrade coral-torch to use this repository"
                 )
             elif version is not None and writable:
-                self.conn.executescript(_INDEXES)  # indexes added since schema 2 (idempotent)
+                self.conn.executescript(INDEXES)  # indexes added since schema 2 (idempotent)
             elif version is None:
                 raise CatalogDamagedError(f"{self.path} holds no coral-torch catalog (no schema table)")
         except sqlite3.Error as exc:
@@ -151,7 +84,7 @@ class Catalog:
         problems = [str(r[0]) for r in self.conn.execute(f"PRAGMA integrity_check({int(limit)})") if r[0] != "ok"]
         want = sqlite3.connect(":memory:")
         try:
-            want.executescript(_SCHEMA + _INDEXES)
+            want.executescript(SCHEMA + INDEXES)
             tables = want.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite%'")
             for (table,) in tables.fetchall():
                 got = {(r[1], r[2]) for r in self.conn.execute(f"PRAGMA table_info({table})")}
@@ -171,37 +104,14 @@ class Catalog:
     def conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None:
-            if not self.writable and self._snapshot is not None:
-                c = sqlite3.connect(
-                    f"file:{self._snapshot / self.path.name}?mode=ro",
-                    uri=True,
-                    timeout=60.0,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    factory=_Connection,
-                )
-            elif not self.writable:
-                # immutable: no -shm to create, no lock to take; there is no WAL to miss
-                c = sqlite3.connect(
-                    f"file:{self.path}?mode=ro&immutable=1",
-                    uri=True,
-                    timeout=60.0,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    factory=_Connection,
-                )
-            else:
-                c = sqlite3.connect(
-                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False, factory=_Connection
-                )
-                c.catalog_path = self.path
+            c = connect(self.path, writable=self.writable, snapshot=self._snapshot)
+            if self.writable:
                 _set_wal(c)
                 c.execute("PRAGMA synchronous=FULL")
                 # keep the WAL small: a repository of small checkpoints would otherwise carry up to
                 # 4 MB of log (SQLite's default checkpoint interval), more than its packs
                 c.execute("PRAGMA wal_autocheckpoint=256")
                 c.execute("PRAGMA journal_size_limit=1048576")
-            c.catalog_path = self.path
             c.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = c
         return c
@@ -212,7 +122,7 @@ class Catalog:
             c.close()
             self._local.conn = None
         if self._snapshot is not None:
-            shutil.rmtree(self._snapshot, ignore_errors=True)
+            drop_snapshot(self._snapshot)
             self._snapshot = None
 
     class _Txn:
@@ -282,13 +192,10 @@ class Catalog:
                 )
             existed = c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is not None
             if not existed:
-                c.execute(_INSERT_COMMIT, commit.values())
+                c.execute(INSERT_COMMIT, commit.values())
                 c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
             replaced = set(self.ref_targets(refs).values()) - {commit.id}
-            c.executemany(
-                "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                [(n, commit.id, commit.time) for n in refs],
-            )
+            c.executemany(SET_REF, [(n, commit.id, commit.time) for n in refs])
             if best is not None:
                 name, metric, value, mode = best
                 current = c.execute("SELECT commit_id FROM refs WHERE name=?", (name,)).fetchone()
@@ -300,10 +207,7 @@ class Catalog:
                         better = value < old if mode == "min" else value > old
                 if better:
                     replaced |= {current[0]} - {commit.id} if current is not None else set()
-                    c.execute(
-                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                        (name, commit.id, commit.time),
-                    )
+                    c.execute(SET_REF, (name, commit.id, commit.time))
             if save_token is not None:
                 c.execute(
                     "INSERT OR REPLACE INTO saves(token, commit_id, time) VALUES (?,?,?)",
@@ -313,13 +217,7 @@ class Catalog:
 
     @staticmethod
     def _present(c: sqlite3.Connection, hashes: Iterable[str]) -> set[str]:
-        hashes = list(hashes)
-        found: set[str] = set()
-        for i in range(0, len(hashes), 500):
-            part = hashes[i : i + 500]
-            q = f"SELECT hash FROM objects WHERE hash IN ({','.join('?' * len(part))})"
-            found.update(h for (h,) in c.execute(q, part))
-        return found
+        return {h for (h,) in _rows_in(c, "SELECT hash FROM objects WHERE hash IN ({})", hashes)}
 
     def add_derived_commit(
         self, commit: NewCommit, commit_objects: list[tuple[str, str, str, str]], replaces: str, now: float
@@ -328,7 +226,7 @@ class Catalog:
         transaction (``keep/<old>`` becomes ``keep/<new>``)."""
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM commits WHERE id=?", (commit.id,)).fetchone() is None:
-                c.execute(_INSERT_COMMIT, commit.values())
+                c.execute(INSERT_COMMIT, commit.values())
                 c.executemany("INSERT INTO commit_objects VALUES (?,?,?,?)", commit_objects)
             c.execute("UPDATE refs SET commit_id=?, updated=? WHERE commit_id=?", (commit.id, now, replaces))
             # refs named after the commit (keep/<id>, runs/<run>/keep/<id>) follow it
@@ -348,7 +246,7 @@ class Catalog:
             if c.execute("SELECT 1 FROM commits WHERE id=?", (commit_id,)).fetchone() is None:
                 raise KeyError(commit_id)
             before = self.get_ref(name)
-            c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, commit_id, now))
+            c.execute(SET_REF, (name, commit_id, now))
         return before
 
     def update_refs(self, *, add: Sequence[tuple[str, str]] = (), drop: Iterable[str] = (), now: float) -> set[str]:
@@ -359,7 +257,7 @@ class Catalog:
             released = set(self.ref_targets(drop).values())
             for name, cid in add:
                 if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is not None:
-                    c.execute("INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, now))
+                    c.execute(SET_REF, (name, cid, now))
             c.executemany("DELETE FROM refs WHERE name=?", [(n,) for n in drop])
         return released
 
@@ -382,16 +280,7 @@ class Catalog:
         for cid, t, seq, epoch, step, metrics in self.conn.execute(
             "SELECT id, time, seq, epoch, step, metrics FROM commits WHERE run=? ORDER BY time, seq", (run,)
         ):
-            try:
-                m = json.loads(metrics)
-            except (ValueError, TypeError):
-                m = None
-            if not isinstance(m, dict):
-                raise CatalogDamagedError(
-                    f"commit {str(cid)[:12]} in {self.path} has damaged metrics; restore the catalog or "
-                    "pull the commit again from a remote"
-                )
-            out.append((cid, t, seq, epoch, step, m))
+            out.append((cid, t, seq, epoch, step, commit_metrics(cid, metrics, self.path)))
         return out
 
     def delete_ref(self, name: str) -> str | None:
@@ -449,22 +338,17 @@ class Catalog:
                 c.execute("INSERT INTO packs(name, size, created) VALUES (?,?,?)", pack)
                 _insert_objects(c, objects, replace)
             for commit, rows in commits:
-                c.execute(_INSERT_COMMIT.replace("INSERT INTO", "INSERT OR IGNORE INTO"), commit.values())
+                c.execute(INSERT_COMMIT.replace("INSERT INTO", "INSERT OR IGNORE INTO"), commit.values())
                 c.executemany("INSERT OR IGNORE INTO commit_objects VALUES (?,?,?,?)", rows)
             for name, (cid, updated) in refs.items():
                 if c.execute("SELECT 1 FROM commits WHERE id=?", (cid,)).fetchone() is None:
                     continue
                 cur = c.execute("SELECT updated FROM refs WHERE name=?", (name,)).fetchone()
                 if cur is None or cur[0] < updated:
-                    c.execute(
-                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)", (name, cid, updated)
-                    )
+                    c.execute(SET_REF, (name, cid, updated))
             for commit, _ in commits:
                 if c.execute("SELECT 1 FROM refs WHERE commit_id=?", (commit.id,)).fetchone() is None:
-                    c.execute(
-                        "INSERT OR REPLACE INTO refs(name, commit_id, updated) VALUES (?,?,?)",
-                        (refnames.keep_ref(commit.id), commit.id, now),
-                    )
+                    c.execute(SET_REF, (refnames.keep_ref(commit.id), commit.id, now))
 
     def drop_empty_packs(self, packs: Iterable[str]) -> list[str]:
         """Forget those of ``packs`` that hold no object any more; returns them."""
@@ -553,13 +437,7 @@ class Catalog:
 
     def ref_targets(self, names: Iterable[str]) -> dict[str, str]:
         """``name -> commit id`` for those of ``names`` that exist."""
-        out: dict[str, str] = {}
-        names = list(names)
-        for i in range(0, len(names), 500):
-            chunk = names[i : i + 500]
-            q = f"SELECT name, commit_id FROM refs WHERE name IN ({','.join('?' * len(chunk))})"
-            out.update(self.conn.execute(q, chunk))
-        return out
+        return dict(_rows_in(self.conn, "SELECT name, commit_id FROM refs WHERE name IN ({})", names))
 
     def unreferenced(self, commit_ids: Iterable[str]) -> list[str]:
         """Those of ``commit_ids`` that exist and that no ref names."""
@@ -630,34 +508,7 @@ class Catalog:
         cols = [d[0] for d in self.conn.execute("SELECT * FROM commits LIMIT 0").description]
         d = dict(zip(cols, r))
         refs = [x[0] for x in self.conn.execute("SELECT name FROM refs WHERE commit_id=? ORDER BY name", (d["id"],))]
-        try:
-            manifest = json.loads(d["manifest"])
-            metrics, info = json.loads(d["metrics"]), json.loads(d["info"])
-            if not isinstance(manifest, dict) or not isinstance(metrics, dict) or not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-            return CommitRow(
-                id=d["id"],
-                seq=d["seq"],
-                parent=d["parent"],
-                run=d["run"],
-                epoch=d["epoch"],
-                step=d["step"],
-                time=d["time"],
-                message=d["message"],
-                metrics=metrics,
-                manifest=manifest,
-                lossy=bool(d["lossy"]),
-                logical_bytes=d["logical_bytes"],
-                new_bytes=d["new_bytes"],
-                info=info,
-                refs=refs,
-                manifest_json=d["manifest"],
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CatalogDamagedError(
-                f"commit {str(d.get('id'))[:12]} in {self.path} is damaged ({exc}); restore the catalog or "
-                "pull the commit again from a remote"
-            ) from None
+        return commit_row(d, refs, self.path)
 
     # -- refs ------------------------------------------------------------------------------
     def get_ref(self, name: str) -> str | None:
@@ -680,40 +531,6 @@ class Catalog:
                 "restore the catalog from a backup, or pull the repository again"
             )
         return out
-
-
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS objects_base ON objects(base);"
-    "CREATE TABLE IF NOT EXISTS saves (token TEXT PRIMARY KEY, commit_id TEXT NOT NULL, time REAL NOT NULL);"
-)
-
-
-class _Connection(sqlite3.Connection):
-    """The catalog's connections. Where the file's own text is not valid UTF-8 (a damaged schema
-    or name that SQLite quotes in an error message, or a column name), sqlite3 raises
-    ``UnicodeDecodeError`` from the statement instead of its own error: every statement here
-    raises :class:`CatalogDamagedError` for it. (A damaged text *value* is sqlite3's
-    ``OperationalError`` already, which the repository names.)"""
-
-    catalog_path: Path = Path("catalog.sqlite")
-
-    def execute(self, *args: Any) -> sqlite3.Cursor:
-        try:
-            return super().execute(*args)
-        except UnicodeDecodeError as exc:
-            raise catalog_error(exc, self.catalog_path) from exc
-
-    def executemany(self, *args: Any) -> sqlite3.Cursor:
-        try:
-            return super().executemany(*args)
-        except UnicodeDecodeError as exc:
-            raise catalog_error(exc, self.catalog_path) from exc
-
-    def executescript(self, *args: Any) -> sqlite3.Cursor:
-        try:
-            return super().executescript(*args)
-        except UnicodeDecodeError as exc:
-            raise catalog_error(exc, self.catalog_path) from exc
 
 
 def _set_wal(c: sqlite3.Connection, timeout: float = 60.0) -> None:
@@ -745,3 +562,12 @@ def _insert_objects(c: sqlite3.Connection, objects: Sequence[ObjectRow], replace
         "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
         [r.values() for r in objects if r.hash in replace],
     )
+
+
+def _rows_in(c: sqlite3.Connection, query: str, values: Iterable[str]) -> Iterator[Any]:
+    """The rows of ``query`` for ``values``, which go into its ``IN ({})`` 500 at a time (SQLite
+    limits a statement's parameters)."""
+    values = list(values)
+    for i in range(0, len(values), 500):
+        part = values[i : i + 500]
+        yield from c.execute(query.format(",".join("?" * len(part))), part)

@@ -27,37 +27,32 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .. import defaults
 from ..errors import (
-    CatalogDamagedError,
-    CheckpointDamagedError,
     ConcurrentChangeError,
-    CoralError,
-    NotARepositoryError,
-    ReadOnlyRepositoryError,
     RefNotFoundError,
     RepositoryError,
 )
 from ..format import refnames
 from ..format.delta import DeltaConfig, DeltaEncoder
-from ..format.manifest import Manifest, TensorEntry
+from ..format.manifest import Manifest
 from ..format.refnames import validate_ref_name
-from ..format.weight_tensor import WeightMetadata, WeightTensor
-from ..lazy import LazyModule
+from ..format.weight_tensor import WeightTensor
 from ..parallel import HelpBoard
 from ..retention import Policy
-from .catalog import Catalog, CommitRow, NewCommit, catalog_error, commit_object_rows
+from .catalog import Catalog, CommitRow, catalog_error
+from .commit import CommitStats, Committer
 from .failures import CATALOG_NAME, named_errors
+from .layout import disk_bytes, file_identity, open_directory
+from .load import rebuild_checkpoint
 from .lock import RepositoryLock
 from .maintenance import Maintenance, lease_holder
 from .options import CommitOptions
-from .packs import PACKS_DIR
 from .planner import DeltaPlanner
 from .read import ObjectReader
 from .refs import resolve_ref
@@ -65,37 +60,7 @@ from .retain import RetentionReport, apply_retention
 from .verify import Verifier, VerifyReport
 from .write import ObjectWriter, WrittenObjects
 
-if TYPE_CHECKING:
-    from ..checkpoint import adapters, sharded
-    from ..storage import hdf5_store
-else:
-    # adapters and sharded import torch, seconds that catalog-only readers (coral-torch log) must not pay
-    adapters = LazyModule("coral_torch.checkpoint.adapters")
-    sharded = LazyModule("coral_torch.checkpoint.sharded")
-    hdf5_store = LazyModule("coral_torch.storage.hdf5_store")  # h5py: only packs need it
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CommitStats:
-    """What one commit cost. ``written_bytes`` are payload bytes of new objects."""
-
-    commit_id: str
-    logical_bytes: int = 0
-    written_bytes: int = 0
-    tensors: int = 0
-    new_full: int = 0
-    new_delta: int = 0
-    deduplicated: int = 0
-    seconds: float = 0.0
-    existed: bool = False
-    replaced: set = field(default_factory=set, repr=False)  #: commits the new refs moved away from
-    retention: RetentionReport | None = field(default=None, repr=False)  #: when saved with a keep policy
-
-    @property
-    def ratio(self) -> float:
-        return self.written_bytes / self.logical_bytes if self.logical_bytes else 0.0
 
 
 class LossyCheckpointWarning(UserWarning):
@@ -128,37 +93,22 @@ class Repository:
     ):
         self.path = Path(path).absolute()
         catalog_path = self.path / CATALOG_NAME
-        if not catalog_path.exists():
-            if not create:
-                raise NotARepositoryError(
-                    f"{self.path} is not a coral-torch repository (no {CATALOG_NAME}); "
-                    "pass the directory that holds one, e.g. repo='ckpts/.coral'"
-                )
-            if self.path.exists() and (not self.path.is_dir() or not _fresh_repository_dir(self.path)):
-                raise NotARepositoryError(
-                    f"{self.path} exists and is not a coral-torch repository; refusing to write into it"
-                )
-            try:
-                (self.path / PACKS_DIR).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ReadOnlyRepositoryError(f"cannot create a repository at {self.path}: {exc.strerror}") from exc
-        writable = (
-            os.access(self.path, os.W_OK) and os.access(catalog_path, os.W_OK)
-            if catalog_path.exists()
-            else os.access(self.path, os.W_OK)
-        )
+        writable = open_directory(self.path, create=create)
         try:
             self.catalog = Catalog(catalog_path, create=True, writable=writable)
         except sqlite3.Error as exc:
             raise catalog_error(exc, catalog_path) from exc
         self.writable = writable
-        self._identity = _file_identity(catalog_path)
+        self._identity = file_identity(catalog_path)
         self.lock = RepositoryLock(self.path / "lock", lock_timeout)
         self.reader = ObjectReader(self.path, self.catalog, lambda: self.encoder)  #: verified object bytes
         self.writer = ObjectWriter(self.path, self.catalog, self.reader)  #: plan -> encode -> pack
         self.maintenance = Maintenance(
             self.path, self.catalog, self.lock, self.reader, self.resolve, lambda: self.delta_config.codec_level
         )  #: gc, reclaim, strip
+        self.committer = Committer(
+            self.path, self.catalog, self.lock, self.reader, self.writer, self.maintenance, self.resolve, self.retain
+        )  #: prepare -> publish
         config = delta_config or DeltaConfig()
         if codec_level is not None and codec_level != config.codec_level:
             config = dataclasses.replace(config, codec_level=codec_level)
@@ -218,36 +168,13 @@ class Repository:
         cache (see :class:`~coral_torch.storage.HDF5Store`): for background saves, where CPU time is what counts.
         """
         t0 = time.perf_counter()
-        flat = adapters.flatten(obj)
-        slots = flat.slots
-        opts = CommitOptions.build(options, **option_kwargs)  # every option is checked before anything is written
-        if isinstance(obj, dict):
-            if opts.epoch is None and isinstance(obj.get("epoch"), int):
-                opts = opts.replace(epoch=obj["epoch"])
-            if opts.step is None and isinstance(obj.get("global_step"), int):
-                opts = opts.replace(step=obj["global_step"])
-        hashes = [s.weight.compute_hash() for s in slots]
-        manifest = Manifest(
-            flat.skeleton,
-            [
-                TensorEntry(s.name, h, s.weight.dtype, tuple(s.weight.shape), s.device, s.kind)
-                for s, h in zip(slots, hashes)
-            ],
-        )
-        parent_id = (
-            self.resolve(opts.parent)
-            if opts.parent is not None
-            else self.catalog.get_ref(refnames.latest_ref(opts.run))
-        )
-        if parent_id is not None and self.catalog.get_commit(parent_id) is None:
-            parent_id = None  # removed meanwhile: no deltas against it, and no dangling parent
-        opts = opts.replace(parent=parent_id)
+        tensors, manifest, opts = self.committer.prepare(obj, options, option_kwargs)
         # plan and write without the lock (packs are private until published); publishing checks
         # that what the plan relied on is still there, and a lost race re-plans
         for attempt in range(3):
             written = self.write_objects(
-                [(s.name, s.weight) for s in slots],
-                parent=parent_id,
+                tensors,
+                parent=opts.parent,
                 no_delta_prefixes=no_delta_prefixes,
                 workers=workers,
                 help_board=help_board,
@@ -328,94 +255,7 @@ class Repository:
         Without ``options``, its fields may be given as keyword arguments (``run``, ``parent``,
         ``message``, ``metrics``, ``epoch``, ``step``, ``refs``, ``keep``, ...); ``refs`` are then
         every ref to move (``head`` defaults to False: ``runs/<run>/latest`` only if listed)."""
-        try:
-            if options is None:
-                option_kwargs.setdefault("head", False)
-            opts = CommitOptions.build(options, **option_kwargs)
-        except CoralError:
-            self.discard(written, unpublished=True)
-            raise
-        run, keep = opts.run, opts.keep
-        ref_names = opts.ref_names()
-        cid = manifest.commit_id()
-        new_rows = [r for w in written for r in w.rows]
-        hows = {h: how for w in written for h, how in w.hows.items()}
-        packs = [p for w in written for p in w.packs]
-        replace = {h for w in written for h in getattr(w, "replace", ())}
-        healed_packs = {r.pack for h in replace if (r := self.catalog.get_object(h)) is not None}
-        stats = CommitStats(
-            cid,
-            manifest.nbytes,
-            sum(r.stored_bytes for r in new_rows),
-            len(manifest.tensors),
-            new_full=sum(1 for r in new_rows if r.kind == "full"),
-            new_delta=sum(1 for r in new_rows if r.kind == "delta"),
-            deduplicated=len(manifest.tensors) - len(new_rows),
-        )
-        if isinstance(keep, Policy):  # born held by its run's retention, which then decides
-            ref_names.append(refnames.run_keep_ref(run, cid))
-        elif keep:
-            ref_names.append(refnames.keep_ref(cid))
-        best = opts.best()
-        object_rows = commit_object_rows(
-            cid, [(e.name, e.hash) for e in manifest.tensors], lambda n, h: hows.get(h, "dedup")
-        )
-        published = False
-        try:
-            with self.lock:
-                for p in packs:
-                    path = self.path / PACKS_DIR / p.name
-                    size = path.stat().st_size if path.exists() else None
-                    if size != p.size:
-                        raise ConcurrentChangeError(
-                            f"pack {p.name} written for this commit is {'gone' if size is None else f'{size} bytes'}"
-                            f", not {p.size} (removed by gc or overwritten?); save it again"
-                        )
-                commit = NewCommit(
-                    cid,
-                    opts.parent,
-                    run,
-                    opts.epoch,
-                    opts.step,
-                    time.time(),
-                    opts.message,
-                    opts.metrics,
-                    manifest.to_json(),
-                    any(not r.lossless for r in new_rows),
-                    stats.logical_bytes,
-                    stats.written_bytes,
-                    opts.info,
-                )
-                stats.existed, stats.replaced = self.catalog.publish_commit(
-                    packs=[(p.name, p.size) for p in packs],
-                    objects=new_rows,
-                    commit=commit,
-                    commit_objects=object_rows,
-                    refs=ref_names,
-                    best=best,
-                    replace=replace,
-                    save_token=save_token,
-                )
-                published = True
-                self.writer.trust_written(new_rows)
-                if replace:
-                    log.warning(
-                        "stored %d damaged object(s) again; the commits sharing them are repaired", len(replace)
-                    )
-                    self.reader.drop(self.catalog.drop_empty_packs(healed_packs))
-                self.maintenance.reclaim_released(stats.replaced)
-        except BaseException:
-            if not published:  # the transaction did not commit: the packs would only be orphans
-                self.discard(written, unpublished=True)
-            raise
-        if isinstance(keep, Policy):
-            try:
-                stats.retention = self.retain(
-                    run, keep, keep_optimizer=opts.keep_optimizer, release_files=opts.release_files
-                )
-            except CoralError as exc:  # the commit is safe; what retention did not free, the next one will
-                log.error("commit %s is saved, but applying retention to run %s failed: %s", cid[:10], run, exc)
-        return stats
+        return self.committer.publish(manifest, written, options, save_token=save_token, **option_kwargs)
 
     def _commit_row(self, cid: str) -> CommitRow | None:
         """The catalog row of commit ``cid``, verified (see :meth:`_manifest`)."""
@@ -445,36 +285,9 @@ class Repository:
                 LossyCheckpointWarning,
                 stacklevel=3,
             )
-        entries = manifest.tensors
-        raws = self.materialize([e.hash for e in entries], commit=cid, names=[e.name for e in entries])
-        tensors = []
-        handed_out: set[str] = set()
-        for e in entries:
-            # Equal content in different slots (e.g. every param's `step` counter) must come back
-            # as separate tensors: only slots that were the same tensor (tied) share memory.
-            raw = raws[e.hash].copy() if e.hash in handed_out else raws[e.hash]
-            handed_out.add(e.hash)
-            try:
-                w = WeightTensor.from_raw(raw, WeightMetadata(name=e.name, shape=e.shape, dtype=e.dtype))
-            except CoralError as exc:  # the manifest entry disagrees with the object it names
-                raise CheckpointDamagedError(
-                    f"checkpoint {cid[:10]} in {self.path} is damaged: tensor {e.name} ({exc})",
-                    commit=cid,
-                    tensors=[e.name],
-                ) from exc
-            tensors.append(adapters.apply_map_location(w.to_torch(), e.device, map_location))
-        del raws
-        try:
-            if manifest.sharded:  # a DCP commit: its chunks consolidated into one full state dict
-                obj = sharded.consolidate(manifest, tensors, weights_only=weights_only)
-            else:
-                obj = adapters.unflatten(manifest.skeleton, tensors, weights_only=weights_only)
-        except CoralError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise CatalogDamagedError(
-                f"checkpoint {cid[:10]} in {self.path} has a malformed skeleton ({type(exc).__name__}: {exc})"
-            ) from exc
+        obj = rebuild_checkpoint(
+            cid, manifest, self.materialize, map_location=map_location, weights_only=weights_only, where=self.path
+        )
         self.last_loaded = cid
         return obj
 
@@ -521,7 +334,7 @@ class Repository:
     def stale(self) -> bool:
         """True if the directory was deleted or replaced since this object opened it (its
         catalog file is gone or another file): the object must not be used any more."""
-        return _file_identity(self.path / CATALOG_NAME) != self._identity
+        return file_identity(self.path / CATALOG_NAME) != self._identity
 
     def close(self) -> None:
         self.reader.close()
@@ -637,9 +450,7 @@ class Repository:
     @named_errors
     def stats(self) -> dict[str, Any]:
         t = self.catalog.totals()
-        disk = sum(p.stat().st_size for p in (self.path / PACKS_DIR).glob("*.h5"))
-        # the catalog (and its write-ahead log) is on disk too
-        disk += sum(_file_size(p) for p in self.path.glob(CATALOG_NAME + "*"))
+        disk = disk_bytes(self.path)
         return {
             "path": str(self.path),
             "commits": t["commits"],
@@ -668,28 +479,3 @@ class Repository:
         from .remote import pull
 
         return pull(self, remote, progress=progress)
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:  # the write-ahead log comes and goes
-        return 0
-
-
-def _fresh_repository_dir(path: Path) -> bool:
-    """True for an empty directory, or one holding only what an interrupted or concurrent creation
-    of a repository leaves (an empty ``packs/``, the lock file, a catalog being created)."""
-    names = {p.name for p in path.iterdir()}
-    if not names <= {PACKS_DIR, "lock"} | {CATALOG_NAME + x for x in ("", "-wal", "-shm", "-journal")}:
-        return False
-    packs = path / PACKS_DIR
-    return PACKS_DIR not in names or (packs.is_dir() and not any(packs.iterdir()))
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import CatalogDamagedError
@@ -146,3 +147,52 @@ def object_row(r: tuple) -> ObjectRow:
         )
     except (ValueError, TypeError) as exc:
         raise CatalogDamagedError(f"the catalog row of object {str(h)[:12]} is damaged ({exc})") from None
+
+
+def commit_row(d: dict[str, Any], refs: list[str], where: Path) -> CommitRow:
+    """A :class:`CommitRow` from the commits table's columns ``d`` (by name) and the names of the
+    refs that name it; damaged JSON in it raises :class:`CatalogDamagedError` naming the catalog
+    file ``where``."""
+    try:
+        manifest = json.loads(d["manifest"])
+        metrics, info = json.loads(d["metrics"]), json.loads(d["info"])
+        if not isinstance(manifest, dict) or not isinstance(metrics, dict) or not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        return CommitRow(
+            id=d["id"],
+            seq=d["seq"],
+            parent=d["parent"],
+            run=d["run"],
+            epoch=d["epoch"],
+            step=d["step"],
+            time=d["time"],
+            message=d["message"],
+            metrics=metrics,
+            manifest=manifest,
+            lossy=bool(d["lossy"]),
+            logical_bytes=d["logical_bytes"],
+            new_bytes=d["new_bytes"],
+            info=info,
+            refs=refs,
+            manifest_json=d["manifest"],
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CatalogDamagedError(
+            f"commit {str(d.get('id'))[:12]} in {where} is damaged ({exc}); restore the catalog or "
+            "pull the commit again from a remote"
+        ) from None
+
+
+def commit_metrics(cid: str, text: str, where: Path) -> dict[str, Any]:
+    """The metrics of commit ``cid`` from their stored JSON ``text``; damaged ones raise
+    :class:`CatalogDamagedError` naming the catalog file ``where``."""
+    try:
+        m = json.loads(text)
+    except (ValueError, TypeError):
+        m = None
+    if not isinstance(m, dict):
+        raise CatalogDamagedError(
+            f"commit {str(cid)[:12]} in {where} has damaged metrics; restore the catalog or "
+            "pull the commit again from a remote"
+        )
+    return m

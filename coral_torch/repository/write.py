@@ -271,9 +271,9 @@ def _delta_row(h: str, base: ObjectRow, w: WeightTensor, stored: int, estimate: 
 
 def _renamed(w: WeightTensor, name: str) -> WeightTensor:
     """The same bytes under a display name (metadata only, no copy)."""
-    out = WeightTensor.from_raw(w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype))
-    out._hash = w._hash
-    return out
+    return WeightTensor.from_raw(
+        w.raw, WeightMetadata(name=name, shape=w.shape, dtype=w.dtype), known_hash=w.compute_hash()
+    )
 
 
 def _pack_signature(path: Path) -> tuple[int, int, int] | None:
