@@ -1,9 +1,11 @@
 """`CoralCheckpoint`: a Lightning callback that commits the full checkpoint every epoch.
 
-It subclasses Lightning's ``Checkpoint`` marker, so it runs after the other callbacks at epoch end
-(it sees the metrics they logged) and Lightning adds no default ``ModelCheckpoint``. Saving is
-asynchronous by default: the training thread snapshots tensors into reusable host buffers and a
-background thread hashes, delta-encodes, compresses and writes (see :mod:`.snapshot`).
+The callback decides when to save, under which run and what retention its commits record; a
+:class:`~.saver.CheckpointSaver` does the saving. It subclasses Lightning's ``Checkpoint`` marker,
+so it runs after the other callbacks at epoch end (it sees the metrics they logged) and Lightning
+adds no default ``ModelCheckpoint``. Saving is asynchronous by default: the training thread
+snapshots tensors into reusable host buffers and a background thread hashes, delta-encodes,
+compresses and writes (see :mod:`.snapshot`).
 
 Under DDP every rank builds the checkpoint (as ``ModelCheckpoint`` does), only global rank 0
 writes, and a writer failure is shared with all ranks at the next save point so none deadlocks.
@@ -22,38 +24,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities import rank_zero_info
 
 from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
 from ..format.delta import DeltaConfig
 from ..format.refnames import best_ref, run_keep_prefix as keep_prefix
-from ..parallel import HelpBoard
-from ..repository import CommitStats, Repository
-from ..repository.handles import open_repository
-from ..repository.options import CommitOptions
+from ..repository import Repository
 from ..repository.retain import RetentionReport
-from ..retention import KeepAll, KeepNone, Policy, optimizer_policy, top_k_policy
+from ..retention import KeepAll, Policy, optimizer_policy, top_k_policy
 from ..storage.s3_store import S3Config
 from .checkpoint_io import CoralCheckpointIO
 from .rng import capture_rng_state, flatten_loaders, loader_generators, restore_rng_state
-from .snapshot import BackgroundCommitter, SnapshotBuffers
+from .saver import CheckpointSaver, SavePlan
+from .snapshot import BackgroundCommitter
 
 log = logging.getLogger(__name__)
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
-OPTIMIZER_KEY = "optimizer_states"
 
 
 def _is_coral_sharded(strategy: Any) -> bool:
     return callable(getattr(strategy, "commit_sharded", None))
-
-
-class CoralCheckpointError(CoralError):
-    """A background save failed; raised on the training thread (on every rank under DDP)."""
 
 
 class CoralCheckpoint(Checkpoint):
@@ -156,25 +148,49 @@ class CoralCheckpoint(Checkpoint):
         self.install_checkpoint_io = install_checkpoint_io
         self.background_nice = background_nice
         self.background_workers = background_workers
-        self._commit_workers: int | None = None
-        self._help = HelpBoard()  # the training thread joins a save it has to wait for
-
-        self.repo: Repository | None = None
-        self.last_commit: str | None = None
-        self.retention: RetentionReport | None = None  # what the last save's retention did
-        self._lease: str | None = None  # this process's hold on the commit it resumed from
-        self.history: list[dict[str, Any]] = []  # per-commit stats, for users and benchmarks
-        self.push_stats: dict[str, Any] | None = None
+        self._saver = CheckpointSaver()  # the repository, the background committer, the stats
         self._resumed_from: str | None = None
         self._resumed_run: str | None = None
-        self._buffers = SnapshotBuffers()
-        self._committer: BackgroundCommitter | None = None
-        self._pending_stats: list[dict[str, Any]] = []
         self._sharded = False  # the strategy writes sharded commits (set up in setup())
         self._last_step_saved = -1
         self._trainer: Any = None
         self._at_epoch_end = False
         self._loader_rng_to_restore: list[Any] | None = None
+
+    # -------------------------------------------------------------------- saver's state
+    @property
+    def repo(self) -> Repository | None:
+        return self._saver.repo
+
+    @repo.setter
+    def repo(self, repo: Repository | None) -> None:
+        self._saver.repo = repo
+
+    @property
+    def last_commit(self) -> str | None:
+        return self._saver.last_commit
+
+    @last_commit.setter
+    def last_commit(self, cid: str | None) -> None:
+        self._saver.last_commit = cid
+
+    @property
+    def retention(self) -> RetentionReport | None:
+        """What the last save's retention did."""
+        return self._saver.retention
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-commit stats (bytes, ratio, stall and background seconds), for users and benchmarks."""
+        return self._saver.history
+
+    @property
+    def push_stats(self) -> dict[str, Any] | None:
+        return self._saver.push_stats
+
+    @property
+    def _committer(self) -> BackgroundCommitter | None:
+        return self._saver.committer
 
     # ------------------------------------------------------------------------------ set-up
     @property
@@ -212,32 +228,21 @@ class CoralCheckpoint(Checkpoint):
                     "keep_optimizer is not supported with sharded (FSDP2) commits yet: their optimizer shards "
                     "cannot be stripped; use keep_optimizer='all' and keep=... to bound what is kept"
                 )
-        if self.repo is None:
-            if isinstance(self._repo_arg, Repository):
-                self.repo = self._repo_arg
-            else:
-                path = self._repo_arg if self._repo_arg is not None else Path(trainer.default_root_dir) / REPOSITORY_DIR
-                path = Path(path).absolute()
-                if trainer.is_global_zero:
-                    self.repo = open_repository(path, delta_config=self.delta_config)
-                else:
-                    self._repo_path = path
+        default = Path(trainer.default_root_dir) / REPOSITORY_DIR
+        self._saver.open(self._repo_arg, default, here=trainer.is_global_zero, delta_config=self.delta_config)
         if (
             self.install_checkpoint_io
             and not self._sharded
             and not isinstance(trainer.strategy.checkpoint_io, CoralCheckpointIO)
         ):
-            repo_for_io = self.repo if self.repo is not None else getattr(self, "_repo_path", None)
-            trainer.strategy.checkpoint_io = CoralCheckpointIO(repo_for_io)
-        if self._committer is None and self.async_save:
-            self._committer = BackgroundCommitter(nice=self.background_nice)
+            trainer.strategy.checkpoint_io = CoralCheckpointIO(self._saver.location)
+        workers: int | None = None  # the repository's default (all cores, up to 8)
         if self.background_workers is not None:
-            self._commit_workers = max(1, int(self.background_workers))
+            workers = max(1, int(self.background_workers))
         elif self.async_save and trainer.strategy.root_device.type == "cpu":
             # a CPU trainer keeps every core busy: more encoder threads only fight its own threads
-            self._commit_workers = 1
-        else:
-            self._commit_workers = None  # the repository's default (all cores, up to 8)
+            workers = 1
+        self._saver.start(asynchronous=self.async_save, nice=self.background_nice, workers=workers)
 
     def _run_name(self, trainer: Any) -> str:
         if self.run:
@@ -283,61 +288,56 @@ class CoralCheckpoint(Checkpoint):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # a resumed run holds the commit it came from until it ends: no retention decision (this
         # process's, another's, `coral-torch prune`) removes it meanwhile
-        if trainer.is_global_zero and self.repo is not None and trainer.ckpt_path and self._lease is None:
-            resumed = self.repo.last_loaded or self._resumed_from
-            if resumed is not None and self.repo.catalog.get_commit(resumed) is not None:
-                self._lease = self.repo.lease(resumed)
+        if trainer.is_global_zero and trainer.ckpt_path:
+            self._saver.hold(self._resumed_from)
 
     def _end_lease(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease is None or self.repo is None:
-            return
-        try:
-            self.repo.end_lease(lease)
-            if self.run:  # what the lease held may now be outside the policy
-                self.repo.retain(self.run, self.policy, keep_optimizer=self.optimizer_policy)
-        except CoralError as exc:
-            log.warning("could not release the hold on the resumed commit (%s); `coral-torch gc` drops it", exc)
+        self._saver.release(self.run, self.policy, self.optimizer_policy)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._sync_barrier(trainer, wait=True)
         if trainer.is_global_zero and self.repo is not None:
             self._end_lease()
-            if self.tags and self.last_commit:
-                for t in self.tags:
-                    self.repo.tag(t, self.last_commit)
-            self._flush_stats(trainer)
-            if self.s3 is not None and self.last_commit:
-                self._push(trainer)
+            self._saver.finish(trainer, tags=self.tags, s3=self.s3, log_stats=self.log_stats)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # The in-flight commit is atomic: let it finish (or fail) and say which, so a user who
-        # pressed Ctrl-C knows whether the last checkpoint exists.
-        committer = self._committer
-        if committer is not None and committer.pending:
-            log.warning(
-                "training stopped (%s) while a checkpoint save was in flight; waiting for it "
-                "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
-                type(exception).__name__,
-            )
-            try:
-                stats = committer.wait()
-                if stats is not None:
-                    log.warning("the in-flight checkpoint save finished: published as commit %s", stats.commit_id[:10])
-            except KeyboardInterrupt:
-                log.warning("the in-flight checkpoint save was abandoned: nothing of it was published")
-            except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
-                log.error("the in-flight checkpoint save failed (%s): nothing of it was published", _reason(exc))
+        self._saver.settle(exception)  # says what became of a save in flight
         self._end_lease()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._end_lease()
-        if self._committer is not None:
-            try:
-                self._committer.wait()
-            finally:
-                self._committer.shutdown()
-                self._committer = None
+        self._saver.close()
+
+    # ------------------------------------------------------------------------------ save
+    def _surface_errors(self, trainer: Any) -> None:
+        self._saver.surface_errors(trainer, log_stats=self.log_stats)
+
+    def _sync_barrier(self, trainer: Any, *, wait: bool) -> None:
+        """Finish/collect the in-flight save on rank 0 and share failure with every rank."""
+        self._saver.sync_barrier(trainer, wait=wait)
+
+    def _save(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        t0 = time.perf_counter()
+        self._sync_barrier(trainer, wait=True)  # at most one save in flight
+        self._saver.flush_stats(trainer, log_stats=self.log_stats)
+        run = self._run_name(trainer)  # before the dump: our state_dict records it
+        plan = SavePlan(
+            run=run,
+            keep=self.policy,
+            keep_optimizer=self.optimizer_policy,
+            monitor=self.monitor,
+            mode=self.mode,
+            head=self.save_last,
+            asynchronous=self.async_save,
+            sharded=self._sharded,
+            resumed_from=self._resumed_from,
+        )
+        # (no reference kept here: the saver drops the dumped checkpoint once it is snapshotted)
+        self._saver.save(
+            trainer, trainer._checkpoint_connector.dump_checkpoint(weights_only=self.save_weights_only), plan, t0
+        )
 
     # -------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -390,140 +390,6 @@ class CoralCheckpoint(Checkpoint):
         loaders = getattr(trainer, "train_dataloader", None) if trainer is not None else None
         return flatten_loaders(loaders)
 
-    # ------------------------------------------------------------------------------ save
-    def _surface_errors(self, trainer: Any) -> None:
-        if self._committer is None:
-            return
-        try:
-            if self._committer.check() is not None:
-                self._flush_stats(trainer)
-        except (CoralCheckpointError, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            raise CoralCheckpointError(f"background checkpoint save failed: {_reason(exc)}") from exc
-
-    def _sync_barrier(self, trainer: Any, *, wait: bool) -> None:
-        """Finish/collect the in-flight save on rank 0 and share failure with every rank."""
-        error: BaseException | None = None
-        if self._committer is not None and trainer.is_global_zero:
-            try:
-                self._committer.wait(helper=self._help.help) if wait else self._committer.check()
-            except KeyboardInterrupt:
-                raise  # stays one: Lightning shuts down gracefully, on_exception reports the save
-            except BaseException as exc:  # noqa: BLE001
-                error = exc
-        failed = error is not None
-        if trainer.world_size > 1:
-            failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
-        if failed:
-            msg = (
-                f"background checkpoint save failed: {_reason(error)}" if error else "checkpoint save failed on rank 0"
-            )
-            raise CoralCheckpointError(msg) from error
-
-    def _save(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
-            return
-        t0 = time.perf_counter()
-        self._sync_barrier(trainer, wait=True)  # at most one save in flight
-        self._flush_stats(trainer)
-        run = self._run_name(trainer)  # before the dump: our state_dict records it
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=self.save_weights_only)
-        if self._sharded:
-            self._commit_sharded(trainer, checkpoint, run, t0)
-            return
-        if not trainer.is_global_zero:
-            return
-        if isinstance(self.optimizer_policy, KeepNone) and OPTIMIZER_KEY in checkpoint:
-            checkpoint[OPTIMIZER_KEY] = [_without_param_state(s) for s in checkpoint[OPTIMIZER_KEY]]
-        scalars = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        metrics = {k: v for k, v in scalars.items() if v is not None}
-        epoch, step = trainer.current_epoch, trainer.global_step
-        if self.async_save and self._committer is not None:
-            snap = self._buffers.snapshot(checkpoint)
-            del checkpoint
-            stall = time.perf_counter() - t0
-            self._committer.submit(lambda: self._commit(snap, run, epoch, step, metrics, stall))
-        else:
-            stall_start = t0
-            self._commit(checkpoint, run, epoch, step, metrics, None)
-            self._pending_stats[-1]["stall_s"] = time.perf_counter() - stall_start
-
-    def _commit(
-        self, checkpoint: dict, run: str, epoch: int, step: int, metrics: dict[str, float], stall: float | None
-    ) -> CommitStats:
-        """Runs on the background thread (or inline when synchronous)."""
-        repo = self.repo
-        assert repo is not None
-        t0 = time.perf_counter()
-        background = stall is not None  # else a synchronous save: the caller waits for it
-        cpu0 = time.thread_time()  # with one encoder thread (CPU trainers) all the work is here
-        helped0 = self._help.items_helped
-        # After a resume the loaded commit is the parent: its tensors are the cached delta bases.
-        parent = self.last_commit or repo.last_loaded or self._resumed_from
-        stats = repo.commit(
-            checkpoint,
-            options=self._options(
-                run, epoch, step, metrics, parent=parent, keep_optimizer=self.optimizer_policy, head=self.save_last
-            ),
-            # optimizer state that retention may strip later is stored whole: it is freed on its own
-            no_delta_prefixes=() if isinstance(self.optimizer_policy, KeepAll) else (f"{OPTIMIZER_KEY}/",),
-            workers=self._commit_workers if background else None,
-            help_board=self._help if background else None,
-            direct_io=background,  # CPU time matters there, not latency
-        )
-        cid = stats.commit_id
-        self.retention = stats.retention
-        if stats.retention is not None and cid in stats.retention.stripped:
-            cid = stats.retention.stripped[cid] or cid  # keep_optimizer rewrote the new commit itself
-        self.last_commit = cid
-        background_s = time.perf_counter() - t0
-        self._pending_stats.append(
-            {
-                "commit": cid,
-                "epoch": epoch,
-                "step": step,
-                "bytes_written": stats.written_bytes,
-                "logical_bytes": stats.logical_bytes,
-                "ratio": stats.ratio,
-                "stall_s": stall,
-                "background_s": background_s,
-                "background_cpu_s": time.thread_time() - cpu0,
-                # tensors the training thread encoded itself while it waited for this save
-                "helped_items": self._help.items_helped - helped0,
-                "new_full": stats.new_full,
-                "new_delta": stats.new_delta,
-                "deduplicated": stats.deduplicated,
-            }
-        )
-        return stats
-
-    def _commit_sharded(self, trainer: Any, checkpoint: dict, run: str, t0: float) -> None:
-        """Every rank writes its shards; one commit (see :class:`CoralModelParallelStrategy`)."""
-        scalars = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        metrics = {k: v for k, v in scalars.items() if v is not None}
-        epoch, step = trainer.current_epoch, trainer.global_step
-        cid = trainer.strategy.commit_sharded(checkpoint, options=self._options(run, epoch, step, metrics))
-        self.last_commit = cid
-        if trainer.is_global_zero:
-            self._pending_stats.append(
-                {"commit": cid, "epoch": epoch, "step": step, "stall_s": time.perf_counter() - t0}
-            )
-
-    def _options(self, run: str, epoch: int, step: int, metrics: dict[str, float], **more: Any) -> CommitOptions:
-        """What a commit of this callback records: the run's retention policy keeps it."""
-        return CommitOptions(
-            run=run,
-            epoch=epoch,
-            step=step,
-            metrics=metrics,
-            keep=self.policy,
-            monitor=self.monitor,
-            mode=self.mode,
-            message=f"epoch {epoch} step {step}",
-            **more,
-        )
-
     @property
     def best_k(self) -> dict[str, float]:
         """commit id -> ``monitor`` value of the run's commits that retention keeps (as
@@ -541,71 +407,3 @@ class CoralCheckpoint(Checkpoint):
         if self.repo is not None and self.run and self.monitor:
             return self.repo.refs(best_ref(self.run)).get(best_ref(self.run)) or self.last_commit
         return self.last_commit
-
-    def _flush_stats(self, trainer: Any) -> None:
-        pending, self._pending_stats = self._pending_stats, []
-        for s in pending:
-            self.history.append(s)
-            if self.log_stats and trainer.logger is not None:
-                values = {
-                    f"coral/{k}": float(v)
-                    for k, v in s.items()
-                    if isinstance(v, (int, float)) and k not in ("epoch", "step") and v is not None
-                }
-                try:
-                    trainer.logger.log_metrics(values, step=s["step"])
-                except Exception as exc:  # noqa: BLE001 - stats must never break training
-                    log.warning("could not log checkpoint stats: %s", exc)
-
-    def _push(self, trainer: Any) -> None:
-        assert self.repo is not None
-        try:
-            self.push_stats = self.repo.push(self.s3, progress=None)
-            s = self.push_stats
-            rank_zero_info(
-                f"coral-torch: pushed {s['commits_uploaded']} commit(s) and {s['objects_uploaded']} object(s) "
-                f"({s['object_bytes'] / 1e6:.1f} MB; {s['objects_skipped']} already there) to "
-                f"{getattr(self.s3, 'url', self.s3)} in {s['seconds']:.1f}s"
-            )
-        except CoralError as exc:
-            self.push_stats = {"error": str(exc)}
-            log.error(
-                "push to S3 failed: %s. Local checkpoints are intact; retry with `%s`",
-                exc,
-                _push_command(self.repo.path, self.s3),
-            )
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception as a reason: its message, or its type when it has none."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _push_command(repo_path: Any, remote: Any) -> str:
-    """The `coral-torch push` command line that retries a failed push (options as the CLI takes them)."""
-    import shlex
-
-    cfg = getattr(remote, "config", remote)  # an S3Store or an S3Config
-    parts = ["coral-torch", "--repo", str(repo_path), "push", str(getattr(cfg, "url", "s3://BUCKET/PREFIX"))]
-    if getattr(cfg, "endpoint_url", None):
-        parts += ["--endpoint-url", str(cfg.endpoint_url)]
-    if getattr(cfg, "region", None):
-        parts += ["--region", str(cfg.region)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def _scalar(v: Any) -> float | None:
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            return None
-        v = v.detach().float().cpu().item()
-    if isinstance(v, (int, float, np.floating, np.integer)):
-        f = float(v)
-        return f if np.isfinite(f) else None
-    return None
-
-
-def _without_param_state(opt_state: Any) -> Any:
-    """An optimizer ``state_dict`` without its per-parameter state (``param_groups`` kept)."""
-    return dict(opt_state, state={}) if isinstance(opt_state, dict) and "state" in opt_state else opt_state
