@@ -126,6 +126,11 @@ class InvalidRefNameError(RepositoryError, ValueError):
     """A ref, tag or run name is malformed or reserved (see :mod:`coral_torch.refnames`)."""
 
 
+class UnsupportedLocationError(RepositoryError, ValueError):
+    """A repository argument is neither a local directory nor ``s3://bucket/prefix`` (or an entry
+    point that needs a local directory was given an S3 repository)."""
+
+
 class ConcurrentChangeError(RepositoryError):
     """A commit could not be published because what it was planned against changed meanwhile (a
     concurrent gc removed an object it deduplicated against or a pack it wrote): save it again."""
@@ -133,6 +138,18 @@ class ConcurrentChangeError(RepositoryError):
     def __init__(self, message: str, missing: tuple = ()):
         super().__init__(message)
         self.missing = tuple(missing)
+
+
+class RefConflictError(ConcurrentChangeError):
+    """A remote ref was not moved because another writer moved it first (compare-and-swap refused).
+    ``ref``: its name; ``expected``: the commit it was expected to name (``None``: absent);
+    ``current``: the commit it names now (``None``: absent or damaged), the other writer's."""
+
+    def __init__(self, message: str, *, ref: str = "", expected: str | None = None, current: str | None = None):
+        super().__init__(message)
+        self.ref = ref
+        self.expected = expected
+        self.current = current
 
 
 class UnsupportedTorchError(CoralError, ImportError):

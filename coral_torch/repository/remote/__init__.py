@@ -35,7 +35,8 @@ anything) and every run name goes through :mod:`coral_torch.refnames`; no key is
 that could leave the prefix.
 
 Modules: :mod:`.protocol` (layout, document checks, opening a remote), :mod:`.pushing`,
-:mod:`.pulling`. Objects move through the sync engine (:mod:`coral_torch.storage.s3.sync`): a push
+:mod:`.pulling`, :mod:`.publish` (compare-and-swap publishing of commits and refs for several writers
+sharing one prefix). Objects move through the sync engine (:mod:`coral_torch.storage.s3.sync`): a push
 from the repository's packs (:class:`~.pushing.RepositoryObjects`) to the remote, a pull from the
 remote into one new pack (:class:`~.pulling.PackSink`, written by
 :class:`~coral_torch.repository.packs.PackWriter`).
@@ -44,7 +45,19 @@ remote into one new pack (:class:`~.pulling.PackSink`, written by
 from __future__ import annotations
 
 from .protocol import RemoteLike
+from .publish import RemoteRef, conditional_writes, move_ref, publish_commit, read_ref
 from .pulling import pull, require_remote_repository
 from .pushing import Repository, push
 
-__all__ = ["push", "pull", "require_remote_repository", "RemoteLike", "Repository"]
+__all__ = [
+    "push",
+    "pull",
+    "require_remote_repository",
+    "RemoteLike",
+    "Repository",
+    "RemoteRef",
+    "read_ref",
+    "conditional_writes",
+    "publish_commit",
+    "move_ref",
+]
