@@ -35,6 +35,7 @@ from .errors import (
     RefNotFoundError,
     UnsafeCheckpointError,
 )
+from .location import S3Location
 from .repository.handles import RepoLike, close_repositories, open_repository
 from .repository.options import CommitOptions
 from .retention import Policy, optimizer_policy
@@ -130,17 +131,21 @@ def save(
             )
         r = open_repository(repo if repo is not None else pointer.parent / REPOSITORY_DIR)
         stats = commit_with_pointer(
-            pointer, r.path, options, lambda o: r.commit(obj, options=o, no_delta_prefixes=no_delta)
+            pointer,
+            r.path,
+            options,
+            lambda o: r.commit(obj, options=o, no_delta_prefixes=no_delta),
+            location=r.location,
         )
         return stats.commit_id
     r = open_repository(repo)
     cid = r.commit(obj, options=options, no_delta_prefixes=no_delta).commit_id
-    f.write(pointer_bytes(cid, str(r.path)))
+    f.write(pointer_bytes(cid, str(r.location)))
     return cid
 
 
-def read_pointer(path: str | os.PathLike) -> tuple[str, Path] | None:
-    """``(commit id, repository path)`` if ``path`` is a coral-torch pointer file, ``None`` if it is
+def read_pointer(path: str | os.PathLike) -> tuple[str, Path | S3Location] | None:
+    """``(commit id, repository directory or S3 location)`` if ``path`` is a coral-torch pointer file, ``None`` if it is
     another kind of file. A damaged pointer raises :class:`~coral_torch.errors.MalformedPointerError`."""
     p = read_pointer_file(path)
     return (p.commit, p.repo) if p is not None else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from .cli_common import CliError, human, open_repo, remote_config
@@ -105,7 +104,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from .checkpoint.checkpoint_files import forget_pointer
-    from .checkpoint.pointers import read_pointer_file
+    from .checkpoint.pointers import read_pointer_file, same_repository
 
     repo = open_repo(args)
     before = repo.stats()["disk_bytes"]
@@ -115,8 +114,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
             pointer = read_pointer_file(p)
             if pointer is None:
                 raise CliError(f"{p} is not a coral-torch pointer file; refusing to delete it")
-            if not pointer.repo.exists() or not os.path.samefile(pointer.repo, repo.path):
-                raise CliError(f"{p} points into {pointer.repo}, not {repo.path}; pass --repo {pointer.repo}")
+            if not same_repository(pointer.repo, repo.location):
+                raise CliError(f"{p} points into {pointer.repo}, not {repo.location}; pass --repo {pointer.repo}")
             forget_pointer(p, repo)  # the file first: a crash leaves a dead ref, which gc drops
             print(f"removed {p} (commit {pointer.commit[:10]})")
             continue

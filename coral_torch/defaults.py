@@ -25,3 +25,15 @@ def default_workers() -> int:
 def default_repository() -> str:
     """The repository a ``None`` repository argument means: ``$CORAL_REPO`` or ``./.coral``."""
     return os.environ.get(REPOSITORY_ENV, REPOSITORY_DIR)
+
+
+#: environment variable naming this node's cache directory (S3 repositories keep their cache there)
+CACHE_ENV = "CORAL_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$CORAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/coral-torch``, else ``~/.cache/coral-torch``."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "coral-torch")

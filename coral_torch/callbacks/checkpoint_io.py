@@ -77,7 +77,9 @@ class CoralCheckpointIO(CheckpointIO):
         path = Path(path)
         repo = self.repository(path)
         options = CommitOptions(run=self.run or run_name_from_path(path), keep=False, message=f"checkpoint {path.name}")
-        stats = commit_with_pointer(path, repo.path, options, lambda o: repo.commit(checkpoint, options=o))
+        stats = commit_with_pointer(
+            path, repo.path, options, lambda o: repo.commit(checkpoint, options=o), location=repo.location
+        )
         log.info(
             "saved %s as coral commit %s (%.1f MB written of %.1f MB)",
             path,

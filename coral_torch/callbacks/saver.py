@@ -25,7 +25,7 @@ from ..errors import CoralError
 from ..format.delta import DeltaConfig
 from ..parallel import HelpBoard
 from ..repository import CommitStats, Repository
-from ..repository.handles import open_repository
+from ..repository.handles import open_repository, repository_location
 from ..repository.options import CommitOptions
 from ..repository.retain import RetentionReport
 from ..retention import KeepAll, KeepNone, Policy
@@ -93,11 +93,11 @@ class CheckpointSaver:
         if isinstance(location, Repository):
             self.repo = location
             return
-        path = Path(location if location is not None else default).absolute()
+        where = repository_location(location if location is not None else default)
         if here:
-            self.repo = open_repository(path, delta_config=delta_config)
-        else:
-            self.repo_path = path
+            self.repo = open_repository(where, delta_config=delta_config)
+        elif isinstance(where, Path):
+            self.repo_path = where
 
     @property
     def location(self) -> Repository | Path | None:

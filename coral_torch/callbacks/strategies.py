@@ -35,10 +35,10 @@ from .. import dcp as coral_dcp
 from ..checkpoint.checkpoint_files import commit_with_pointer, forget_pointer
 from ..checkpoint.pointers import read_pointer_file
 from ..checkpoint.sharded import load_value
-from ..defaults import REPOSITORY_DIR, default_repository
+from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
 from ..repository import Repository
-from ..repository.handles import open_repository
+from ..repository.handles import open_repository, repository_path
 from ..repository.options import CommitOptions
 from ..retention import Policy
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
@@ -79,9 +79,9 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
     @property
     def repo_path(self) -> Path:
         if self.repo is not None:
-            return Path(self.repo).absolute()
+            return repository_path(self.repo, needed_by="CoralModelParallelStrategy (sharded saves)")
         if self.lightning_module is None:
-            return Path(default_repository()).absolute()
+            return repository_path(None, needed_by="CoralModelParallelStrategy (sharded saves)")
         return (Path(self.lightning_module.trainer.default_root_dir) / REPOSITORY_DIR).absolute()
 
     # -- saving -------------------------------------------------------------------------------
@@ -136,7 +136,9 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         if p.is_file():
             pointer = read_pointer_file(p)
             if pointer is not None:
-                return Path(self.repo).absolute() if self.repo is not None else Path(pointer.repo), pointer.commit
+                if self.repo is not None:
+                    return Path(self.repo).absolute(), pointer.commit
+                return repository_path(pointer.repo, needed_by="CoralModelParallelStrategy"), pointer.commit
         return None
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from ..location import S3Location
 from .pointers import pointer_ref_name, write_pointer
 
 if TYPE_CHECKING:
@@ -39,15 +40,17 @@ def commit_with_pointer(
     commit: Callable[[CommitOptions], R],
     *,
     write_file: bool = True,
+    location: str | os.PathLike | S3Location | None = None,
 ) -> R:
     """Call ``commit`` with ``options`` plus the ref of the pointer file at ``path`` (it must publish
     them: a :class:`CommitStats` or a commit id comes back), then write the pointer naming the
     commit in the repository at ``repo_path`` (unless ``write_file`` is false: another rank of a
-    sharded save writes it). Returns what ``commit`` returned."""
+    sharded save writes it). ``location``: what the pointer names as the repository, when not its
+    directory (an S3 repository's URL). Returns what ``commit`` returned."""
     result = commit(options.with_refs(pointer_ref_name(path, repo_path)))
     if write_file:
         cid = result if isinstance(result, str) else result.commit_id
-        write_pointer(path, cid, repo_path)
+        write_pointer(path, cid, location if location is not None else repo_path)
     return result
 
 

@@ -5,7 +5,8 @@ A pointer names one commit and the repository holding it (like a Git LFS pointer
     {"commit": "<32 hex digits>", "coral_torch_pointer": 1, "repo": "../.coral"}
 
 ``repo`` is relative to the pointer's directory when written to a path (so moving the directory
-together with its repository keeps it valid), absolute when written to a file object. Every field
+together with its repository keeps it valid), absolute when written to a file object, and the URL
+(``s3://bucket/prefix``) for a repository on S3. Every field
 is checked when read: a damaged, truncated or edited pointer raises
 :class:`~coral_torch.errors.MalformedPointerError` and never names a wrong commit.
 
@@ -19,8 +20,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MalformedPointerError
+from ..errors import MalformedPointerError, UnsupportedLocationError
 from ..format.refnames import FILES
+from ..location import S3_SCHEME, S3Location, parse_location
 
 POINTER_KEY = "coral_torch_pointer"
 POINTER_VERSION = 1
@@ -31,10 +33,11 @@ _COMMIT_ID_LENGTH = 32
 
 @dataclass(frozen=True)
 class Pointer:
-    """A parsed pointer: the commit id and the repository directory (absolute, not checked to exist)."""
+    """A parsed pointer: the commit id and the repository: its directory (absolute, not checked to
+    exist) or its S3 location."""
 
     commit: str
-    repo: Path
+    repo: Path | S3Location
 
 
 def pointer_bytes(commit_id: str, repo_path: str | os.PathLike) -> bytes:
@@ -85,6 +88,12 @@ def parse_pointer(data: bytes, *, origin: str, base_dir: Path | None = None) -> 
             f"{origin} is a damaged coral-torch pointer: 'repo' must name the repository directory, "
             f"not {repo!r}; pass repo=... to say where the repository is"
         )
+    if repo.startswith(S3_SCHEME):
+        try:
+            where = parse_location(repo)
+        except UnsupportedLocationError as exc:
+            raise MalformedPointerError(f"{origin} is a damaged coral-torch pointer: {exc}") from None
+        return Pointer(commit, where)
     path = Path(repo)
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
@@ -103,12 +112,15 @@ def read_pointer_file(path: str | os.PathLike) -> Pointer | None:
     return parse_pointer(data, origin=str(p), base_dir=p.absolute().parent)
 
 
-def write_pointer(path: str | os.PathLike, commit_id: str, repo_path: str | os.PathLike) -> None:
+def write_pointer(path: str | os.PathLike, commit_id: str, repo: str | os.PathLike | S3Location) -> None:
     """Write a pointer file atomically (temp file, fsync, rename, fsync of the directory), with
-    ``repo`` relative to the pointer's directory."""
+    ``repo`` relative to the pointer's directory (an S3 repository: its URL)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(os.path.abspath(repo_path), path.absolute().parent)
+    if isinstance(repo, S3Location):
+        rel = repo.url
+    else:
+        rel = os.path.relpath(os.path.abspath(repo), path.absolute().parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
@@ -151,17 +163,24 @@ def pointer_path_of_ref(ref: str, repo_path: str | os.PathLike) -> Path | None:
     return Path(os.path.dirname(os.path.abspath(repo_path))) / rest
 
 
-def pointer_names(path: str | os.PathLike, commit_id: str, repo_path: str | os.PathLike) -> bool:
-    """True if ``path`` is a readable pointer file naming ``commit_id`` in the repository at
-    ``repo_path``: the file a ``files/`` ref stands for still holds that commit. A damaged,
-    missing or replaced file (another commit, another repository, not a pointer) does not."""
+def pointer_names(path: str | os.PathLike, commit_id: str, repo: str | os.PathLike | S3Location) -> bool:
+    """True if ``path`` is a readable pointer file naming ``commit_id`` in the repository ``repo``
+    (a directory or an S3 location): the file a ``files/`` ref stands for still holds that commit.
+    A damaged, missing or replaced file (another commit, another repository, not a pointer) does not."""
     try:
         p = read_pointer_file(path)
     except (OSError, MalformedPointerError):
         return False
     if p is None or p.commit != commit_id:
         return False
+    return same_repository(p.repo, repo)
+
+
+def same_repository(a: str | os.PathLike | S3Location, b: str | os.PathLike | S3Location) -> bool:
+    """Whether two repository locations are the same repository (directories: the same file)."""
+    if isinstance(a, S3Location) or isinstance(b, S3Location):
+        return a == b
     try:
-        return os.path.samefile(p.repo, repo_path)
+        return os.path.samefile(a, b)
     except OSError:
         return False

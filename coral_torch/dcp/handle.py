@@ -13,7 +13,7 @@ RepoArg = str | os.PathLike | Repository | None
 def repository_path(repo: RepoArg) -> str:
     """The absolute repository directory of a path, a :class:`Repository` or ``None``
     (``$CORAL_REPO`` or ``./.coral``)."""
-    return str(path_of(repo))
+    return str(path_of(repo, needed_by="the coral-torch DCP storage writer and reader"))
 
 
 class RepositoryHandle:

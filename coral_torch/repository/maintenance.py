@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint.pointers import pointer_names, pointer_path_of_ref, read_pointer_file
+from ..checkpoint.pointers import pointer_names, pointer_path_of_ref, read_pointer_file, same_repository
 from ..errors import CoralError, IntegrityError, RefNotFoundError, RepositoryError
 from ..format import refnames
 from ..format.weight_tensor import WeightMetadata, WeightTensor
@@ -217,7 +217,7 @@ class Maintenance:
             p = read_pointer_file(path)
         except (OSError, CoralError):
             return False
-        if p is None or not os.path.exists(p.repo) or not os.path.samefile(p.repo, self.path):
+        if p is None or not same_repository(p.repo, self.path):
             return False
         try:
             return self.resolve(p.commit) == cid

@@ -43,6 +43,7 @@ from ..format.delta import DeltaConfig, DeltaEncoder
 from ..format.manifest import Manifest
 from ..format.refnames import validate_ref_name
 from ..format.weight_tensor import WeightTensor
+from ..location import S3Location
 from ..parallel import HelpBoard
 from ..retention import Policy
 from .catalog import Catalog, CommitRow, catalog_error
@@ -127,6 +128,11 @@ class Repository:
         self.encoder = DeltaEncoder(config)
         self.planner = DeltaPlanner(self.catalog, config, self._tensor_index, self.writer.intact_objects)
         self.writer.configure(config, self.encoder, self.planner)
+
+    @property
+    def location(self) -> Path | S3Location:
+        """Where the repository is, as pointer files name it: its directory (an S3 repository: its URL)."""
+        return self.path
 
     def __repr__(self) -> str:
         return f"Repository({str(self.path)!r})"

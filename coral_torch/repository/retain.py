@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from ..checkpoint.pointers import pointer_names, pointer_path_of_ref, write_pointer
 from ..errors import CoralError
 from ..format import refnames
+from ..location import S3Location
 from ..retention import CommitFacts, KeepAll, Policy
 from .catalog import Catalog
 from .lock import RepositoryLock
@@ -39,6 +40,9 @@ class RetainTarget(Protocol):
     path: Path
     catalog: Catalog
     lock: RepositoryLock
+
+    @property
+    def location(self) -> Path | S3Location: ...
 
     def release_commits(
         self, candidates: Iterable[str], *, dry_run: bool = False, dropping: Iterable[str] = ()
@@ -122,12 +126,12 @@ def apply_retention(
             stats = repo.release_commits(report.removed, dry_run=True, dropping=gone) if report.removed else None
             report.bytes_freed = stats["bytes_freed"] if stats else 0
             report.stripped = {c: "" for c in strip}
-            report.files_removed = [str(p) for _, cid, p in files if pointer_names(p, cid, repo.path)]
+            report.files_removed = [str(p) for _, cid, p in files if pointer_names(p, cid, repo.location)]
             return report
 
         before = _packs_bytes(repo)
         for _, cid, path in files:  # the file first: a crash then leaves a dead ref, which gc drops
-            if pointer_names(path, cid, repo.path):
+            if pointer_names(path, cid, repo.location):
                 path.unlink(missing_ok=True)
                 report.files_removed.append(str(path))
         if add or drop:
@@ -143,8 +147,8 @@ def apply_retention(
             # pointer files of the rewritten commit name the new id (the old one still resolves to it)
             for name in cat.refs_of(new):
                 path = pointer_path_of_ref(name, repo.path)
-                if path is not None and pointer_names(path, c, repo.path):
-                    write_pointer(path, new, repo.path)
+                if path is not None and pointer_names(path, c, repo.location):
+                    write_pointer(path, new, repo.location)
         report.bytes_freed = max(0, before - _packs_bytes(repo))
     if report.removed or report.stripped:
         log.info(

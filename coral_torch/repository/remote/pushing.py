@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Repository", "push", "upload_objects", "write_document", "live_closure", "RepositoryObjects"]
+__all__ = [
+    "Repository",
+    "push",
+    "upload_objects",
+    "write_document",
+    "live_closure",
+    "commit_document",
+    "RepositoryObjects",
+]
 
 _OPEN_PACKS = 16  # read-only pack handles a push keeps open at once
 
@@ -123,7 +131,7 @@ def _local_refs(repo: Repository) -> dict[str, tuple[str, float]]:
     return refs
 
 
-def _commit_doc(repo: Repository, cid: str) -> dict[str, Any] | None:
+def commit_document(repo: Repository, cid: str) -> dict[str, Any] | None:
     """The document a push writes for a local commit (None if it is gone: a concurrent gc)."""
     row = repo.catalog.get_commit(cid)
     if row is None:
@@ -202,7 +210,7 @@ def push(repo: Repository, remote: RemoteLike, progress: bool | None = None, *, 
         live, needed = live_closure(repo, {cid for cid, _ in local_refs.values()})
         docs: dict[str, dict[str, Any]] = {}
         for cid in sorted(live):
-            doc = _commit_doc(repo, cid)
+            doc = commit_document(repo, cid)
             if doc is None:  # removed by a concurrent gc: its refs are not sent either
                 continue
             check_commit_doc(doc, cid, str(repo.path))  # a bad run name stops here, before any upload

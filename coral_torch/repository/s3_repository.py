@@ -1,0 +1,288 @@
+"""A repository at ``s3://bucket/prefix``, worked through a node-local cache repository.
+
+The bucket holds the repository in the layout push and pull use (:mod:`.remote`), so an S3
+repository and a local one are interchangeable (``pull`` from it, ``push`` to it). This node keeps a
+cache: a plain local repository under :func:`~coral_torch.defaults.default_cache_dir` holding what
+this node wrote or read, which is what a save deduplicates and delta-encodes against.
+
+A save (:meth:`S3Repository.commit`):
+
+1. reads the run's ``latest`` ref on the bucket with its ETag, and fetches what the cache lacks;
+2. commits into the cache (dedup and deltas against that ``latest``);
+3. uploads the objects the bucket lacks (verified, see :mod:`~coral_torch.storage.s3.client`);
+4. writes the commit document with ``If-None-Match: *`` and moves the run's refs with
+   ``If-Match`` on the ETags read in 1 (:mod:`.remote.publish`).
+
+Two writers racing on one run: exactly one moves ``latest``; the other gets
+:class:`~coral_torch.errors.RefConflictError`, and its commit stays on the bucket under
+``keep/<id>`` (nothing is lost). Servers that ignore conditional writes are detected and the
+narrower guarantee is logged (:func:`~.remote.publish.conditional_writes`).
+
+Reads (``load``, ``log``, ``show``, ``manifest``) first fetch what the bucket has that the cache
+lacks (verified by pull), then read the cache. Not yet on S3 repositories: ``gc`` (the bucket keeps
+released objects; ``coral-torch gc`` refuses), sharded DCP saves, a byte budget for the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..defaults import default_cache_dir
+from ..errors import RefConflictError, RemoteRepositoryNotFoundError, UnsupportedLocationError
+from ..format import refnames
+from ..location import S3Location
+from ..storage.s3.config import S3Config
+from ..storage.s3.store import S3Store
+from .catalog import CommitRow
+from .commit import CommitStats
+from .options import CommitOptions
+from .remote import pull, require_remote_repository
+from .remote.protocol import REFS, check_ref_doc, get_docs, json_names
+from .remote.publish import RemoteRef, move_ref, publish_commit, read_ref
+from .remote.pushing import commit_document, live_closure, upload_objects
+from .repository import Repository
+from .verify import VerifyReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["S3Repository", "cache_path"]
+
+#: a read fetches from the bucket unless the cache was brought up to date this recently (seconds)
+FRESH_S = 1.0
+#: refs that belong to this node only (pointer files, running processes): never published
+_LOCAL_ONLY = (refnames.FILES, refnames.LEASES)
+
+
+def cache_path(location: S3Location, endpoint: str | None, root: str | os.PathLike | None = None) -> Path:
+    """The cache directory of an S3 repository: one per endpoint, bucket and prefix."""
+    where = f"{endpoint or 'aws'}|{location.url}"
+    tag = hashlib.sha256(where.encode()).hexdigest()[:16]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{location.bucket}_{location.prefix}")[:80]
+    return Path(root if root is not None else default_cache_dir()) / "s3" / f"{readable}-{tag}"
+
+
+class S3Repository(Repository):
+    """A :class:`Repository` whose truth is an S3 prefix (see the module docstring).
+
+    Args:
+        location: where it is (from :func:`~.location.parse_location`).
+        config: the :class:`S3Config` to reach it (endpoint, credentials, transfer knobs); by default
+            one for ``location`` with the standard AWS environment (``AWS_ENDPOINT_URL``, the
+            credential chain).
+        cache_dir: this node's cache directory (default under ``$CORAL_CACHE_DIR``).
+        create: start a new repository if the prefix is empty.
+    """
+
+    def __init__(
+        self,
+        location: S3Location,
+        *,
+        config: S3Config | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        create: bool = True,
+        **kwargs: Any,
+    ):
+        self.location_s3 = location
+        self.remote_config = config or S3Config(bucket=location.bucket, prefix=location.prefix)
+        # before anything is written locally: the bucket answers, and the prefix is empty or a repository
+        self.store = S3Store(self.remote_config)
+        try:
+            self._has_repository = _remote_state(self.store, location)
+            if not self._has_repository and not create:
+                raise RemoteRepositoryNotFoundError(
+                    f"there is no coral-torch repository at {location.url}: check the bucket and prefix "
+                    "(a save to it creates one)"
+                )
+            endpoint = self.store.client.endpoint
+            path = Path(cache_dir) if cache_dir is not None else cache_path(location, endpoint)
+            super().__init__(path, create=True, **kwargs)
+        except BaseException:
+            self.store.close()
+            raise
+        self._sync_lock = threading.Lock()
+        self._fetched_at = -1.0
+        self._local = threading.local()  # .committing: reads inside a commit use the cache as fetched
+        self.last_publish: dict[str, Any] = {}
+
+    @property
+    def location(self) -> S3Location:
+        return self.location_s3
+
+    def __repr__(self) -> str:
+        return f"S3Repository({self.location_s3.url!r}, cache={str(self.path)!r})"
+
+    # ------------------------------------------------------------------------------ reads
+    def fetch(self) -> dict[str, Any]:
+        """Bring the cache up to date with the bucket (commits, objects, refs; all verified)."""
+        with self._sync_lock:
+            if not self._has_repository:
+                self._has_repository = _remote_state(self.store, self.location_s3)
+                if not self._has_repository:
+                    return {}
+            stats = pull(self, self.store, progress=False)
+            self._align_refs()
+            self._fetched_at = time.monotonic()
+            return stats
+
+    def _align_refs(self) -> None:
+        """The cache's shared refs become the bucket's: the bucket is the truth (a pull alone keeps
+        whichever value of a ref is newer, which after a lost race can be this node's own commit)."""
+        client = self.store.client
+        names = list(json_names(client.list_entries(REFS)))
+        remote: dict[str, str] = {}
+        for key, got in get_docs(client, [f"{REFS}{n}.json" for n in names]).items():
+            name = key[len(REFS) : -len(".json")]
+            if isinstance(got, dict):
+                remote[name] = check_ref_doc(got, name, client.url)[0]
+        local = {n: c for n, c in Repository.refs(self).items() if not n.startswith(_LOCAL_ONLY)}
+        add = [(n, c) for n, c in remote.items() if local.get(n) != c]
+        drop = [n for n in local if n not in remote]
+        if add or drop:
+            self.catalog.update_refs(add=add, drop=drop, now=time.time())
+
+    def _fresh(self) -> None:
+        """Fetch unless this thread is committing or fetched within the last :data:`FRESH_S` seconds."""
+        if not getattr(self._local, "committing", False) and time.monotonic() - self._fetched_at > FRESH_S:
+            self.fetch()
+
+    def resolve(self, ref: str) -> str:
+        self._fresh()
+        return super().resolve(ref)
+
+    def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
+        self.fetch()
+        return super().load(ref, map_location=map_location, weights_only=weights_only)
+
+    def log(self, run: str | None = None) -> list[CommitRow]:
+        self.fetch()
+        return super().log(run)
+
+    def refs(self, prefix: str = "") -> dict[str, str]:
+        self.fetch()
+        return super().refs(prefix)
+
+    def get_commit(self, ref: str) -> CommitRow:
+        self.fetch()
+        return super().get_commit(ref)
+
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        self.fetch()  # pull verifies every document and payload it fetches
+        return super().verify(progress=progress)
+
+    def gc(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise UnsupportedLocationError(
+            f"gc of an s3:// repository ({self.location_s3.url}) is not supported yet: released commits' "
+            "objects stay on the bucket; run gc on a local repository and push it instead"
+        )
+
+    # ------------------------------------------------------------------------------ writes
+    def commit(
+        self,
+        obj: Any,
+        options: CommitOptions | None = None,
+        *,
+        no_delta_prefixes: Sequence[str] = (),
+        workers: int | None = None,
+        help_board: Any = None,
+        direct_io: bool = False,
+        **option_kwargs: Any,
+    ) -> CommitStats:
+        """Commit into the cache, then publish on the bucket (see the module docstring)."""
+        opts = CommitOptions.build(options, **option_kwargs)
+        client = self.store.client
+        latest = refnames.latest_ref(opts.run)
+        expected = read_ref(client, latest, damaged_ok=True)
+        self.fetch()
+        if opts.parent is None and expected.commit is not None and opts.head:
+            opts = opts.replace(parent=expected.commit)
+        before = self._published_refs()
+        self._local.committing = True
+        try:
+            stats = super().commit(
+                obj,
+                opts,
+                no_delta_prefixes=no_delta_prefixes,
+                workers=workers,
+                help_board=help_board,
+                direct_io=direct_io,
+            )
+            self._publish(stats.commit_id, latest if opts.head else None, expected, before)
+        finally:
+            self._local.committing = False
+        return stats
+
+    def _published_refs(self) -> dict[str, str]:
+        """What the bucket's refs should be, from the cache's: node-local refs (pointer files,
+        leases) become ``keep/<id>`` so the bucket keeps those commits."""
+        out: dict[str, str] = {}
+        for name, cid in Repository.refs(self).items():
+            if name.startswith(_LOCAL_ONLY):
+                out[refnames.keep_ref(cid)] = cid
+            else:
+                out[name] = cid
+        return out
+
+    def _publish(self, cid: str, latest: str | None, expected: RemoteRef, before: dict[str, str]) -> None:
+        client = self.store.client
+        _, needed = live_closure(self, {cid})
+        obj_stats = upload_objects(self, self.store.objects, needed, True, progress=None)
+        doc = commit_document(self, cid)
+        if doc is None:  # released at once by the run's own retention: nothing to publish
+            return
+        publish_commit(client, cid, doc)
+        after = self._published_refs()
+        moved = 0
+        if latest is not None and after.get(latest) == cid:
+            try:
+                move_ref(client, latest, cid, expected=expected, updated=time.time())
+                moved += 1
+            except RefConflictError:
+                keep = refnames.keep_ref(cid)
+                move_ref(client, keep, cid, expected=read_ref(client, keep, damaged_ok=True), updated=time.time())
+                log.warning("commit %s of %s is kept on %s as %s", cid[:10], latest, client.url, keep)
+                raise
+        for name, target in sorted(after.items()):
+            if name == latest or before.get(name) == target:
+                continue
+            try:  # best, tags, keep refs: another writer moving one first keeps theirs
+                move_ref(client, name, target, expected=read_ref(client, name, damaged_ok=True), updated=time.time())
+                moved += 1
+            except RefConflictError as exc:
+                log.warning("%s", exc)
+        for name in sorted(set(before) - set(after)):
+            client.delete(client.document_key(f"{REFS}{name}.json"))
+        self.last_publish = {
+            "commit": cid,
+            "objects_uploaded": obj_stats["uploaded"] + obj_stats["deltas_uploaded"],
+            "objects_skipped": obj_stats["skipped"],
+            "bytes_uploaded": obj_stats["bytes_transferred"],
+            "refs_moved": moved,
+        }
+        log.info("published %s on %s: %s", cid[:10], client.url, self.last_publish)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.store.close()
+
+
+def _remote_state(store: S3Store, location: S3Location) -> bool:
+    """Whether ``location`` holds a repository (False: empty). Anything else there is an error."""
+    try:
+        require_remote_repository(store)
+        return True
+    except RemoteRepositoryNotFoundError:
+        if not store.has_any(""):
+            return False
+        raise RemoteRepositoryNotFoundError(
+            f"{location.url} holds something other than a coral-torch repository: use an empty prefix or "
+            "one a coral-torch save or push wrote"
+        ) from None

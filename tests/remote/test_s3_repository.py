@@ -1,0 +1,285 @@
+"""Repositories on S3 (``repo="s3://bucket/prefix"``): save and load through a node-local cache,
+conditional publish, two writers on one run, fresh nodes, bad input. Real servers only: moto's
+threaded server, and ``rclone serve s3`` (which ignores ``If-None-Match``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
+
+import coral_torch  # noqa: E402
+from coral_torch.callbacks import CoralCheckpoint, CoralCheckpointIO  # noqa: E402
+from coral_torch.errors import (  # noqa: E402
+    BucketNotFoundError,
+    CoralError,
+    RefConflictError,
+    RemoteRepositoryNotFoundError,
+    UnsupportedLocationError,
+)
+from coral_torch.location import S3Location, parse_location  # noqa: E402
+from coral_torch.repository.handles import close_repositories, open_repository  # noqa: E402
+from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
+from coral_torch.storage.s3_store import S3Config  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def _state(seed: int = 0, rows: int = 256) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(rows, 128, generator=g), "b": torch.zeros(7), "step": 3, "name": "x"}
+
+
+@pytest.fixture
+def s3_env(server, bucket, tmp_path, monkeypatch):
+    """This process sees the moto server through the standard AWS environment and keeps its
+    cache in its own directory; the handle cache is emptied around the test."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("CORAL_CACHE_DIR", str(tmp_path / "cache-here"))
+    close_repositories()
+    yield f"s3://{bucket}/ckpts"
+    close_repositories()
+
+
+def _fresh_node(tmp_path: Path, name: str, code: str, endpoint: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a process that shares nothing with this one but the S3 server: its own
+    working directory, HOME and cache."""
+    node = tmp_path / name
+    (node / "home").mkdir(parents=True)
+    env = {
+        **os.environ,
+        "HOME": str(node / "home"),
+        "CORAL_CACHE_DIR": str(node / "cache"),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "PYTHONPATH": str(Path(coral_torch.__file__).parents[1]),
+    }
+    env.pop("CORAL_REPO", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=node, env=env, capture_output=True, text=True, timeout=240)
+
+
+# ------------------------------------------------------------------------------ locations
+def test_locations_are_parsed_and_urls_are_never_local_paths(tmp_path):
+    assert parse_location("s3://bucket/a/b/") == S3Location("bucket", "a/b")
+    assert parse_location("s3://bucket") == S3Location("bucket", "")
+    assert parse_location(tmp_path / "r") == (tmp_path / "r").absolute()
+    for bad in ["gs://bucket/x", "https://example.com/r", "file:///tmp/r", "s3://Bad_Bucket/x", "s3://bk/../x"]:
+        with pytest.raises(UnsupportedLocationError) as e:
+            parse_location(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UnsupportedLocationError, match="checkpoint reference"):
+        parse_location("coral://latest")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(UnsupportedLocationError):
+            coral_torch.save({"x": torch.ones(2)}, tmp_path / "a.pt", repo="gs://bucket/x")
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created, no 'gs:' directory
+
+
+def test_entry_points_that_need_a_directory_say_so():
+    from coral_torch.dcp import CoralStorageWriter
+
+    with pytest.raises(UnsupportedLocationError, match="local directory"):
+        CoralStorageWriter("s3://bucket/x")
+
+
+# ------------------------------------------------------------------------------ save / load
+def test_save_and_load_through_s3_with_dedup_and_deltas(s3_env, server, tmp_path):
+    sd = _state()
+    cid1 = coral_torch.save(sd, tmp_path / "e1.pt", repo=s3_env)
+    pointer = json.loads((tmp_path / "e1.pt").read_text())
+    assert pointer["repo"] == s3_env and pointer["commit"] == cid1
+    repo = open_repository(s3_env)
+    assert isinstance(repo, S3Repository)
+    first = repo.last_publish["bytes_uploaded"]
+    assert first > 0 and repo.last_publish["objects_uploaded"] == 2
+
+    sd["w"][3] += 1.0  # one row changes: a delta against the parent
+    coral_torch.save(sd, tmp_path / "e2.pt", repo=s3_env)
+    assert 0 < repo.last_publish["bytes_uploaded"] < first / 10
+
+    cid3 = coral_torch.save(sd, tmp_path / "e3.pt", repo=s3_env)  # unchanged: nothing new goes up
+    assert repo.last_publish["objects_uploaded"] == 0 and repo.last_publish["bytes_uploaded"] == 0
+
+    # the pointer file alone finds the repository; a fresh node loads bit-exact with an empty cache
+    back = coral_torch.load(tmp_path / "e3.pt")
+    assert torch.equal(back["w"], sd["w"]) and back["step"] == 3
+    (tmp_path / "node" / "e3.pt").parent.mkdir()
+    (tmp_path / "node" / "e3.pt").write_bytes((tmp_path / "e3.pt").read_bytes())
+    torch.save(sd, tmp_path / "want.pt")
+    code = (
+        "import torch, coral_torch\n"
+        f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+        f"for f in ['coral://latest', 'e3.pt', {cid3[:8]!r}]:\n"
+        f"    got = coral_torch.load(f, repo={s3_env!r}) if f != 'e3.pt' else coral_torch.load(f)\n"
+        "    assert got.keys() == want.keys() and got['name'] == 'x'\n"
+        "    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in ('w', 'b'))\n"
+        "print('ok')\n"
+    )
+    out = _fresh_node(tmp_path, "node", code, server.endpoint)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert not (tmp_path / "node" / ".coral").exists()  # no local repository appeared there
+
+
+def test_cli_reads_an_s3_repository(s3_env, server, tmp_path):
+    coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env, run="exp")
+    code = (
+        "import sys\nfrom coral_torch import cli\n"
+        f"sys.exit(cli.main(['--repo', {s3_env!r}, 'log']))\n"
+    )
+    out = _fresh_node(tmp_path, "cli", code, server.endpoint)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "exp/latest" in out.stdout
+
+
+# ------------------------------------------------------------------------------ two writers
+def _stale_writer_loses(location: str, tmp_path: Path, config: S3Config | None = None) -> None:
+    kw = {"config": config} if config is not None else {}
+    a = S3Repository(parse_location(location), cache_dir=tmp_path / "cache-a", **kw)
+    b = S3Repository(parse_location(location), cache_dir=tmp_path / "cache-b", **kw)
+    a.commit(_state(1), run="shared")
+    won = a.resolve("shared/latest")
+
+    real_fetch = b.fetch
+    raced = {}
+
+    def fetch_while_a_saves():  # B has read the run's latest; A moves it before B publishes
+        if not raced:
+            raced["cid"] = a.commit(_state(2), run="shared").commit_id
+        return real_fetch()
+
+    b.fetch = fetch_while_a_saves  # type: ignore[method-assign]
+    with pytest.raises(RefConflictError) as e:
+        b.commit(_state(3), run="shared")
+    assert "\n" not in str(e.value) and e.value.current == raced["cid"] and e.value.expected == won
+    b.fetch = real_fetch  # type: ignore[method-assign]
+    # the winner's commit is the run's latest; the loser's commit is kept, nothing is lost
+    fresh = S3Repository(parse_location(location), cache_dir=tmp_path / "cache-c", **kw)
+    assert fresh.resolve("shared/latest") == raced["cid"]
+    kept = [c.id for c in fresh.log()]
+    assert won in kept and raced["cid"] in kept and len(kept) == 3
+    (lost,) = [c for c in kept if c not in (won, raced["cid"])]
+    assert fresh.resolve(lost) == lost and torch.equal(fresh.load(lost)["w"], _state(3)["w"])
+    # the loser's cache follows the bucket (not its own lost commit), and its next save wins
+    b.fetch()
+    assert b.resolve("shared/latest") == raced["cid"]
+    again = b.commit(_state(4), run="shared").commit_id
+    assert b.get_commit(again).parent == raced["cid"]
+    assert S3Repository(parse_location(location), cache_dir=tmp_path / "cache-d", **kw).resolve("shared/latest") == again
+    for r in (a, b, fresh):
+        r.close()
+
+
+def test_two_writers_on_one_run_moto(s3_env, tmp_path):
+    _stale_writer_loses(s3_env, tmp_path)
+
+
+def test_racing_writers_exactly_one_wins(s3_env, tmp_path):
+    import threading
+
+    repos = [S3Repository(parse_location(s3_env), cache_dir=tmp_path / f"c{i}") for i in range(3)]
+    results: list = [None] * 3
+    start = threading.Barrier(3)
+
+    def save(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = repos[i].commit(_state(10 + i), run="race").commit_id
+        except RefConflictError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wins = [r for r in results if isinstance(r, str)]
+    assert len(wins) >= 1
+    fresh = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "fresh")
+    latest = fresh.resolve("race/latest")
+    assert latest in wins
+    assert {c.id for c in fresh.log()} >= set(wins) | {r.current for r in results if isinstance(r, RefConflictError)}
+    assert len(fresh.log()) == 3  # every commit is on the bucket: the losers' under keep/<id>
+    for r in [*repos, fresh]:
+        r.close()
+
+
+def test_two_writers_on_one_run_rclone(rclone_server, tmp_path):
+    bucket = rclone_server.create_bucket("racing")
+    config = S3Config(
+        bucket=bucket,
+        prefix="ckpts",
+        endpoint_url=rclone_server.endpoint,
+        access_key=TEST_KEY,
+        secret_key=TEST_SECRET,
+        region=REGION,
+        addressing_style="path",
+        progress=False,
+    )
+    _stale_writer_loses(f"s3://{bucket}/ckpts", tmp_path, config)
+
+
+# ------------------------------------------------------------------------------ Lightning
+def test_lightning_resume_on_a_fresh_node_equals_a_straight_run(s3_env, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    def fit(epochs: int, repo: str, ckpt: str | None = None, seed: int = 1):
+        pl.seed_everything(seed, verbose=False)
+        model = TinyModel()
+        cb = CoralCheckpoint(repo=repo, run="exp")
+        plugins = [CoralCheckpointIO(repo)] if ckpt else None
+        trainer = pl.Trainer(**{**TRAINER_DEFAULTS, "default_root_dir": str(tmp_path)}, max_epochs=epochs, callbacks=[cb], plugins=plugins)
+        trainer.fit(model, *tiny_loaders(), ckpt_path=ckpt)
+        return train_state(model, trainer)
+
+    straight = fit(3, f"{s3_env}-straight")
+    fit(2, s3_env)
+    close_repositories()  # a fresh node: another cache, no open handles
+    monkeypatch.setenv("CORAL_CACHE_DIR", str(tmp_path / "cache-node-b"))
+    resumed = fit(3, s3_env, ckpt="coral://exp/latest", seed=123)
+    assert resumed["global_step"] == straight["global_step"] == 3 * 8
+    assert diff(straight, resumed) == []
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_missing_bucket_is_one_line_and_creates_nothing(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("CORAL_CACHE_DIR", str(tmp_path / "cache"))
+    close_repositories()
+    with pytest.raises(BucketNotFoundError) as e:
+        coral_torch.save(_state(), tmp_path / "a.pt", repo="s3://no-such-bucket-here/x")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "a.pt").exists()
+
+
+def test_prefix_holding_something_else_is_refused(s3_env, server, bucket, tmp_path):
+    server.client().put_object(Bucket=bucket, Key="ckpts/notes.txt", Body=b"not a repository")
+    with pytest.raises(RemoteRepositoryNotFoundError, match="something other than"):
+        coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_load_from_an_empty_prefix_is_an_error(s3_env, tmp_path):
+    with pytest.raises(CoralError):
+        coral_torch.load("coral://latest", repo=s3_env)
+    assert not (tmp_path / "cache-here").exists()
+
+
+def test_gc_on_s3_is_refused_clearly(s3_env, tmp_path):
+    coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
+    with pytest.raises(UnsupportedLocationError, match="not supported yet"):
+        open_repository(s3_env).gc()
