@@ -283,3 +283,20 @@ def test_gc_on_s3_is_refused_clearly(s3_env, tmp_path):
     coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
     with pytest.raises(UnsupportedLocationError, match="not supported yet"):
         open_repository(s3_env).gc()
+
+
+def test_a_fresh_node_fetches_only_what_commits_need(s3_env, server, bucket, tmp_path):
+    from coral_torch import WeightTensor
+    from coral_torch.storage.s3_store import S3Store
+
+    coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
+    # an object no commit names (what a killed save leaves): a fresh node does not download it
+    stray = WeightTensor(torch.randn(64, 64).numpy())
+    with S3Store(S3Config(bucket=bucket, prefix="ckpts", endpoint_url=server.endpoint, addressing_style="path")) as st:
+        key = st.store(stray)
+    close_repositories()
+    fresh = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "fresh")
+    assert torch.equal(fresh.load("coral://latest")["w"], _state()["w"])
+    held = {r.hash for r in fresh.catalog.all_objects()}
+    assert key not in held and len(held) == 2
+    fresh.close()

@@ -44,6 +44,9 @@ from .pushing import Repository
 
 log = logging.getLogger(__name__)
 
+#: download passes a pull makes at most: each one fetches the delta bases the one before revealed
+MAX_PASSES = 64
+
 __all__ = ["pull", "require_remote_repository", "PackSink"]
 
 
@@ -167,10 +170,13 @@ def require_remote_repository(store: Any) -> None:
     )
 
 
-def download_objects(objects: S3Objects, sink: PackSink, progress: bool | None) -> dict[str, Any]:
+def download_objects(
+    objects: S3Objects, sink: PackSink, progress: bool | None, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Download the remote's objects the sink lacks (``only``: among these keys)."""
     client = objects.client
     return engine.sync(
-        S3ObjectSource(objects),
+        S3ObjectSource(objects, only),
         sink,
         verb="downloaded",
         max_concurrency=client.transfer.max_concurrency,
@@ -269,18 +275,25 @@ def _pull_locked(
     sink = PackSink(repo, replace)
     try:
         try:
-            obj_stats = download_objects(objects, sink, progress)
-            missing = _missing_objects(repo, sink, docs, replace)
-            if missing:  # a listing damaged on the way can hide objects: one more pass, listed again
-                log.warning(
-                    "%d object(s) the pulled commits need were not in the listing of %s (first: %s); listing again",
-                    len(missing),
-                    client.url,
-                    next(iter(missing)),
-                )
-                more = download_objects(objects, sink, progress)
-                for k in ("downloaded", "deltas_downloaded", "bytes_transferred"):
+            # only what the pulled commits need (and damaged local copies), not the whole remote;
+            # a delta's base is known once its metadata arrived: each pass fetches the next level
+            wanted = {h for doc, _ in docs for _, h, _ in doc["objects"]} | replace
+            obj_stats = download_objects(objects, sink, progress, wanted)
+            for _ in range(MAX_PASSES):
+                missing = _missing_objects(repo, sink, docs, replace)
+                if not missing:
+                    break
+                more = download_objects(objects, sink, progress, missing)
+                for k in ("downloaded", "deltas_downloaded", "bytes_transferred", "skipped"):
                     obj_stats[k] += more[k]
+                if not more["downloaded"] + more["deltas_downloaded"]:
+                    log.warning(
+                        "%d object(s) the pulled commits need are not in the listing of %s (first: %s)",
+                        len(missing),
+                        client.url,
+                        next(iter(missing)),
+                    )
+                    break
         except SyncIncompleteError as exc:
             raise _pull_stopped(repo, client.url, sink, exc) from None
         pack = sink.publish()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ...format.objects import DELTAS, WEIGHTS, PreparedObject
@@ -59,14 +59,19 @@ class LocalSink:
 
 
 class S3ObjectSource:
-    """The objects of an S3 remote, downloaded and verified on the workers."""
+    """The objects of an S3 remote (``only``: those among these keys), downloaded and verified on
+    the workers."""
 
-    def __init__(self, objects: S3Objects):
+    def __init__(self, objects: S3Objects, only: Collection[str] | None = None):
         self.objects = objects
         self.where = objects.url
+        self.only = set(only) if only is not None else None
 
     def list_objects(self) -> Mapping[str, list[str]]:
         weights, deltas = self.objects.list_metadata()
+        if self.only is not None:
+            weights = [k for k in weights if k in self.only]
+            deltas = [k for k in deltas if k in self.only]
         return {WEIGHTS: weights, DELTAS: deltas}
 
     def open(self, group: str, key: str) -> Pending | None:
