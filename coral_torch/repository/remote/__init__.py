@@ -36,7 +36,8 @@ that could leave the prefix.
 
 Modules: :mod:`.protocol` (layout, document checks, opening a remote), :mod:`.pushing`,
 :mod:`.pulling`, :mod:`.publish` (compare-and-swap publishing of commits and refs for several writers
-sharing one prefix). Objects move through the sync engine (:mod:`coral_torch.storage.s3.sync`): a push
+sharing one prefix), :mod:`.collect` (garbage collection: commits no ref names and the objects only
+they needed). Objects move through the sync engine (:mod:`coral_torch.storage.s3.sync`): a push
 from the repository's packs (:class:`~.pushing.RepositoryObjects`) to the remote, a pull from the
 remote into one new pack (:class:`~.pulling.PackSink`, written by
 :class:`~coral_torch.repository.packs.PackWriter`).
@@ -44,6 +45,7 @@ remote into one new pack (:class:`~.pulling.PackSink`, written by
 
 from __future__ import annotations
 
+from .collect import collect_garbage
 from .protocol import RemoteLike
 from .publish import RemoteRef, conditional_writes, move_ref, publish_commit, read_ref
 from .pulling import pull, require_remote_repository
@@ -60,4 +62,5 @@ __all__ = [
     "conditional_writes",
     "publish_commit",
     "move_ref",
+    "collect_garbage",
 ]

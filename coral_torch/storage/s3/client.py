@@ -66,10 +66,12 @@ __all__ = ["S3Client", "RemoteEntry", "PutResult", "PreconditionFailedError", "n
 
 
 class RemoteEntry(NamedTuple):
-    """One listed object: its size and ETag (normalised: no quotes, lower case)."""
+    """One listed object: its size, ETag (normalised: no quotes, lower case) and the time it was last
+    written (the listing's ``LastModified`` as a Unix time; 0.0 where the server gave none)."""
 
     size: int
     etag: str
+    modified: float = 0.0
 
 
 class PutResult(NamedTuple):
@@ -90,6 +92,16 @@ def norm_etag(etag: Any) -> str:
     if e.startswith("W/"):
         e = e[2:]
     return e.strip('"').lower()
+
+
+def _entry(o: Mapping[str, Any]) -> RemoteEntry:
+    """The :class:`RemoteEntry` of one ``list_objects_v2`` item."""
+    when = o.get("LastModified")
+    try:
+        modified = float(when.timestamp()) if when is not None else 0.0
+    except (AttributeError, TypeError, ValueError, OverflowError, OSError):
+        modified = 0.0
+    return RemoteEntry(int(o.get("Size", 0) or 0), norm_etag(o.get("ETag")), modified)
 
 
 class _BufferReader(io.RawIOBase):
@@ -314,7 +326,7 @@ class S3Client:
         n = len(self.prefix)
         try:
             for o in self._list_raw(sub):
-                yield str(o["Key"])[n:], RemoteEntry(int(o.get("Size", 0) or 0), norm_etag(o.get("ETag")))
+                yield str(o["Key"])[n:], _entry(o)
         except ANY_EXC as exc:
             raise self.translate(exc, "listing", None) from None
 
@@ -346,7 +358,7 @@ class S3Client:
                     if not k.startswith(base) or rel in out:
                         bad = f"key {k!r} " + ("listed twice" if rel in out else f"is not under {base!r}")
                         break
-                    out[rel] = RemoteEntry(int(o.get("Size", 0) or 0), norm_etag(o.get("ETag")))
+                    out[rel] = _entry(o)
             except ResponseParserError as exc:
                 bad = f"the answer does not parse: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             except ANY_EXC as exc:
