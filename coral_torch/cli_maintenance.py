@@ -31,6 +31,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     stats = repo.gc(dry_run=not args.yes, orphan_grace_s=args.grace)
     verb = "would remove" if not args.yes else "removed"
+    if "bucket" in stats:  # a repository on S3
+        print(
+            f"{verb} {stats['commits_removed']} commit(s) and {stats['objects_removed']} object(s) from "
+            f"{stats['bucket']} ({human(stats['bytes_freed'])}); "
+            f"kept {stats['kept_young']} younger than the grace period"
+        )
+        for problem in stats.get("problems", []):
+            print(f"not collected: {problem}")
+        if not args.yes:
+            print("run `coral-torch gc --yes` to delete")
+        return 0
     print(
         f"{verb} {stats['commits_removed']} commit(s), {stats['objects_removed']} object(s), "
         f"{stats['packs_removed']} pack(s) (rewrite {stats['packs_rewritten']}), "

@@ -3,7 +3,7 @@
     python tests/_dcp_worker.py <scenario> <json args>   (RANK, WORLD_SIZE, MASTER_* in the env)
 
 Scenarios: ``save`` (train, save, save unchanged, train, save, async_save, then load 2->2 into a
-fresh model), ``killed`` (rank 1 dies while writing its pack), ``after_kill`` (one more save).
+fresh model), ``load`` (a fresh model loads ``ref`` 2->2), ``killed`` (rank 1 dies while writing its pack), ``after_kill`` (one more save).
 Rank 0 writes a JSON report and the full (gathered) tensors it saved, for the test to compare.
 """
 
@@ -117,6 +117,16 @@ def main() -> None:
             report["saved"] = True
         except Exception as exc:  # noqa: BLE001 - what the survivor sees is the report
             report["error"] = type(exc).__name__
+    elif scenario == "load":  # fresh processes (on fresh nodes: empty caches) load a commit 2 -> 2
+        fresh = build(7)
+        fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        train(fresh, fopt, 1, seed=9)
+        target = state(fresh, fopt)
+        report["loaded"] = cdcp.load(target, args["ref"], repo=repo)
+        set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        back = full(state(fresh, fopt))
+        if rank == 0:
+            torch.save({"back": back}, args["out"] + ".pt")
     elif scenario == "after_kill":
         report["cid"] = cdcp.save(state(model, opt), repo=repo, run="shard")
     report["rank"] = rank

@@ -9,6 +9,7 @@ ids, the final weights gathered) and ``<out>.pt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 
@@ -48,6 +49,8 @@ class Sharded(pl.LightningModule):
 
 def main() -> None:
     args = json.loads(sys.argv[1])
+    if args.get("cache_root"):  # each rank its own cache, as on separate nodes (Lightning starts rank 1 itself)
+        os.environ["CORAL_CACHE_DIR"] = os.path.join(args["cache_root"], f"rank{os.environ.get('LOCAL_RANK', '0')}")
     pl.seed_everything(3, verbose=False)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g))

@@ -37,8 +37,9 @@ from ..checkpoint.pointers import read_pointer_file
 from ..checkpoint.sharded import load_value
 from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
+from ..location import S3Location
 from ..repository import Repository
-from ..repository.handles import open_repository, repository_path
+from ..repository.handles import open_repository, repository_location
 from ..repository.options import CommitOptions
 from ..retention import Policy
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
@@ -77,11 +78,10 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         self.keep = keep
 
     @property
-    def repo_path(self) -> Path:
-        if self.repo is not None:
-            return repository_path(self.repo, needed_by="CoralModelParallelStrategy (sharded saves)")
-        if self.lightning_module is None:
-            return repository_path(None, needed_by="CoralModelParallelStrategy (sharded saves)")
+    def repo_path(self) -> Path | S3Location:
+        """Where the repository is: a directory, or an S3 location (every rank uploads its shards)."""
+        if self.repo is not None or self.lightning_module is None:
+            return repository_location(self.repo)
         return (Path(self.lightning_module.trainer.default_root_dir) / REPOSITORY_DIR).absolute()
 
     # -- saving -------------------------------------------------------------------------------
@@ -118,17 +118,19 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             message=f"checkpoint {path.name}",
             keep=self.keep if self.keep is not None else False,
         )
+        repo = open_repository(self.repo_path)
         commit_with_pointer(
             path,
-            self.repo_path,
+            repo.path,
             options,
             lambda o: self.commit_sharded(checkpoint, options=o),
             write_file=self.global_rank == 0,
+            location=repo.location,
         )  # every rank commits, one writes the file
         self.barrier("coral_save_checkpoint")
 
     # -- loading ------------------------------------------------------------------------------
-    def _coral_ref(self, path: str) -> tuple[Path, str] | None:
+    def _coral_ref(self, path: str) -> tuple[Path | S3Location, str] | None:
         """(repository, ref) for ``coral://<ref>`` or a pointer file; None for anything else."""
         if path.startswith(CORAL_SCHEME):
             return self.repo_path, path[len(CORAL_SCHEME) :]
@@ -136,9 +138,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         if p.is_file():
             pointer = read_pointer_file(p)
             if pointer is not None:
-                if self.repo is not None:
-                    return Path(self.repo).absolute(), pointer.commit
-                return repository_path(pointer.repo, needed_by="CoralModelParallelStrategy"), pointer.commit
+                return (repository_location(self.repo) if self.repo is not None else pointer.repo), pointer.commit
         return None
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ and keyword set-up arguments); older versions are refused with :class:`Unsupport
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
 from typing import Any, Literal
 
@@ -41,15 +40,12 @@ import torch.distributed.checkpoint as _dcp  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 from ..errors import CoralError  # noqa: E402
-from ..repository import Repository  # noqa: E402
 from ..repository.options import CommitOptions  # noqa: E402
+from .handle import RepoArg  # noqa: E402
 from .reader import CoralStorageReader  # noqa: E402
 from .writer import CoralStorageWriter  # noqa: E402
 
 __all__ = ["CommitOptions", "CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
-
-
-RepoArg = str | os.PathLike | Repository | None
 
 
 def save(

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import os
 
+from ..location import S3Location
 from ..repository import Repository
-from ..repository.handles import open_repository, repository_path as path_of
+from ..repository.handles import open_repository, repository_location
 
-RepoArg = str | os.PathLike | Repository | None
+RepoArg = str | os.PathLike | Repository | S3Location | None
 
 
 def repository_path(repo: RepoArg) -> str:
-    """The absolute repository directory of a path, a :class:`Repository` or ``None``
-    (``$CORAL_REPO`` or ``./.coral``)."""
-    return str(path_of(repo, needed_by="the coral-torch DCP storage writer and reader"))
+    """Where a repository argument points, as text: an absolute directory or ``s3://bucket/prefix``
+    (a path, a :class:`Repository`, an S3 location or URL, or ``None``: ``$CORAL_REPO`` or ``./.coral``)."""
+    return str(repository_location(repo))
 
 
 class RepositoryHandle:
-    """Holds the repository's path and opens it on first use (the process's cached handle). It
+    """Holds where the repository is and opens it on first use (the process's cached handle). It
     pickles without the open repository, so ``dcp.async_save`` may send it to another process,
     which reopens it there."""
 
@@ -25,7 +26,8 @@ class RepositoryHandle:
     creates_repository = True
 
     def __init__(self, repo: RepoArg):
-        self.repo_path = repository_path(repo)
+        self.location = repository_location(repo)
+        self.repo_path = str(self.location)
         self._repo: Repository | None = repo if isinstance(repo, Repository) else None
 
     def __getstate__(self) -> dict:
@@ -36,5 +38,5 @@ class RepositoryHandle:
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = open_repository(self.repo_path, create=self.creates_repository)
+            self._repo = open_repository(self.location, create=self.creates_repository)
         return self._repo

@@ -24,8 +24,7 @@ from ..checkpoint.sharded import load_value
 from ..errors import CheckpointDamagedError, RepositoryError
 from ..format.manifest import Manifest
 from ..format.weight_tensor import WeightMetadata, WeightTensor
-from ..repository import Repository
-from .handle import RepositoryHandle
+from .handle import RepoArg, RepositoryHandle
 from .layout import metadata_of
 
 _BATCH_BYTES = 256 << 20  # objects decoded per batch: a rank's load holds at most this much extra
@@ -42,7 +41,7 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
 
     def __init__(
         self,
-        repo: str | os.PathLike | Repository | None = None,
+        repo: RepoArg = None,
         ref: str = "latest",
         *,
         trust_pickles: bool = False,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -36,18 +35,12 @@ from torch.futures import Future
 
 from ..checkpoint.sharded import chunk_name
 from ..errors import RepositoryError
-from ..format import refnames
 from ..format.manifest import Manifest, TensorEntry
 from ..format.weight_tensor import WeightMetadata, WeightTensor
-from ..repository import Repository, WrittenObjects
+from ..repository import WrittenObjects
 from ..repository.options import CommitOptions
-from .handle import RepositoryHandle
+from .handle import RepoArg, RepositoryHandle
 from .layout import layout_of
-
-#: a save's token -> commit record lets every rank find the commit id (saving unchanged state again
-#: gives the same commit, so the commit itself cannot carry the token). It is a record in the
-#: catalog's ``saves`` table, not a ref: it keeps no data alive. Records are dropped after a day.
-_SAVE_RECORD_TTL_S = 86400.0
 
 
 @dataclass
@@ -69,9 +62,9 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     After ``dcp.save`` returns, :attr:`commit_id` is the new commit's id on every rank.
 
     Args:
-        repo: the repository (a path, created if missing, or a :class:`Repository`; ``None``:
-            ``$CORAL_REPO`` or ``./.coral``); every rank must see the same directory (one host, or
-            a shared file system).
+        repo: the repository: a directory (created if missing; every rank must see it: one host or
+            a shared file system), ``s3://bucket/prefix`` (every rank uploads its own shards; no shared
+            file system), or a :class:`Repository`; ``None``: ``$CORAL_REPO`` or ``./.coral``.
         options: a :class:`~coral_torch.repository.CommitOptions`, or its fields as keyword arguments
             (which override those of ``options``):
             run: the run this commit continues: its parent is ``runs/<run>/latest`` (unless
@@ -86,7 +79,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
 
     def __init__(
         self,
-        repo: str | os.PathLike | Repository | None = None,
+        repo: RepoArg = None,
         options: CommitOptions | None = None,
         **option_kwargs: Any,
     ):
@@ -111,7 +104,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     def commit_id(self) -> str | None:
         """The id of the commit the last save made (None before it finished)."""
         if self._commit_id is None and self._token is not None:
-            self._commit_id = self.repo.catalog.save_result(self._token)
+            self._commit_id = self.repo.save_result(self._token)
         return self._commit_id
 
     # -- the StorageWriter interface, in call order ---------------------------------------------
@@ -130,13 +123,8 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         token = uuid.uuid4().hex
         repo = self.repo
-        repo.catalog.forget_saves(time.time() - _SAVE_RECORD_TTL_S)
         opts = self.options
-        parent = (
-            repo.resolve(opts.parent)
-            if opts.parent is not None
-            else repo.catalog.get_ref(refnames.latest_ref(opts.run))
-        )
+        parent = repo.resolve(opts.parent) if opts.parent is not None else repo.run_head(opts.run)
         shared = {"token": token, "parent": parent}
         return [dataclasses.replace(p, storage_data=shared) for p in plans]
 
@@ -159,7 +147,7 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
             w = WeightTensor(t, WeightMetadata(name=name, shape=tuple(t.shape), dtype=t.dtype))
             named.append((name, w))
             stored.append((item.index, _Stored(name, w.compute_hash(), w.dtype, tuple(w.shape), kind), w.nbytes))
-        written = self.repo.write_objects(named, parent=self._parent) if named else None
+        written = self.repo.write_shard(named, parent=self._parent) if named else None
         results = [WriteResult(index=idx, size_in_bytes=n, storage_data=st) for idx, st, n in stored]
         if results:
             results[0].storage_data.written = written
@@ -181,7 +169,8 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         )
         written = [s.written for s in stored if s.written is not None]
         options = self.options.replace(parent=self._parent, info=dict(self.options.info, world_size=len(results)))
-        stats = self.repo.publish(manifest, written, options, save_token=self._token)
+        assert self._token is not None  # set by write_data
+        stats = self.repo.publish_shards(manifest, written, options, save_token=self._token)
         self._commit_id = stats.commit_id
 
     @classmethod

@@ -63,6 +63,11 @@ from .write import ObjectWriter, WrittenObjects
 
 log = logging.getLogger(__name__)
 
+#: a sharded save's token -> commit record lets every rank find the commit id (saving unchanged
+#: state again gives the same commit, so the commit itself cannot carry the token). It keeps no
+#: data alive; records are dropped after a day.
+SAVE_RECORD_TTL_S = 86400.0
+
 
 class LossyCheckpointWarning(UserWarning):
     """A loaded checkpoint holds lossy deltas: some tensors are not bit-exact."""
@@ -126,7 +131,7 @@ class Repository:
     def delta_config(self, config: DeltaConfig) -> None:
         self._delta_config = config
         self.encoder = DeltaEncoder(config)
-        self.planner = DeltaPlanner(self.catalog, config, self._tensor_index, self.writer.intact_objects)
+        self.planner = DeltaPlanner(self.catalog, config, self.tensor_index, self.writer.intact_objects)
         self.writer.configure(config, self.encoder, self.planner)
 
     @property
@@ -230,6 +235,27 @@ class Repository:
         todo = self.planner.plan(tensors, parent, no_delta_prefixes)
         return self.writer.write_pack(todo, workers or self.workers, help_board, direct_io)
 
+    # -- a sharded save (DCP): every rank writes its shards, the coordinator publishes ---------
+    def run_head(self, run: str) -> str | None:
+        """The commit ``runs/<run>/latest`` names (None: the run has none yet): a sharded save's parent."""
+        return self.catalog.get_ref(refnames.latest_ref(run))
+
+    def write_shard(self, tensors: Sequence[tuple[str, WeightTensor]], *, parent: str | None) -> WrittenObjects:
+        """One rank's part of a sharded save (:meth:`write_objects`), for :meth:`publish_shards`."""
+        return self.write_objects(tensors, parent=parent)
+
+    def publish_shards(
+        self, manifest: Manifest, written: Sequence[WrittenObjects], options: CommitOptions, *, save_token: str
+    ) -> CommitStats:
+        """The coordinator publishes a sharded save (:meth:`publish`); ``save_token`` lets the other
+        ranks find the commit id (:meth:`save_result`)."""
+        self.catalog.forget_saves(time.time() - SAVE_RECORD_TTL_S)
+        return self.publish(manifest, written, options, save_token=save_token)
+
+    def save_result(self, token: str) -> str | None:
+        """The commit a sharded save with ``token`` published (None: not yet, or it failed)."""
+        return self.catalog.save_result(token)
+
     def discard(self, written: Sequence[WrittenObjects], *, unpublished: bool = False) -> None:
         """Remove packs written by :meth:`write_objects` that will not be published (see
         :meth:`ObjectWriter.discard`)."""
@@ -268,7 +294,7 @@ class Repository:
         got = self.reader.manifest(cid)
         return got[0] if got is not None else None
 
-    def _tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
+    def tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
         """name -> (hash, dtype, shape) of a commit's tensors."""
         got = self.reader.manifest(cid)
         if got is None:

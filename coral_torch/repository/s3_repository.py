@@ -18,14 +18,20 @@ Two writers racing on one run: exactly one moves ``latest``; the other gets
 ``keep/<id>`` (nothing is lost). Servers that ignore conditional writes are detected and the
 narrower guarantee is logged (:func:`~.remote.publish.conditional_writes`).
 
-Reads (``load``, ``log``, ``show``, ``manifest``) first fetch what the bucket has that the cache
-lacks (verified by pull), then read the cache. Not yet on S3 repositories: ``gc`` (the bucket keeps
-released objects; ``coral-torch gc`` refuses), sharded DCP saves, a byte budget for the cache.
+Reads (``load``, ``log``, ``show``, ``manifest``) first fetch the commits the cache lacks and the
+objects they need (verified by pull), then read the cache.
+
+Sharded saves (:class:`~coral_torch.dcp.CoralStorageWriter`): every rank writes its shards into its
+own cache (deduplicated, delta-encoded against the chunks it wrote for the parent commit, whose
+tensor list it reads from the bucket) and uploads what the bucket lacks (:meth:`write_shard`); the
+coordinator publishes once every object is on the bucket (:meth:`publish_shards`), and the other
+ranks read the commit id from ``saves/<token>.json``. Not yet: a byte budget for the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -35,25 +41,31 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import default_cache_dir
-from ..errors import RefConflictError, RemoteRepositoryNotFoundError, UnsupportedLocationError
+from ..errors import RefConflictError, RemoteRepositoryNotFoundError, SyncIncompleteError
 from ..format import refnames
+from ..format.manifest import Manifest
+from ..format.objects import DELTAS, WEIGHTS
+from ..format.weight_tensor import WeightTensor
 from ..location import S3Location
 from ..storage.s3.config import S3Config
 from ..storage.s3.store import S3Store
 from .catalog import CommitRow
 from .commit import CommitStats
 from .options import CommitOptions
-from .remote import pull, require_remote_repository
-from .remote.protocol import REFS, check_ref_doc, get_docs, json_names
+from .remote import collect_garbage, pull, require_remote_repository
+from .remote.protocol import COMMITS, REFS, check_commit_doc, check_ref_doc, get_docs, json_names
 from .remote.publish import RemoteRef, move_ref, publish_commit, read_ref
-from .remote.pushing import commit_document, live_closure, upload_objects
-from .repository import Repository
+from .remote.pushing import commit_document, live_closure, object_closure, upload_objects
+from .repository import Repository, WrittenObjects
+from .rows import commit_object_rows
 from .verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
 __all__ = ["S3Repository", "cache_path"]
 
+#: where a sharded save tells the other ranks its commit id (``saves/<token>.json``)
+SAVES = "saves/"
 #: a read fetches from the bucket unless the cache was brought up to date this recently (seconds)
 FRESH_S = 1.0
 #: refs that belong to this node only (pointer files, running processes): never published
@@ -110,6 +122,7 @@ class S3Repository(Repository):
         self._fetched_at = -1.0
         self._local = threading.local()  # .committing: reads inside a commit use the cache as fetched
         self.last_publish: dict[str, Any] = {}
+        self._heads: dict[str, RemoteRef] = {}  # run -> its latest ref as read when a sharded save was planned
 
     @property
     def location(self) -> S3Location:
@@ -176,11 +189,15 @@ class S3Repository(Repository):
         self.fetch()  # pull verifies every document and payload it fetches
         return super().verify(progress=progress)
 
-    def gc(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise UnsupportedLocationError(
-            f"gc of an s3:// repository ({self.location_s3.url}) is not supported yet: released commits' "
-            "objects stay on the bucket; run gc on a local repository and push it instead"
-        )
+    def gc(
+        self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0
+    ) -> dict[str, Any]:
+        """Delete from the bucket the commits no ref names and the objects only they need, older than
+        ``orphan_grace_s`` (saves in flight upload objects before their commit and ref; see
+        :func:`~.remote.collect.collect_garbage`). Run it while no save writes to the bucket."""
+        stats = collect_garbage(self.store.client, dry_run=dry_run, grace_s=orphan_grace_s)
+        stats["bucket"] = self.location_s3.url
+        return stats
 
     # ------------------------------------------------------------------------------ writes
     def commit(
@@ -266,6 +283,116 @@ class S3Repository(Repository):
             "refs_moved": moved,
         }
         log.info("published %s on %s: %s", cid[:10], client.url, self.last_publish)
+
+    # ------------------------------------------------------------------------------ sharded saves
+    def run_head(self, run: str) -> str | None:
+        """The bucket's ``runs/<run>/latest`` (remembered, with its ETag, for :meth:`publish_shards`)."""
+        ref = read_ref(self.store.client, refnames.latest_ref(run), damaged_ok=True)
+        self._heads[run] = ref
+        return ref.commit
+
+    def tensor_index(self, cid: str) -> dict[str, tuple[str, str, tuple]]:
+        """A commit's tensors, from the cache, else from its document on the bucket (a rank's cache
+        holds the chunks it wrote, not the commits the coordinator published)."""
+        if self.catalog.get_commit(cid) is not None:
+            return super().tensor_index(cid)
+        doc = self.store.client.get_document(self.store.client.document_key(f"{COMMITS}{cid}.json"))
+        if doc is None:
+            return {}
+        manifest = Manifest.parse(check_commit_doc(doc, cid, self.store.client.url), cid)
+        return {e.name: (e.hash, e.dtype, tuple(e.shape)) for e in manifest.tensors}
+
+    def write_shard(self, tensors: Sequence[tuple[str, WeightTensor]], *, parent: str | None) -> WrittenObjects:
+        """Write this rank's new objects into its cache (recorded there: the next save deduplicates
+        and delta-encodes against them) and upload every object of its shards the bucket lacks."""
+        written = self.write_objects(tensors, parent=parent)
+        for pack in written.packs:
+            rows = [r for r in written.rows if r.pack == pack.name]
+            self.catalog.add_objects((pack.name, pack.size, time.time()), rows)
+        hashes = {w.compute_hash() for _, w in tensors}
+        needed = object_closure(self, hashes)
+        stats = upload_objects(self, self.store.objects, needed, False, progress=None)
+        self.last_publish = {
+            "objects_uploaded": stats["uploaded"] + stats["deltas_uploaded"],
+            "objects_skipped": stats["skipped"],
+            "bytes_uploaded": stats["bytes_transferred"],
+        }
+        return written
+
+    def publish_shards(
+        self, manifest: Manifest, written: Sequence[WrittenObjects], options: CommitOptions, *, save_token: str
+    ) -> CommitStats:
+        """Publish a sharded save on the bucket once every object it needs is there: the commit
+        document (``If-None-Match``), the run's ``latest`` (``If-Match`` on the ETag read when the
+        save was planned), its ``keep``/tag refs, and ``saves/<token>.json`` for the other ranks."""
+        client = self.store.client
+        cid = manifest.commit_id()
+        present = self.store.objects.present()
+        there = set(present.get(WEIGHTS, {})) | set(present.get(DELTAS, {}))
+        lacking = sorted({e.hash for e in manifest.tensors} - there)
+        if lacking:
+            raise SyncIncompleteError(
+                f"sharded save to {client.url} not published: {len(lacking)} object(s) of its shards are not "
+                f"on the bucket (first: {lacking[:1]}); a rank's upload failed, save again",
+                failures={h: "missing on the bucket" for h in lacking[:20]},
+                stats={},
+            )
+        rows = [r for w in written for r in w.rows]
+        hows = {h: how for w in written for h, how in w.hows.items()}
+        pairs = [(e.name, e.hash) for e in manifest.tensors]
+        objects = sorted(
+            [n, h, how] for _, n, h, how in commit_object_rows(cid, pairs, lambda n, h: hows.get(h, "dedup"))
+        )
+        new_bytes = sum(r.stored_bytes for r in rows)
+        doc = {
+            "kind": "commit",
+            "id": cid,
+            "parent": options.parent,
+            "run": options.run,
+            "epoch": options.epoch,
+            "step": options.step,
+            "time": time.time(),
+            "message": options.message,
+            "metrics": dict(options.metrics),
+            "manifest": json.loads(manifest.to_json()),
+            "lossy": False,
+            "logical_bytes": manifest.nbytes,
+            "new_bytes": new_bytes,
+            "info": dict(options.info),
+            "objects": objects,
+        }
+        publish_commit(client, cid, doc)
+        refs = [refnames.keep_ref(cid)] if options.keep is True else []
+        for name in options.ref_names():  # a pointer file's ref stays on its node: the bucket keeps the commit
+            refs.append(refnames.keep_ref(cid) if name.startswith(_LOCAL_ONLY) else name)
+        for name in dict.fromkeys(n for n in refs if n != refnames.latest_ref(options.run)):
+            move_ref(client, name, cid, expected=read_ref(client, name, damaged_ok=True), updated=time.time())
+        if options.head:
+            latest = refnames.latest_ref(options.run)
+            # compare-and-swap against the head the save was planned on (:meth:`run_head`)
+            expected = self._heads.pop(options.run, None) or read_ref(client, latest, damaged_ok=True)
+            try:
+                move_ref(client, latest, cid, expected=expected, updated=time.time())
+            except RefConflictError:
+                keep = refnames.keep_ref(cid)
+                move_ref(client, keep, cid, expected=read_ref(client, keep, damaged_ok=True), updated=time.time())
+                log.warning("sharded commit %s is kept on %s as %s", cid[:10], client.url, keep)
+                raise
+        client.put_document(client.document_key(f"{SAVES}{save_token}.json"), {"kind": "save", "commit": cid})
+        return CommitStats(
+            cid,
+            manifest.nbytes,
+            new_bytes,
+            len(manifest.tensors),
+            new_full=sum(1 for r in rows if r.kind == "full"),
+            new_delta=sum(1 for r in rows if r.kind == "delta"),
+            deduplicated=len(manifest.tensors) - len(rows),
+        )
+
+    def save_result(self, token: str) -> str | None:
+        doc = self.store.client.get_document(self.store.client.document_key(f"{SAVES}{token}.json"))
+        commit = doc.get("commit") if isinstance(doc, dict) else None
+        return commit if isinstance(commit, str) else None
 
     def close(self) -> None:
         try:

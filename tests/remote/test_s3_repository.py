@@ -90,11 +90,15 @@ def test_locations_are_parsed_and_urls_are_never_local_paths(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was created, no 'gs:' directory
 
 
-def test_entry_points_that_need_a_directory_say_so():
-    from coral_torch.dcp import CoralStorageWriter
+def test_dcp_and_strategy_take_s3_and_refuse_other_urls():
+    from coral_torch.callbacks import CoralModelParallelStrategy
+    from coral_torch.dcp import CoralStorageReader, CoralStorageWriter
 
-    with pytest.raises(UnsupportedLocationError, match="local directory"):
-        CoralStorageWriter("s3://bucket/x")
+    assert CoralStorageWriter("s3://bucket/x").location == S3Location("bucket", "x")  # opened on first use
+    assert CoralModelParallelStrategy(repo="s3://bucket/x").repo_path == S3Location("bucket", "x")
+    for make in (CoralStorageWriter, CoralStorageReader):
+        with pytest.raises(UnsupportedLocationError):
+            make("gs://bucket/x")
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -279,24 +283,19 @@ def test_load_from_an_empty_prefix_is_an_error(s3_env, tmp_path):
     assert not (tmp_path / "cache-here").exists()
 
 
-def test_gc_on_s3_is_refused_clearly(s3_env, tmp_path):
-    coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
-    with pytest.raises(UnsupportedLocationError, match="not supported yet"):
-        open_repository(s3_env).gc()
+def test_gc_on_s3_with_the_cli_after_retention(s3_env, server, tmp_path):
+    from coral_torch import cli
+    from coral_torch.retention import LatestN
 
-
-def test_a_fresh_node_fetches_only_what_commits_need(s3_env, server, bucket, tmp_path):
-    from coral_torch import WeightTensor
-    from coral_torch.storage.s3_store import S3Store
-
-    coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env)
-    # an object no commit names (what a killed save leaves): a fresh node does not download it
-    stray = WeightTensor(torch.randn(64, 64).numpy())
-    with S3Store(S3Config(bucket=bucket, prefix="ckpts", endpoint_url=server.endpoint, addressing_style="path")) as st:
-        key = st.store(stray)
+    for i in range(4):
+        sd = _state(i)  # every tensor changes: released commits leave objects only they need
+        coral_torch.save(sd, f=None, repo=s3_env, run="r", keep=LatestN(1))
+    before = len(server.client().list_objects_v2(Bucket=s3_env.split("/")[2])["Contents"])
+    assert cli.main(["--repo", s3_env, "gc", "--grace", "0"]) == 0  # a dry run
+    assert cli.main(["--repo", s3_env, "gc", "--yes", "--grace", "0"]) == 0
+    after = len(server.client().list_objects_v2(Bucket=s3_env.split("/")[2])["Contents"])
+    assert after < before
     close_repositories()
     fresh = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "fresh")
-    assert torch.equal(fresh.load("coral://latest")["w"], _state()["w"])
-    held = {r.hash for r in fresh.catalog.all_objects()}
-    assert key not in held and len(held) == 2
+    assert torch.equal(fresh.load("r/latest")["w"], _state(3)["w"]) and len(fresh.log("r")) == 1
     fresh.close()

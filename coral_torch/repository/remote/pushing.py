@@ -44,6 +44,7 @@ __all__ = [
     "upload_objects",
     "write_document",
     "live_closure",
+    "object_closure",
     "commit_document",
     "RepositoryObjects",
 ]
@@ -101,16 +102,21 @@ def live_closure(repo: Repository, live: set[str] | None = None) -> tuple[set[st
     """(live commit ids, object hashes they need incl. delta bases)."""
     if live is None:
         live = set(repo.catalog.refs().values())
+    hashes = {h for cid in live for _, h, _ in repo.catalog.commit_objects(cid)}
+    return live, object_closure(repo, hashes)
+
+
+def object_closure(repo: Repository, hashes: Collection[str]) -> set[str]:
+    """``hashes`` and the delta bases they are rebuilt from, as the repository's catalog records them."""
     rows = {r.hash: r for r in repo.catalog.all_objects()}
     needed: set[str] = set()
     h: str | None
-    for cid in live:
-        for _, h, _ in repo.catalog.commit_objects(cid):
-            while h is not None and h not in needed:
-                needed.add(h)
-                r = rows.get(h)
-                h = r.base if r is not None and r.kind == "delta" else None
-    return live, needed
+    for h in hashes:
+        while h is not None and h not in needed:
+            needed.add(h)
+            r = rows.get(h)
+            h = r.base if r is not None and r.kind == "delta" else None
+    return needed
 
 
 def _local_refs(repo: Repository) -> dict[str, tuple[str, float]]:

@@ -1,0 +1,164 @@
+"""Sharded (FSDP2 / DCP) saves straight to an S3 repository from every rank, with no shared file
+system: 2 gloo ranks whose working directories, HOME and caches are private, sharing nothing but
+the S3 server (moto, and rclone serve s3). Loads on 2 and on 1 rank(s) from empty caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
+
+import coral_torch  # noqa: E402
+from coral_torch.location import parse_location  # noqa: E402
+from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
+
+WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
+pytestmark = [pytest.mark.timeout(400), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def node_env(node: Path, endpoint: str, **more: str) -> dict:
+    """A simulated node: its own working directory, HOME and cache; S3 through the AWS environment."""
+    (node / "home").mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "HOME": str(node / "home"),
+        "CORAL_CACHE_DIR": str(node / "cache"),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": TEST_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "PYTHONPATH": str(Path(coral_torch.__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+        **more,
+    }
+    env.pop("CORAL_REPO", None)
+    return env
+
+
+def run_nodes(scenario: str, args: dict, root: Path, endpoint: str, *, world: int = 2, timeout: float = 300):
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        node = root / f"node{rank}"
+        env = node_env(node, endpoint, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, json.dumps(args)], env=env, cwd=node,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        outs.append((p.returncode, out))
+    for rc, out in outs:
+        assert rc == 0, out[-4000:]
+
+
+def report(out: str, rank: int) -> dict:
+    with open(f"{out}.{rank}.json") as f:
+        return json.load(f)
+
+
+def same(a, b, path="") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
+    else:
+        assert a == b, (path, a, b)
+
+
+def _check_run(url: str, endpoint: str, root: Path, out: str, config=None) -> None:
+    r0, r1 = report(out, 0), report(out, 1)
+    for key in ("first", "unchanged", "third", "async", "loaded"):
+        assert r0[key] == r1[key] and r0[key], key  # the same commit id on both ranks
+    assert r0["unchanged"] == r0["first"]
+    for rank in range(2):  # no repository directory appeared on any node: only its cache
+        assert not (root / f"node{rank}" / ".coral").exists()
+        assert (root / f"node{rank}" / "cache").is_dir()
+    kw = {"config": config} if config is not None else {}
+    fresh = S3Repository(parse_location(url), cache_dir=root / "fresh-cache", **kw)
+    try:
+        log = {c.id: c for c in fresh.log("shard")}
+        assert set(log) == {r0["first"], r0["third"], r0["async"]}
+        assert log[r0["first"]].info["world_size"] == 2 and log[r0["third"]].parent == r0["first"]
+        hows = [how for _, _, how in fresh.catalog.commit_objects(r0["third"])]
+        assert any(h == "delta" for h in hows), hows  # each rank delta-encoded against its own chunks
+        assert fresh.resolve("shard/latest") == r0["async"]
+        assert fresh.verify().ok
+        saved = torch.load(out + ".pt", weights_only=True)
+        same(saved["third"]["model"], saved["back"]["model"])  # 2 -> 2, fresh processes
+        same(saved["third"]["optim"], saved["back"]["optim"])
+        full = fresh.load(r0["third"])  # 2 -> 1 consolidated, a fresh cache
+        same(saved["third"]["model"], full["model"])
+        same(saved["third"]["optim"], full["optim"])
+        same(saved["async"]["model"], fresh.load(r0["async"])["model"])
+    finally:
+        fresh.close()
+    # fresh processes on fresh nodes (empty caches) load 2 -> 2
+    out2 = str(root / "reload")
+    run_nodes("load", {"repo": url, "ref": r0["third"], "out": out2}, root / "second-pair", endpoint)
+    assert report(out2, 0)["loaded"] == report(out2, 1)["loaded"] == r0["third"]
+    same(saved["third"]["model"], torch.load(out2 + ".pt", weights_only=True)["back"]["model"])
+    same(saved["third"]["optim"], torch.load(out2 + ".pt", weights_only=True)["back"]["optim"])
+
+
+def test_fsdp2_saves_from_every_rank_to_s3_and_loads_on_fresh_nodes(server, bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    url = f"s3://{bucket}/dcp"
+    out = str(tmp_path / "report")
+    run_nodes("save", {"repo": url, "out": out}, tmp_path, server.endpoint)
+    _check_run(url, server.endpoint, tmp_path, out)
+
+
+def test_fsdp2_on_rclone(rclone_server, tmp_path):
+    from coral_torch.storage.s3_store import S3Config
+
+    bucket = rclone_server.create_bucket("dcp-rclone")
+    url = f"s3://{bucket}/dcp"
+    out = str(tmp_path / "report")
+    run_nodes("save", {"repo": url, "out": out}, tmp_path, rclone_server.endpoint)
+    config = S3Config(bucket=bucket, prefix="dcp", endpoint_url=rclone_server.endpoint, access_key=TEST_KEY,
+                      secret_key=TEST_SECRET, region=REGION, addressing_style="path", progress=False)
+    _check_run(url, rclone_server.endpoint, tmp_path, out, config)
+
+
+MP_WORKER = Path(__file__).resolve().parents[1] / "_mp_worker.py"
+
+
+def run_lightning(args: dict, endpoint: str, node: Path, timeout: float = 300) -> dict:
+    env = node_env(node, endpoint, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, str(MP_WORKER), json.dumps(args)], env=env, cwd=node, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    with open(args["out"] + ".json") as f:
+        return json.load(f)
+
+
+def test_lightning_model_parallel_on_s3_resumes_on_a_fresh_node(server, bucket, tmp_path):
+    """CoralModelParallelStrategy (FSDP2, 2 ranks, each rank its own cache): 2 epochs, then 1 more
+    resumed from coral://latest on a fresh node, equals 3 straight."""
+    url = f"s3://{bucket}/mp"
+    straight = run_lightning({"repo": f"{url}-straight", "epochs": 3, "out": str(tmp_path / "s"),
+                              "cache_root": str(tmp_path / "n0" / "caches")}, server.endpoint, tmp_path / "n0")
+    first = run_lightning({"repo": url, "epochs": 2, "out": str(tmp_path / "a"),
+                           "cache_root": str(tmp_path / "n1" / "caches")}, server.endpoint, tmp_path / "n1")
+    resumed = run_lightning({"repo": url, "epochs": 3, "out": str(tmp_path / "b"), "ckpt": "coral://latest",
+                             "cache_root": str(tmp_path / "n2" / "caches")}, server.endpoint, tmp_path / "n2")
+    assert resumed["epoch"] == straight["epoch"] == 3 and first["last"] != resumed["last"]
+    same(torch.load(str(tmp_path / "s.pt")), torch.load(str(tmp_path / "b.pt")))  # 2 + 1 epochs == 3
+    for n in ("n1", "n2"):
+        assert not (tmp_path / n / ".coral").exists()
