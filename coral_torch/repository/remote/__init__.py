@@ -48,12 +48,13 @@ from __future__ import annotations
 from .collect import collect_garbage
 from .protocol import RemoteLike
 from .publish import RemoteRef, conditional_writes, move_ref, publish_commit, read_ref
-from .pulling import pull, require_remote_repository
+from .pulling import fetch_objects, pull, require_remote_repository
 from .pushing import Repository, push
 
 __all__ = [
     "push",
     "pull",
+    "fetch_objects",
     "require_remote_repository",
     "RemoteLike",
     "Repository",

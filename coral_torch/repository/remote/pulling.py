@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...errors import (
+    CheckpointDamagedError,
     CorruptObjectError,
     IntegrityError,
     InvalidRefNameError,
@@ -186,8 +187,13 @@ def download_objects(
     )
 
 
-def pull(repo: Repository, remote: RemoteLike, progress: bool | None = None) -> dict[str, Any]:
+def pull(
+    repo: Repository, remote: RemoteLike, progress: bool | None = None, *, with_objects: bool = True
+) -> dict[str, Any]:
     """Fetch every remote commit this repository lacks, the objects they need, and the refs.
+
+    ``with_objects=False`` fetches commits and refs only: for a cache that fetches objects when they are
+    read (:func:`fetch_objects`); the repository then lists commits whose objects are elsewhere.
 
     Every document is verified before anything is stored: ref documents (checksum, name), commit
     documents (checksum, id = hash of the manifest, object list, run name), object metadata and
@@ -210,14 +216,14 @@ def pull(repo: Repository, remote: RemoteLike, progress: bool | None = None) -> 
     try:
         require_remote_repository(client)  # before the lock file or anything else is written
         with repo.lock:
-            return _pull_locked(repo, client, objects, progress, t0)
+            return _pull_locked(repo, client, objects, progress, t0, with_objects)
     finally:
         if owned:
             client.close()
 
 
 def _pull_locked(
-    repo: Repository, client: S3Client, objects: S3Objects, progress: bool | None, t0: float
+    repo: Repository, client: S3Client, objects: S3Objects, progress: bool | None, t0: float, with_objects: bool
 ) -> dict[str, Any]:
     local_refs = {n: (c, u) for n, c, u in repo.catalog.ref_rows()}
     # refs first: a push writes a ref only after its commit document, so every commit a ref listed
@@ -264,6 +270,9 @@ def _pull_locked(
     # Insert oldest first: the catalog's insertion order is what `log()` lists and what
     # `resolve("latest")` picks, so it must follow the commits' own times, not key order.
     docs.sort(key=lambda d: (float(d[0].get("time") or 0.0), d[0]["id"]))
+    if not with_objects:
+        _commit_pull(repo, None, [], docs, remote_refs, set(), require_objects=False)
+        return {"commits_downloaded": len(docs), "refs": len(listed_refs), "seconds": time.monotonic() - t0}
     replace, bad_packs = _damaged_local_objects(repo)
     if replace:
         log.warning(
@@ -322,6 +331,48 @@ def _pull_locked(
     }
     log.info("pulled %s into %s: %s", client.url, repo.path, stats)
     return stats
+
+
+def fetch_objects(repo: Repository, remote: RemoteLike, hashes: Iterable[str], progress: bool | None = None) -> int:
+    """Download the objects ``hashes`` (and the delta bases they are rebuilt from) that the
+    repository lacks, verified, into one new pack; returns how many arrived. For a repository that
+    lists commits whose objects are on the remote (``pull(..., with_objects=False)``).
+
+    Raises:
+        CheckpointDamagedError: some of them are not on the remote either.
+        SyncIncompleteError, RemoteError: the transfer failed (what arrived, verified, is kept).
+    """
+    client, objects, owned = open_remote(remote)
+    try:
+        with repo.lock:
+            known = {r.hash: r for r in repo.catalog.all_objects()}
+            sink = PackSink(repo)
+            wanted = {h for h in hashes if h not in known}
+            try:
+                for _ in range(MAX_PASSES):  # each pass: the objects, then the delta bases they revealed
+                    if not wanted:
+                        break
+                    download_objects(objects, sink, progress, wanted)
+                    lacking = wanted - {r.hash for r in sink.rows}
+                    if lacking:  # a listing damaged on the way can hide objects: list once more
+                        download_objects(objects, sink, progress, lacking)
+                        lacking -= {r.hash for r in sink.rows}
+                    if lacking:
+                        raise CheckpointDamagedError(
+                            f"{len(lacking)} object(s) are on neither this cache nor {client.url} (first: "
+                            f"{next(iter(lacking))}): the checkpoint cannot be restored from there",
+                            commit="",
+                            tensors=sorted(lacking)[:10],
+                        )
+                    got = {r.hash for r in sink.rows}
+                    wanted = {r.base for r in sink.rows if r.kind == "delta" and r.base} - got - set(known)
+            except BaseException:
+                _abandon(repo, sink)
+                raise
+            return _keep_downloaded(repo, sink)
+    finally:
+        if owned:
+            client.close()
 
 
 def _damaged_local_objects(repo: Repository) -> tuple[set[str], set[str]]:
@@ -464,6 +515,8 @@ def _commit_pull(
     docs: list[tuple[dict, str]],
     remote_refs: dict[str, tuple[str, float]],
     replace: set[str],
+    *,
+    require_objects: bool = True,
 ) -> None:
     cat = repo.catalog
     known = {r.hash: r for r in cat.all_objects() if r.hash not in replace}
@@ -493,7 +546,7 @@ def _commit_pull(
         depth(r.hash)
     all_hashes = set(known) | set(new)
     for doc, _ in docs:
-        missing = [h for _, h, _ in doc["objects"] if h not in all_hashes]
+        missing = [h for _, h, _ in doc["objects"] if h not in all_hashes] if require_objects else []
         if missing:
             raise CorruptObjectError(
                 f"commit {doc['id'][:10]} needs {len(missing)} object(s) the remote does not have (first: "
