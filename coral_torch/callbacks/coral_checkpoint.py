@@ -219,7 +219,7 @@ class CoralCheckpoint(Checkpoint):
             if trainer.strategy.repo is None and self._repo_arg is not None:
                 # one repository for the callback and the strategy
                 trainer.strategy.repo = (
-                    self._repo_arg.path if isinstance(self._repo_arg, Repository) else self._repo_arg
+                    self._repo_arg.location if isinstance(self._repo_arg, Repository) else self._repo_arg
                 )
             self._repo_arg = trainer.strategy.repo_path
             self.async_save = False  # a sharded save is a collective of all ranks
