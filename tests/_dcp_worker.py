@@ -5,13 +5,23 @@
 Scenarios: ``save`` (train, save, save unchanged, train, save, async_save, then load 2->2 into a
 fresh model), ``load`` (a fresh model loads ``ref`` 2->2), ``killed`` (rank 1 dies while writing its pack), ``after_kill`` (one more save).
 Rank 0 writes a JSON report and the full (gathered) tensors it saved, for the test to compare.
+
+Faults of sharded saves to S3 (tests/remote/test_s3_dcp_faults.py), on run ``shard``:
+``s3_kill`` (a save, then one more step and a save during which rank ``victim`` SIGKILLs itself:
+``kill="upload"`` after uploading about half of its objects, ``kill="move_ref"`` at the coordinator's
+first ref move, after its commit document); ``s3_save`` (``train`` steps more, a save, and with
+``load`` a 2->2 load of it into a fresh model); ``s3_gated`` (optionally a ``prior`` save, ``train``
+steps more, then a save whose coordinator waits in ``publish_shards`` for ``<gate>/go``, having written
+``<gate>/planned``: another job publishes on the run meanwhile).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 import warnings
 from datetime import timedelta
 
@@ -67,6 +77,89 @@ def full(sd: dict) -> dict:
 def state(model, opt) -> dict:
     msd, osd = get_state_dict(model, opt)
     return {"model": msd, "optim": osd, "extra": {"epoch": 1, "note": "hello"}}
+
+
+def failure(exc: BaseException) -> dict:
+    """What a rank saw of a failed save: the exception and (DCP's ``CheckpointException``) its cause."""
+    cause = exc.__cause__
+    return {
+        "error": type(exc).__name__,
+        "message": str(exc)[:4000],
+        "cause": type(cause).__name__ if cause is not None else None,
+        "cause_message": str(cause)[:4000] if cause is not None else None,
+    }
+
+
+def s3_kill(args: dict, rank: int, model, opt, report: dict) -> None:
+    """A save, then a save during which rank ``victim`` SIGKILLs itself (``kill``: where)."""
+    import coral_torch.repository.s3_repository as s3r
+
+    repo = args["repo"]
+    report["prior"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+    train(model, opt, 1, seed=5)  # new state: each rank has objects to write
+    if rank == int(args["victim"]):
+        if args["kill"] == "upload":  # about half of its objects go up, then the rank dies
+            real_upload = s3r.upload_objects
+
+            def upload_then_die(repo_, objects, hashes, *a, **k):
+                todo = sorted(hashes)
+                half = max(1, len(todo) // 2)
+                real_upload(repo_, objects, todo[:half], *a, **k)
+                with open(f"{args['out']}.{rank}.upload.json", "w") as f:
+                    json.dump({"uploaded": todo[:half], "not_uploaded": todo[half:]}, f)
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            s3r.upload_objects = upload_then_die
+        elif args["kill"] == "move_ref":  # the commit document is written; no ref moves
+
+            def die(*a, **k):
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            s3r.move_ref = die
+        else:
+            raise ValueError(args["kill"])
+    t0 = time.monotonic()
+    try:
+        report["saved"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+    except BaseException as exc:  # noqa: BLE001 - what the survivor sees is the report
+        report.update(failure(exc))
+    report["seconds"] = time.monotonic() - t0
+
+
+def s3_gated(args: dict, rank: int, model, opt, report: dict) -> None:
+    """A save whose coordinator publishes only once ``<gate>/go`` exists (another job publishes first)."""
+    from pathlib import Path
+
+    from coral_torch.repository.s3_repository import S3Repository
+
+    repo = args["repo"]
+    if args.get("prior"):
+        report["prior"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+    for seed in args.get("train", []):
+        train(model, opt, 1, seed=seed)
+    sd = state(model, opt)
+    saved = full(sd)
+    if rank == 0:
+        torch.save({"saved": saved}, args["out"] + ".pt")
+        gate = Path(args["gate"])
+        real_publish = S3Repository.publish_shards
+
+        def gated(self, *a, **k):
+            (gate / "planned").write_text("planned")  # the save was planned (runs/<run>/latest read)
+            deadline = time.monotonic() + float(args.get("gate_timeout", 150))
+            while not (gate / "go").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{gate / 'go'} never appeared")
+                time.sleep(0.05)
+            return real_publish(self, *a, **k)
+
+        S3Repository.publish_shards = gated  # type: ignore[method-assign]
+    try:
+        report["saved"] = cdcp.save(sd, repo=repo, run="shard", keep=bool(args.get("keep", True)))
+    except BaseException as exc:  # noqa: BLE001 - the test reads what each rank saw
+        report.update(failure(exc))
 
 
 def main() -> None:
@@ -129,10 +222,31 @@ def main() -> None:
             torch.save({"back": back}, args["out"] + ".pt")
     elif scenario == "after_kill":
         report["cid"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+    elif scenario == "s3_kill":
+        s3_kill(args, rank, model, opt, report)
+    elif scenario == "s3_save":
+        for seed in args.get("train", []):
+            train(model, opt, 1, seed=seed)
+        sd = state(model, opt)
+        saved = full(sd)
+        report["cid"] = cdcp.save(sd, repo=repo, run="shard")
+        back = None
+        if args.get("load"):
+            fresh = build(7)
+            fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+            train(fresh, fopt, 1, seed=9)
+            target = state(fresh, fopt)
+            report["loaded"] = cdcp.load(target, report["cid"], repo=repo)
+            set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+            back = full(state(fresh, fopt))
+        if rank == 0:
+            torch.save({"saved": saved, "back": back}, args["out"] + ".pt")
+    elif scenario == "s3_gated":
+        s3_gated(args, rank, model, opt, report)
     report["rank"] = rank
     with open(f"{args['out']}.{rank}.json", "w") as f:
         json.dump(report, f)
-    if scenario != "killed":
+    if scenario not in ("killed", "s3_kill", "s3_gated"):
         dist.barrier()
     dist.destroy_process_group()
 

@@ -124,7 +124,11 @@ class CoralStorageWriter(StorageWriter, RepositoryHandle):
         token = uuid.uuid4().hex
         repo = self.repo
         opts = self.options
-        parent = repo.resolve(opts.parent) if opts.parent is not None else repo.run_head(opts.run)
+        # The run's head is read on every save, also one given its parent: an S3 repository remembers
+        # it (with its ETag) for the compare-and-swap of ``latest`` in publish_shards, and must not
+        # use one remembered by an earlier save of this process that failed before publishing.
+        head = repo.run_head(opts.run)
+        parent = repo.resolve(opts.parent) if opts.parent is not None else head
         shared = {"token": token, "parent": parent}
         return [dataclasses.replace(p, storage_data=shared) for p in plans]
 
