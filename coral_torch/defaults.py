@@ -37,3 +37,10 @@ def default_cache_dir() -> str:
         return os.environ[CACHE_ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "coral-torch")
+
+
+#: environment variable giving the byte budget of an S3 repository's cache: bytes, or with a K, M, G
+#: or T suffix (powers of 1024), e.g. ``500M``, ``20G``
+CACHE_BYTES_ENV = "CORAL_CACHE_BYTES"
+#: the cache's byte budget when ``$CORAL_CACHE_BYTES`` is unset: 20 GiB
+DEFAULT_CACHE_BYTES = 20 << 30

@@ -2,13 +2,17 @@
 
 The bucket holds the repository in the layout push and pull use (:mod:`.remote`), so an S3
 repository and a local one are interchangeable (``pull`` from it, ``push`` to it). This node keeps a
-cache: a plain local repository under :func:`~coral_torch.defaults.default_cache_dir` holding what
-this node wrote or read, which is what a save deduplicates and delta-encodes against.
+cache: a plain local repository under :func:`~coral_torch.defaults.default_cache_dir` holding every
+commit and ref of the bucket and the objects this node wrote or read, which is what a save
+deduplicates and delta-encodes against (see :mod:`.s3_cache`).
 
 A save (:meth:`S3Repository.commit`):
 
-1. reads the run's ``latest`` ref on the bucket with its ETag, and fetches what the cache lacks;
-2. commits into the cache (dedup and deltas against that ``latest``);
+1. reads the run's ``latest`` ref on the bucket with its ETag, and fetches the commits and refs the
+   cache lacks;
+2. commits into the cache (dedup and deltas against that ``latest``, where the cache holds its
+   objects: a node that did not write or read the parent stores its tensors whole, and uploads only
+   what the bucket lacks);
 3. uploads the objects the bucket lacks (verified, see :mod:`~coral_torch.storage.s3.client`);
 4. writes the commit document with ``If-None-Match: *`` and moves the run's refs with
    ``If-Match`` on the ETags read in 1 (:mod:`.remote.publish`).
@@ -18,30 +22,44 @@ Two writers racing on one run: exactly one moves ``latest``; the other gets
 ``keep/<id>`` (nothing is lost). Servers that ignore conditional writes are detected and the
 narrower guarantee is logged (:func:`~.remote.publish.conditional_writes`).
 
-Reads (``load``, ``log``, ``show``, ``manifest``) first fetch the commits the cache lacks and the
-objects they need (verified by pull), then read the cache.
+Reads: :meth:`S3Repository.fetch` brings the cache's commits and refs up to date with the bucket
+(verified by pull), never objects. Objects arrive on demand: a read (``load``, a DCP load) goes
+through :meth:`S3Repository.materialize`, which fetches from the bucket, verified, the objects it
+needs that the cache lacks (and their delta bases), nothing else. :meth:`S3Repository.verify` counts
+an object the cache lacks as missing only when the bucket lacks it too.
 
 Sharded saves (:class:`~coral_torch.dcp.CoralStorageWriter`): every rank writes its shards into its
 own cache (deduplicated, delta-encoded against the chunks it wrote for the parent commit, whose
 tensor list it reads from the bucket) and uploads what the bucket lacks (:meth:`write_shard`); the
 coordinator publishes once every object is on the bucket (:meth:`publish_shards`), and the other
-ranks read the commit id from ``saves/<token>.json``. Not yet: a byte budget for the cache.
+ranks read the commit id from ``saves/<token>.json``. Ranks may open the repository while the first
+save into an empty prefix uploads: a prefix holding only the keys of the layout is a repository
+being created, not something else.
+
+The cache keeps to a byte budget (``cache_bytes``; default ``$CORAL_CACHE_BYTES``, else 20 GiB) by
+evicting its least recently used packs: :class:`~.s3_cache.CacheKeeper`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..defaults import default_cache_dir
-from ..errors import RefConflictError, RemoteRepositoryNotFoundError, SyncIncompleteError
+import numpy as np
+
+from ..errors import (
+    CheckpointDamagedError,
+    RefConflictError,
+    RefNotFoundError,
+    RemoteRepositoryNotFoundError,
+    SyncIncompleteError,
+)
 from ..format import refnames
 from ..format.manifest import Manifest
 from ..format.objects import DELTAS, WEIGHTS
@@ -54,15 +72,17 @@ from .commit import CommitStats
 from .options import CommitOptions
 from .remote import collect_garbage, pull, require_remote_repository
 from .remote.protocol import COMMITS, REFS, check_commit_doc, check_ref_doc, get_docs, json_names
-from .remote.publish import RemoteRef, move_ref, publish_commit, read_ref
+from .remote.publish import PROBE_PREFIX, RemoteRef, move_ref, publish_commit, read_ref
+from .remote.pulling import PackSink
 from .remote.pushing import commit_document, live_closure, object_closure, upload_objects
 from .repository import Repository, WrittenObjects
 from .rows import commit_object_rows
+from .s3_cache import CacheKeeper, cache_budget, cache_path
 from .verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["S3Repository", "cache_path"]
+__all__ = ["S3Repository", "cache_budget"]
 
 #: where a sharded save tells the other ranks its commit id (``saves/<token>.json``)
 SAVES = "saves/"
@@ -70,14 +90,9 @@ SAVES = "saves/"
 FRESH_S = 1.0
 #: refs that belong to this node only (pointer files, running processes): never published
 _LOCAL_ONLY = (refnames.FILES, refnames.LEASES)
-
-
-def cache_path(location: S3Location, endpoint: str | None, root: str | os.PathLike | None = None) -> Path:
-    """The cache directory of an S3 repository: one per endpoint, bucket and prefix."""
-    where = f"{endpoint or 'aws'}|{location.url}"
-    tag = hashlib.sha256(where.encode()).hexdigest()[:16]
-    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{location.bucket}_{location.prefix}")[:80]
-    return Path(root if root is not None else default_cache_dir()) / "s3" / f"{readable}-{tag}"
+#: the top-level folders of a repository's keys: a prefix holding nothing else is one (perhaps being
+#: created: a first save uploads payloads before their metadata, commit and refs)
+LAYOUT = (f"{WEIGHTS}/", f"{DELTAS}/", "metadata/", COMMITS, REFS, SAVES, PROBE_PREFIX)
 
 
 class S3Repository(Repository):
@@ -90,6 +105,16 @@ class S3Repository(Repository):
             credential chain).
         cache_dir: this node's cache directory (default under ``$CORAL_CACHE_DIR``).
         create: start a new repository if the prefix is empty.
+        cache_bytes: the cache's byte budget (see :func:`cache_budget`; default ``$CORAL_CACHE_BYTES``,
+            else 20 GiB) and :meth:`evict`.
+
+    Processes that share a cache directory (the ranks of a node do unless each has its own
+    ``$CORAL_CACHE_DIR``) share its budget safely (publishes hold the repository lock too, see
+    :mod:`.s3_cache`); every operation records what it uses before it reads or uploads it, so the
+    others' evictions take it last. Should one still take it meanwhile (a budget below the working
+    set of the processes), nothing wrong is read or published: a read fetches the objects again
+    (once), a save that relied on them plans again (:class:`~coral_torch.errors.ConcurrentChangeError`),
+    and an upload that finds its pack gone fails the save, which a next save makes good.
     """
 
     def __init__(
@@ -99,8 +124,10 @@ class S3Repository(Repository):
         config: S3Config | None = None,
         cache_dir: str | os.PathLike | None = None,
         create: bool = True,
+        cache_bytes: int | str | None = None,
         **kwargs: Any,
     ):
+        budget = cache_budget(cache_bytes)  # refused before anything is written
         self.location_s3 = location
         self.remote_config = config or S3Config(bucket=location.bucket, prefix=location.prefix)
         # before anything is written locally: the bucket answers, and the prefix is empty or a repository
@@ -123,6 +150,18 @@ class S3Repository(Repository):
         self._local = threading.local()  # .committing: reads inside a commit use the cache as fetched
         self.last_publish: dict[str, Any] = {}
         self._heads: dict[str, RemoteRef] = {}  # run -> its latest ref as read when a sharded save was planned
+        #: the cache's budget, its record of use, and the objects it fetches from the bucket
+        self.cache = CacheKeeper(
+            self.path,
+            self.catalog,
+            self.reader,
+            self.lock,
+            self.store,
+            budget,
+            sink=lambda: PackSink(self),
+            writable=self.writable,
+        )
+        self.cache.recover()  # an eviction was interrupted: remove the files it left
 
     @property
     def location(self) -> S3Location:
@@ -133,16 +172,19 @@ class S3Repository(Repository):
 
     # ------------------------------------------------------------------------------ reads
     def fetch(self) -> dict[str, Any]:
-        """Bring the cache up to date with the bucket (commits, objects, refs; all verified)."""
+        """Bring the cache's commits and refs up to date with the bucket (verified), then keep it to
+        its budget (:meth:`evict`). No object is fetched here: a read fetches those it needs that
+        the cache lacks (:meth:`materialize`)."""
         with self._sync_lock:
             if not self._has_repository:
                 self._has_repository = _remote_state(self.store, self.location_s3)
                 if not self._has_repository:
                     return {}
-            stats = pull(self, self.store, progress=False)
+            stats = pull(self, self.store, progress=False, with_objects=False)
             self._align_refs()
             self._fetched_at = time.monotonic()
-            return stats
+        self._keep_budget()
+        return stats
 
     def _align_refs(self) -> None:
         """The cache's shared refs become the bucket's: the bucket is the truth (a pull alone keeps
@@ -167,7 +209,13 @@ class S3Repository(Repository):
 
     def resolve(self, ref: str) -> str:
         self._fresh()
-        return super().resolve(ref)
+        try:
+            return super().resolve(ref)
+        except RefNotFoundError:
+            if getattr(self._local, "committing", False):
+                raise
+            self.fetch()  # published by another node since the cache was brought up to date
+            return super().resolve(ref)
 
     def load(self, ref: str, *, map_location: Any = None, weights_only: bool = True) -> Any:
         self.fetch()
@@ -186,8 +234,36 @@ class S3Repository(Repository):
         return super().get_commit(ref)
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
-        self.fetch()  # pull verifies every document and payload it fetches
-        return super().verify(progress=progress)
+        """Verify the cache (see :meth:`Repository.verify`) after a fetch (which verifies every
+        document it fetches). Objects the cache lacks (never read here, or evicted) must be on the
+        bucket, where loads fetch them from: only those that are not count as missing."""
+        self.fetch()
+        report = super().verify(progress=progress)
+        away = self.cache.only_on_bucket(report)
+        if away:
+            log.info("%d commit(s) have objects only on %s (not in the cache)", away, self.store.client.url)
+        return report
+
+    def materialize(
+        self, hashes: Sequence[str], *, commit: str | None = None, names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """:meth:`Repository.materialize`, after fetching from the bucket (verified) the objects the
+        cache lacks (never fetched, or evicted: see :meth:`evict`) and their delta bases, nothing
+        else; what it reads is recorded as used, and kept."""
+        hashes = list(hashes)
+        for attempt in range(2):
+            self.cache.restore(hashes)
+            self.cache.use(commits=[commit] if commit is not None else (), packs=self.cache.packs_of(hashes))
+            self._keep_budget(hashes)
+            try:
+                return super().materialize(hashes, commit=commit, names=names)
+            except CheckpointDamagedError:
+                if attempt or not self.cache.lacking(hashes):
+                    raise
+                log.warning(
+                    "objects being read were evicted from %s by another process: fetching them again", self.path
+                )
+        raise AssertionError("unreachable")
 
     def gc(
         self, *, dry_run: bool = False, repack_threshold: float = 0.3, orphan_grace_s: float = 3600.0
@@ -230,9 +306,11 @@ class S3Repository(Repository):
                 help_board=help_board,
                 direct_io=direct_io,
             )
+            self.cache.use(commits=[stats.commit_id])
             self._publish(stats.commit_id, latest if opts.head else None, expected, before)
         finally:
             self._local.committing = False
+        self._keep_budget([h for _, h, _ in self.catalog.commit_objects(stats.commit_id)])
         return stats
 
     def _published_refs(self) -> dict[str, str]:
@@ -311,12 +389,14 @@ class S3Repository(Repository):
             self.catalog.add_objects((pack.name, pack.size, time.time()), rows)
         hashes = {w.compute_hash() for _, w in tensors}
         needed = object_closure(self, hashes)
+        self.cache.use(packs=self.cache.packs_of(needed))
         stats = upload_objects(self, self.store.objects, needed, False, progress=None)
         self.last_publish = {
             "objects_uploaded": stats["uploaded"] + stats["deltas_uploaded"],
             "objects_skipped": stats["skipped"],
             "bytes_uploaded": stats["bytes_transferred"],
         }
+        self._keep_budget(needed)
         return written
 
     def publish_shards(
@@ -394,6 +474,33 @@ class S3Repository(Repository):
         commit = doc.get("commit") if isinstance(doc, dict) else None
         return commit if isinstance(commit, str) else None
 
+    # ------------------------------------------------------------------------------ the cache's budget
+    @property
+    def cache_bytes(self) -> int:
+        """The cache's byte budget (see :meth:`evict`); may be set."""
+        return self.cache.budget
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int | str | None) -> None:
+        self.cache.budget = cache_budget(value)
+
+    def cache_usage(self) -> int:
+        """Bytes the cache's ``packs/`` directory takes (every file in it): what the budget counts."""
+        return self.cache.usage()
+
+    def evict(self, keep: Collection[str] = ()) -> dict[str, Any] | None:
+        """If the cache takes more than its budget (:attr:`cache_bytes`, see :meth:`cache_usage`),
+        evict the least recently used packs until it takes at most
+        :data:`~.s3_cache.EVICT_TO` of it; returns what was evicted (None: nothing). Never evicted:
+        the packs holding ``keep`` (object hashes) and their delta bases, the run heads this node
+        used while they fit, objects the bucket lacks (see :meth:`.s3_cache.CacheKeeper.evict`).
+        Commits and refs stay: a read fetches their objects again (:meth:`materialize`)."""
+        return _logged(self.cache.evict(keep), self.path)
+
+    def _keep_budget(self, keep: Collection[str] = ()) -> None:
+        """:meth:`evict` after an operation, which has succeeded whatever the eviction meets."""
+        _logged(self.cache.keep_budget(keep), self.path)
+
     def close(self) -> None:
         try:
             super().close()
@@ -402,14 +509,26 @@ class S3Repository(Repository):
 
 
 def _remote_state(store: S3Store, location: S3Location) -> bool:
-    """Whether ``location`` holds a repository (False: empty). Anything else there is an error."""
+    """Whether ``location`` holds a repository (False: empty, or only keys of the layout: a first save
+    is uploading into it). Anything else there is an error."""
     try:
         require_remote_repository(store)
         return True
     except RemoteRepositoryNotFoundError:
-        if not store.has_any(""):
+        # the listing stops at the first key outside the layout
+        foreign = next((k for k, _ in store.client.iter_entries("") if not k.startswith(LAYOUT)), None)
+        if foreign is None:
             return False
         raise RemoteRepositoryNotFoundError(
-            f"{location.url} holds something other than a coral-torch repository: use an empty prefix or "
-            "one a coral-torch save or push wrote"
+            f"{location.url} holds something other than a coral-torch repository ({foreign!r}): use an empty "
+            "prefix or one a coral-torch save or push wrote"
         ) from None
+
+
+def _logged(stats: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+    """``stats`` of an eviction from the cache at ``path``, logged (None: there was none)."""
+    if stats is not None:
+        mb = [stats[k] / 1e6 for k in ("bytes_before", "bytes_after", "budget")]
+        msg = "evicted %d pack(s), %d object(s), from the cache %s: %.1f MB -> %.1f MB (budget %.1f MB)"
+        log.info(msg, stats["packs"], stats["objects"], path, *mb)
+    return stats

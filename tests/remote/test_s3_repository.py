@@ -28,6 +28,7 @@ from coral_torch.errors import (  # noqa: E402
 )
 from coral_torch.location import S3Location, parse_location  # noqa: E402
 from coral_torch.repository.handles import close_repositories, open_repository  # noqa: E402
+from coral_torch.repository.repository import Repository  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
 from coral_torch.storage.s3_store import S3Config  # noqa: E402
 
@@ -148,6 +149,96 @@ def test_cli_reads_an_s3_repository(s3_env, server, tmp_path):
     out = _fresh_node(tmp_path, "cli", code, server.endpoint)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "exp/latest" in out.stdout
+
+
+# ------------------------------------------------------------------------------ objects on demand
+def _cached(cache: Path) -> set[str]:
+    """The objects the cache directory (a plain local repository) holds."""
+    with Repository(cache) as local:
+        return {r.hash for r in local.catalog.all_objects()}
+
+
+def _objects(repo: Repository, cid: str) -> set[str]:
+    return {h for _, h, _ in repo.catalog.commit_objects(cid)}
+
+
+def test_fetch_brings_commits_and_refs_and_reads_fetch_only_the_objects_they_need(s3_env, server, bucket, tmp_path):
+    writer = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "writer")
+    sa = _state(1)
+    sb = {**sa, "w": sa["w"].clone()}
+    sb["w"][3] += 1.0  # a delta against a's w; b's "b" is a's
+    sc = {**_state(2), "b": torch.ones(7)}
+    a, b, c = (writer.commit(sd, run="r").commit_id for sd in (sa, sb, sc))
+
+    node = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "node")
+    stats = node.fetch()
+    assert stats["commits_downloaded"] == 3 and "objects_downloaded" not in stats
+    assert node.cache_usage() == 0 and _cached(tmp_path / "node") == set()
+    assert [row.id for row in node.log("r")] == [c, b, a] and node.resolve("r/latest") == c
+    report = node.verify()  # the cache lists commits whose objects are only on the bucket
+    assert report.ok, report
+    assert _cached(tmp_path / "node") == set()
+
+    got = node.load(c)  # fetches c's objects, nothing else
+    assert torch.equal(got["w"], sc["w"]) and torch.equal(got["b"], sc["b"])
+    assert _cached(tmp_path / "node") == _objects(writer, c)
+    got = node.load(b)  # b's objects and the delta base they need (a's w)
+    assert torch.equal(got["w"], sb["w"])
+    want = _objects(writer, c) | _objects(writer, b)
+    w_b = node.catalog.get_object(node.tensor_index(b)["w"][0])
+    assert w_b is not None and w_b.kind == "delta"  # a one-row change: stored as a delta
+    assert _cached(tmp_path / "node") == want | {w_b.base}
+    assert node.verify().ok
+
+    # a node that never read the parent saves on top of it: its tensors go whole into its cache,
+    # only what the bucket lacks goes up, and every node loads the result bit-exact
+    other = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "other")
+    sd = {**sc, "w": sc["w"].clone()}
+    sd["w"][0] += 1.0
+    d = other.commit(sd, run="r").commit_id
+    assert other.get_commit(d).parent == c
+    assert other.last_publish["objects_uploaded"] == 1  # "b" is c's, already on the bucket
+    with Repository(tmp_path / "other") as local:
+        assert {r.kind for r in local.catalog.all_objects()} == {"full"}
+    fresh = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "fresh")
+    got = fresh.load("r/latest")
+    assert torch.equal(got["w"], sd["w"]) and torch.equal(got["b"], sd["b"])
+    assert fresh.verify().ok
+
+    # an object that neither the cache nor the bucket has is damage
+    w_a = writer.tensor_index(a)["w"][0]
+    assert w_b.base == w_a
+    s3 = server.client()
+    for key in (f"ckpts/weights/{w_a}", f"ckpts/metadata/{w_a}.json"):
+        s3.delete_object(Bucket=bucket, Key=key)
+    report = fresh.verify()
+    assert not report.ok and a in report.damaged_commits and c not in report.damaged_commits
+    assert d not in report.damaged_commits
+    assert node.verify().ok  # node's cache holds it
+    for r in (writer, node, other, fresh):
+        r.close()
+
+
+# ------------------------------------------------------------------------------ first saves
+def test_a_prefix_holding_only_layout_keys_is_a_repository_being_created(s3_env, server, bucket, tmp_path):
+    """A rank opening the repository while another uploads the first save (payload before metadata)."""
+    s3 = server.client()
+    s3.put_object(Bucket=bucket, Key=f"ckpts/weights/{'ab' * 32}", Body=b"a payload whose metadata is on its way")
+    s3.put_object(Bucket=bucket, Key="ckpts/.coral-probe/0123.json", Body=b"{}")
+    with pytest.raises(RemoteRepositoryNotFoundError, match="no coral-torch repository"):
+        S3Repository(parse_location(s3_env), cache_dir=tmp_path / "c0", create=False)
+    repo = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "rank1")
+    assert repo.fetch() == {} and repo.log() == []
+    cid = repo.commit(_state(), run="r").commit_id
+    other = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "rank0", create=False)
+    assert other.resolve("r/latest") == cid and torch.equal(other.load(cid)["w"], _state()["w"])
+    # a key outside the layout beside them is something else
+    s3.put_object(Bucket=bucket, Key=f"other/weights/{'cd' * 32}", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="other/notes.txt", Body=b"not a repository")
+    with pytest.raises(RemoteRepositoryNotFoundError, match="something other than"):
+        S3Repository(parse_location(f"s3://{bucket}/other"), cache_dir=tmp_path / "c2")
+    for r in (repo, other):
+        r.close()
 
 
 # ------------------------------------------------------------------------------ two writers
@@ -299,3 +390,14 @@ def test_gc_on_s3_with_the_cli_after_retention(s3_env, server, tmp_path):
     fresh = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "fresh")
     assert torch.equal(fresh.load("r/latest")["w"], _state(3)["w"]) and len(fresh.log("r")) == 1
     fresh.close()
+
+
+def test_a_commit_published_elsewhere_resolves_at_once(s3_env, tmp_path):
+    a = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "a")
+    b = S3Repository(parse_location(s3_env), cache_dir=tmp_path / "b")
+    a.commit(_state(1), run="r")
+    a.fetch()  # a's cache is fresh now; b publishes within the same second
+    c = b.commit(_state(2), run="r").commit_id
+    assert a.resolve(c) == c and a.resolve("r/latest") == c
+    for r in (a, b):
+        r.close()
