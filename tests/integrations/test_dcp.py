@@ -16,6 +16,7 @@ import coral_torch
 from coral_torch import Repository
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from nodes import report, same  # noqa: E402
 from s3_server import free_port  # noqa: E402
 
 WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
@@ -42,23 +43,6 @@ def run_ranks(scenario: str, args: dict, *, world: int = 2, timeout: float = 240
         for rc, out in outs:
             assert rc == 0, out[-4000:]
     return outs
-
-
-def report(out: str, rank: int) -> dict:
-    with open(f"{out}.{rank}.json") as f:
-        return json.load(f)
-
-
-def same(a, b, path="") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
-    else:
-        assert a == b, (path, a, b)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the S3 server (moto, and rclone serve s3). Loads on 2 and on 1 rank(s) from empt
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,71 +13,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nodes import node_env, report, run_job, same  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
 
 import coral_torch  # noqa: E402
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
 
-WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
 pytestmark = [pytest.mark.timeout(400), pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-def node_env(node: Path, endpoint: str, **more: str) -> dict:
-    """A simulated node: its own working directory, HOME and cache; S3 through the AWS environment."""
-    (node / "home").mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "HOME": str(node / "home"),
-        "CORAL_CACHE_DIR": str(node / "cache"),
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": TEST_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-        "AWS_DEFAULT_REGION": REGION,
-        "PYTHONPATH": str(Path(coral_torch.__file__).parents[1]),
-        "OMP_NUM_THREADS": "1",
-        **more,
-    }
-    env.pop("CORAL_REPO", None)
-    return env
-
-
-def run_nodes(scenario: str, args: dict, root: Path, endpoint: str, *, world: int = 2, timeout: float = 300):
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        node = root / f"node{rank}"
-        env = node_env(node, endpoint, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, json.dumps(args)], env=env, cwd=node,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-        outs.append((p.returncode, out))
-    for rc, out in outs:
-        assert rc == 0, out[-4000:]
-
-
-def report(out: str, rank: int) -> dict:
-    with open(f"{out}.{rank}.json") as f:
-        return json.load(f)
-
-
-def same(a, b, path="") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
-    else:
-        assert a == b, (path, a, b)
 
 
 def _check_run(url: str, endpoint: str, root: Path, out: str, config=None) -> None:
@@ -110,7 +52,7 @@ def _check_run(url: str, endpoint: str, root: Path, out: str, config=None) -> No
         fresh.close()
     # fresh processes on fresh nodes (empty caches) load 2 -> 2
     out2 = str(root / "reload")
-    run_nodes("load", {"repo": url, "ref": r0["third"], "out": out2}, root / "second-pair", endpoint)
+    run_job("load", {"repo": url, "ref": r0["third"], "out": out2}, root / "second-pair", endpoint)
     assert report(out2, 0)["loaded"] == report(out2, 1)["loaded"] == r0["third"]
     same(saved["third"]["model"], torch.load(out2 + ".pt", weights_only=True)["back"]["model"])
     same(saved["third"]["optim"], torch.load(out2 + ".pt", weights_only=True)["back"]["optim"])
@@ -120,7 +62,7 @@ def test_fsdp2_saves_from_every_rank_to_s3_and_loads_on_fresh_nodes(server, buck
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
     url = f"s3://{bucket}/dcp"
     out = str(tmp_path / "report")
-    run_nodes("save", {"repo": url, "out": out}, tmp_path, server.endpoint)
+    run_job("save", {"repo": url, "out": out}, tmp_path, server.endpoint)
     _check_run(url, server.endpoint, tmp_path, out)
 
 
@@ -130,7 +72,7 @@ def test_fsdp2_on_rclone(rclone_server, tmp_path):
     bucket = rclone_server.create_bucket("dcp-rclone")
     url = f"s3://{bucket}/dcp"
     out = str(tmp_path / "report")
-    run_nodes("save", {"repo": url, "out": out}, tmp_path, rclone_server.endpoint)
+    run_job("save", {"repo": url, "out": out}, tmp_path, rclone_server.endpoint)
     config = S3Config(bucket=bucket, prefix="dcp", endpoint_url=rclone_server.endpoint, access_key=TEST_KEY,
                       secret_key=TEST_SECRET, region=REGION, addressing_style="path", progress=False)
     _check_run(url, rclone_server.endpoint, tmp_path, out, config)

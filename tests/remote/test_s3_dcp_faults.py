@@ -27,89 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s3_checks import remote_problems, sealed  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
+from nodes import report, run_job, same, start_job, wait_job  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
 
 import coral_torch  # noqa: E402
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
 from coral_torch.storage.s3_store import S3Config  # noqa: E402
 
-WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
 PREFIX = "dcp"
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-# ------------------------------------------------------------------------------------ nodes
-def node_env(node: Path, endpoint: str, **more: str) -> dict:
-    """A simulated node: its own working directory, HOME and cache; S3 through the AWS environment."""
-    (node / "home").mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "HOME": str(node / "home"),
-        "CORAL_CACHE_DIR": str(node / "cache"),
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": TEST_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-        "AWS_DEFAULT_REGION": REGION,
-        "PYTHONPATH": str(Path(coral_torch.__file__).parents[1]),
-        "OMP_NUM_THREADS": "1",
-        **more,
-    }
-    env.pop("CORAL_REPO", None)
-    return env
-
-
-def start_job(scenario: str, args: dict, root: Path, endpoint: str, world: int = 2) -> list[subprocess.Popen]:
-    """``world`` ranks of one job, each on its own node under ``root`` (``node<rank>``)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        node = root / f"node{rank}"
-        env = node_env(node, endpoint, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, json.dumps(args)], env=env, cwd=node,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def wait_job(procs: list[subprocess.Popen], timeout: float = 150) -> list[tuple[int, str]]:
-    """Each rank's (exit status, output); a rank still running after ``timeout`` is killed (-9)."""
-    deadline = time.monotonic() + timeout
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            out += "\n[killed by the test: it ran past its timeout]"
-        outs.append((p.returncode, out))
-    return outs
-
-
-def run_job(scenario: str, args: dict, root: Path, endpoint: str, timeout: float = 150) -> list[tuple[int, str]]:
-    outs = wait_job(start_job(scenario, args, root, endpoint), timeout)
-    for rc, out in outs:
-        assert rc == 0, out[-4000:]
-    return outs
-
-
-def report(out: str, rank: int) -> dict:
-    with open(f"{out}.{rank}.json") as f:
-        return json.load(f)
-
-
-def same(a, b, path="") -> None:
-    """Equal structure; tensors bit for bit."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
-    else:
-        assert a == b, (path, a, b)
 
 
 # ------------------------------------------------------------------------------------ the bucket, by boto3

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
+from nodes import node_env  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
 
 import coral_torch  # noqa: E402
@@ -55,18 +56,7 @@ def _fresh_node(tmp_path: Path, name: str, code: str, endpoint: str) -> subproce
     """Run ``code`` in a process that shares nothing with this one but the S3 server: its own
     working directory, HOME and cache."""
     node = tmp_path / name
-    (node / "home").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "HOME": str(node / "home"),
-        "CORAL_CACHE_DIR": str(node / "cache"),
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": TEST_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
-        "AWS_DEFAULT_REGION": REGION,
-        "PYTHONPATH": str(Path(coral_torch.__file__).parents[1]),
-    }
-    env.pop("CORAL_REPO", None)
+    env = node_env(node, endpoint)
     return subprocess.run([sys.executable, "-c", code], cwd=node, env=env, capture_output=True, text=True, timeout=240)
 
 

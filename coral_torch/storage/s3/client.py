@@ -48,6 +48,7 @@ from ...errors import CoralError, CorruptObjectError, IntegrityError, RemoteConf
 from ...format.documents import decode_document, encode_document, md5 as new_md5
 from ...format.objects import byte_view
 from ...format.refnames import validate_ref_name
+from .buffer_reader import BufferReader
 from .config import S3Config
 from .errors import (
     ANY_EXC,
@@ -102,40 +103,6 @@ def _entry(o: Mapping[str, Any]) -> RemoteEntry:
     except (AttributeError, TypeError, ValueError, OverflowError, OSError):
         modified = 0.0
     return RemoteEntry(int(o.get("Size", 0) or 0), norm_etag(o.get("ETag")), modified)
-
-
-class _BufferReader(io.RawIOBase):
-    """A seekable, read-only file over a buffer, without copying it (for uploads)."""
-
-    def __init__(self, buf: Any):
-        self._mv = byte_view(buf)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._mv)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), len(self._mv) - self._pos))
-        b[:n] = self._mv[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._mv) if size is None or size < 0 else min(len(self._mv), self._pos + size)
-        data = self._mv[self._pos : end].tobytes() if end > self._pos else b""
-        self._pos = max(self._pos, end)
-        return data
 
 
 class _ProvideSize(BaseSubscriber):
@@ -481,7 +448,7 @@ class S3Client:
                 resp = self._s3.put_object(
                     Bucket=b,
                     Key=obj,
-                    Body=_BufferReader(view),
+                    Body=BufferReader(view),
                     ContentLength=len(view),
                     ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(),
                     ContentType=content_type,
@@ -489,7 +456,7 @@ class S3Client:
                 )
                 return norm_etag(resp.get("ETag"))
             fut = self._transfer.upload(
-                _BufferReader(view),
+                BufferReader(view),
                 b,
                 obj,
                 extra_args={"ContentType": content_type},
