@@ -329,12 +329,11 @@ class S3Repository(Repository):
         _, needed = live_closure(self, {cid})
         obj_stats = upload_objects(self, self.store.objects, needed, True, progress=None)
         doc = commit_document(self, cid)
-        if doc is None:  # released at once by the run's own retention: nothing to publish
-            return
-        publish_commit(client, cid, doc)
+        if doc is not None:  # None: released at once by the run's own retention, only refs change
+            publish_commit(client, cid, doc)
         after = self._published_refs()
         moved = 0
-        if latest is not None and after.get(latest) == cid:
+        if doc is not None and latest is not None and after.get(latest) == cid:
             try:
                 move_ref(client, latest, cid, expected=expected, updated=time.time())
                 moved += 1

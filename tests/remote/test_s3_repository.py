@@ -133,12 +133,14 @@ def test_save_and_load_through_s3_with_dedup_and_deltas(s3_env, server, tmp_path
 def test_cli_reads_an_s3_repository(s3_env, server, tmp_path):
     coral_torch.save(_state(), tmp_path / "a.pt", repo=s3_env, run="exp")
     code = (
-        "import sys\nfrom coral_torch import cli\n"
-        f"sys.exit(cli.main(['--repo', {s3_env!r}, 'log']))\n"
+        "import sys, torch\nfrom coral_torch import cli\n"
+        f"for argv in (['log'], ['show', 'exp'], ['verify'], ['export', 'exp', 'out.pt']):\n"
+        f"    assert cli.main(['--repo', {s3_env!r}, *argv]) == 0, argv\n"
+        "print('exported', sorted(torch.load('out.pt', weights_only=True)))\n"
     )
     out = _fresh_node(tmp_path, "cli", code, server.endpoint)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "exp/latest" in out.stdout
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    assert "exp/latest" in out.stdout and "exported ['b', 'name', 'step', 'w']" in out.stdout
 
 
 # ------------------------------------------------------------------------------ objects on demand
