@@ -3,8 +3,10 @@
     python tests/_dcp_worker.py <scenario> <json args>   (RANK, WORLD_SIZE, MASTER_* in the env)
 
 Scenarios: ``save`` (train, save, save unchanged, train, save, async_save, then load 2->2 into a
-fresh model), ``load`` (a fresh model loads ``ref`` 2->2), ``killed`` (rank 1 dies while writing its pack), ``after_kill`` (one more save).
-Rank 0 writes a JSON report and the full (gathered) tensors it saved, for the test to compare.
+fresh model; on an ``s3://`` repository each rank also reports what its first three saves uploaded),
+``load`` (a fresh model loads ``ref`` 2->2), ``killed`` (rank 1 dies while writing its pack),
+``after_kill`` (one more save). Rank 0 writes a JSON report and the full (gathered) tensors it saved,
+for the test to compare.
 
 Faults of sharded saves to S3 (tests/remote/test_s3_dcp_faults.py), on run ``shard``:
 ``s3_kill`` (a save, then one more step and a save during which rank ``victim`` SIGKILLs itself:
@@ -77,6 +79,25 @@ def full(sd: dict) -> dict:
 def state(model, opt) -> dict:
     msd, osd = get_state_dict(model, opt)
     return {"model": msd, "optim": osd, "extra": {"epoch": 1, "note": "hello"}}
+
+
+def uploaded(repo: str) -> dict:
+    """What this rank's last save uploaded to the ``s3://`` repository ``repo``, read from (and then
+    cleared on) the process's cached handle, the one the DCP writer used: ``write_shard`` sets its
+    ``last_publish`` on every save where the rank has plan items, uploading nothing included. Cleared,
+    a save that skipped ``write_shard`` (the rank wrote nothing: it uploaded nothing) reads as zeros
+    instead of the previous save's figures."""
+    from coral_torch.repository.handles import open_repository
+
+    handle = open_repository(repo, create=False)
+    stats = getattr(handle, "last_publish", None) or {}
+    handle.last_publish = {}
+    return {
+        "write_shard": bool(stats),
+        "objects_uploaded": int(stats.get("objects_uploaded", 0)),
+        "objects_skipped": int(stats.get("objects_skipped", 0)),
+        "bytes_uploaded": int(stats.get("bytes_uploaded", 0)),
+    }
 
 
 def failure(exc: BaseException) -> dict:
@@ -173,12 +194,21 @@ def main() -> None:
     train(model, opt, 2, seed=1)
 
     if scenario == "save":
+        on_s3 = repo.startswith("s3://")
+        ups: dict = {}
         sd = state(model, opt)
         report["first"] = cdcp.save(sd, repo=repo, run="shard", metrics={"loss": 1.0})
+        if on_s3:
+            ups["first"] = uploaded(repo)
         report["unchanged"] = cdcp.save(state(model, opt), repo=repo, run="shard")
+        if on_s3:
+            ups["unchanged"] = uploaded(repo)
         train(model, opt, 1, seed=2)
         sd = state(model, opt)
         report["third"] = cdcp.save(sd, repo=repo, run="shard")
+        if on_s3:
+            ups["third"] = uploaded(repo)
+            report["uploaded"] = ups
         saved = full(sd)
         train(model, opt, 1, seed=3)
         fut, writer = cdcp.async_save(state(model, opt), repo=repo, run="shard")

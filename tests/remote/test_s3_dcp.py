@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodes import node_env, report, run_job, same  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
 
-import coral_torch  # noqa: E402
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
 
@@ -28,6 +27,15 @@ def _check_run(url: str, endpoint: str, root: Path, out: str, config=None) -> No
     for key in ("first", "unchanged", "third", "async", "loaded"):
         assert r0[key] == r1[key] and r0[key], key  # the same commit id on both ranks
     assert r0["unchanged"] == r0["first"]
+    for r in (r0, r1):  # what each rank's writer uploaded (write_shard's last_publish, per save)
+        up = r["uploaded"]
+        first, unchanged, third = up["first"], up["unchanged"], up["third"]
+        assert first["write_shard"] and first["bytes_uploaded"] > 0 and first["objects_uploaded"] > 0, up
+        # an unchanged save uploads nothing new: every object of its shards is on the bucket already
+        assert unchanged["bytes_uploaded"] == 0 and unchanged["objects_uploaded"] == 0, up
+        assert unchanged["objects_skipped"] > 0, up  # it did look (write_shard ran), finding them there
+        # a save after a training step uploads something, and fewer bytes than the first
+        assert 0 < third["bytes_uploaded"] < first["bytes_uploaded"], up
     for rank in range(2):  # no repository directory appeared on any node: only its cache
         assert not (root / f"node{rank}" / ".coral").exists()
         assert (root / f"node{rank}" / "cache").is_dir()
@@ -73,8 +81,16 @@ def test_fsdp2_on_rclone(rclone_server, tmp_path):
     url = f"s3://{bucket}/dcp"
     out = str(tmp_path / "report")
     run_job("save", {"repo": url, "out": out}, tmp_path, rclone_server.endpoint)
-    config = S3Config(bucket=bucket, prefix="dcp", endpoint_url=rclone_server.endpoint, access_key=TEST_KEY,
-                      secret_key=TEST_SECRET, region=REGION, addressing_style="path", progress=False)
+    config = S3Config(
+        bucket=bucket,
+        prefix="dcp",
+        endpoint_url=rclone_server.endpoint,
+        access_key=TEST_KEY,
+        secret_key=TEST_SECRET,
+        region=REGION,
+        addressing_style="path",
+        progress=False,
+    )
     _check_run(url, rclone_server.endpoint, tmp_path, out, config)
 
 
@@ -83,8 +99,14 @@ MP_WORKER = Path(__file__).resolve().parents[1] / "_mp_worker.py"
 
 def run_lightning(args: dict, endpoint: str, node: Path, timeout: float = 300) -> dict:
     env = node_env(node, endpoint, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    p = subprocess.run([sys.executable, str(MP_WORKER), json.dumps(args)], env=env, cwd=node, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, str(MP_WORKER), json.dumps(args)],
+        env=env,
+        cwd=node,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     with open(args["out"] + ".json") as f:
         return json.load(f)
@@ -94,12 +116,32 @@ def test_lightning_model_parallel_on_s3_resumes_on_a_fresh_node(server, bucket, 
     """CoralModelParallelStrategy (FSDP2, 2 ranks, each rank its own cache): 2 epochs, then 1 more
     resumed from coral://latest on a fresh node, equals 3 straight."""
     url = f"s3://{bucket}/mp"
-    straight = run_lightning({"repo": f"{url}-straight", "epochs": 3, "out": str(tmp_path / "s"),
-                              "cache_root": str(tmp_path / "n0" / "caches")}, server.endpoint, tmp_path / "n0")
-    first = run_lightning({"repo": url, "epochs": 2, "out": str(tmp_path / "a"),
-                           "cache_root": str(tmp_path / "n1" / "caches")}, server.endpoint, tmp_path / "n1")
-    resumed = run_lightning({"repo": url, "epochs": 3, "out": str(tmp_path / "b"), "ckpt": "coral://latest",
-                             "cache_root": str(tmp_path / "n2" / "caches")}, server.endpoint, tmp_path / "n2")
+    straight = run_lightning(
+        {
+            "repo": f"{url}-straight",
+            "epochs": 3,
+            "out": str(tmp_path / "s"),
+            "cache_root": str(tmp_path / "n0" / "caches"),
+        },
+        server.endpoint,
+        tmp_path / "n0",
+    )
+    first = run_lightning(
+        {"repo": url, "epochs": 2, "out": str(tmp_path / "a"), "cache_root": str(tmp_path / "n1" / "caches")},
+        server.endpoint,
+        tmp_path / "n1",
+    )
+    resumed = run_lightning(
+        {
+            "repo": url,
+            "epochs": 3,
+            "out": str(tmp_path / "b"),
+            "ckpt": "coral://latest",
+            "cache_root": str(tmp_path / "n2" / "caches"),
+        },
+        server.endpoint,
+        tmp_path / "n2",
+    )
     assert resumed["epoch"] == straight["epoch"] == 3 and first["last"] != resumed["last"]
     same(torch.load(str(tmp_path / "s.pt")), torch.load(str(tmp_path / "b.pt")))  # 2 + 1 epochs == 3
     for n in ("n1", "n2"):
