@@ -152,6 +152,11 @@ class RefConflictError(ConcurrentChangeError):
         self.current = current
 
 
+class CoralCheckpointError(CoralError):
+    """A background checkpoint save failed; raised on the training thread (on every rank of a
+    multi-process run) at the next save point or hook."""
+
+
 class UnsupportedTorchError(CoralError, ImportError):
     """The installed torch lacks an API this feature needs (e.g. DCP's storage interface)."""
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port
 
 DCP_WORKER = Path(__file__).resolve().parent / "_dcp_worker.py"
@@ -96,3 +95,25 @@ def same(a, b, path="") -> None:
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), path
     else:
         assert a == b, (path, a, b)
+
+
+MP_WORKER = Path(__file__).resolve().parent / "_mp_worker.py"
+
+
+def run_lightning(args: dict, *, env: dict | None = None, cwd: Path | None = None, timeout: float = 300,
+                  expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/_mp_worker.py (a 2-rank CoralModelParallelStrategy fit; Lightning starts rank 1)."""
+    env = dict(env if env is not None else os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(MP_WORKER), json.dumps(args)], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    if expect_ok:
+        assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    return p
+
+
+def lightning_report(args: dict, **kw) -> dict:
+    """:func:`run_lightning`, then rank 0's report."""
+    run_lightning(args, **kw)
+    with open(args["out"] + ".json") as f:
+        return json.load(f)

@@ -4,10 +4,10 @@
 
 from typing import Any
 
+from ..errors import CoralCheckpointError
 from .checkpoint_io import CoralCheckpointIO
 from .coral_checkpoint import CoralCheckpoint
 from .loading import load_module_from_checkpoint
-from .saver import CoralCheckpointError
 
 
 def __getattr__(name: str) -> Any:

@@ -222,7 +222,6 @@ class CoralCheckpoint(Checkpoint):
                     self._repo_arg.location if isinstance(self._repo_arg, Repository) else self._repo_arg
                 )
             self._repo_arg = trainer.strategy.repo_path
-            self.async_save = False  # a sharded save is a collective of all ranks
             if not isinstance(self.optimizer_policy, KeepAll):
                 raise CoralError(
                     "keep_optimizer is not supported with sharded (FSDP2) commits yet: their optimizer shards "
@@ -239,10 +238,12 @@ class CoralCheckpoint(Checkpoint):
         workers: int | None = None  # the repository's default (all cores, up to 8)
         if self.background_workers is not None:
             workers = max(1, int(self.background_workers))
-        elif self.async_save and trainer.strategy.root_device.type == "cpu":
+        elif self.async_save and not self._sharded and trainer.strategy.root_device.type == "cpu":
             # a CPU trainer keeps every core busy: more encoder threads only fight its own threads
             workers = 1
-        self._saver.start(asynchronous=self.async_save, nice=self.background_nice, workers=workers)
+        # (a sharded save runs in the background of every rank: the strategy's BackgroundShardedSaves)
+        local_async = self.async_save and not self._sharded
+        self._saver.start(asynchronous=local_async, nice=self.background_nice, workers=workers)
 
     def _run_name(self, trainer: Any) -> str:
         if self.run:
@@ -263,6 +264,8 @@ class CoralCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.world_size == 1:
             self._surface_errors(trainer)
+        if self._sharded:
+            self._saver.poll_sharded(trainer)  # a failed background save is raised on every rank
         n = self.every_n_train_steps
         if (
             n
@@ -301,7 +304,7 @@ class CoralCheckpoint(Checkpoint):
             self._saver.finish(trainer, tags=self.tags, s3=self.s3, log_stats=self.log_stats)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._saver.settle(exception)  # says what became of a save in flight
+        self._saver.settle(trainer, exception)  # says what became of a save in flight
         self._end_lease()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import CoralError
+from ..errors import CoralCheckpointError, CoralError
 from ..format.delta import DeltaConfig
 from ..parallel import HelpBoard
 from ..repository import CommitStats, Repository
@@ -30,15 +30,12 @@ from ..repository.options import CommitOptions
 from ..repository.retain import RetentionReport
 from ..retention import KeepAll, KeepNone, Policy
 from ..storage.s3_store import S3Config
+from .background_sharded import BackgroundShardedSaves
 from .snapshot import BackgroundCommitter, SnapshotBuffers
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_KEY = "optimizer_states"
-
-
-class CoralCheckpointError(CoralError):
-    """A background save failed; raised on the training thread (on every rank under DDP)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,7 @@ class CheckpointSaver:
         self._buffers = SnapshotBuffers()
         self._pending_stats: list[dict[str, Any]] = []
         self._lease: str | None = None  # this process's hold on the commit it resumed from
+        self._sharded_submitted: dict[str, Any] = {}  # what a background sharded save records
 
     # ------------------------------------------------------------------------------ set-up
     def open(
@@ -154,14 +152,48 @@ class CheckpointSaver:
                 raise  # stays one: Lightning shuts down gracefully, on_exception reports the save
             except BaseException as exc:  # noqa: BLE001
                 error = exc
+        saves = background_saves(trainer)
+        if saves is not None and saves.pending:  # on every rank: each has its part of the save
+            try:
+                self._collect_sharded(trainer, saves, saves.wait() if wait else saves.check())
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                error = error or exc
         failed = error is not None
         if trainer.world_size > 1:
             failed = bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
+        if isinstance(error, CoralCheckpointError):
+            raise error  # (already says what failed)
         if failed:
             msg = (
-                f"background checkpoint save failed: {_reason(error)}" if error else "checkpoint save failed on rank 0"
+                f"background checkpoint save failed: {_reason(error)}"
+                if error
+                else "checkpoint save failed on another rank"
             )
             raise CoralCheckpointError(msg) from error
+
+    def poll_sharded(self, trainer: Any) -> None:
+        """While a background sharded save is pending: one small collective tells every rank whether
+        any rank's save failed (then every rank raises) or all finished (then it is collected)."""
+        saves = background_saves(trainer)
+        if saves is None or not saves.pending:  # the same on every rank: saves start and end together
+            return
+        flags = torch.tensor([float(saves.failed()), float(saves.running)], device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        if flags[0].item() > 0 or flags[1].item() == 0:
+            self.sync_barrier(trainer, wait=True)  # raises on every rank, or collects the commit
+
+    def _collect_sharded(self, trainer: Any, saves: BackgroundShardedSaves, cid: str | None) -> None:
+        if cid is None:
+            return
+        self.last_commit = cid
+        info, self._sharded_submitted = self._sharded_submitted, {}
+        if trainer.is_global_zero:
+            self._pending_stats.append(
+                dict(info, commit=cid, background_s=saves.last_seconds, staged_bytes=saves.staged_bytes)
+            )
 
     # ------------------------------------------------------------------------------ save
     def save(self, trainer: Any, checkpoint: dict, plan: SavePlan, t0: float) -> None:
@@ -238,7 +270,12 @@ class CheckpointSaver:
         """Every rank writes its shards; one commit (see :class:`CoralModelParallelStrategy`)."""
         metrics = _metrics(trainer)
         epoch, step = trainer.current_epoch, trainer.global_step
-        cid = trainer.strategy.commit_sharded(checkpoint, options=_options(plan, epoch, step, metrics))
+        options = _options(plan, epoch, step, metrics)
+        if plan.asynchronous:
+            trainer.strategy.submit_sharded(checkpoint, options=options)
+            self._sharded_submitted = {"epoch": epoch, "step": step, "stall_s": time.perf_counter() - t0}
+            return
+        cid = trainer.strategy.commit_sharded(checkpoint, options=options)
         self.last_commit = cid
         if trainer.is_global_zero:
             self._pending_stats.append(
@@ -256,10 +293,25 @@ class CheckpointSaver:
         if s3 is not None and self.last_commit:
             self.push(s3)
 
-    def settle(self, exception: BaseException) -> None:
+    def settle(self, trainer: Any, exception: BaseException) -> None:
         """Training stopped with ``exception``: wait for the in-flight save and say what became of it."""
         # The in-flight commit is atomic: let it finish (or fail) and say which, so a user who
         # pressed Ctrl-C knows whether the last checkpoint exists.
+        saves = background_saves(trainer)
+        if saves is not None and saves.pending:
+            log.warning(
+                "training stopped (%s) while a sharded checkpoint save was in flight; waiting for it "
+                "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
+                type(exception).__name__,
+            )
+            try:
+                cid = saves.wait()
+                if cid is not None:
+                    log.warning("the in-flight sharded checkpoint save finished: published as commit %s", cid[:10])
+            except KeyboardInterrupt:
+                log.warning("the in-flight sharded checkpoint save was abandoned: nothing of it was published")
+            except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
+                log.error("the in-flight sharded checkpoint save failed (%s): nothing was published", _reason(exc))
         committer = self.committer
         if committer is not None and committer.pending:
             log.warning(
@@ -319,6 +371,12 @@ class CheckpointSaver:
                 exc,
                 _push_command(self.repo.path, s3),
             )
+
+
+def background_saves(trainer: Any) -> BackgroundShardedSaves | None:
+    """The trainer's strategy's background sharded saves (a ``CoralModelParallelStrategy``'s), if any."""
+    saves = getattr(trainer.strategy, "background_saves", None)
+    return saves if isinstance(saves, BackgroundShardedSaves) else None
 
 
 def _options(plan: SavePlan, epoch: int, step: int, metrics: dict[str, float], **more: Any) -> CommitOptions:

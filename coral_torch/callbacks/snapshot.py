@@ -152,6 +152,12 @@ class BackgroundCommitter:
         """A job was submitted whose outcome nobody collected yet (running or finished)."""
         return self._future is not None
 
+    @property
+    def failed(self) -> bool:
+        """The job finished with an error that nobody collected yet (:meth:`check` raises it)."""
+        fut = self._future
+        return fut is not None and fut.done() and fut.exception() is not None
+
     def submit(self, fn: Callable[[], Any]) -> None:
         self.wait()
 
@@ -185,8 +191,14 @@ class BackgroundCommitter:
             while not fut.done() and (deadline is None or time.monotonic() < deadline):
                 if not helper():
                     wait_futures([fut], timeout=_HELP_POLL_S)
-        fut.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return self.check()
+        done, _ = wait_futures([fut], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise TimeoutError(f"the background job did not finish within {timeout} s")
+        if isinstance(fut.exception(), KeyboardInterrupt):
+            # Ctrl-C reached a work item the waiting thread took over: the job stays pending, so
+            # the shutdown that follows says what became of it
+            raise KeyboardInterrupt
+        return self.check()  # (collects it: a failure is raised once)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

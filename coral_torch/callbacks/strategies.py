@@ -7,7 +7,11 @@ plugin. :class:`CoralModelParallelStrategy` is the same strategy with three meth
 - ``save_checkpoint(checkpoint, path)`` (what ``ModelCheckpoint`` and ``trainer.save_checkpoint``
   call): every rank writes its shards with :class:`~coral_torch.dcp.CoralStorageWriter`, one commit
   is published, and rank 0 writes a pointer file at ``path`` (so ``ModelCheckpoint``'s bookkeeping,
-  top-k and ``last.ckpt`` work as with files);
+  top-k and ``last.ckpt`` work as with files). While fitting this is asynchronous by default
+  (``async_save``): every rank stages its shards into reusable host buffers and trains on, the save
+  runs in the background (:mod:`~coral_torch.callbacks.background_sharded`), the pointer file appears
+  once the commit is published, the next save waits for it, and a failure is raised on every rank at
+  the next save or at the end of training;
 - ``load_checkpoint(path)`` takes ``coral://<ref>`` or such a pointer file (anything else: the stock
   behaviour), loading the shards resharded to the current layout;
 - ``remove_checkpoint(path)`` drops the pointer's ref with the file.
@@ -32,8 +36,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from .. import dcp as coral_dcp
-from ..checkpoint.checkpoint_files import commit_with_pointer, forget_pointer
-from ..checkpoint.pointers import read_pointer_file
+from ..checkpoint.checkpoint_files import commit_with_pointer, forget_pointer, with_pointer_ref
+from ..checkpoint.pointers import read_pointer_file, write_pointer
 from ..checkpoint.sharded import load_value
 from ..defaults import REPOSITORY_DIR
 from ..errors import CoralError
@@ -42,6 +46,7 @@ from ..repository import Repository
 from ..repository.handles import open_repository, repository_location
 from ..repository.options import CommitOptions
 from ..retention import Policy
+from .background_sharded import BackgroundShardedSaves
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
 
 log = logging.getLogger(__name__)
@@ -54,13 +59,17 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` (FSDP2 / tensor parallel) that checkpoints into a coral-torch repository.
 
     Args:
-        repo: repository directory (default: ``<trainer.default_root_dir>/.coral``, as
-            ``CoralCheckpoint``'s; before a trainer is attached, ``$CORAL_REPO`` or ``./.coral``);
-            every rank must see it (one host, or a shared file system).
+        repo: repository: ``s3://bucket/prefix`` (every rank uploads its own shards; nothing else
+            shared) or a directory every rank sees (one host, or a shared file system); default:
+            ``<trainer.default_root_dir>/.coral``, as ``CoralCheckpoint``'s (before a trainer is
+            attached, ``$CORAL_REPO`` or ``./.coral``).
         run: run name for commits made through ``save_checkpoint`` (default: from the checkpoint path).
         keep: a retention policy (:mod:`coral_torch.retention`) for the run of commits made through
             ``save_checkpoint`` (``ModelCheckpoint``, ``trainer.save_checkpoint``), applied after each
             save besides the pointer files ``ModelCheckpoint`` manages; ``CoralCheckpoint`` passes its own.
+        async_save: ``save_checkpoint`` while fitting stages the shards and saves them in the
+            background (default); False: every save blocks training until its commit is published.
+            Outside ``fit`` saves are always synchronous.
         **kwargs: passed to ``ModelParallelStrategy``.
     """
 
@@ -70,12 +79,17 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         *,
         run: str | None = None,
         keep: Policy | None = None,
+        async_save: bool = True,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.repo = repo  #: the repository directory, or None for the default (see :attr:`repo_path`)
         self.run = run
         self.keep = keep
+        self.async_save = async_save
+        #: the saves running in the background (``submit_sharded``); every rank has its own
+        self.background_saves = BackgroundShardedSaves()
+        self._in_flight_path: Path | None = None  # the pointer file the save in flight writes
 
     @property
     def repo_path(self) -> Path | S3Location:
@@ -93,21 +107,33 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         ``options`` (a :class:`CommitOptions`) or its fields as keyword arguments (``run``, ``refs``,
         ``message``, ``metrics``, ``monitor``, ``mode``, ``keep``, ...) say what the commit records,
         as for :class:`~coral_torch.dcp.CoralStorageWriter` (a ``keep`` policy is applied by the
-        coordinator); ``keep`` defaults to False here, ``epoch``/``step`` to the checkpoint's."""
-        if options is None:
-            option_kwargs.setdefault("keep", False)
-        options = CommitOptions.build(options, **option_kwargs)
-        options = options.replace(
-            epoch=checkpoint.get("epoch") if options.epoch is None else options.epoch,
-            step=checkpoint.get("global_step") if options.step is None else options.step,
-        )
-        state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
-        for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
-            state[f"optimizer_{i}"] = optim_state
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
-        state[LIGHTNING_META] = buf.getvalue()
+        coordinator); ``keep`` defaults to False here, ``epoch``/``step`` to the checkpoint's.
+        A save still running in the background is waited for first."""
+        self.wait_for_saves()
+        state, options = _dcp_state(checkpoint, options, option_kwargs)
         return coral_dcp.save(state, repo=self.repo_path, options=options)
+
+    def submit_sharded(
+        self,
+        checkpoint: dict[str, Any],
+        options: CommitOptions | None = None,
+        *,
+        then: Any = None,
+        **option_kwargs: Any,
+    ) -> None:
+        """:meth:`commit_sharded` in the background: every rank stages its shards and returns; the
+        commit is published later (``then(commit_id)`` runs on the background thread when it is).
+        :attr:`background_saves` says how it went (``check``/``wait`` on every rank)."""
+        state, options = _dcp_state(checkpoint, options, option_kwargs)
+        self.background_saves.submit(state, repo=self.repo_path, options=options, then=then)
+
+    def wait_for_saves(self) -> str | None:
+        """Wait for the save in flight on this rank; its commit id, or :class:`CoralCheckpointError`
+        (every rank's save fails with any rank's failure, so every rank raises)."""
+        try:
+            return self.background_saves.wait()
+        finally:
+            self._in_flight_path = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -119,6 +145,18 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             keep=self.keep if self.keep is not None else False,
         )
         repo = open_repository(self.repo_path)
+        if self.async_save and self._fitting():
+            self.wait_for_saves()  # (its pointer file exists before the next save starts)
+            write_file = self.global_rank == 0
+            location = repo.location
+
+            def publish_pointer(cid: str) -> None:
+                if write_file:
+                    write_pointer(path, cid, location)
+
+            self.submit_sharded(checkpoint, options=with_pointer_ref(options, path, repo.path), then=publish_pointer)
+            self._in_flight_path = path
+            return
         commit_with_pointer(
             path,
             repo.path,
@@ -128,6 +166,21 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             location=repo.location,
         )  # every rank commits, one writes the file
         self.barrier("coral_save_checkpoint")
+
+    def _fitting(self) -> bool:
+        """Whether a ``fit`` is running (its saves may run in the background: teardown waits)."""
+        from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        return (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        )
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.wait_for_saves()  # the last save's failure is raised here, on every rank
 
     # -- loading ------------------------------------------------------------------------------
     def _coral_ref(self, path: str) -> tuple[Path | S3Location, str] | None:
@@ -153,6 +206,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        self.wait_for_saves()  # (it may be the commit asked for)
         repo_path, ref = found
         module = self.model
         assert module is not None and self.lightning_module is not None
@@ -173,6 +227,8 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
 
     def remove_checkpoint(self, filepath: Any) -> None:
         path = Path(filepath)
+        if self._in_flight_path is not None and self._in_flight_path == path.absolute():
+            self.wait_for_saves()  # the save in flight writes this very file
         if self.global_rank == 0 and path.is_file():
             try:
                 pointer = read_pointer_file(path)
@@ -202,7 +258,29 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
 
             failed = sys.exc_info()[0] is not None
         _exit_state["clean"] = not failed
+        self.background_saves.close()  # waits for the save in flight (a failure is logged)
+        self._in_flight_path = None
         super().teardown()
+
+
+def _dcp_state(
+    checkpoint: dict[str, Any], options: CommitOptions | None, option_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], CommitOptions]:
+    """The DCP state dict of a Lightning checkpoint (consumed) and the options of its commit."""
+    if options is None:
+        option_kwargs.setdefault("keep", False)
+    options = CommitOptions.build(options, **option_kwargs)
+    options = options.replace(
+        epoch=checkpoint.get("epoch") if options.epoch is None else options.epoch,
+        step=checkpoint.get("global_step") if options.step is None else options.step,
+    )
+    state: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+    for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+        state[f"optimizer_{i}"] = optim_state
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    state[LIGHTNING_META] = buf.getvalue()
+    return state, options
 
 
 def _lightning_meta(repo: Repository, cid: str, *, weights_only: bool) -> dict[str, Any]:

@@ -47,11 +47,18 @@ def commit_with_pointer(
     commit in the repository at ``repo_path`` (unless ``write_file`` is false: another rank of a
     sharded save writes it). ``location``: what the pointer names as the repository, when not its
     directory (an S3 repository's URL). Returns what ``commit`` returned."""
-    result = commit(options.with_refs(pointer_ref_name(path, repo_path)))
+    result = commit(with_pointer_ref(options, path, repo_path))
     if write_file:
         cid = result if isinstance(result, str) else result.commit_id
         write_pointer(path, cid, location if location is not None else repo_path)
     return result
+
+
+def with_pointer_ref(options: CommitOptions, path: str | os.PathLike, repo_path: str | os.PathLike) -> CommitOptions:
+    """``options`` plus the ref of the pointer file at ``path``: a commit that publishes it may then
+    be named by writing the pointer (:func:`~coral_torch.checkpoint.pointers.write_pointer`) once
+    it is published; an asynchronous save does that when it finishes (see :func:`commit_with_pointer`)."""
+    return options.with_refs(pointer_ref_name(path, repo_path))
 
 
 def forget_pointer(path: str | os.PathLike, repo: Repository) -> bool:
@@ -62,4 +69,4 @@ def forget_pointer(path: str | os.PathLike, repo: Repository) -> bool:
     return repo.delete_ref(ref)
 
 
-__all__ = ["commit_with_pointer", "forget_pointer"]
+__all__ = ["commit_with_pointer", "forget_pointer", "with_pointer_ref"]

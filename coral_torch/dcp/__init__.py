@@ -45,7 +45,15 @@ from .handle import RepoArg  # noqa: E402
 from .reader import CoralStorageReader  # noqa: E402
 from .writer import CoralStorageWriter  # noqa: E402
 
-__all__ = ["CommitOptions", "CoralStorageReader", "CoralStorageWriter", "save", "load", "async_save"]
+__all__ = [
+    "CommitOptions",
+    "CoralStorageReader",
+    "CoralStorageWriter",
+    "save",
+    "load",
+    "async_save",
+    "failure_reason",
+]
 
 
 def save(
@@ -99,6 +107,18 @@ def load(
     with _named_failures():
         _dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
     return reader.commit_id
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed DCP save or load in one line: the lowest failed rank's error (a ``CheckpointException``
+    holds every failed rank's, with tracebacks); other exceptions as ``Type: first line``."""
+    rank = None
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, failure = min(exc.failures.items())
+        exc = failure[0] if isinstance(failure, tuple) else failure
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"rank {rank}: {text}" if rank is not None else text
 
 
 class _named_failures:

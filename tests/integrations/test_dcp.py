@@ -16,7 +16,11 @@ import coral_torch
 from coral_torch import Repository
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-from nodes import report, same  # noqa: E402
+from nodes import (  # noqa: E402
+    lightning_report as run_lightning,  # noqa: E402
+    report,
+    same,
+)
 from s3_server import free_port  # noqa: E402
 
 WORKER = Path(__file__).resolve().parents[1] / "_dcp_worker.py"
@@ -170,16 +174,6 @@ def test_pickled_values_are_not_executed_on_load_unless_trusted(tmp_path):
     assert coral_torch.load(cid, repo=tmp_path / ".coral", weights_only=False)["obj"].v == 3
 
 
-MP_WORKER = Path(__file__).resolve().parents[1] / "_mp_worker.py"
-
-
-def run_lightning(args: dict, timeout: float = 300) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(MP_WORKER), json.dumps(args)], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    with open(args["out"] + ".json") as f:
-        return json.load(f)
 
 
 def test_lightning_model_parallel_resume_is_exact_and_model_checkpoint_keeps_working(tmp_path):

@@ -4,8 +4,6 @@ the S3 server (moto, and rclone serve s3). Loads on 2 and on 1 rank(s) from empt
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nodes import node_env, report, run_job, same  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET, free_port  # noqa: E402
+from nodes import lightning_report, node_env, report, run_job, same  # noqa: E402
+from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
 
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
@@ -94,22 +92,9 @@ def test_fsdp2_on_rclone(rclone_server, tmp_path):
     _check_run(url, rclone_server.endpoint, tmp_path, out, config)
 
 
-MP_WORKER = Path(__file__).resolve().parents[1] / "_mp_worker.py"
-
-
 def run_lightning(args: dict, endpoint: str, node: Path, timeout: float = 300) -> dict:
-    env = node_env(node, endpoint, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    p = subprocess.run(
-        [sys.executable, str(MP_WORKER), json.dumps(args)],
-        env=env,
-        cwd=node,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    with open(args["out"] + ".json") as f:
-        return json.load(f)
+    env = node_env(node, endpoint)
+    return lightning_report(args, env=env, cwd=node, timeout=timeout)
 
 
 def test_lightning_model_parallel_on_s3_resumes_on_a_fresh_node(server, bucket, tmp_path):
