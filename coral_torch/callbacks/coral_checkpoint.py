@@ -11,7 +11,8 @@ Under DDP every rank builds the checkpoint (as ``ModelCheckpoint`` does), only g
 writes, and a writer failure is shared with all ranks at the next save point so none deadlocks.
 With :class:`~coral_torch.callbacks.CoralModelParallelStrategy` (FSDP2 / tensor parallel) every
 rank writes its own shards through torch.distributed.checkpoint into the repository and one commit
-is published (synchronously: the sharded save is a collective). Other sharded strategies (FSDP1,
+is published; asynchronously by default (every rank stages its shards and trains on, see
+:mod:`.background_sharded`), a failure raised on every rank at the next batch. Other sharded strategies (FSDP1,
 DeepSpeed, stock ModelParallel) write per-rank shards outside ``CheckpointIO`` and are refused at set-up.
 """
 
@@ -70,7 +71,8 @@ class CoralCheckpoint(Checkpoint):
             still resumes, with fresh optimizer moments (exact for stateless optimizers such as
             plain SGD).
         tags: tags put on the last commit at the end of training.
-        async_save: snapshot on the training thread and write in the background (default).
+        async_save: snapshot on the training thread and write in the background (default; with
+            ``CoralModelParallelStrategy`` every rank stages its shards and saves in the background).
         s3: an :class:`~coral_torch.S3Config` (or S3Store) to push to at the end of training.
         delta_config: delta policy for a repository this callback opens.
         log_stats: log bytes/ratio/stall per commit through the trainer's logger.
