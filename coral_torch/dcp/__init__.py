@@ -104,8 +104,13 @@ def load(
     """``dcp.load`` of the commit ``ref`` names into ``state_dict`` (in place, resharded to its
     current layout) on every rank; returns the commit id. ``repo`` ``None``: ``$CORAL_REPO`` or ``./.coral``."""
     reader = CoralStorageReader(repo, ref, trust_pickles=trust_pickles)
-    with _named_failures():
-        _dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
+    try:
+        with _named_failures():
+            _dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
+    except CheckpointException:
+        if reader.metadata_error is not None:  # (DCP replaced it with an AssertionError of its own)
+            raise reader.metadata_error from None
+        raise
     return reader.commit_id
 
 

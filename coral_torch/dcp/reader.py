@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..checkpoint.sharded import load_value
-from ..errors import CheckpointDamagedError, RepositoryError
+from ..errors import CheckpointDamagedError, CoralError, RepositoryError
 from ..format.manifest import Manifest
 from ..format.weight_tensor import WeightMetadata, WeightTensor
 from .handle import RepoArg, RepositoryHandle
@@ -53,21 +53,28 @@ class CoralStorageReader(StorageReader, RepositoryHandle):
         self.commit_id: str | None = None
         self._manifest: Manifest | None = None
         self._storage: dict = {}
+        #: why :meth:`read_metadata` failed (DCP >= 2.9 re-raises it as an AssertionError of its own:
+        #: :func:`coral_torch.dcp.load` raises this instead)
+        self.metadata_error: CoralError | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         """A new load begins; a ``checkpoint_id`` given to ``dcp.load`` is taken as the ref to load."""
         if checkpoint_id is not None:
             self.ref = _strip_scheme(str(checkpoint_id))
-        self.commit_id = self._manifest = None
+        self.commit_id = self._manifest = self.metadata_error = None
         self._storage = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        self.commit_id = self.repo.resolve(self.ref)
-        manifest = self.repo.manifest(self.commit_id)
-        if not manifest.sharded:
-            raise RepositoryError(
-                f"commit {self.commit_id[:12]} is not a sharded (DCP) checkpoint: load it with coral_torch.load"
-            )
+        try:
+            self.commit_id = self.repo.resolve(self.ref)
+            manifest = self.repo.manifest(self.commit_id)
+            if not manifest.sharded:
+                raise RepositoryError(
+                    f"commit {self.commit_id[:12]} is not a sharded (DCP) checkpoint: load it with coral_torch.load"
+                )
+        except CoralError as exc:
+            self.metadata_error = exc
+            raise
         self._manifest = manifest
         return metadata_of(manifest)
 

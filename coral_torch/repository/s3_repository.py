@@ -313,6 +313,22 @@ class S3Repository(Repository):
         self._keep_budget([h for _, h, _ in self.catalog.commit_objects(stats.commit_id)])
         return stats
 
+    def _forget_unpublished(self, cid: str) -> None:
+        """A save whose commit never reached the bucket: drop it from the cache too (the bucket is
+        the truth), so that this node's ``latest`` and ``log`` do not show a commit no other node
+        has; the refs come back to the bucket's with the next :meth:`fetch`."""
+        try:
+            for name, target in Repository.refs(self).items():
+                if target == cid:
+                    Repository.delete_ref(self, name)  # (the commit goes with its last ref)
+        except Exception:  # noqa: BLE001 - best effort: the caller needs the original error
+            log.warning("could not drop the unpublished commit %s from %s", cid[:10], self.path, exc_info=True)
+            return
+        try:
+            self._align_refs()
+        except Exception as exc:  # noqa: BLE001 - the bucket may be what failed; the next fetch aligns
+            log.debug("refs of %s not aligned with the bucket after a failed save: %s", self.path, exc)
+
     def _published_refs(self) -> dict[str, str]:
         """What the bucket's refs should be, from the cache's: node-local refs (pointer files,
         leases) become ``keep/<id>`` so the bucket keeps those commits."""
@@ -326,11 +342,15 @@ class S3Repository(Repository):
 
     def _publish(self, cid: str, latest: str | None, expected: RemoteRef, before: dict[str, str]) -> None:
         client = self.store.client
-        _, needed = live_closure(self, {cid})
-        obj_stats = upload_objects(self, self.store.objects, needed, True, progress=None)
-        doc = commit_document(self, cid)
-        if doc is not None:  # None: released at once by the run's own retention, only refs change
-            publish_commit(client, cid, doc)
+        try:
+            _, needed = live_closure(self, {cid})
+            obj_stats = upload_objects(self, self.store.objects, needed, True, progress=None)
+            doc = commit_document(self, cid)
+            if doc is not None:  # None: released at once by the run's own retention, only refs change
+                publish_commit(client, cid, doc)
+        except BaseException:
+            self._forget_unpublished(cid)
+            raise
         after = self._published_refs()
         moved = 0
         if doc is not None and latest is not None and after.get(latest) == cid:

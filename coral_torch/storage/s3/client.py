@@ -142,7 +142,7 @@ class S3Client:
             raise RemoteConfigError(f"AWS profile {c.profile!r} is not in the shared config files: {exc}") from None
         boto_config = BotoConfig(
             region_name=c.region,
-            retries={"max_attempts": t.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": t.max_attempts, "mode": "standard"},  # (botocore: max_attempts = retries)
             s3={"addressing_style": c.addressing_style},
             connect_timeout=t.connect_timeout,
             read_timeout=t.read_timeout,

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from ...errors import CoralError, IntegrityError, SyncIncompleteError
+from ...errors import CoralError, IntegrityError, RemoteAuthError, SyncIncompleteError
 from ...format.objects import DELTAS, WEIGHTS, PreparedObject
 
 log = logging.getLogger(__name__)
@@ -328,6 +328,9 @@ def raise_incomplete(
     first_key = keys[0]
     others = ", ".join(keys[1:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
     shown = f"{first_key}: {failures[first_key]}" + (f" (also failed: {others})" if others else "")
+    if all(isinstance(e, RemoteAuthError) for e in failures.values()):
+        # the credentials, not the objects: say so, as the error a caller catches for them
+        raise RemoteAuthError(f"{what} refused: {failures[first_key]}") from None
     if all(isinstance(e, IntegrityError) for e in failures.values()):
         hint = (
             "the damaged objects were not copied; every other object was. Repair them from a good "
