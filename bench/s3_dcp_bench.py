@@ -16,8 +16,8 @@ Methods:
   coral-async  ``coral_torch.dcp.async_save(..., repo="s3://...")``
 
 Then two fresh processes on fresh nodes (empty caches) load the last save: coral from the bucket,
-DCP after downloading the save's files (``FileSystemReader``). Times are wall seconds, summed over
-the saves; blocking is what the training loop waits for.
+DCP after downloading the save's files (``FileSystemReader``), ``--loads`` times (the median is
+shown). Times are wall seconds, summed over the saves; blocking is what the training loop waits for.
 
 Usage (one run at a time; nothing else busy on the machine)::
 
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,10 @@ def worker(args) -> None:
     import coral_torch.dcp as cdcp
 
     torch.set_num_threads(1)
+    if os.environ.get("BENCH_LOG"):  # coral-torch's INFO log on stderr, with the time of each line
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = build(args.width, args.layers)
@@ -153,6 +158,12 @@ def worker(args) -> None:
     else:  # load the last save on a fresh node
         sd = state_of(model, opt)
         dist.barrier()
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         t0 = time.perf_counter()
         if args.method.startswith("coral"):
             cdcp.load(sd, "bench/latest", repo=url)
@@ -162,20 +173,23 @@ def worker(args) -> None:
             dcp.load(sd, storage_reader=dcp.FileSystemReader(str(local)))
         dist.barrier()
         out["load_s"] = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(args.profile) / f"{args.method}-load-rank{rank}.prof"))
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
 # ============================================================================ parent
-def run_pair(args, method: str, role: str, root: Path, endpoint: str) -> dict:
+def run_pair(args, method: str, role: str, root: Path, endpoint: str, tag: str = "") -> dict:
     from s3_server import free_port
 
     port = free_port()
-    result = root / f"{method}-{role}.json"
+    result = root / f"{method}-{role}{tag}.json"
     procs = []
     for rank in range(2):
-        node = root / f"{method}-{role}-node{rank}"
+        node = root / f"{method}-{role}{tag}-node{rank}"
         (node / "home").mkdir(parents=True)
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
@@ -187,12 +201,16 @@ def run_pair(args, method: str, role: str, root: Path, endpoint: str) -> dict:
         cmd = [sys.executable, __file__, "--worker", "--role", role, "--method", method, "--endpoint", endpoint,
                "--bucket", args.bucket, "--width", str(args.width), "--layers", str(args.layers),
                "--saves", str(args.saves), "--result", str(result)]
+        if args.profile:
+            cmd += ["--profile", str(Path(args.profile).absolute())]
         procs.append(subprocess.Popen(cmd, env=env, cwd=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     for p in procs:
         out, _ = p.communicate(timeout=args.timeout)
         if p.returncode != 0:
             raise SystemExit(f"{method} {role} failed:\n{out[-4000:]}")
+        if os.environ.get("BENCH_LOG"):
+            print(f"--- {method} {role}{tag} rank {procs.index(p)}\n{out}", file=sys.stderr)
     return json.loads(result.read_text())
 
 
@@ -202,10 +220,12 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=0, help="layer width (default: from --params and --layers)")
     ap.add_argument("--saves", type=int, default=5)
+    ap.add_argument("--loads", type=int, default=3, help="fresh-node loads of the last save (the median is shown)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="4M parameters, 3 saves")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--profile", metavar="DIR", help="write a cProfile of each rank's load into DIR")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -238,10 +258,10 @@ def main() -> int:
             saved = run_pair(args, method, "save", root, endpoint)
             uploaded = proxy.bytes_up - up0
             down0 = proxy.bytes_down
-            loaded = run_pair(args, method, "load", root, endpoint)
+            loads = [run_pair(args, method, "load", root, endpoint, tag=str(i))["load_s"] for i in range(args.loads)]
             rows[method] = {"uploaded": uploaded, "blocking_s": sum(saved["blocking_s"]),
-                            "total_s": sum(saved["total_s"]), "load_s": loaded["load_s"],
-                            "load_downloaded": proxy.bytes_down - down0, "per_save": saved}
+                            "total_s": sum(saved["total_s"]), "load_s": statistics.median(loads), "loads_s": loads,
+                            "load_downloaded": (proxy.bytes_down - down0) / args.loads, "per_save": saved}
             r = rows[method]
             print(f"[s3_dcp_bench] {method}: uploaded {r['uploaded'] / MB:.0f} MB, blocking {r['blocking_s']:.2f}s, "
                   f"total {r['total_s']:.2f}s, fresh-node load {r['load_s']:.2f}s", file=sys.stderr, flush=True)

@@ -340,6 +340,10 @@ class Repository:
         :class:`CheckpointDamagedError` naming every affected tensor."""
         return self.reader.materialize(hashes, workers=self.workers, commit=commit, names=names)
 
+    def prefetch(self, hashes: Sequence[str], nbytes: int) -> None:
+        """Make the objects ``hashes`` (``nbytes`` decoded) local ahead of the reads that need them,
+        in as few round trips as possible. A repository on disk has them: nothing to do."""
+
     # ======================================================================== maintenance
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Re-read and re-hash every object; report damaged objects and the commits they break

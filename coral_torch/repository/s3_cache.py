@@ -371,8 +371,9 @@ class CacheKeeper:
 
     def restore(self, hashes: Collection[str]) -> int:
         """Fetch from the bucket the objects of ``hashes`` (and their delta bases) that the cache
-        lacks (never fetched, or evicted), verified as a pull verifies them, into one new pack,
-        recorded as used; returns how many.
+        lacks (never fetched, or evicted), into one new pack, recorded as used; returns how many.
+        Each payload is checked against its metadata (size, checksum); content hashes are checked
+        by every read of the cache, so weights are not decoded here as well.
 
         Raises:
             SyncIncompleteError: some of them are not on the bucket either (nothing is kept).
@@ -386,8 +387,10 @@ class CacheKeeper:
             sink = self.sink()
             try:
                 want, got = missing, 0
+                listing = self.store.objects.list_metadata()  # one listing for every pass
                 for _ in range(MAX_PASSES):  # a delta's base is known once its metadata arrived
-                    stats = download_objects(self.store.objects, sink, False, want)
+                    # (content hashes are checked by every read of the cache: not here too)
+                    stats = download_objects(self.store.objects, sink, False, want, listing=listing, decode=False)
                     got += stats["bytes_transferred"]
                     want = self.lacking(hashes, {r.hash: r for r in sink.rows})
                     if not want or not stats["downloaded"] + stats["deltas_downloaded"]:

@@ -244,6 +244,13 @@ class S3Repository(Repository):
             log.info("%d commit(s) have objects only on %s (not in the cache)", away, self.store.client.url)
         return report
 
+    def prefetch(self, hashes: Sequence[str], nbytes: int) -> None:
+        """Fetch the objects a load will read in one download (one listing, one pass for the objects
+        and one per level of their delta bases) rather than one per batch of reads, unless they would
+        take more than half the cache's budget (the reads then fetch batch by batch)."""
+        if nbytes <= self.cache.budget // 2:
+            self.cache.restore(list(hashes))
+
     def materialize(
         self, hashes: Sequence[str], *, commit: str | None = None, names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:

@@ -237,3 +237,40 @@ def test_sigkill_while_evicting_leaves_a_cache_that_opens_and_verifies(server, b
         assert repo.cache_usage() <= BUDGET
     assert repo.verify().ok
     repo.close()
+
+
+def test_an_object_that_passes_its_checksum_but_is_another_is_never_read(server, bucket, tmp_path):
+    """The cache takes a fetched payload on its metadata's size and checksum alone (every read of
+    the cache checks the content hash, so weights are not decoded twice). A forgery that passes
+    those checks (another object's bytes under this key, its metadata rewritten to match) is stored,
+    then refused by the read: the wrong tensor is never handed out."""
+    from coral_torch.errors import IntegrityError
+    from coral_torch.format.documents import decode_document, encode_document
+
+    cfg = _config(server, bucket)
+    repo = S3Repository(parse_location(f"s3://{bucket}/ckpts"), config=cfg, cache_dir=tmp_path / "writer")
+    a = repo.commit(_state(1), run="a").commit_id
+    b = repo.commit(_state(2), run="b").commit_id  # another run: stored whole, not as a delta of a
+
+    def biggest(cid: str) -> str:
+        rows = [(repo.catalog.get_object(h).nbytes, h) for _, h, _ in repo.catalog.commit_objects(cid)]
+        return max(rows)[1]
+
+    victim, other = biggest(a), biggest(b)
+    repo.close()
+    s3 = server.client()
+    meta = {h: decode_document(s3.get_object(Bucket=bucket, Key=f"ckpts/metadata/{h}.json")["Body"].read(), "m", "t")
+            for h in (victim, other)}
+    forged = dict(meta[victim], **{k: v for k, v in meta[other].items() if k.startswith("payload_")})
+    payload = s3.get_object(Bucket=bucket, Key=f"ckpts/weights/{other}")["Body"].read()
+    s3.put_object(Bucket=bucket, Key=f"ckpts/weights/{victim}", Body=payload)
+    s3.put_object(Bucket=bucket, Key=f"ckpts/metadata/{victim}.json", Body=encode_document(forged))
+
+    fresh = S3Repository(parse_location(f"s3://{bucket}/ckpts"), config=cfg, cache_dir=tmp_path / "reader")
+    try:
+        assert torch.equal(fresh.load(b)["w"], _state(2)["w"])  # the object it was copied from: intact
+        with pytest.raises(IntegrityError) as e:
+            fresh.load(a)
+        assert victim[:12] in str(e.value), e.value
+    finally:
+        fresh.close()

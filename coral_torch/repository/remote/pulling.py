@@ -172,12 +172,20 @@ def require_remote_repository(store: Any) -> None:
 
 
 def download_objects(
-    objects: S3Objects, sink: PackSink, progress: bool | None, only: set[str] | None = None
+    objects: S3Objects,
+    sink: PackSink,
+    progress: bool | None,
+    only: set[str] | None = None,
+    *,
+    listing: tuple[list[str], list[str]] | None = None,
+    decode: bool = True,
 ) -> dict[str, Any]:
-    """Download the remote's objects the sink lacks (``only``: among these keys)."""
+    """Download the remote's objects the sink lacks (``only``: among these keys; ``listing``: the
+    remote's object keys, listed a moment ago; ``decode``: check weights' content hashes here,
+    see :class:`S3ObjectSource`)."""
     client = objects.client
     return engine.sync(
-        S3ObjectSource(objects, only),
+        S3ObjectSource(objects, only, listing, decode=decode),
         sink,
         verb="downloaded",
         max_concurrency=client.transfer.max_concurrency,

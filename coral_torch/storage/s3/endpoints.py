@@ -60,22 +60,33 @@ class LocalSink:
 
 class S3ObjectSource:
     """The objects of an S3 remote (``only``: those among these keys), downloaded and verified on
-    the workers."""
+    the workers. ``listing``: the remote's (weight keys, delta keys) listed a moment ago (objects are
+    content-addressed and immutable: a download of several passes lists them once). ``decode``: as
+    :meth:`S3Objects.fetch`'s."""
 
-    def __init__(self, objects: S3Objects, only: Collection[str] | None = None):
+    def __init__(
+        self,
+        objects: S3Objects,
+        only: Collection[str] | None = None,
+        listing: tuple[list[str], list[str]] | None = None,
+        *,
+        decode: bool = True,
+    ):
         self.objects = objects
         self.where = objects.url
         self.only = set(only) if only is not None else None
+        self.listing = listing  # a recent S3Objects.list_metadata() to use instead of listing again
+        self.decode = decode  # see S3Objects.fetch
 
     def list_objects(self) -> Mapping[str, list[str]]:
-        weights, deltas = self.objects.list_metadata()
+        weights, deltas = self.listing if self.listing is not None else self.objects.list_metadata()
         if self.only is not None:
             weights = [k for k in weights if k in self.only]
             deltas = [k for k in deltas if k in self.only]
         return {WEIGHTS: weights, DELTAS: deltas}
 
     def open(self, group: str, key: str) -> Pending | None:
-        return Pending(0, lambda: self.objects.fetch(group, key))
+        return Pending(0, lambda: self.objects.fetch(group, key, decode=self.decode))
 
 
 class S3ObjectSink:

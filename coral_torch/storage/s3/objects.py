@@ -203,22 +203,33 @@ class S3Objects:
 
         return self.again_if_damaged(once)
 
-    def fetch(self, group: str, key: str) -> tuple[PreparedObject, int] | None:
+    def fetch(self, group: str, key: str, *, decode: bool = True) -> tuple[PreparedObject, int] | None:
         """Download and verify one object into a PreparedObject for a local store, and the bytes
-        received (None: no such object). Damaged bytes are fetched again before failing."""
-        check_key(key)
-        return self.again_if_damaged(lambda: self._fetch_prepared(group, key))
+        received (None: no such object). Damaged bytes are fetched again before failing.
 
-    def _fetch_prepared(self, group: str, key: str) -> tuple[PreparedObject, int] | None:
+        The payload is always checked against its metadata's size and checksum. ``decode``: a weight
+        is also decoded and checked against its content hash here; False leaves that to whoever
+        reads it (a cache whose every read checks the content hash: the check is not done twice)."""
+        check_key(key)
+        return self.again_if_damaged(lambda: self._fetch_prepared(group, key, decode))
+
+    def _fetch_prepared(self, group: str, key: str, decode: bool) -> tuple[PreparedObject, int] | None:
         got = self._fetch_once(group, key)
         if got is None:  # deleted since the listing
             return None
         doc, payload = got
         where = f" at {self.url}"
         if group == fmt.WEIGHTS:
-            weight = fmt.decode_weight(payload, doc, key, where)
-            meta = weight.metadata
-            del weight
+            if decode:
+                weight = fmt.decode_weight(payload, doc, key, where)
+                meta = weight.metadata
+                del weight
+            else:
+                meta = fmt.weight_metadata(doc, key, where)
+                if meta.hash != key:
+                    raise CorruptObjectError(
+                        f"metadata of object {key}{where} names another object ({meta.hash})", hash_key=key
+                    )
             attrs = fmt.weight_attrs(
                 meta, meta.hash or key, meta.nbytes, str(doc.get("encoding", fmt.ENCODING_CODEC)), payload
             )
