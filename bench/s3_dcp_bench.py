@@ -12,8 +12,14 @@ Methods:
                the files it wrote (boto3 ``upload_file``): what users without a shared file system do
   dcp-async    the same with ``dcp.async_save``: blocking = until ``async_save`` returns; the upload
                follows once the future is done
+  dcp-fsspec   ``dcp.save`` with DCP's ``FsspecWriter`` straight to ``s3://`` (s3fs), loaded with
+               ``FsspecReader``; needs ``--fsspec-python``: an interpreter with s3fs (which pins an
+               older botocore than this project's environment has), torch and this project
   coral        ``coral_torch.dcp.save(..., repo="s3://...")``: every rank uploads its own new objects
   coral-async  ``coral_torch.dcp.async_save(..., repo="s3://...")``
+  coral-background  what ``CoralModelParallelStrategy`` / ``CoralCheckpoint`` do during ``fit``
+               (``BackgroundShardedSaves``): stage into buffers kept from one save to the next, then
+               save in the background over a gloo group of its own; blocking = until ``submit`` returns
 
 Then two fresh processes on fresh nodes (empty caches) load the last save: coral from the bucket,
 DCP after downloading the save's files (``FileSystemReader``), ``--loads`` times (the median is
@@ -44,7 +50,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 MB = 1e6
 KEY, SECRET, REGION = "bench-key", "bench-secret", "us-east-1"
-METHODS = ("dcp", "dcp-async", "coral", "coral-async")
+METHODS = ("dcp", "dcp-async", "dcp-fsspec", "coral", "coral-async", "coral-background")
 
 
 # ============================================================================ worker (one rank)
@@ -88,6 +94,16 @@ def s3_client(endpoint: str):
                                                           response_checksum_validation="when_required"))
 
 
+def fsspec_options(endpoint: str) -> dict:
+    return {"endpoint_url": endpoint, "key": KEY, "secret": SECRET}
+
+
+def fsspec_writer(path: str, endpoint: str):
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(path, **fsspec_options(endpoint))
+
+
 def upload_dir(client, bucket: str, local: Path, prefix: str) -> None:
     for p in sorted(local.rglob("*")):
         if p.is_file():
@@ -123,6 +139,12 @@ def worker(args) -> None:
     out: dict[str, Any] = {"blocking_s": [], "total_s": []}
     if args.role == "save":
         pending: list = []
+        background = None
+        if args.method == "coral-background":
+            from coral_torch.callbacks.background_sharded import BackgroundShardedSaves
+            from coral_torch.repository.options import CommitOptions
+
+            background = BackgroundShardedSaves(nice=0)
         for i in range(args.saves):
             step(model, opt, args.width, seed=i)
             sd = state_of(model, opt)
@@ -131,6 +153,14 @@ def worker(args) -> None:
             if args.method == "coral":
                 cdcp.save(sd, repo=url, run="bench")
                 blocking = total = time.perf_counter() - t0
+            elif args.method == "dcp-fsspec":
+                dcp.save(sd, storage_writer=fsspec_writer(f"s3://{args.bucket}/dcp-fsspec/save{i}", args.endpoint))
+                blocking = total = time.perf_counter() - t0
+            elif background is not None:  # the next save waits for the previous publish (in submit)
+                background.submit(sd, repo=url, options=CommitOptions(run="bench"))
+                blocking = time.perf_counter() - t0
+                background.wait()
+                total = time.perf_counter() - t0
             elif args.method == "coral-async":
                 for fut, _w in pending:  # the next save waits for the previous publish
                     fut.result()
@@ -155,6 +185,8 @@ def worker(args) -> None:
             dist.barrier()
             out["blocking_s"].append(blocking)
             out["total_s"].append(total)
+        if background is not None:
+            background.close()
     else:  # load the last save on a fresh node
         sd = state_of(model, opt)
         dist.barrier()
@@ -167,6 +199,11 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         if args.method.startswith("coral"):
             cdcp.load(sd, "bench/latest", repo=url)
+        elif args.method == "dcp-fsspec":
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            path = f"s3://{args.bucket}/dcp-fsspec/save{args.saves - 1}"
+            dcp.load(sd, storage_reader=FsspecReader(path, **fsspec_options(args.endpoint)))
         else:
             local = node / "download"
             download_prefix(client, args.bucket, f"{args.method}/save{args.saves - 1}", local)
@@ -198,7 +235,8 @@ def run_pair(args, method: str, role: str, root: Path, endpoint: str, tag: str =
                "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
                "PYTHONPATH": str(HERE.parent)}
-        cmd = [sys.executable, __file__, "--worker", "--role", role, "--method", method, "--endpoint", endpoint,
+        python = args.fsspec_python if method == "dcp-fsspec" else sys.executable
+        cmd = [python, __file__, "--worker", "--role", role, "--method", method, "--endpoint", endpoint,
                "--bucket", args.bucket, "--width", str(args.width), "--layers", str(args.layers),
                "--saves", str(args.saves), "--result", str(result)]
         if args.profile:
@@ -225,6 +263,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4M parameters, 3 saves")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--fsspec-python", help="a Python with s3fs for the dcp-fsspec method (else it is skipped)")
     ap.add_argument("--profile", metavar="DIR", help="write a cProfile of each rank's load into DIR")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--role", help=argparse.SUPPRESS)
@@ -254,6 +293,9 @@ def main() -> int:
               f"checkpoint {params * 12 / MB:.0f} MB, 2 ranks, {args.saves} saves; S3: rclone serve s3 on "
               f"127.0.0.1; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            if method == "dcp-fsspec" and not args.fsspec_python:
+                print("[s3_dcp_bench] dcp-fsspec skipped: no --fsspec-python", file=sys.stderr, flush=True)
+                continue
             up0 = proxy.bytes_up
             saved = run_pair(args, method, "save", root, endpoint)
             uploaded = proxy.bytes_up - up0

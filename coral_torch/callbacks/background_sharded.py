@@ -122,7 +122,9 @@ class BackgroundShardedSaves:
                 self._committer.shutdown()
                 self._committer = None
             if self._stager is not None:
-                self._stager.close()
+                close = getattr(self._stager, "close", None)  # (torch < 2.9's stager has none)
+                if close is not None:
+                    close()
                 self._stager = None
 
     # ------------------------------------------------------------------------------ internals

@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,34 +299,15 @@ class CheckpointSaver:
         # pressed Ctrl-C knows whether the last checkpoint exists.
         saves = background_saves(trainer)
         if saves is not None and saves.pending:
-            log.warning(
-                "training stopped (%s) while a sharded checkpoint save was in flight; waiting for it "
-                "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
-                type(exception).__name__,
-            )
-            try:
-                cid = saves.wait()
-                if cid is not None:
-                    log.warning("the in-flight sharded checkpoint save finished: published as commit %s", cid[:10])
-            except KeyboardInterrupt:
-                log.warning("the in-flight sharded checkpoint save was abandoned: nothing of it was published")
-            except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
-                log.error("the in-flight sharded checkpoint save failed (%s): nothing was published", _reason(exc))
+            _settle("sharded ", exception, saves.wait)
         committer = self.committer
         if committer is not None and committer.pending:
-            log.warning(
-                "training stopped (%s) while a checkpoint save was in flight; waiting for it "
-                "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
-                type(exception).__name__,
-            )
-            try:
+
+            def wait() -> str | None:
                 stats = committer.wait()
-                if stats is not None:
-                    log.warning("the in-flight checkpoint save finished: published as commit %s", stats.commit_id[:10])
-            except KeyboardInterrupt:
-                log.warning("the in-flight checkpoint save was abandoned: nothing of it was published")
-            except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
-                log.error("the in-flight checkpoint save failed (%s): nothing of it was published", _reason(exc))
+                return stats.commit_id if stats is not None else None
+
+            _settle("", exception, wait)
 
     def close(self) -> None:
         """Wait for the in-flight save (re-raising its error) and stop the background committer."""
@@ -371,6 +352,24 @@ class CheckpointSaver:
                 exc,
                 _push_command(self.repo.path, s3),
             )
+
+
+def _settle(kind: str, exception: BaseException, wait: Callable[[], str | None]) -> None:
+    """Wait for the ``kind`` save in flight (``wait()``: its commit id) and say what became of it."""
+    log.warning(
+        "training stopped (%s) while a %scheckpoint save was in flight; waiting for it "
+        "(Ctrl-C again abandons it: nothing half-written ever becomes visible)",
+        type(exception).__name__,
+        kind,
+    )
+    try:
+        cid = wait()
+        if cid is not None:
+            log.warning("the in-flight %scheckpoint save finished: published as commit %s", kind, cid[:10])
+    except KeyboardInterrupt:
+        log.warning("the in-flight %scheckpoint save was abandoned: nothing of it was published", kind)
+    except BaseException as exc:  # noqa: BLE001 - already failing; report, don't mask
+        log.error("the in-flight %scheckpoint save failed (%s): nothing of it was published", kind, _reason(exc))
 
 
 def background_saves(trainer: Any) -> BackgroundShardedSaves | None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
+from s3_server import s3_config  # noqa: E402
 
 import coral_torch  # noqa: E402
 from coral_torch.defaults import CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES  # noqa: E402
@@ -32,16 +32,7 @@ BUDGET = int(2.5 * MIB)
 
 
 def _config(server, bucket: str) -> S3Config:
-    return S3Config(
-        bucket=bucket,
-        prefix="ckpts",
-        endpoint_url=server.endpoint,
-        access_key=TEST_KEY,
-        secret_key=TEST_SECRET,
-        region=REGION,
-        addressing_style="path",
-        progress=False,
-    )
+    return s3_config(server.endpoint, bucket)
 
 
 def _state(i: int) -> dict:

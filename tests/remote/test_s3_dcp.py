@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodes import lightning_report, node_env, report, run_job, same  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
+from s3_server import s3_config  # noqa: E402
 
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
@@ -73,22 +73,12 @@ def test_fsdp2_saves_from_every_rank_to_s3_and_loads_on_fresh_nodes(server, buck
 
 
 def test_fsdp2_on_rclone(rclone_server, tmp_path):
-    from coral_torch.storage.s3_store import S3Config
 
     bucket = rclone_server.create_bucket("dcp-rclone")
     url = f"s3://{bucket}/dcp"
     out = str(tmp_path / "report")
     run_job("save", {"repo": url, "out": out}, tmp_path, rclone_server.endpoint)
-    config = S3Config(
-        bucket=bucket,
-        prefix="dcp",
-        endpoint_url=rclone_server.endpoint,
-        access_key=TEST_KEY,
-        secret_key=TEST_SECRET,
-        region=REGION,
-        addressing_style="path",
-        progress=False,
-    )
+    config = s3_config(rclone_server.endpoint, bucket, "dcp")
     _check_run(url, rclone_server.endpoint, tmp_path, out, config)
 
 

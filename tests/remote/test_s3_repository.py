@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _lightning_models import TRAINER_DEFAULTS, TinyModel, diff, tiny_loaders, train_state  # noqa: E402
 from nodes import node_env  # noqa: E402
-from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
+from s3_server import s3_config  # noqa: E402
 
 import coral_torch  # noqa: E402
 from coral_torch.callbacks import CoralCheckpoint, CoralCheckpointIO  # noqa: E402
@@ -307,16 +307,7 @@ def test_racing_writers_exactly_one_wins(s3_env, tmp_path):
 
 def test_two_writers_on_one_run_rclone(rclone_server, tmp_path):
     bucket = rclone_server.create_bucket("racing")
-    config = S3Config(
-        bucket=bucket,
-        prefix="ckpts",
-        endpoint_url=rclone_server.endpoint,
-        access_key=TEST_KEY,
-        secret_key=TEST_SECRET,
-        region=REGION,
-        addressing_style="path",
-        progress=False,
-    )
+    config = s3_config(rclone_server.endpoint, bucket)
     _stale_writer_loses(f"s3://{bucket}/ckpts", tmp_path, config)
 
 
