@@ -9,7 +9,26 @@ import pickle
 
 
 class CoralError(Exception):
-    """Base class of every error raised by coral-torch."""
+    """Base class of every error raised by coral-torch.
+
+    Every one pickles with its message and attributes (``dcp`` sends a rank's failure to the others
+    pickled; the default pickling of an exception calls ``cls(*args)``, which the subclasses with
+    keyword-only arguments refuse on the receiving rank)."""
+
+    def __reduce__(self) -> tuple:
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):  # (kept in OSError's own slots, not in __dict__; unset: None)
+            slots = {"errno": self.errno, "strerror": self.strerror, "filename": self.filename}
+            state.update((k, v) for k, v in slots.items() if v is not None)
+        return (_rebuild_error, (type(self), self.args, state))
+
+
+def _rebuild_error(cls: type[CoralError], args: tuple, state: dict) -> CoralError:
+    err = cls.__new__(cls, *args)
+    Exception.__init__(err, *args)
+    for name, value in state.items():
+        setattr(err, name, value)
+    return err
 
 
 class UnsupportedTensorError(CoralError, TypeError):

@@ -46,7 +46,7 @@ from ..repository import Repository
 from ..repository.handles import open_repository, repository_location
 from ..repository.options import CommitOptions
 from ..retention import Policy
-from .background_sharded import BackgroundShardedSaves
+from .background_sharded import BackgroundShardedSaves, Published
 from .checkpoint_io import CORAL_SCHEME, run_name_from_path
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class CoralModelParallelStrategy(ModelParallelStrategy):
         checkpoint: dict[str, Any],
         options: CommitOptions | None = None,
         *,
-        then: Any = None,
+        then: Published | None = None,
         **option_kwargs: Any,
     ) -> None:
         """:meth:`commit_sharded` in the background: every rank stages its shards and returns; the

@@ -8,7 +8,10 @@ nodes (private working directory, HOME and cache each), sharing nothing but the 
   names it, the next save works, gc removes it;
 - two 2-rank jobs on one run, the second planned before the first publishes and publishing after
   it: the first moves ``latest``, the second's coordinator gets ``RefConflictError`` (through DCP, on
-  both ranks) and its commit stays on the bucket under ``keep/<id>``.
+  both ranks) and its commit stays on the bucket under ``keep/<id>``;
+- a connection cut (request or answer) through the fault proxy at an object upload, the commit
+  document or the ref move of a sharded save: retried, or refused with a named error; either way no
+  ref names a commit with a missing object and the next save works.
 
 Every bucket check is made with plain boto3 (tests/s3_checks.py), not coral-torch's reading code.
 """
@@ -16,8 +19,6 @@ Every bucket check is made with plain boto3 (tests/s3_checks.py), not coral-torc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,11 +27,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s3_checks import remote_problems, sealed  # noqa: E402
 from nodes import report, run_job, same, start_job, wait_job  # noqa: E402
+from s3_checks import remote_problems, sealed  # noqa: E402
+from s3_proxy import Fault, FaultProxy  # noqa: E402
 from s3_server import REGION, TEST_KEY, TEST_SECRET  # noqa: E402
 
-import coral_torch  # noqa: E402
 from coral_torch.location import parse_location  # noqa: E402
 from coral_torch.repository.s3_repository import S3Repository  # noqa: E402
 from coral_torch.storage.s3_store import S3Config  # noqa: E402
@@ -333,3 +334,48 @@ def test_a_save_given_its_parent_compares_latest_with_the_head_read_when_it_was_
         assert refs[f"keep/{lost}"] == lost and b.doc(f"commits/{lost}.json")["parent"] == c3  # kept
     finally:
         other.close()
+
+
+SHARDED_TARGETS = {
+    "payload": rf"^PUT /[^/?]+/{PREFIX}/(weights|deltas)/",
+    "commit": rf"^PUT /[^/?]+/{PREFIX}/commits/",
+    "ref": rf"^PUT /[^/?]+/{PREFIX}/refs/runs/",
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("target", sorted(SHARDED_TARGETS))
+@pytest.mark.parametrize(("kind", "times"), [("cut_response", 1), ("cut_request", 99)], ids=["once", "always"])
+def test_a_network_cut_during_a_sharded_save(server, bucket, tmp_path, target, kind, times):
+    """Cut once, the retry publishes the save; cut at every attempt, the save fails on both ranks
+    with a named error and ``latest`` stays on the previous commit."""
+    url, b = f"s3://{bucket}/{PREFIX}", Bucket(server.client(), bucket)
+    first = str(tmp_path / "first")
+    run_job("s3_save", {"repo": url, "out": first}, tmp_path / "first-pair", server.endpoint)
+    prior = report(first, 0)["cid"]
+    out = str(tmp_path / "cut")
+    with FaultProxy(server.port, max_requests=3000, max_seconds=120) as proxy:
+        proxy.arm(Fault(kind, SHARDED_TARGETS[target], nth=0, times=times, at=0.5))
+        outs = wait_job(start_job("s3_save", {"repo": url, "out": out, "train": [4]}, tmp_path / "cut-pair",
+                                  proxy.endpoint), timeout=180)
+        assert proxy.fired, proxy.requests[-20:]
+    problems, refs = b.problems()
+    assert problems == [], problems  # no ref names a commit with a missing or damaged object
+    if times == 1:  # the cut was retried: the save is published
+        assert all(rc == 0 for rc, _ in outs), outs[0][1][-3000:]
+        cid = report(out, 0)["cid"]
+        assert report(out, 1)["cid"] == cid and refs["runs/shard/latest"] == cid
+        assert b.doc(f"commits/{cid}.json")["parent"] == prior
+    else:  # refused on both ranks, with the error that names it; latest did not move
+        for rc, text in outs:
+            assert rc != 0 and ("RemoteConnectionError" in text or "SyncIncompleteError" in text), text[-3000:]
+        assert refs["runs/shard/latest"] == prior
+    after = str(tmp_path / "after")  # the next save on fresh nodes works and loads back bit-exact
+    run_job("s3_save", {"repo": url, "out": after, "train": [5], "load": True}, tmp_path / "next-pair",
+            server.endpoint)
+    cid = report(after, 0)["cid"]
+    saved = torch.load(after + ".pt", weights_only=True)
+    same(saved["saved"]["model"], saved["back"]["model"])
+    same(saved["saved"]["optim"], saved["back"]["optim"])
+    problems, refs = b.problems()
+    assert problems == [] and refs["runs/shard/latest"] == cid
