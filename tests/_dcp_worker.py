@@ -100,6 +100,18 @@ def uploaded(repo: str) -> dict:
     }
 
 
+def load_into_fresh(ref: str, repo: str) -> tuple[str | None, dict]:
+    """Load commit ``ref`` into a fresh model (another seed, an optimizer with state to overwrite),
+    resharded as it is now; the commit id loaded and the full (gathered) state it then has."""
+    fresh = build(7)
+    fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    train(fresh, fopt, 1, seed=9)
+    target = state(fresh, fopt)
+    cid = cdcp.load(target, ref, repo=repo)
+    set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    return cid, full(state(fresh, fopt))
+
+
 def failure(exc: BaseException) -> dict:
     """What a rank saw of a failed save: the exception and (DCP's ``CheckpointException``) its cause."""
     cause = exc.__cause__
@@ -216,13 +228,7 @@ def main() -> None:
         report["async"] = writer.commit_id
         async_full = full(state(model, opt))
         # 2 -> 2: a fresh model (other seed) loads the third commit, resharded as it is now
-        fresh = build(7)
-        fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-        train(fresh, fopt, 1, seed=9)  # so its optimizer has state to overwrite
-        target = state(fresh, fopt)
-        report["loaded"] = cdcp.load(target, report["third"], repo=repo)
-        set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-        back = full(state(fresh, fopt))
+        report["loaded"], back = load_into_fresh(report["third"], repo)
         if rank == 0:
             torch.save({"third": saved, "async": async_full, "back": back}, args["out"] + ".pt")
     elif scenario == "killed":
@@ -241,13 +247,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - what the survivor sees is the report
             report["error"] = type(exc).__name__
     elif scenario == "load":  # fresh processes (on fresh nodes: empty caches) load a commit 2 -> 2
-        fresh = build(7)
-        fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-        train(fresh, fopt, 1, seed=9)
-        target = state(fresh, fopt)
-        report["loaded"] = cdcp.load(target, args["ref"], repo=repo)
-        set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-        back = full(state(fresh, fopt))
+        report["loaded"], back = load_into_fresh(args["ref"], repo)
         if rank == 0:
             torch.save({"back": back}, args["out"] + ".pt")
     elif scenario == "after_kill":
@@ -262,13 +262,7 @@ def main() -> None:
         report["cid"] = cdcp.save(sd, repo=repo, run="shard")
         back = None
         if args.get("load"):
-            fresh = build(7)
-            fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-            train(fresh, fopt, 1, seed=9)
-            target = state(fresh, fopt)
-            report["loaded"] = cdcp.load(target, report["cid"], repo=repo)
-            set_state_dict(fresh, fopt, model_state_dict=target["model"], optim_state_dict=target["optim"])
-            back = full(state(fresh, fopt))
+            report["loaded"], back = load_into_fresh(report["cid"], repo)
         if rank == 0:
             torch.save({"saved": saved, "back": back}, args["out"] + ".pt")
     elif scenario == "s3_gated":
