@@ -19,7 +19,6 @@ publishes nothing half: the commit becomes visible in one step at the very end (
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,9 +43,7 @@ class BackgroundShardedSaves:
         self._committer: BackgroundCommitter | None = None
         self._stager: Any = None
         self._group: Any = None
-        self.last_commit: str | None = None
         self.last_seconds: float = 0.0  #: how long the last finished save ran in the background
-        self.stage_seconds: float = 0.0  #: how long the last submit held the training thread
         self.staged_bytes: int = 0
 
     # ------------------------------------------------------------------------------ state
@@ -76,10 +73,8 @@ class BackgroundShardedSaves:
 
         self.wait()
         group = self._save_group()
-        t0 = time.perf_counter()
         staged = self._stage(state)
         del state
-        self.stage_seconds = time.perf_counter() - t0
 
         def save() -> str:
             cid = coral_dcp.save(staged, repo=repo, options=options, process_group=group)
@@ -141,7 +136,6 @@ class BackgroundShardedSaves:
                 "the commits before it are intact: fix the cause and save again"
             ) from exc
         if cid is not None:
-            self.last_commit = cid
             assert self._committer is not None
             self.last_seconds = self._committer.last_seconds
         return cid
